@@ -102,7 +102,7 @@ class Causal(Mask):
 
     def materialize(self, q_len, k_len, *, device=None, q_positions=None):
         q_pos, k_pos = _positions(q_len, k_len, device, q_positions)
-        return (k_pos <= q_pos)[None, None] if q_pos.dim() == 2 else k_pos <= q_pos
+        return k_pos <= q_pos  # (Tq, Tk) or (B, 1, Tq, Tk)
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,8 +118,7 @@ class SlidingWindow(Mask):
 
     def materialize(self, q_len, k_len, *, device=None, q_positions=None):
         q_pos, k_pos = _positions(q_len, k_len, device, q_positions)
-        m = (k_pos <= q_pos) & (k_pos > q_pos - self.window)
-        return m[None, None] if m.dim() == 2 else m
+        return (k_pos <= q_pos) & (k_pos > q_pos - self.window)
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,8 +135,9 @@ class Chunked(Mask):
 
     def materialize(self, q_len, k_len, *, device=None, q_positions=None):
         q_pos, k_pos = _positions(q_len, k_len, device, q_positions)
-        m = torch.div(k_pos, self.chunk, rounding_mode="floor") == torch.div(q_pos, self.chunk, rounding_mode="floor")
-        return m[None, None] if m.dim() == 2 else m
+        return torch.div(k_pos, self.chunk, rounding_mode="floor") == torch.div(
+            q_pos, self.chunk, rounding_mode="floor"
+        )
 
 
 class KeyPadding(Mask):
