@@ -1,0 +1,87 @@
+"""Text sources: plain-text files, folders of them, JSON Lines, and the built-in Shakespeare splits.
+
+A data *spec* (what ``--data`` takes on the command line) is one of:
+
+* ``shakespeare`` or ``shakespeare:<split>`` with split ``train`` / ``validation`` / ``test``
+  (``shakespeare`` alone means the split the caller asks for by default);
+* a text file (any extension except ``.jsonl``), read as UTF-8;
+* a ``.jsonl`` file: one JSON object per line, its ``"text"`` field is used (other fields ignored);
+* a folder: every ``*.txt``, ``*.md`` and ``*.jsonl`` file below it, in sorted path order.
+
+Documents are joined with a blank line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gqa.data.shakespeare import SPLIT_NAMES, shakespeare_splits
+
+__all__ = ["load_text", "load_jsonl", "load_folder", "DOC_SEPARATOR", "FOLDER_SUFFIXES"]
+
+DOC_SEPARATOR = "\n\n"
+FOLDER_SUFFIXES = (".txt", ".md", ".jsonl")
+
+
+def load_jsonl(path: str | Path, field: str = "text") -> list[str]:
+    """The ``field`` of every JSON object in a JSON Lines file (blank lines are skipped)."""
+    path = Path(path)
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path}:{lineno} is not valid JSON ({e.msg}); write one JSON object per line"
+                ) from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+                raise ValueError(f'{path}:{lineno} has no string "{field}" field; write {{"{field}": "..."}} per line')
+            docs.append(obj[field])
+    return docs
+
+
+def _read_file(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        return load_jsonl(path)
+    try:
+        return [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; convert it with iconv or pass a .txt/.jsonl file") from None
+
+
+def load_folder(folder: str | Path) -> list[str]:
+    """Every ``.txt``, ``.md`` and ``.jsonl`` document below ``folder``, in sorted path order."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in FOLDER_SUFFIXES)
+    if not files:
+        raise ValueError(f"{folder} holds no {', '.join(FOLDER_SUFFIXES)} files; point --data at text files")
+    return [doc for p in files for doc in _read_file(p)]
+
+
+def load_text(spec: str | Path, *, default_split: str = "train") -> str:
+    """The text behind a data spec (see the module docstring), as one string.
+
+    ``default_split`` is used when the spec is plain ``shakespeare``.
+    Raises ValueError for an unknown split or empty data, FileNotFoundError for a missing path.
+    """
+    s = str(spec)
+    if s == "shakespeare" or s.startswith("shakespeare:"):
+        split = s.partition(":")[2] or default_split
+        if split not in SPLIT_NAMES:
+            raise ValueError(f"unknown Shakespeare split {split!r}; use one of {', '.join(SPLIT_NAMES)}")
+        return shakespeare_splits()[split]
+    path = Path(s).expanduser()
+    if path.is_dir():
+        docs = load_folder(path)
+    elif path.is_file():
+        docs = _read_file(path)
+    else:
+        raise FileNotFoundError(f"data {s!r} is neither a file, a folder nor shakespeare[:split]; check the path")
+    text = DOC_SEPARATOR.join(d for d in docs if d.strip())
+    if not text.strip():
+        raise ValueError(f"data {s!r} is empty; give a file or folder with text in it")
+    return text
