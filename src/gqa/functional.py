@@ -95,6 +95,11 @@ def select_backend(
     return "grouped"
 
 
+#: The grouped path materialises fp32 scores [B, Hq, Tq_block, Tk]; long prefills are cut into query
+#: blocks so that buffer stays under this many bytes.
+GROUPED_SCORES_BYTES = 64 * 2**20
+
+
 def grouped_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -106,8 +111,22 @@ def grouped_attention(
     """Grouped path: the g query heads of KV head j (heads j*g .. j*g+g-1) become rows of one matmul.
 
     q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], mask bool broadcastable to [B, Hq, Tq, Tk] or None.
-    Returns out [B, Hq, Tq, D] (and probabilities [B, Hq, Tq, Tk] when asked).
+    Returns out [B, Hq, Tq, D] (and probabilities [B, Hq, Tq, Tk] when asked). Long query blocks are
+    processed in slices so the fp32 score buffer stays under ``GROUPED_SCORES_BYTES``.
     """
+    b, hq, tq, _ = q.shape
+    tk = k.shape[2]
+    block = max(1, GROUPED_SCORES_BYTES // (4 * b * hq * max(tk, 1)))
+    if return_weights or tq <= block:
+        return _grouped_block(q, k, v, mask, scale, return_weights)
+    outs = []
+    for s in range(0, tq, block):
+        m = mask if mask is None or mask.shape[2] == 1 else mask[:, :, s : s + block]
+        outs.append(_grouped_block(q[:, :, s : s + block], k, v, m, scale, False))
+    return torch.cat(outs, dim=2)  # (B, Hq, Tq, D)
+
+
+def _grouped_block(q, k, v, mask, scale, return_weights):
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     g = hq // hkv
