@@ -32,7 +32,7 @@ import torch
 from gqa.convert.grouping import check_kv_heads, contiguous_groups, query_order, validate_groups
 from gqa.convert.layouts import SUPPORTED_MODEL_TYPES, AttentionShape, Role, attention_shape, layout_for
 from gqa.convert.merge import MERGE_METHODS, merge_heads
-from gqa.convert.safetensors_io import SafetensorsWriter, read_header, read_tensor
+from gqa.convert.safetensors_io import SafetensorsWriter, TensorInfo, read_header, read_tensor
 
 __all__ = ["convert_checkpoint", "ConversionReport", "OUTPUT_DTYPES", "SUPPORTED_MODEL_TYPES", "REPORT_NAME"]
 
@@ -86,6 +86,7 @@ class SourceTensor:
     shape: tuple[int, ...]
     nbytes: int
     read: Callable[[], torch.Tensor]
+    info: TensorInfo | None = None  # where the bytes lie, for file sources (lets unchanged tensors be copied raw)
 
 
 @dataclass
@@ -145,7 +146,7 @@ def _safetensors_source(folder: Path) -> Source:
         if dup:
             raise ValueError(f"tensor {sorted(dup)[0]!r} appears in more than one shard")
         seen |= {i.name for i in infos}
-        shards.append((name, [SourceTensor(i.name, i.dtype, i.shape, i.nbytes, reader(i)) for i in infos]))
+        shards.append((name, [SourceTensor(i.name, i.dtype, i.shape, i.nbytes, reader(i), i) for i in infos]))
     side = [
         p
         for p in sorted(folder.iterdir())
@@ -214,7 +215,7 @@ class _Item:
     dtype: torch.dtype
     shape: tuple[int, ...]
     inputs: list[SourceTensor]
-    op: Callable[[list[torch.Tensor]], torch.Tensor]
+    op: Callable[[list[torch.Tensor]], torch.Tensor] | None  # None: the single input's bytes, unchanged
 
 
 def _expected_rows(role: Role, s: AttentionShape) -> int | None:
@@ -283,6 +284,12 @@ def _plan(
     def out_dtype_of(t: SourceTensor) -> torch.dtype:
         return out_dtype if (out_dtype is not None and t.dtype.is_floating_point) else t.dtype
 
+    def copied(t: SourceTensor, name: str | None = None) -> _Item:
+        """An output tensor equal to input ``t`` (renamed to ``name``), cast if the dtype changes."""
+        dt = out_dtype_of(t)
+        op = None if dt == t.dtype else (lambda xs, t=t: cast(xs[0], t))
+        return _Item(name or t.name, dt, t.shape, [t], op)
+
     shards_out = []
     done: set[str] = set()  # per-head tensors consumed by an earlier item
     for file_name, tensors in source.shards:
@@ -292,7 +299,7 @@ def _plan(
                 continue
             layer, role = roles.get(t.name, (None, Role("shared")))
             if layer is None:
-                items.append(_Item(t.name, out_dtype_of(t), t.shape, [t], lambda xs, t=t: cast(xs[0], t)))
+                items.append(copied(t))
                 continue
             groups = groups_per_layer[layer]
             n_new = len(groups)
@@ -307,9 +314,8 @@ def _plan(
                 return merge_heads(x, groups, D, method=merge, kind=kind, generator=generator(name))
 
             kind = role.kind
-            if kind == "shared":
-                op = lambda xs, t=t: cast(xs[0], t)  # noqa: E731
-                items.append(_Item(t.name, out_dtype_of(t), t.shape, [t], op))
+            if kind == "shared" or (kind in ("q_rows", "o_cols") and order is None):
+                items.append(copied(t))
             elif kind == "q_rows":
                 op = lambda xs, t=t, f=permute_rows: cast(f(xs[0]), t)  # noqa: E731
                 items.append(_Item(t.name, out_dtype_of(t), t.shape, [t], op))
@@ -344,9 +350,7 @@ def _plan(
                 for p in range(s.n_heads):
                     src_t = by_name[role.template.format(h=qo[p])]
                     name = role.template.format(h=p)
-                    items.append(
-                        _Item(name, out_dtype_of(src_t), src_t.shape, [src_t], lambda xs, t=src_t: cast(xs[0], t))
-                    )
+                    items.append(copied(src_t, name))
                     done.add(src_t.name)
             elif kind == "kv_head":
                 for j, group in enumerate(groups):
@@ -542,10 +546,13 @@ def _write(source: Source, plan, src: Path, out: Path, force: bool, fsync: bool,
         for file_name, items in plan:
             writer = SafetensorsWriter(tmp / file_name, [(i.name, i.dtype, i.shape) for i in items])
             for item in items:
-                x = item.op([t.read() for t in item.inputs])
-                writer.write(item.name, x)
+                if item.op is None and item.inputs[0].info is not None:
+                    writer.copy_from(item.name, item.inputs[0].info, item.dtype, item.shape)
+                else:
+                    x = item.op([t.read() for t in item.inputs]) if item.op else item.inputs[0].read()
+                    writer.write(item.name, x)
                 weight_map[item.name] = file_name
-                total_size += x.numel() * x.element_size()
+                total_size += _numel(item.shape) * item.dtype.itemsize
                 bar.update(sum(t.nbytes for t in item.inputs))
             writer.close(fsync=fsync)
         bar.close()

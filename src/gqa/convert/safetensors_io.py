@@ -140,7 +140,7 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned
         self.nbytes = 8 + len(raw) + offset
-        self._f = open(self.path, "wb")
+        self._f = open(self.path, "wb", buffering=0)  # unbuffered: raw copies below go through the same fd
         self._f.write(struct.pack("<Q", len(raw)) + raw)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -152,6 +152,21 @@ class SafetensorsWriter:
             )
         data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
         self._f.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def copy_from(self, name: str, info: TensorInfo, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        """Append the bytes of source tensor ``info`` unchanged, copied inside the kernel
+        (``copy_file_range``, no trip through user memory); it must be the next declared tensor."""
+        want_name, want_dtype, want_shape = self._expected[self._next]
+        if (name, dtype, tuple(shape)) != (want_name, want_dtype, tuple(want_shape)) or info.dtype != dtype:
+            raise RuntimeError(f"writer expected {want_name} {want_dtype} {tuple(want_shape)}, got {name}")
+        with open(info.file, "rb") as src:
+            done = 0
+            while done < info.nbytes:
+                n = os.copy_file_range(src.fileno(), self._f.fileno(), info.nbytes - done, info.begin + done)
+                if n == 0:
+                    raise ValueError(f"cannot read {info.file.name}: tensor {info.name!r} is truncated")
+                done += n
         self._next += 1
 
     def close(self, fsync: bool = False) -> None:
