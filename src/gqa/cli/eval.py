@@ -1,0 +1,58 @@
+"""``gqa eval``: perplexity, tokens evaluated and KL to a teacher for a model on some text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gqa.cli.common import console, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    @user_errors
+    def eval_(
+        model: Annotated[Path, typer.Argument(help="Transformers folder, gqa checkpoint.pt or .gguf file.")],
+        data: str = typer.Option("shakespeare:validation", help="Text: shakespeare[:split], a file, folder or .jsonl."),
+        teacher: Annotated[
+            Path | None, typer.Option(help="Reference model for KL(teacher || model) (same vocabulary).")
+        ] = None,
+        tokenizer: Annotated[
+            Path | None, typer.Option(help="Tokenizer folder or .gguf (default: MODEL's own).")
+        ] = None,
+        seq_len: int = typer.Option(256, help="Tokens of context per window."),
+        batch_size: int = typer.Option(8, help="Windows per forward pass."),
+        max_tokens: int = typer.Option(None, help="Score at most this many tokens."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    ) -> None:
+        """Evaluate a model: perplexity, tokens evaluated, and KL to --teacher."""
+        from gqa.data import encode, load_text
+        from gqa.evaluate import evaluate_lm, load_model, load_model_tokenizer
+
+        tok = load_model_tokenizer(model, tokenizer)
+        ids = encode(tok, load_text(data, default_split="validation"))
+        student = load_model(model)
+        teacher_model = load_model(teacher) if teacher is not None else None
+        res = evaluate_lm(
+            student,
+            ids,
+            teacher=teacher_model,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            progress=not as_json,
+        )
+        out = {"model": str(model), "data": data, **res.to_dict()}
+        if teacher is not None:
+            out["teacher"] = str(teacher)
+        if as_json:
+            print(json.dumps(out))
+            return
+        console.print(f"[bold]{model}[/] on {data}")
+        console.print(f"  perplexity  {res.perplexity:.3f}  (nll {res.nll:.4f} nats/token)")
+        console.print(f"  tokens      {res.tokens:,}")
+        if res.kl is not None:
+            console.print(f"  KL(teacher || model)  {res.kl:.4f} nats/token")

@@ -1,0 +1,101 @@
+"""``gqa uptrain``: continued training of a converted model, optionally distilled from the original."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gqa.cli.common import console, user_errors
+
+
+def load_trainable(path: Path):
+    """A gqa model to train from a transformers folder, a gqa checkpoint or a GGUF file."""
+    from gqa.evaluate import load_model
+    from gqa.model import GQAForCausalLM
+
+    model = load_model(path)
+    if not isinstance(model, GQAForCausalLM):
+        raise ValueError(
+            f"{path} is a {type(model).__name__}; gqa trains llama/mistral/qwen2/qwen3 models, convert it first"
+        )
+    return model
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @user_errors
+    def uptrain(
+        model: Annotated[Path, typer.Argument(help="Converted model: transformers folder, checkpoint.pt or .gguf.")],
+        out: Annotated[Path, typer.Argument(help="Output folder (must not exist, unless --resume).")],
+        data: str = typer.Option(
+            "shakespeare:train", help="Training text: shakespeare[:split], a file, folder or .jsonl."
+        ),
+        tokens: int = typer.Option(None, help="Uptraining budget in tokens."),
+        fraction: float = typer.Option(None, help="Budget as a fraction in (0, 1] of the pre-training tokens."),
+        pretrain_tokens: int = typer.Option(
+            None, help="Pre-training tokens for --fraction (default: read from MODEL/training.json)."
+        ),
+        teacher: Annotated[Path | None, typer.Option(help="Original model to distil from (same vocabulary).")] = None,
+        alpha: float = typer.Option(0.5, help="Weight of the distillation KL (1 - alpha on the LM loss)."),
+        temperature: float = typer.Option(1.0, help="Distillation temperature."),
+        val_data: str = typer.Option("shakespeare:validation", help="Validation text ('' for none)."),
+        tokenizer: Annotated[
+            Path | None, typer.Option(help="Tokenizer folder or .gguf (default: MODEL's own).")
+        ] = None,
+        seq_len: int = typer.Option(256, help="Tokens per training window."),
+        batch_size: int = typer.Option(16, help="Windows per optimizer step, over all processes."),
+        grad_accum: int = typer.Option(1, help="Micro-steps per optimizer step."),
+        lr: float = typer.Option(5e-4, help="Peak learning rate (warm-up, then cosine to 10%)."),
+        warmup: int = typer.Option(None, help="Warm-up steps (default: 10% of the steps)."),
+        seed: int = typer.Option(0, help="Random seed (data order)."),
+        eval_every: int = typer.Option(0, help="Steps between validation evaluations (0: at the end only)."),
+        checkpoint_every: int = typer.Option(25, help="Steps between checkpoints."),
+        resume: bool = typer.Option(False, help="Continue the unfinished run in OUT from its checkpoint."),
+        fsdp: bool = typer.Option(False, help="Under torchrun: shard with FSDP2 instead of DDP."),
+        device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
+    ) -> None:
+        """Uptrain a converted model for --tokens N or --fraction A of its pre-training."""
+        from gqa.data import encode, load_text
+        from gqa.evaluate import load_model, load_model_tokenizer
+        from gqa.train.loop import check_out_dir
+        from gqa.train.uptrain import read_pretrain_tokens, uptrain_tokens
+        from gqa.train.uptrain import uptrain as run
+
+        if pretrain_tokens is None and fraction is not None and model.is_dir():
+            pretrain_tokens = read_pretrain_tokens(model)
+        uptrain_tokens(tokens, fraction, pretrain_tokens)  # validate the budget before loading anything
+        check_out_dir(out, resume)
+        tok = load_model_tokenizer(model, tokenizer)
+        train_ids = encode(tok, load_text(data))
+        val_ids = encode(tok, load_text(val_data, default_split="validation")) if val_data else None
+        student = load_trainable(model)
+        teacher_model = load_model(teacher) if teacher is not None else None
+        settings = dict(seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed)
+        settings.update(eval_every=eval_every, checkpoint_every=checkpoint_every, fsdp=fsdp)
+        settings.update(distill_alpha=alpha, distill_temperature=temperature)
+        if warmup is not None:
+            settings["warmup_steps"] = warmup
+        with tempfile.TemporaryDirectory() as tok_dir:
+            tok.save_pretrained(tok_dir)
+            res = run(
+                student,
+                train_ids,
+                out,
+                tokens=tokens,
+                fraction=fraction,
+                pretrain_tokens=pretrain_tokens,
+                teacher=teacher_model,
+                val_ids=val_ids,
+                resume=resume,
+                tokenizer_from=tok_dir,
+                device=device,
+                summary={"model": str(model), "data": data, "teacher": str(teacher) if teacher else None},
+                **settings,
+            )
+        msg = f"saved {out} ({res.tokens:,} tokens in {res.steps} steps, final loss {res.final_loss:.3f}"
+        if res.validation is not None:
+            msg += f", validation perplexity {res.validation.perplexity:.2f}"
+        console.print(msg + ")")

@@ -1,0 +1,96 @@
+"""Uptraining: continued training of a converted model, for a token budget or a fraction of its
+pre-training tokens, optionally distilled from the original model.
+
+The GQA paper (Ainslie et al., 2023) uptrains for about 5% of the original pre-training steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from gqa.model import GQAForCausalLM
+from gqa.train.config import TrainConfig
+from gqa.train.loop import SUMMARY_NAME, TrainResult, train
+
+__all__ = ["uptrain", "uptrain_tokens", "read_pretrain_tokens"]
+
+
+def read_pretrain_tokens(model_dir: str | Path) -> int | None:
+    """Tokens a model was pretrained on, from the ``training.json`` that ``gqa pretrain`` writes (or None)."""
+    path = Path(model_dir) / SUMMARY_NAME
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if info.get("kind") == "pretrain":
+        return int(info["tokens"])
+    return info.get("pretrain_tokens")
+
+
+def uptrain_tokens(tokens: int | None = None, fraction: float | None = None, pretrain_tokens: int | None = None) -> int:
+    """The uptraining token budget: ``tokens``, or ``fraction`` (in (0, 1]) of ``pretrain_tokens``."""
+    if (tokens is None) == (fraction is None):
+        raise ValueError("give exactly one of --tokens N or --fraction A (e.g. --fraction 0.05 for 5%)")
+    if tokens is not None:
+        if tokens < 1:
+            raise ValueError(f"--tokens must be >= 1, got {tokens}")
+        return int(tokens)
+    if not (0.0 < fraction <= 1.0) or math.isnan(fraction):
+        raise ValueError(f"--fraction must be in (0, 1], got {fraction}; e.g. 0.05 uptrains on 5% of pre-training")
+    if not pretrain_tokens:
+        raise ValueError("--fraction needs the pre-training token count: pass --pretrain-tokens N (or use --tokens)")
+    return max(1, round(fraction * pretrain_tokens))
+
+
+def uptrain(
+    model: GQAForCausalLM,
+    train_ids,
+    out_dir: str | Path,
+    *,
+    tokens: int | None = None,
+    fraction: float | None = None,
+    pretrain_tokens: int | None = None,
+    teacher=None,
+    val_ids=None,
+    resume: bool = False,
+    tokenizer_from: str | Path | None = None,
+    device=None,
+    progress: bool = True,
+    summary: dict | None = None,
+    on_step_end=None,
+    **train_settings,
+) -> TrainResult:
+    """Continue training ``model`` (e.g. just converted to fewer KV heads) for a token budget.
+
+    tokens / fraction / pretrain_tokens: the budget, see :func:`uptrain_tokens`; it is rounded up to
+        whole optimizer steps of ``batch_size x seq_len`` tokens.
+    teacher: the original model (same vocabulary) to distil from; ``distill_alpha`` weights the KL.
+    train_settings: any :class:`TrainConfig` field (lr, batch_size, seq_len, grad_accum, seed, ...).
+        ``warmup_steps`` defaults to 10% of the steps.
+    Other arguments as for :func:`gqa.train.train`.
+    """
+    budget = uptrain_tokens(tokens, fraction, pretrain_tokens)
+    settings = {"lr": 5e-4, "min_lr_ratio": 0.1, "checkpoint_every": 25, **train_settings}
+    config = TrainConfig.for_tokens(budget, **{**settings, "warmup_steps": settings.get("warmup_steps", 0)})
+    if "warmup_steps" not in train_settings:
+        config = TrainConfig.from_dict({**config.to_dict(), "warmup_steps": max(1, config.steps // 10)})
+    info = {"kind": "uptrain", "requested_tokens": budget, "fraction": fraction, "pretrain_tokens": pretrain_tokens}
+    return train(
+        model,
+        train_ids,
+        out_dir,
+        config,
+        teacher=teacher,
+        val_ids=val_ids,
+        resume=resume,
+        tokenizer_from=tokenizer_from,
+        device=device,
+        progress=progress,
+        summary={**info, **(summary or {})},
+        on_step_end=on_step_end,
+        desc="uptrain",
+    )
