@@ -242,3 +242,75 @@ def test_output_dtype_and_report(tmp_path):
     assert rep.parameters_removed == 3 * 2 * (4 - 1) * D * HIDDEN  # layers x (K, V) x removed heads x D x d
     assert rep.parameters_before == sum(p.numel() for p in model.parameters())
     assert rep.parameters_after == sum(p.numel() for p in conv.parameters())
+
+
+def write_tiny_gguf(path, n_kv: int = 4, layers: int = 2, vocab: int = 64, ffn: int = 48, seed: int = 0):
+    """A tiny fp32 llama GGUF with a character-level BPE tokenizer, written with the gguf package."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(HIDDEN)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_rope_dimension_count(D)
+    w.add_head_count(HQ)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(vocab)
+    tokens = ["<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("a") + vocab - 2)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([3, 3] + [1] * (vocab - 2))
+    w.add_token_merges([])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+
+    def tensor(name, *shape, scale=0.2):
+        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
+
+    tensor("token_embd.weight", vocab, HIDDEN)
+    for i in range(layers):
+        p = f"blk.{i}."
+        tensor(p + "attn_norm.weight", HIDDEN, scale=1)
+        tensor(p + "attn_q.weight", HQ * D, HIDDEN)
+        tensor(p + "attn_k.weight", n_kv * D, HIDDEN)
+        tensor(p + "attn_v.weight", n_kv * D, HIDDEN)
+        tensor(p + "attn_output.weight", HIDDEN, HQ * D)
+        tensor(p + "ffn_norm.weight", HIDDEN, scale=1)
+        tensor(p + "ffn_gate.weight", ffn, HIDDEN)
+        tensor(p + "ffn_up.weight", ffn, HIDDEN)
+        tensor(p + "ffn_down.weight", HIDDEN, ffn)
+    tensor("output_norm.weight", HIDDEN, scale=1)
+    tensor("output.weight", vocab, HIDDEN)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_input(tmp_path):
+    from transformers import AutoTokenizer
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    source = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name).eval()
+    same, fewer = tmp_path / "kv4", tmp_path / "kv2"
+    convert_checkpoint(path, same, 4, progress=False)
+    convert_checkpoint(path, fewer, 2, progress=False)
+    assert torch.equal(logits(same), logits(source))
+    conv = AutoModelForCausalLM.from_pretrained(fewer)
+    for layer in range(2):
+        for old, new in zip(kv_weights(source, layer)[:2], kv_weights(conv, layer)[:2], strict=True):
+            torch.testing.assert_close(new, independent_mean_pool(old, 2), rtol=0, atol=1e-7)
+    tok = AutoTokenizer.from_pretrained(fewer)  # the tokenizer transformers builds from the GGUF goes along
+    assert (
+        tok("bad cab")["input_ids"]
+        == AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)("bad cab")["input_ids"]
+    )
+    assert json.loads((fewer / "conversion_report.json").read_text())["kv_heads_after"] == [2, 2]

@@ -182,6 +182,7 @@ def main() -> None:
     if scratch.exists():
         shutil.rmtree(scratch)
     src, copy_dst, out = scratch / "llama2-7b-random", scratch / "copy", scratch / f"kv{args.kv_heads}"
+    commit = git_commit()  # the code that runs, even if HEAD moves while the benchmark does
     try:
         load = {"start": os.getloadavg()}
         t0 = time.perf_counter()
@@ -234,7 +235,7 @@ def main() -> None:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "command": "python benchmarks/convert/bench_convert_7b.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -539,6 +539,9 @@ def _write(source: Source, plan, src: Path, out: Path, force: bool, fsync: bool,
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; OUT gets ordinary folder permissions
     try:
         total = sum(t.nbytes for _, ts in source.shards for t in ts)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress)
