@@ -1,0 +1,117 @@
+"""``gqa generate``: continue one or more prompts with the static KV cache, streaming the text."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gqa.cli.common import console, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("generate")
+    @user_errors
+    def generate_(
+        model: Annotated[Path, typer.Argument(help="gqa checkpoint, transformers folder or .gguf file.")],
+        prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Text to continue; repeat for a batch.")],
+        max_new_tokens: int = typer.Option(64, help="Tokens to generate per prompt."),
+        temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
+        top_k: int = typer.Option(0, help="Sample among the k most likely tokens (0 = all)."),
+        top_p: float = typer.Option(1.0, help="Sample among the most likely tokens reaching this probability."),
+        seed: int = typer.Option(None, help="Seed for sampling (prompt i uses seed + i)."),
+        tokenizer: Annotated[
+            Path | None, typer.Option(help="Tokenizer folder or .gguf (default: MODEL's own).")
+        ] = None,
+        stream: bool = typer.Option(True, help="Print tokens as they are generated."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object with texts, token ids and timings."),
+    ) -> None:
+        """Generate continuations of --prompt with MODEL (a batch when --prompt is repeated)."""
+        from gqa.evaluate import load_model, load_model_tokenizer
+        from gqa.generate import SamplingParams, generate
+        from gqa.generate.stream import TextStream
+        from gqa.model import GQAForCausalLM
+
+        SamplingParams(temperature, top_k, top_p, seed)  # reject bad sampling options before loading
+        for i, p in enumerate(prompt):
+            if not p:
+                raise ValueError(f"prompt {i} is empty; give some text to continue")
+        if max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        tok = load_model_tokenizer(model, tokenizer)
+        lm = load_model(model)
+        if not isinstance(lm, GQAForCausalLM):
+            raise ValueError(f"{model} is a {type(lm).__name__}; gqa generate runs llama/mistral/qwen2/qwen3 models")
+        ids = [tok.encode(p) for p in prompt]
+        for i, p in enumerate(ids):
+            if not p:
+                raise ValueError(f"prompt {i} encodes to no tokens; give some text to continue")
+
+        live = stream and not as_json
+        texts = TextStream(tok, len(prompt))
+        single = len(prompt) == 1
+        display = None
+        if live and single:
+            sys.stdout.write(prompt[0])
+            sys.stdout.flush()
+        elif live:
+            from rich.live import Live
+            from rich.text import Text
+
+            def render() -> Text:
+                out = Text()
+                for i, p in enumerate(prompt):
+                    out.append(f"[{i}] ", style="bold")
+                    out.append(p, style="dim")
+                    out.append(texts.texts[i] + ("\n" if i < len(prompt) - 1 else ""))
+                return out
+
+            display = Live(render(), console=console, refresh_per_second=12, transient=False)
+            display.start()
+
+        def on_token(i: int, token: int) -> None:
+            delta = texts.push(i, token)
+            if live and single and delta:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+            elif display is not None:
+                display.update(render())
+
+        try:
+            res = generate(
+                lm,
+                ids,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=seed,
+                tokenizer=tok,
+                on_token=on_token,
+            )
+        finally:
+            if display is not None:
+                display.update(render())
+                display.stop()
+        if live and single:
+            sys.stdout.write("\n")
+        if as_json:
+            print(
+                json.dumps(
+                    {
+                        "model": str(model),
+                        "prompts": prompt,
+                        "texts": res.texts,
+                        "tokens": res.tokens,
+                        "prefill_s": res.prefill_s,
+                        "decode_s": res.decode_s,
+                        "decode_tokens_per_s": res.decode_tokens_per_s,
+                    }
+                )
+            )
+        elif not live:
+            for p, t in zip(prompt, res.texts, strict=True):
+                console.print(p + t, highlight=False, markup=False)

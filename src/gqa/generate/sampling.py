@@ -1,0 +1,89 @@
+"""Next-token selection: greedy, temperature, top-k and top-p (nucleus) sampling.
+
+Every sequence may carry its own ``torch.Generator``, so a sequence samples the same tokens whether
+it runs alone or inside any batch (the continuous-batching scheduler relies on this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SamplingParams", "sample", "filter_logits"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next token.
+
+    temperature: 0 picks the argmax (greedy); > 0 divides the logits before sampling.
+    top_k: keep only the k most likely tokens (0 = no limit).
+    top_p: keep the smallest set of most likely tokens whose probability reaches top_p (1.0 = all).
+    seed: seeds the sampler (None = nondeterministic); ignored when greedy.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not t >= 0 or t == float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = no limit), got {k!r}")
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = no limit), got {p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def make_generator(self, offset: int = 0) -> torch.Generator | None:
+        """A CPU generator seeded with ``seed + offset`` (one per sequence), or None when unseeded/greedy."""
+        if self.greedy or self.seed is None:
+            return None
+        gen = torch.Generator()
+        gen.manual_seed(self.seed + offset)
+        return gen
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set the logits of tokens outside top-k / top-p to -inf. logits [B, V] (float) -> [B, V].
+
+    The most likely token always survives, so every row keeps at least one candidate.
+    """
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generators: list[torch.Generator | None] | None = None,
+) -> torch.Tensor:
+    """Pick one token per row. logits [B, V] -> token ids [B] (int64).
+
+    generators: one per row (or None for the global RNG); row b draws only from ``generators[b]``.
+    """
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    scores = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(scores, dim=-1).cpu()  # (B, V); generators are CPU generators
+    if generators is None or all(g is None for g in generators):
+        return torch.multinomial(probs, 1).squeeze(-1).to(logits.device)
+    rows = [torch.multinomial(probs[b], 1, generator=generators[b]) for b in range(probs.shape[0])]
+    return torch.cat(rows).to(logits.device)
