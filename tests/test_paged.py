@@ -1,0 +1,200 @@
+"""Paged KV cache: allocator, page writes, paged attention vs the fp64 reference, paged forward vs the
+static cache, and continuous batching (interleaved requests give the tokens each gives alone)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gqa
+from conftest import assert_matches_reference
+from gqa import GQAConfig, GQAForCausalLM
+from gqa.cache import OutOfPages, PageAllocator, PagedKVCache, paged_attention
+from gqa.generate import ContinuousBatcher, paged_forward
+
+
+def tiny_model(n_kv=2, seed=0, **kw) -> GQAForCausalLM:
+    torch.manual_seed(seed)
+    cfg = GQAConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=8, n_kv_heads=n_kv, ffn_dim=96, max_seq_len=96, **kw)
+    model = GQAForCausalLM(cfg).eval()
+    with torch.no_grad():  # peaked, input-dependent logits
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.15)
+    return model
+
+
+def test_allocator_is_all_or_nothing_and_reuses_freed_pages():
+    alloc = PageAllocator(5)
+    a = alloc.allocate(3)
+    assert a == [0, 1, 2] and alloc.num_free == 2
+    with pytest.raises(OutOfPages):
+        alloc.allocate(3)
+    assert alloc.num_free == 2  # the failed request took nothing
+    alloc.free(a)
+    assert sorted(alloc.allocate(5)) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="num_pages"):
+        PageAllocator(0)
+
+
+def test_mixed_lengths_waste_less_than_one_page_each_and_writes_land_in_place():
+    cache = PagedKVCache([2, 1], head_dim=4, num_pages=16, page_size=4)
+    lengths = {"a": 1, "b": 4, "c": 9, "d": 14}
+    written = {}
+    for s, n in lengths.items():
+        cache.add_sequence(s)
+        cache.reserve(s, n)
+        k = torch.randn(1, 2, n, 4)  # (1, Hkv, T, D)
+        cache.write(0, [s], k, -k)
+        cache.write(1, [s], k[:, :1], k[:, :1])
+        cache.advance([s], n)
+        written[s] = k
+    assert cache.wasted_slots() == sum(-n % 4 for n in lengths.values())
+    for s, n in lengths.items():
+        assert len(cache.pages_of(s)) * 4 - n < 4
+        k, v = cache.gather(0, [s])
+        torch.testing.assert_close(k[:, :, :n], written[s], rtol=0, atol=0)
+        torch.testing.assert_close(v[:, :, :n], -written[s], rtol=0, atol=0)
+    used = sum(len(cache.pages_of(s)) for s in lengths)
+    assert cache.num_free_pages == 16 - used
+    cache.release("c")
+    assert cache.num_free_pages == 16 - used + 3
+    with pytest.raises(ValueError, match="reserve"):
+        cache.advance(["a"], 10)
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 2), (8, 1), (9, 3)])
+@pytest.mark.parametrize("tq", [1, 3, 20], ids=["decode", "verify", "prefill"])
+@pytest.mark.parametrize("window", [None, 5])
+def test_paged_attention_matches_fp64_reference(hq, hkv, tq, window):
+    page, d = 4, 16
+    lengths = torch.tensor([tq + 2, tq + 13, tq + 6], dtype=torch.int32)
+    b = len(lengths)
+    n_pages = [(int(n) + page - 1) // page for n in lengths]
+    # scatter each sequence over shuffled pages
+    order = torch.randperm(sum(n_pages) + 3)
+    k_pages = torch.randn(len(order), hkv, page, d)
+    v_pages = torch.randn(len(order), hkv, page, d)
+    table = torch.zeros(b, max(n_pages), dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(n_pages):
+        table[i, :n] = order[at : at + n].to(torch.int32)
+        at += n
+    q = torch.randn(b, hq, tq, d)
+    out = paged_attention(q, k_pages, v_pages, table, lengths, window=window)
+    # Reference per sequence on its own contiguous keys, bottom-right causal (and window).
+    for i in range(b):
+        n = int(lengths[i])
+        k = k_pages[table[i].long()].permute(1, 0, 2, 3).reshape(1, hkv, -1, d)[:, :, :n]  # (1, Hkv, n, D)
+        v = v_pages[table[i].long()].permute(1, 0, 2, 3).reshape(1, hkv, -1, d)[:, :, :n]
+        mask = gqa.masks.sliding_window(window) if window else gqa.masks.causal()
+        assert_matches_reference(out[i : i + 1], q[i : i + 1], k.contiguous(), v.contiguous(), mask=mask)
+
+
+@pytest.mark.parametrize("n_kv", [8, 2, 1, [1, 4]], ids=["MHA", "GQA", "MQA", "per-layer"])
+def test_paged_forward_equals_static_cache_forward(n_kv):
+    model = tiny_model(n_kv, sliding_window=None)
+    prompts = [torch.randint(0, 97, (1, n)) for n in (11, 3, 6)]
+    cache = PagedKVCache.for_model(model, num_pages=32, page_size=4)
+    statics = []
+    for i, p in enumerate(prompts):
+        cache.add_sequence(i)
+        cache.reserve(i, p.shape[1])
+        got = paged_forward(model, p, cache, [i])
+        static = model.make_cache(1, 40)
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(p, cache=static), rtol=1e-4, atol=1e-5)
+        statics.append(static)
+    # three decode steps for the whole batch in one [3, 1] forward
+    for _ in range(3):
+        nxt = torch.randint(0, 97, (3, 1))
+        for i in range(3):
+            cache.reserve(i, 1)
+        got = paged_forward(model, nxt, cache, [0, 1, 2])
+        with torch.no_grad():
+            want = torch.cat([model(nxt[i : i + 1], cache=statics[i]) for i in range(3)])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_paged_forward_with_sliding_window_equals_static():
+    model = tiny_model(2, sliding_window=4)
+    p = torch.randint(0, 97, (1, 9))
+    cache = PagedKVCache.for_model(model, num_pages=8, page_size=4)
+    cache.add_sequence(0)
+    cache.reserve(0, 10)
+    static = model.make_cache(1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(paged_forward(model, p, cache, [0]), model(p, cache=static), rtol=1e-4, atol=1e-5)
+        nxt = torch.tensor([[7]])
+        torch.testing.assert_close(
+            paged_forward(model, nxt, cache, [0]), model(nxt, cache=static), rtol=1e-4, atol=1e-5
+        )
+
+
+REQUESTS = [  # (prompt length, new tokens, step at which it arrives)
+    (7, 12, 0),
+    (3, 5, 0),
+    (12, 9, 1),
+    (1, 14, 2),
+    (5, 3, 2),
+    (9, 10, 4),
+    (4, 8, 9),
+]
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_interleaved_requests_equal_each_run_alone(sampled):
+    model = tiny_model(2)
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n, _, _ in REQUESTS]
+    kw = dict(temperature=0.9, top_k=30, top_p=0.95) if sampled else {}
+
+    def alone(i):
+        b = ContinuousBatcher(model, num_pages=16, page_size=4, eos_token_id=None)
+        b.submit(prompts[i], REQUESTS[i][1], seed=100 + i, **kw)
+        return b.run()[0]
+
+    # a pool too small for all requests at once: some must wait for others to finish
+    batcher = ContinuousBatcher(model, num_pages=12, page_size=4, max_batch=4, eos_token_id=None)
+    ids = {}
+    while len(ids) < len(REQUESTS) or batcher.has_work:
+        for i, (_, n_new, arrive) in enumerate(REQUESTS):
+            if arrive == batcher.steps and i not in ids:
+                ids[i] = batcher.submit(prompts[i], n_new, seed=100 + i, **kw)
+        batcher.step()
+        assert batcher.cache.num_free_pages >= 0
+    reqs = {i: batcher.done[rid] for i, rid in ids.items()}
+    for i, req in reqs.items():
+        assert req.tokens == alone(i), f"request {i} differs when interleaved"
+    if not sampled:  # greedy also equals the static-cache generate
+        static = gqa.generate(model, prompts, max_new_tokens=max(r[1] for r in REQUESTS), eos_token_id=None).tokens
+        for i, req in reqs.items():
+            assert req.tokens == static[i][: REQUESTS[i][1]]
+    assert batcher.peak_running >= 3  # several sequences decoded together
+    assert any(r.started_step > r.submitted_step for r in reqs.values())  # someone waited for pages
+    assert any(  # a request joined while another was mid-generation
+        a.started_step > b.started_step and a.started_step < b.finished_step
+        for a in reqs.values()
+        for b in reqs.values()
+    )
+    assert batcher.peak_pages_used <= 12 and batcher.cache.num_free_pages == 12  # everything returned
+
+
+def test_eos_frees_pages_and_errors():
+    model = tiny_model(2)
+    batcher = ContinuousBatcher(model, num_pages=4, page_size=4, eos_token_id=None)
+    free = ContinuousBatcher(model, num_pages=8, page_size=4, eos_token_id=None)
+    free.submit([1, 2, 3], 8)
+    toks = free.run()[0]
+    stopper = ContinuousBatcher(model, num_pages=8, page_size=4, eos_token_id=toks[2])
+    stopper.submit([1, 2, 3], 8)
+    assert stopper.run()[0] == toks[: toks.index(toks[2]) + 1]
+    assert stopper.cache.num_free_pages == 8
+    with pytest.raises(ValueError, match="pool has 4"):
+        batcher.submit(list(range(10)), 10)  # 19 tokens need 5 pages of 4
+    with pytest.raises(ValueError, match="empty"):
+        batcher.submit([], 3)
+    with pytest.raises(ValueError, match="context"):
+        batcher.submit([1] * 90, 10)
+    with pytest.raises(ValueError, match="top_p"):
+        batcher.submit([1], 3, temperature=1.0, top_p=0)
