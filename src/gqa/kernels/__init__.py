@@ -247,6 +247,7 @@ def paged_decode_attention(
     window: int | None = None,
     chunk: int | None = None,
     num_splits: int | None = None,
+    check_pages: bool = True,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache.
 
@@ -258,6 +259,7 @@ def paged_decode_attention(
             last page are never read.
         lengths: ``[B]`` int tokens per sequence, new tokens included.
         scale, causal, window, chunk, num_splits: as in :func:`decode_attention`.
+        check_pages: verify the page ids in use are valid (one device sync; turn off in a tuned loop).
 
     Returns:
         ``[B, Hq, Tq, D]`` in q's dtype. Query head h uses KV head ``h // g``.
@@ -272,6 +274,13 @@ def paged_decode_attention(
         raise ValueError(
             f"a length ({int(lengths.max())}) exceeds block_table's {block_table.shape[1]} pages x {page_size} slots"
         )
+    if check_pages:
+        used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page_size < lengths[:, None]
+        ids = block_table[used.to(block_table.device)]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_pages.shape[0]):
+            raise ValueError(
+                f"block_table holds page ids outside 0..{k_pages.shape[0] - 1} for pages in use; fix the table"
+            )
     return _run(q, k_pages, v_pages, lengths, block_table, scale, causal, window, chunk, num_splits)
 
 
@@ -313,11 +322,18 @@ def _run(q, k, v, lengths, block_table, scale, causal, window, chunk, num_splits
         )
     from gqa.kernels.cpu import split_kv_decode_cpu
 
-    if block_table is not None:
-        page_size = k.shape[2]
-        n_pages = math.ceil(int(kv_lens.max()) / page_size)
-        k, v = gather_pages(k, block_table, n_pages), gather_pages(v, block_table, n_pages)  # (B, Hkv, T, D)
-    cq = q if q.dtype in _CPU_DTYPES else q.float()
-    ck, cv = (k, v) if q.dtype in _CPU_DTYPES else (k.float(), v.float())
-    out = split_kv_decode_cpu(cq, ck, cv, kv_lens, q_pos0, scale=scale, causal=causal, window=window, chunk=chunk)
-    return out.to(q.dtype)
+    kw = dict(scale=scale, causal=causal, window=window, chunk=chunk)
+    if q.dtype not in _CPU_DTYPES:  # fp16/fp64 on CPU: compute in fp32
+        return _run(q.float(), k.float(), v.float(), lengths, block_table, scale, causal, window, chunk, None).to(
+            q.dtype
+        )
+    if block_table is None:
+        return split_kv_decode_cpu(q, k, v, kv_lens, q_pos0, **kw)
+    page_size = k.shape[2]
+    outs = []
+    for i in range(q.shape[0]):  # gather each sequence's own pages only: [1, Hkv, n_pages * P, D]
+        n_pages = math.ceil(int(kv_lens[i]) / page_size)
+        one = slice(i, i + 1)
+        k_i, v_i = gather_pages(k, block_table[one], n_pages), gather_pages(v, block_table[one], n_pages)
+        outs.append(split_kv_decode_cpu(q[one], k_i, v_i, kv_lens[one], q_pos0[one], **kw))
+    return torch.cat(outs, dim=0)  # (B, Hq, Tq, D)

@@ -8,8 +8,9 @@ threads), the softmax runs in fp32 over the whole visible range, and ``P @ V`` i
 partial sums are added at the end. Each K and V byte is still read once per KV head: query head h
 uses KV head h // g and no copy of K/V is made.
 
-bf16 inputs run the matmuls with bf16 operands and fp32 accumulation (oneDNN), softmax and the
-chunk sums in fp32.
+bf16 caches are computed in fp32: K and V are widened CONVERT_CHUNK keys at a time into a reused fp32
+buffer that stays in cache, so DRAM still sees each bf16 byte once and the scores are never rounded
+to bf16 (rounding them tripled the error of SDPA in bf16).
 
 Measured on 2 EPYC cores (fp32, 32 q / 8 kv heads, D = 128, S = 4096): grouped path 11.7 ms, this
 path about 2.5 ms (see ``benchmarks/results`` for the recorded runs).
@@ -23,6 +24,8 @@ __all__ = ["split_kv_decode_cpu", "PV_CHUNK"]
 
 #: Keys per P @ V chunk; 256-1024 measured within 15% of each other, 512 best on 2 EPYC cores.
 PV_CHUNK = 512
+#: bf16 keys/values widened to fp32 per step (8 KV heads x 2048 x 128 x 4 B = 8 MiB, inside the L3).
+CONVERT_CHUNK = 2048
 
 
 def _visible_range(
@@ -64,19 +67,44 @@ def split_kv_decode_cpu(
     optional bool tensor broadcastable to ``[B, Hq, Tq, T]`` (True = attend) for anything else.
     Query head h uses KV head ``h // g``. Rows with no visible key give zeros. Returns q's dtype.
     """
+    causal = causal or window is not None
+    ragged = bool((kv_lens != kv_lens[0]).any() or (q_pos0 != q_pos0[0]).any())
+    if ragged and q.shape[0] > 1:
+        # One sequence at a time, so no sequence reads (possibly uninitialised) slots past its own length.
+        outs = []
+        for i in range(q.shape[0]):
+            m = None
+            if extra_mask is not None:
+                m = extra_mask[i : i + 1] if extra_mask.shape[0] > 1 else extra_mask
+            one = slice(i, i + 1)
+            outs.append(_uniform(q[one], k[one], v[one], kv_lens[one], q_pos0[one], scale, causal, window, chunk, m))
+        return torch.cat(outs, dim=0)  # (B, Hq, Tq, D)
+    return _uniform(q, k, v, kv_lens, q_pos0, scale, causal, window, chunk, extra_mask)
+
+
+def _uniform(q, k, v, kv_lens, q_pos0, scale, causal, window, chunk, extra_mask):
+    """The batched path for sequences that share their length and query positions."""
     b, hq, tq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    causal = causal or window is not None
     lo, hi = _visible_range(kv_lens, q_pos0, tq, causal, window, chunk)
     n = hi - lo
     if n == 0:
         return torch.zeros_like(q)
     k_vis, v_vis = k[:, :, lo:hi], v[:, :, lo:hi]  # (B, Hkv, N, D) views
 
-    qg = q.reshape(b, hkv, g * tq, d)  # (B, Hkv, g*Tq, D): head h = j*g + i -> row i*Tq + t of KV head j
-    scores = torch.matmul(k_vis, qg.transpose(-1, -2))  # (B, Hkv, N, g*Tq): S rows split across threads
-    scores = scores.view(b, hkv, n, g, tq).float().mul_(scale)  # (B, Hkv, N, g, Tq), fp32 softmax
+    # (B, Hkv, g*Tq, D): head h = j*g + i -> row i*Tq + t of KV head j; fp32 from here on
+    qg = q.reshape(b, hkv, g * tq, d).float()
+    widen = k.dtype != torch.float32
+    if widen:  # bf16: widen CONVERT_CHUNK keys at a time into a reused fp32 buffer (cache-resident)
+        buf = torch.empty(b, hkv, min(n, CONVERT_CHUNK), d)
+        scores = torch.empty(b, hkv, n, g * tq)
+        for s in range(0, n, CONVERT_CHUNK):
+            c = min(CONVERT_CHUNK, n - s)
+            scores[:, :, s : s + c] = torch.matmul(buf[:, :, :c].copy_(k_vis[:, :, s : s + c]), qg.transpose(-1, -2))
+    else:
+        scores = torch.matmul(k_vis, qg.transpose(-1, -2))  # (B, Hkv, N, g*Tq): S rows split across threads
+    scores = scores.view(b, hkv, n, g, tq).mul_(scale)  # (B, Hkv, N, g, Tq)
 
     keys = torch.arange(lo, hi)  # absolute key positions
     q_pos = q_pos0.view(b, 1) + torch.arange(tq).view(1, tq)  # (B, Tq)
@@ -100,15 +128,30 @@ def split_kv_decode_cpu(
     probs = scores.sub_(row_max).exp_()
     denom = probs.sum(dim=2, keepdim=True)
     probs = probs.div_(torch.where(denom == 0, torch.ones_like(denom), denom))  # no visible key -> 0
-    probs = probs.view(b, hkv, n, g * tq).to(v.dtype)  # (B, Hkv, N, g*Tq)
+    probs = probs.view(b, hkv, n, g * tq)  # (B, Hkv, N, g*Tq) fp32
 
+    if not widen:
+        out = _chunked_pv(probs, v_vis)
+    else:
+        out = torch.zeros(b, hkv, g * tq, d)
+        for s in range(0, n, CONVERT_CHUNK):
+            c = min(CONVERT_CHUNK, n - s)
+            out += _chunked_pv(probs[:, :, s : s + c], buf[:, :, :c].copy_(v_vis[:, :, s : s + c]))
+    return out.view(b, hq, tq, d).to(q.dtype)  # (B, Hq, Tq, D)
+
+
+def _chunked_pv(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """probs [B, Hkv, N, R] fp32, v [B, Hkv, N, D] fp32 -> P^T V [B, Hkv, R, D]: the N keys are cut into
+    PV_CHUNK-key chunks batched over (B, Hkv, chunk), one reduction per thread, then summed."""
+    b, hkv, n, r = probs.shape
+    d = v.shape[-1]
     full = (n // PV_CHUNK) * PV_CHUNK
-    out = torch.zeros(b, hkv, g * tq, d, dtype=torch.float32)
+    out = torch.zeros(b, hkv, r, d)
     if full:
         nc = full // PV_CHUNK
-        p_chunks = probs[:, :, :full].reshape(b, hkv, nc, PV_CHUNK, g * tq).transpose(-1, -2)
-        v_chunks = v_vis[:, :, :full].reshape(b, hkv, nc, PV_CHUNK, d)  # a view: T is split, not copied
-        out += torch.matmul(p_chunks, v_chunks).float().sum(dim=2)  # (B, Hkv, g*Tq, D)
+        p_chunks = probs[:, :, :full].reshape(b, hkv, nc, PV_CHUNK, r).transpose(-1, -2)  # (B, Hkv, nc, R, C)
+        v_chunks = v[:, :, :full].reshape(b, hkv, nc, PV_CHUNK, d)  # (B, Hkv, nc, C, D), a view
+        out += torch.matmul(p_chunks, v_chunks).sum(dim=2)
     if full < n:
-        out += torch.matmul(probs[:, :, full:].transpose(-1, -2), v_vis[:, :, full:]).float()
-    return out.view(b, hq, tq, d).to(q.dtype)  # (B, Hq, Tq, D)
+        out += torch.matmul(probs[:, :, full:].transpose(-1, -2), v[:, :, full:])
+    return out

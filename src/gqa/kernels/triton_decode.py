@@ -31,9 +31,7 @@ LOG2E = 1.4426950408889634
 
 def is_interpreted() -> bool:
     """True when the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_split_kv_stage1, InterpretedFunction)
+    return _INTERPRETED
 
 
 @triton.jit
@@ -218,6 +216,15 @@ def _split_kv_stage2(
     tok = rows % q_len
     o_ptrs = Out + b * stride_ob + head[:, None] * stride_oh + tok[:, None] * stride_ot + dims[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :])
+
+
+def _built_for_interpreter() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_split_kv_stage1, InterpretedFunction)
+
+
+_INTERPRETED = _built_for_interpreter()
 
 
 def _block_sizes(rows: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
