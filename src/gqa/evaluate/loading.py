@@ -61,6 +61,8 @@ def load_model_tokenizer(path: str | Path, tokenizer: str | Path | None = None):
     from transformers import AutoTokenizer
 
     src = Path(tokenizer).expanduser() if tokenizer is not None else Path(path).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist; pass a transformers folder, a checkpoint.pt or a .gguf file")
     if src.is_file() and src.suffix == ".pt":
         src = src.parent
     try:
