@@ -24,7 +24,7 @@ def _root() -> None:
     """Grouped-query attention: convert, uptrain, evaluate, generate and benchmark GQA models."""
 
 
-COMMAND_MODULES = ["demo", "convert", "pretrain", "uptrain", "eval", "generate", "memory"]
+COMMAND_MODULES = ["demo", "convert", "pretrain", "uptrain", "eval", "generate", "memory", "bench"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"gqa.cli.{_name}").register(app)

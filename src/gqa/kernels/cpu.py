@@ -8,7 +8,7 @@ threads), the softmax runs in fp32 over the whole visible range, and ``P @ V`` i
 partial sums are added at the end. Each K and V byte is still read once per KV head: query head h
 uses KV head h // g and no copy of K/V is made.
 
-bf16 caches are computed in fp32: K and V are widened CONVERT_CHUNK keys at a time into a reused fp32
+bf16 caches are computed in fp32: K and V are widened CONVERT_BYTES at a time into a reused fp32
 buffer that stays in cache, so DRAM still sees each bf16 byte once and the scores are never rounded
 to bf16 (rounding them tripled the error of SDPA in bf16).
 
@@ -24,8 +24,8 @@ __all__ = ["split_kv_decode_cpu", "PV_CHUNK"]
 
 #: Keys per P @ V chunk; 256-1024 measured within 15% of each other, 512 best on 2 EPYC cores.
 PV_CHUNK = 512
-#: bf16 keys/values widened to fp32 per step (8 KV heads x 2048 x 128 x 4 B = 8 MiB, inside the L3).
-CONVERT_CHUNK = 2048
+#: Bytes of bf16 keys/values widened to fp32 per step (inside a typical L3; at least 256 keys).
+CONVERT_BYTES = 8 * 2**20
 
 
 def _visible_range(
@@ -93,28 +93,60 @@ def _uniform(q, k, v, kv_lens, q_pos0, scale, causal, window, chunk, extra_mask)
         return torch.zeros_like(q)
     k_vis, v_vis = k[:, :, lo:hi], v[:, :, lo:hi]  # (B, Hkv, N, D) views
 
-    # (B, Hkv, g*Tq, D): head h = j*g + i -> row i*Tq + t of KV head j; fp32 from here on
-    qg = q.reshape(b, hkv, g * tq, d).float()
+    # (B, Hkv, g*Tq, D): head h = j*g + i -> row i*Tq + t of KV head j; fp32, scale folded in
+    qg = q.reshape(b, hkv, g * tq, d).float() * scale
     widen = k.dtype != torch.float32
-    if widen:  # bf16: widen CONVERT_CHUNK keys at a time into a reused fp32 buffer (cache-resident)
-        buf = torch.empty(b, hkv, min(n, CONVERT_CHUNK), d)
+    if widen:  # bf16: widen a few MiB at a time into a reused fp32 buffer (cache-resident)
+        step = min(n, max(256, CONVERT_BYTES // (4 * b * hkv * d)))  # keys per widening step
+        buf = torch.empty(b, hkv, step, d)
         scores = torch.empty(b, hkv, n, g * tq)
-        for s in range(0, n, CONVERT_CHUNK):
-            c = min(CONVERT_CHUNK, n - s)
+        for s in range(0, n, step):
+            c = min(step, n - s)
             scores[:, :, s : s + c] = torch.matmul(buf[:, :, :c].copy_(k_vis[:, :, s : s + c]), qg.transpose(-1, -2))
     else:
         scores = torch.matmul(k_vis, qg.transpose(-1, -2))  # (B, Hkv, N, g*Tq): S rows split across threads
-    scores = scores.view(b, hkv, n, g, tq).mul_(scale)  # (B, Hkv, N, g, Tq)
 
-    keys = torch.arange(lo, hi)  # absolute key positions
-    q_pos = q_pos0.view(b, 1) + torch.arange(tq).view(1, tq)  # (B, Tq)
-    allowed = keys.view(1, n, 1) < kv_lens.view(b, 1, 1)  # (B, N, 1)
+    if extra_mask is None and _all_visible(lo, hi, int(kv_lens[0]), int(q_pos0[0]), tq, causal, window, chunk):
+        # The common decode step: every key in range is visible to every row. Fewer ops matter on
+        # CPU: each is a parallel region whose threads must all be scheduled.
+        probs = torch.softmax(scores, dim=2)  # (B, Hkv, N, g*Tq)
+    else:
+        probs = _masked_softmax(
+            scores.view(b, hkv, n, g, tq), lo, hi, kv_lens, q_pos0, causal, window, chunk, extra_mask
+        )
+        probs = probs.view(b, hkv, n, g * tq)  # (B, Hkv, N, g*Tq) fp32
+
+    if not widen:
+        out = _chunked_pv(probs, v_vis)
+    else:
+        out = torch.zeros(b, hkv, g * tq, d)
+        for s in range(0, n, step):
+            c = min(step, n - s)
+            out += _chunked_pv(probs[:, :, s : s + c], buf[:, :, :c].copy_(v_vis[:, :, s : s + c]))
+    return out.view(b, hq, tq, d).to(q.dtype)  # (B, Hq, Tq, D)
+
+
+def _all_visible(lo, hi, kv_len, q_pos0, tq, causal, window, chunk) -> bool:
+    """Whether every key in [lo, hi) is visible to every query token (positions q_pos0 .. +Tq-1)."""
+    first, last = q_pos0, q_pos0 + tq - 1
+    if hi > kv_len or (causal and hi - 1 > first) or (window is not None and lo <= last - window):
+        return False
+    return chunk is None or lo // chunk == (hi - 1) // chunk == first // chunk == last // chunk
+
+
+def _masked_softmax(scores, lo, hi, kv_lens, q_pos0, causal, window, chunk, extra_mask):
+    """fp32 softmax over keys (dim 2) of scores [B, Hkv, N, g, Tq] for keys lo..hi-1; rows with no
+    visible key give zeros."""
+    b, hkv, n, g, tq = scores.shape
+    keys = torch.arange(lo, hi).view(1, n, 1)  # absolute key positions
+    q_pos = (q_pos0.view(b, 1) + torch.arange(tq).view(1, tq)).view(b, 1, tq)  # (B, 1, Tq)
+    allowed = keys < kv_lens.view(b, 1, 1)  # (B, N, 1)
     if causal:
-        allowed = allowed & (keys.view(1, n, 1) <= q_pos.view(b, 1, tq))
+        allowed = allowed & (keys <= q_pos)
     if window is not None:
-        allowed = allowed & (keys.view(1, n, 1) > q_pos.view(b, 1, tq) - window)
+        allowed = allowed & (keys > q_pos - window)
     if chunk is not None:
-        allowed = allowed & (keys.view(1, n, 1) // chunk == q_pos.view(b, 1, tq) // chunk)
+        allowed = allowed & (keys // chunk == q_pos // chunk)
     allowed = allowed.view(b, 1, n, 1, -1)  # (B, 1, N, 1, Tq|1)
     if extra_mask is not None:
         m = extra_mask[..., lo:hi] if extra_mask.shape[-1] != 1 else extra_mask  # (B|1, Hq|1, Tq|1, N|1)
@@ -122,22 +154,11 @@ def _uniform(q, k, v, kv_lens, q_pos0, scale, causal, window, chunk, extra_mask)
         m = m.reshape(mb, hkv, g, mt, mn) if mh != 1 else m.reshape(mb, 1, 1, mt, mn)
         allowed = allowed & m.permute(0, 1, 4, 2, 3)  # (B|1, Hkv|1, N|1, g|1, Tq|1)
     scores.masked_fill_(~allowed, float("-inf"))
-
     row_max = scores.amax(dim=2, keepdim=True)  # (B, Hkv, 1, g, Tq)
     row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
     probs = scores.sub_(row_max).exp_()
     denom = probs.sum(dim=2, keepdim=True)
-    probs = probs.div_(torch.where(denom == 0, torch.ones_like(denom), denom))  # no visible key -> 0
-    probs = probs.view(b, hkv, n, g * tq)  # (B, Hkv, N, g*Tq) fp32
-
-    if not widen:
-        out = _chunked_pv(probs, v_vis)
-    else:
-        out = torch.zeros(b, hkv, g * tq, d)
-        for s in range(0, n, CONVERT_CHUNK):
-            c = min(CONVERT_CHUNK, n - s)
-            out += _chunked_pv(probs[:, :, s : s + c], buf[:, :, :c].copy_(v_vis[:, :, s : s + c]))
-    return out.view(b, hq, tq, d).to(q.dtype)  # (B, Hq, Tq, D)
+    return probs.div_(torch.where(denom == 0, torch.ones_like(denom), denom))  # no visible key -> 0
 
 
 def _chunked_pv(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -146,12 +167,13 @@ def _chunked_pv(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     b, hkv, n, r = probs.shape
     d = v.shape[-1]
     full = (n // PV_CHUNK) * PV_CHUNK
-    out = torch.zeros(b, hkv, r, d)
+    out = None
     if full:
         nc = full // PV_CHUNK
         p_chunks = probs[:, :, :full].reshape(b, hkv, nc, PV_CHUNK, r).transpose(-1, -2)  # (B, Hkv, nc, R, C)
         v_chunks = v[:, :, :full].reshape(b, hkv, nc, PV_CHUNK, d)  # (B, Hkv, nc, C, D), a view
-        out += torch.matmul(p_chunks, v_chunks).sum(dim=2)
+        out = torch.matmul(p_chunks, v_chunks).sum(dim=2)  # (B, Hkv, R, D)
     if full < n:
-        out += torch.matmul(probs[:, :, full:].transpose(-1, -2), v[:, :, full:])
+        tail = torch.matmul(probs[:, :, full:].transpose(-1, -2), v[:, :, full:])  # (B, Hkv, R, D)
+        out = tail if out is None else out.add_(tail)
     return out

@@ -1,0 +1,560 @@
+"""``gqa bench attention``: decode attention against SDPA, repeat_kv + SDPA and FlexAttention.
+
+A decode step (Tq = 1) must read ``2 * B * Hkv * S_visible * D * bytes`` of KV cache, so each
+implementation is reported as time, achieved GB/s of that KV read, and the fraction of the copy
+and read bandwidths measured in the same run. Every timed call starts with cold caches (a buffer
+larger than the last-level cache is written between calls, outside the timed region), so a KV
+cache that fits in cache is not reported above the memory's speed.
+
+Peers, each on the same q/k/v (query head h uses KV head h // g in all of them):
+
+* ``gqa`` — ``gqa.attention`` with automatic dispatch (the decode kernels where they apply);
+* ``sdpa[<backend>]`` — ``scaled_dot_product_attention(..., enable_gqa=True)`` restricted to each
+  backend PyTorch offers on the device (a backend that refuses the inputs is recorded, not fatal);
+* ``repeat_kv+sdpa`` — K/V repeated to Hq heads, then SDPA: what transformers runs when a mask is passed;
+* ``flex`` — ``torch.compile(flex_attention)`` with a block mask; a compile failure is recorded.
+
+Results go to ``benchmarks/results/<machine>-<date>.{json,md,png}`` with provenance.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Case", "cases_for", "run_attention_bench", "write_results", "MODES"]
+
+MODES = ("quick", "default", "full")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One decode step: B sequences of S cached tokens, Hq/Hkv heads of size D, an optional window."""
+
+    name: str
+    batch: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    seq: int
+    window: int | None = None
+
+    def kv_bytes(self, element_size: int) -> int:
+        """Bytes of K and V a decode step must read (only the window when there is one)."""
+        visible = min(self.seq, self.window) if self.window else self.seq
+        return 2 * self.batch * self.n_kv_heads * visible * self.head_dim * element_size
+
+    def cache_bytes(self, element_size: int) -> int:
+        return 2 * self.batch * self.n_kv_heads * self.seq * self.head_dim * element_size
+
+
+def _case(variant: str, hkv: int, batch: int, seq: int, window: int | None = None) -> Case:
+    k = f"{seq // 1024}k"
+    name = f"{variant} B={batch} S={k}" + (f" window={window // 1024}k" if window else "")
+    return Case(name, batch, 32, hkv, 128, seq, window)
+
+
+def cases_for(mode: str, device: str) -> list[Case]:
+    """The issue's cases (a Llama-3-8B-like layer: 32 q heads, D = 128) for a mode.
+
+    ``full``: GQA (8 kv heads), MQA (1) and MHA (32) at B = 1 with S in {4k, 32k, 128k} and B = 32 with
+    S = 4k, and the same with a 4k sliding window where S > 4k. ``default`` on CPU keeps a subset
+    that runs in a few minutes on two cores; ``quick`` is a smoke test.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    variants = (("GQA", 8), ("MQA", 1), ("MHA", 32))
+    if mode == "quick":
+        return [_case("GQA", 8, 1, 4096), _case("GQA", 8, 1, 8192, window=4096)]
+    if mode == "default" and device == "cpu":
+        return [
+            _case("GQA", 8, 1, 4096),
+            _case("GQA", 8, 1, 32768),
+            _case("GQA", 8, 32, 4096),
+            _case("MQA", 1, 1, 32768),
+            _case("MHA", 32, 1, 4096),
+            _case("GQA", 8, 1, 32768, window=4096),
+        ]
+    out = []
+    for variant, hkv in variants:
+        for batch, seq in ((1, 4096), (1, 32768), (1, 131072), (32, 4096)):
+            out.append(_case(variant, hkv, batch, seq))
+        for batch, seq in ((1, 32768), (1, 131072)):
+            out.append(_case(variant, hkv, batch, seq, window=4096))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+class _Timer:
+    """Cold-cache timing: a buffer larger than the last-level cache is rewritten before each call."""
+
+    def __init__(self, device: torch.device, min_time: float, max_iters: int):
+        self.device = device
+        self.min_time = min_time
+        self.max_iters = max_iters
+        flush_bytes = 256 * 2**20 if device.type == "cuda" else 96 * 2**20
+        self.flush_buf = torch.empty(flush_bytes // 4, dtype=torch.float32, device=device)
+
+    def _flush(self):
+        self.flush_buf.add_(1.0)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fn) -> float:
+        """Median seconds of ``fn()`` over up to ``max_iters`` cold calls (at least 2, about ``min_time`` in all)."""
+        fn()  # warm-up (compilation, allocator)
+        self._sync()
+        times: list[float] = []
+        spent = 0.0
+        while len(times) < 2 or (spent < self.min_time and len(times) < self.max_iters):
+            self._flush()
+            self._sync()
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                dt = start.elapsed_time(end) / 1e3
+            else:
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
+            times.append(dt)
+            spent += dt
+        times.sort()
+        return times[len(times) // 2]
+
+
+def measure_bandwidth(device: torch.device, nbytes: int, timer: _Timer) -> dict:
+    """Copy (read + write bytes / time, as STREAM counts it) and read-only (sum) bandwidth in GB/s."""
+    n = max(1, nbytes // 4)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t_copy = timer.time(lambda: dst.copy_(src))
+    t_read = timer.time(lambda: src.sum())
+    return {"bytes": n * 4, "copy_gbps": 2 * n * 4 / t_copy / 1e9, "read_gbps": n * 4 / t_read / 1e9}
+
+
+# ----------------------------------------------------------------------------------------------
+# Peers
+
+
+def _sdpa_backends(device: torch.device) -> list[str]:
+    from torch.nn.attention import SDPBackend
+
+    if device.type == "cuda":
+        names = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"]
+    else:
+        names = ["FLASH_ATTENTION", "MATH"]
+    return [n for n in names if hasattr(SDPBackend, n)]
+
+
+def _peers(case: Case, q, k, v, mask, bool_mask, flex_fn, block_mask) -> dict:
+    """name -> zero-argument callable computing the same attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import gqa
+
+    g = case.n_heads // case.n_kv_heads
+    peers = {"gqa": lambda: gqa.attention(q, k, v, mask=mask)}
+    for name in _sdpa_backends(q.device):
+
+        def run(name=name):
+            with sdpa_kernel([getattr(SDPBackend, name)]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, enable_gqa=g > 1)
+
+        peers[f"sdpa[{name.lower().replace('_attention', '')}]"] = run
+
+    def repeat_then_sdpa():
+        k_rep = k.repeat_interleave(g, dim=1) if g > 1 else k  # (B, Hq, S, D): head h holds KV head h // g
+        v_rep = v.repeat_interleave(g, dim=1) if g > 1 else v
+        return F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=bool_mask)
+
+    peers["repeat_kv+sdpa"] = repeat_then_sdpa
+    if flex_fn is not None:
+        peers["flex"] = lambda: flex_fn(q, k, v, block_mask=block_mask, enable_gqa=g > 1)
+    return peers
+
+
+def _flex(case: Case, device: torch.device):
+    """(compiled flex_attention, block mask) or raises with the reason."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    last = case.seq - 1  # the decode query sits at the last position (bottom-right)
+    window = case.window
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        visible = kv_idx <= q_idx + last
+        if window:
+            visible = visible & (kv_idx > q_idx + last - window)
+        return visible
+
+    block_mask = create_block_mask(mask_mod, None, None, 1, case.seq, device=str(device))
+    global _FLEX_COMPILED
+    if _FLEX_COMPILED is None:
+        # One compiled function for all cases: after the second shape, torch.compile's automatic
+        # dynamic shapes reuse one graph instead of recompiling per case (tens of seconds on CPU).
+        _FLEX_COMPILED = torch.compile(flex_attention)
+    return _FLEX_COMPILED, block_mask
+
+
+_FLEX_COMPILED = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class Measurement:
+    peer: str
+    seconds: float | None = None
+    gbps: float | None = None
+    error: str | None = None
+    max_abs_err: float | None = None
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    kv_bytes: int
+    measurements: list[Measurement] = field(default_factory=list)
+    skipped: str | None = None
+    gqa_backend: str | None = None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def run_attention_bench(
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    mode: str = "default",
+    min_time: float | None = None,
+    max_iters: int = 10,
+    max_memory_gb: float = 8.0,
+    flex: bool = True,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict:
+    """Run the benchmark; returns the results dict that :func:`write_results` writes.
+
+    ``command`` is recorded as the command that reproduces the run (default: this process's argv).
+    """
+    import gqa
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA GPU and a CUDA build of torch; this machine has none")
+    dev = torch.device(device)
+    torch_dtype = _DTYPES[dtype]
+    if min_time is None:
+        min_time = 0.3 if mode == "quick" else 1.0
+    cases = cases_for(mode, device)
+    timer = _Timer(dev, min_time, max_iters)
+    load_before = os.getloadavg()
+    bandwidth = measure_bandwidth(dev, 1024 * 2**20 if device == "cuda" else 256 * 2**20, timer)
+
+    from tqdm import tqdm
+
+    results: list[CaseResult] = []
+    bar = tqdm(total=len(cases), desc="bench attention", unit="case", disable=not progress, file=sys.stderr)
+    elsize = torch.tensor([], dtype=torch_dtype).element_size()
+    for case in cases:
+        bar.set_postfix_str(case.name)
+        res = CaseResult(case, case.kv_bytes(elsize))
+        results.append(res)
+        g = case.n_heads // case.n_kv_heads
+        need = case.cache_bytes(elsize) * (1 + g)  # the cache, and repeat_kv's copy of it
+        if need > max_memory_gb * 2**30:
+            res.skipped = f"needs about {need / 2**30:.1f} GiB (> --max-memory-gb {max_memory_gb:g})"
+            bar.update(1)
+            continue
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        shape_q = (case.batch, case.n_heads, 1, case.head_dim)
+        shape_kv = (case.batch, case.n_kv_heads, case.seq, case.head_dim)
+        q = torch.randn(shape_q, generator=gen).to(dev, torch_dtype)
+        k = torch.randn(shape_kv, generator=gen).to(dev, torch_dtype)
+        v = torch.randn(shape_kv, generator=gen).to(dev, torch_dtype)
+        mask = gqa.masks.sliding_window(case.window) if case.window else None
+        # SDPA's bool mask for the one decode query at position S - 1 (None when nothing is hidden).
+        bool_mask = None
+        if case.window:
+            bool_mask = mask.materialize(1, case.seq, device=dev).view(1, 1, 1, case.seq)
+        res.gqa_backend = gqa.select_backend(q, k, v, mask)
+        flex_fn = block_mask = flex_error = None
+        if flex:
+            try:
+                flex_fn, block_mask = _flex(case, dev)
+            except Exception as e:  # noqa: BLE001 - any failure to build is a result to record
+                flex_error = _one_line(e)
+        reference = None
+        for peer, fn in _peers(case, q, k, v, mask, bool_mask, flex_fn, block_mask).items():
+            m = Measurement(peer)
+            try:
+                out = fn()
+                if reference is None:  # the first peer (gqa) is the yardstick for agreement
+                    reference = out.float()
+                m.max_abs_err = float((out.float() - reference).abs().max())
+                m.seconds = timer.time(fn)
+                m.gbps = res.kv_bytes / m.seconds / 1e9
+            except Exception as e:  # noqa: BLE001 - a backend refusing these inputs is a result
+                m.error = _one_line(e)
+            res.measurements.append(m)
+            del out
+        if flex and flex_error:
+            res.measurements.append(Measurement("flex", error=flex_error))
+        elif not flex:
+            res.measurements.append(Measurement("flex", error="not run (--no-flex)"))
+        del q, k, v
+        bar.update(1)
+    bar.close()
+    bandwidth_after = measure_bandwidth(dev, bandwidth["bytes"], timer)
+    return {
+        "provenance": provenance(device, dtype, mode, load_before, command),
+        "bandwidth": {"before": bandwidth, "after": bandwidth_after},
+        "cases": [_case_dict(r, bandwidth, bandwidth_after) for r in results],
+    }
+
+
+def _case_dict(r: CaseResult, bw_before: dict, bw_after: dict) -> dict:
+    copy = (bw_before["copy_gbps"] + bw_after["copy_gbps"]) / 2
+    read = (bw_before["read_gbps"] + bw_after["read_gbps"]) / 2
+    ours = next((m for m in r.measurements if m.peer == "gqa" and m.seconds), None)
+    rows = []
+    for m in r.measurements:
+        d = asdict(m)
+        if m.seconds:
+            d["frac_copy_bw"] = m.gbps / copy
+            d["frac_read_bw"] = m.gbps / read
+            d["gqa_speedup"] = m.seconds / ours.seconds if ours else None  # peer time / gqa time
+        rows.append(d)
+    return {**asdict(r.case), "kv_bytes": r.kv_bytes, "gqa_backend": r.gqa_backend, "skipped": r.skipped, "peers": rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# Provenance and output
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    root = Path(__file__).resolve().parents[3]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance(device: str, dtype: str, mode: str, load_before: tuple, command: str | None = None) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.get_device_name() if device == "cuda" else None
+    return {
+        "machine": gpu or _cpu_model(),
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "device": device,
+        "dtype": dtype,
+        "mode": mode,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_before": list(load_before),
+        "loadavg_after": list(os.getloadavg()),
+    }
+
+
+def machine_slug(prov: dict) -> str:
+    name = prov["gpu"] or f"{prov['cpu']}-{prov['cpu_cores']}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _fmt_time(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
+
+
+def to_markdown(results: dict) -> str:
+    p = results["provenance"]
+    bw = results["bandwidth"]
+    lines = [
+        f"# Decode attention benchmark — {p['machine']} ({p['device']}, {p['dtype']})",
+        "",
+        f"- date: {p['date']}; command: `{p['command']}`; mode: {p['mode']}",
+        f"- machine: {p['cpu']}, {p['cpu_cores']} cores, torch threads {p['torch_threads']}"
+        + (f"; GPU {p['gpu']}" if p["gpu"] else ""),
+        f"- versions: torch {p['torch']}, triton {p['triton']}, python {p['python']}; git {p['git_commit']}",
+        f"- load average (1/5/15 min) before: {', '.join(f'{x:.2f}' for x in p['loadavg_before'])}; "
+        f"after: {', '.join(f'{x:.2f}' for x in p['loadavg_after'])}",
+        f"- bandwidth measured in this run ({bw['before']['bytes'] / 2**20:.0f} MiB, cold): copy "
+        f"{bw['before']['copy_gbps']:.1f} / {bw['after']['copy_gbps']:.1f} GB/s (before / after, read+write), "
+        f"read {bw['before']['read_gbps']:.1f} / {bw['after']['read_gbps']:.1f} GB/s",
+        "",
+        "Each case is one decode step (Tq = 1, the query at the last position). GB/s counts the KV bytes "
+        "the step must read (the window only, when there is one); `x gqa` is the peer's time over gqa's "
+        "(above 1: gqa is faster). Timings are medians of cold-cache calls.",
+        "",
+    ]
+    for c in results["cases"]:
+        lines.append(
+            f"## {c['name']} — {c['n_heads']} q / {c['n_kv_heads']} kv heads, D={c['head_dim']}, "
+            f"KV read {c['kv_bytes'] / 2**20:.1f} MiB"
+        )
+        lines.append("")
+        if c["skipped"]:
+            lines += [f"skipped: {c['skipped']}", ""]
+            continue
+        lines.append(f"gqa dispatch: `{c['gqa_backend']}`")
+        lines.append("")
+        lines.append("| implementation | time | GB/s | of copy BW | of read BW | x gqa | note |")
+        lines.append("|---|---:|---:|---:|---:|---:|---|")
+        for m in c["peers"]:
+            if m["seconds"] is None:
+                lines.append(f"| {m['peer']} | - | - | - | - | - | {m['error']} |")
+                continue
+            note = f"max diff to gqa {m['max_abs_err']:.1e}" if m["peer"] != "gqa" else ""
+            lines.append(
+                f"| {m['peer']} | {_fmt_time(m['seconds'])} | {m['gbps']:.1f} | {m['frac_copy_bw']:.0%} | "
+                f"{m['frac_read_bw']:.0%} | {m['gqa_speedup']:.2f} | {note} |"
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Bar chart: achieved GB/s of KV read per case and implementation, copy bandwidth as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [c for c in results["cases"] if not c["skipped"]]
+    peers = []
+    for c in cases:
+        for m in c["peers"]:
+            if m["seconds"] and m["peer"] not in peers:
+                peers.append(m["peer"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4.5))
+    width = 0.8 / max(1, len(peers))
+    for i, peer in enumerate(peers):
+        vals = [next((m["gbps"] for m in c["peers"] if m["peer"] == peer and m["seconds"]), 0.0) for c in cases]
+        ax.bar([x + i * width for x in range(len(cases))], vals, width, label=peer)
+    bw = results["bandwidth"]
+    copy = (bw["before"]["copy_gbps"] + bw["after"]["copy_gbps"]) / 2
+    read = (bw["before"]["read_gbps"] + bw["after"]["read_gbps"]) / 2
+    ax.axhline(copy, color="k", ls="--", lw=1, label=f"copy BW {copy:.0f} GB/s")
+    ax.axhline(read, color="grey", ls=":", lw=1, label=f"read BW {read:.0f} GB/s")
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))], [c["name"] for c in cases], rotation=20, ha="right")
+    ax.set_ylabel("GB/s of KV cache read")
+    ax.set_yscale("log")
+    p = results["provenance"]
+    ax.set_title(f"Decode attention, {p['machine']} ({p['dtype']})", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")  # keep the suffix: it picks the format
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``<machine>-<date>[-<dtype>][-quick].{json,md,png}`` under ``out_dir`` (temp file, then rename)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file; pass a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    p = results["provenance"]
+    stem = f"{machine_slug(p)}-{p['date'][:10]}"
+    if p["dtype"] != "float32":
+        stem += f"-{p['dtype']}"
+    if p["mode"] != "default":
+        stem += f"-{p['mode']}"
+    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png")}
+    _atomic_write(paths["json"], lambda t: t.write_text(json.dumps(results, indent=2) + "\n"))
+    _atomic_write(paths["md"], lambda t: t.write_text(to_markdown(results)))
+    _atomic_write(paths["png"], lambda t: plot(results, t))
+    return paths
+
+
+def summary_rows(results: dict) -> list[tuple]:
+    """(case, best peer other than gqa, its time / gqa time, gqa GB/s, gqa fraction of copy BW) per case."""
+    rows = []
+    for c in results["cases"]:
+        if c["skipped"]:
+            rows.append((c["name"], "skipped", math.nan, math.nan, math.nan))
+            continue
+        ours = next((m for m in c["peers"] if m["peer"] == "gqa" and m["seconds"]), None)
+        others = [m for m in c["peers"] if m["peer"] != "gqa" and m["seconds"]]
+        best = min(others, key=lambda m: m["seconds"]) if others else None
+        rows.append(
+            (
+                c["name"],
+                best["peer"] if best else "-",
+                best["seconds"] / ours["seconds"] if best and ours else math.nan,
+                ours["gbps"] if ours else math.nan,
+                ours["frac_copy_bw"] if ours else math.nan,
+            )
+        )
+    return rows

@@ -1,0 +1,115 @@
+"""``gqa bench attention``: runs, writes results with provenance, records failing peers, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from gqa.bench import attention as bench
+from gqa.cli import app
+
+runner = CliRunner()
+
+TINY = [
+    bench.Case("tiny GQA", 1, 8, 2, 32, 512),
+    bench.Case("tiny MQA window", 2, 8, 1, 32, 768, window=256),
+]
+
+
+@pytest.fixture
+def tiny_cases(monkeypatch):
+    monkeypatch.setattr(bench, "cases_for", lambda mode, device: list(TINY))
+
+
+def test_cases_cover_the_issue():
+    full = bench.cases_for("full", "cpu")
+    names = {c.name for c in full}
+    for variant in ("GQA", "MQA", "MHA"):
+        for s in ("B=1 S=4k", "B=1 S=32k", "B=1 S=128k", "B=32 S=4k", "B=1 S=32k window=4k"):
+            assert f"{variant} {s}" in names
+    assert {(c.n_heads, c.head_dim) for c in full} == {(32, 128)}
+    assert {c.n_kv_heads for c in full} == {1, 8, 32}
+    assert len(bench.cases_for("default", "cpu")) < len(full)
+    with pytest.raises(ValueError, match="unknown mode"):
+        bench.cases_for("huge", "cpu")
+
+
+def test_kv_bytes_count_only_the_window():
+    case = bench.Case("w", 2, 32, 8, 128, 32768, window=4096)
+    assert case.kv_bytes(2) == 2 * 2 * 8 * 4096 * 128 * 2
+    assert case.cache_bytes(2) == 2 * 2 * 8 * 32768 * 128 * 2
+
+
+def test_cli_writes_results_with_provenance(tiny_cases, tmp_path, monkeypatch):
+    def no_flex(case, device):
+        raise RuntimeError("flex cannot compile here\nsecond line")
+
+    monkeypatch.setattr(bench, "_flex", no_flex)
+    result = runner.invoke(
+        app, ["bench", "attention", "--quick", "--min-time", "0", "--max-iters", "2", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 3 and {f.rsplit(".", 1)[1] for f in files} == {"json", "md", "png"}
+    assert not [f for f in files if f.startswith(".")]  # no temp file left behind
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    prov = data["provenance"]
+    for key in ("cpu", "cpu_cores", "torch", "triton", "git_commit", "command", "date", "dtype", "loadavg_before"):
+        assert prov[key] not in (None, ""), key
+    assert prov["command"].startswith("gqa bench attention --device cpu --dtype float32 --quick")
+    assert data["bandwidth"]["before"]["copy_gbps"] > 0
+    assert [c["name"] for c in data["cases"]] == [c.name for c in TINY]
+    for c in data["cases"]:
+        peers = {m["peer"]: m for m in c["peers"]}
+        assert {"gqa", "sdpa[math]", "repeat_kv+sdpa", "flex"} <= set(peers)
+        assert peers["flex"]["error"] == "RuntimeError: flex cannot compile here"  # recorded, one line
+        for name in ("gqa", "sdpa[math]", "repeat_kv+sdpa"):
+            m = peers[name]
+            assert m["seconds"] > 0 and m["gbps"] > 0 and 0 < m["frac_copy_bw"]
+            assert m["max_abs_err"] < 1e-4  # every peer computed the same attention
+        assert peers["gqa"]["gqa_speedup"] == 1.0
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert "| gqa |" in md and "load average" in md and "flex cannot compile here" in md
+
+
+def test_cli_json_output(tiny_cases, tmp_path):
+    result = runner.invoke(
+        app,
+        ["bench", "attention", "--quick", "--no-flex", "--min-time", "0", "--max-iters", "2"]
+        + ["--json", "--out", str(tmp_path), "--dtype", "bfloat16"],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["provenance"]["dtype"] == "bfloat16"
+    assert next(tmp_path.glob("*.json")).name.endswith("-bfloat16-quick.json")
+
+
+def test_memory_cap_skips_and_says_why(tiny_cases, tmp_path):
+    results = bench.run_attention_bench(mode="quick", min_time=0, max_iters=2, max_memory_gb=1e-6, progress=False)
+    assert all("needs about" in c["skipped"] for c in results["cases"])
+    paths = bench.write_results(results, tmp_path)
+    assert "skipped: needs about" in paths["md"].read_text()
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--device", "cuda"], "needs a CUDA GPU"),
+        (["--device", "tpu"], "unknown device"),
+        (["--dtype", "int8"], "unknown dtype"),
+        (["--quick", "--full"], "at most one of --quick and --full"),
+        (["--max-iters", "0"], "--max-iters must be >= 1"),
+    ],
+)
+def test_cli_bad_input_is_one_line(args, match, tmp_path):
+    import torch
+
+    if args[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        args = ["--dtype", "int8"]
+        match = "unknown dtype"
+    result = runner.invoke(app, ["bench", "attention", *args, "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and match in lines[0], result.output
