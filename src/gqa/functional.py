@@ -11,8 +11,12 @@ Backends (chosen by :func:`select_backend`, overridable with ``backend=``):
 * ``"grouped"``: folds the g query heads of a group into the rows of one matmul per KV head
   (q viewed as ``[B, Hkv, g*Tq, D]``), so K/V are read once and never repeated. Any mask.
   Softmax in fp32. Fully masked rows give zeros.
-* ``"kernel"``: the decode kernels of :mod:`gqa.kernels` (Triton on CUDA, CPU split-KV path),
-  used where they apply when that module provides them.
+* ``"kernel"``: the decode kernels of :mod:`gqa.kernels`, chosen first wherever
+  :func:`gqa.kernels.supports` says they apply (and no weights are asked for): Tq <= 16 and Tq <= Tk;
+  on CUDA the Triton split-KV kernel (fp16/bf16/fp32, head_dim <= 256, masks made of causal,
+  sliding-window, chunked and key-padding-lengths parts; it skips tiles outside a window or chunk);
+  on CPU the split-KV path for fp32/bf16 with at least ``gqa.kernels.CPU_MIN_KEYS`` keys and any
+  mask. Neither runs when autograd must record the call.
 """
 
 from __future__ import annotations
