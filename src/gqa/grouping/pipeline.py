@@ -1,0 +1,190 @@
+"""Reduce a model's KV heads layer by layer: group, align, merge, permute, measure.
+
+:func:`reduce_kv_heads` turns a :class:`gqa.GQAForCausalLM` into one with fewer (possibly
+per-layer) KV heads. Per layer: choose equal-size groups of old KV heads (``contiguous``: the GQA
+paper's neighbours; ``similarity``: the balanced assignment minimising aligned distance on
+calibration activations), align each group's heads (exact, folded into Q/K/V/O), merge each group
+into one head, then permute query heads (q_proj rows, o_proj columns) so that group j's readers
+are contiguous and query head h reads new KV head h // (Hq // N): a standard checkpoint.
+
+Errors are *measured*: the layer's attention output on calibration inputs, converted vs original,
+as a fraction of the residual stream's energy at that layer (so layers are comparable).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from gqa.convert.grouping import contiguous_groups, query_order
+from gqa.grouping.align import align_groups, aligned_distance
+from gqa.grouping.assign import balanced_groups
+from gqa.grouping.budget import kv_head_options
+from gqa.grouping.heads import HeadWeights, build_attention, split_heads
+from gqa.grouping.merge import MERGE_CHOICES, merge_group
+from gqa.grouping.stats import LayerStats
+
+__all__ = ["GROUPINGS", "MERGES", "LayerResult", "reduce_layer", "reduce_kv_heads", "error_curves", "layer_error"]
+
+GROUPINGS = ("contiguous", "similarity")
+MERGES = ("mean", "weighted", "lsq", "fit")
+
+
+@dataclass
+class LayerResult:
+    """What was done to one layer."""
+
+    kv_heads_before: int
+    kv_heads_after: int
+    groups: list[list[int]]  # old KV heads pooled into each new one
+    merge: str  # the merge actually used ("fit" resolves to mean, weighted or lsq)
+    error: float | None  # measured output error / residual energy (None without calibration)
+    distance: list[list[float]] | None  # aligned head distances [Hkv, Hkv] (None without calibration)
+
+
+@torch.no_grad()
+def layer_error(original, converted, stats: LayerStats) -> float:
+    """E||attn'(x) - attn(x)||^2 / E||h||^2 over the calibration samples of one layer."""
+    x = stats.samples.to(original.q_proj.weight.dtype)  # (S, T, d)
+    if x.numel() == 0:
+        raise ValueError("no calibration samples were kept; collect statistics with sample_sequences >= 1")
+    diff = (converted(x).double() - original(x).double()).pow(2).sum(-1).mean().item()
+    return diff / max(stats.residual_energy, 1e-300)
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _assemble(w: HeadWeights, groups: list[list[int]], merged: list[tuple[torch.Tensor, torch.Tensor]]) -> HeadWeights:
+    """Aligned old heads + merged KV heads -> the new layer's weights, query heads permuted."""
+    hq, hkv = w.q.shape[0], w.k.shape[0]
+    order = query_order(groups, hq, hkv) or list(range(hq))  # new query position -> old query head
+    return HeadWeights(
+        q=w.q[order].clone(),
+        k=torch.stack([k for k, _ in merged]),
+        v=torch.stack([v for _, v in merged]),
+        o=w.o[:, order].clone(),
+        o_bias=w.o_bias,
+    )
+
+
+def reduce_layer(
+    attn,
+    n_kv_heads: int,
+    stats: LayerStats | None,
+    *,
+    grouping: str = "similarity",
+    align: bool = True,
+    merge: str = "mean",
+):
+    """One layer's attention with ``n_kv_heads`` KV heads -> (new module, :class:`LayerResult`).
+
+    ``n_kv_heads`` must divide the layer's KV heads. ``similarity``, ``align`` and merges other than
+    ``mean`` need ``stats``; ``fit`` tries mean, weighted and lsq and keeps the best measured one.
+    """
+    _check_choice("grouping", grouping, GROUPINGS)
+    _check_choice("merge", merge, MERGES)
+    hkv = attn.n_kv_heads
+    if hkv % n_kv_heads:
+        raise ValueError(
+            f"{n_kv_heads} KV heads do not divide this layer's {hkv}; choose one of {kv_head_options(hkv)}"
+        )
+    needs_stats = grouping == "similarity" or align or merge != "mean"
+    if needs_stats and stats is None:
+        raise ValueError("similarity grouping, alignment and merges other than mean need calibration text (--calib)")
+    w = split_heads(attn)
+    align_k = attn.q_norm is None  # a per-head norm's [D] scale does not commute with the rotations
+    dist = aligned_distance(w, stats.input_moment, align_k=align_k) if stats is not None else None
+    if grouping == "similarity":
+        groups = balanced_groups(dist, n_kv_heads)
+    else:
+        groups = contiguous_groups(hkv, n_kv_heads)
+    if align:
+        w, _, _ = align_groups(w, groups, stats.input_moment, align_k=align_k)
+    inv_freq = attn.inv_freq if attn.rope_theta is not None else None
+    candidates = list(MERGE_CHOICES) if merge == "fit" else [merge]
+    best = None
+    for method in candidates:
+        merged = [merge_group(w, g, method, stats, inv_freq) for g in groups]
+        new = build_attention(attn, _assemble(w, groups, merged))
+        err = layer_error(attn, new, stats) if stats is not None and stats.samples.numel() else None
+        if best is None or (err is not None and err < best[2]):
+            best = (new, method, err)
+    new, used, err = best
+    dist_list = dist.tolist() if dist is not None else None
+    return new, LayerResult(hkv, n_kv_heads, groups, used, err, dist_list)
+
+
+def reduce_kv_heads(
+    model,
+    kv_heads: int | list[int],
+    stats: list[LayerStats] | None = None,
+    *,
+    grouping: str = "similarity",
+    align: bool = True,
+    merge: str = "mean",
+    progress: bool = True,
+):
+    """A copy of ``model`` (a :class:`gqa.GQAForCausalLM`) with ``kv_heads`` KV heads per layer.
+
+    kv_heads: one count for every layer or a per-layer list; each must divide the layer's heads.
+    stats: from :func:`gqa.grouping.collect_statistics` (needed unless contiguous + mean + no align).
+    Returns ``(new_model, [LayerResult per layer])``. The input model is not modified.
+    """
+    from tqdm.auto import tqdm
+
+    n_layers = len(model.layers)
+    per_layer = [kv_heads] * n_layers if isinstance(kv_heads, int) else list(kv_heads)
+    if len(per_layer) != n_layers:
+        raise ValueError(f"kv_heads lists {len(per_layer)} layers; the model has {n_layers}")
+    if stats is not None and len(stats) != n_layers:
+        raise ValueError(f"stats cover {len(stats)} layers; the model has {n_layers}")
+    new_model = copy.deepcopy(model)
+    results = []
+    for i in tqdm(range(n_layers), desc=f"reduce ({grouping}, {merge})", disable=not progress):
+        attn, res = reduce_layer(
+            model.layers[i].attn,
+            per_layer[i],
+            stats[i] if stats is not None else None,
+            grouping=grouping,
+            align=align,
+            merge=merge,
+        )
+        new_model.layers[i].attn = attn
+        results.append(res)
+    new_model.config = dataclasses.replace(model.config, n_kv_heads=per_layer)
+    return new_model.eval(), results
+
+
+def error_curves(
+    model,
+    stats: list[LayerStats],
+    *,
+    grouping: str = "similarity",
+    align: bool = True,
+    merge: str = "mean",
+    progress: bool = True,
+) -> list[dict[int, float]]:
+    """Per layer, the measured error for every allowed KV-head count: ``[{heads: error}, ...]``.
+
+    Each layer is reduced alone (the others untouched); keeping every head costs 0.
+    """
+    from tqdm.auto import tqdm
+
+    curves = []
+    for i in tqdm(range(len(model.layers)), desc="error curves", disable=not progress):
+        attn = model.layers[i].attn
+        curve = {}
+        for n in kv_head_options(attn.n_kv_heads):
+            if n == attn.n_kv_heads:
+                curve[n] = 0.0
+                continue
+            _, res = reduce_layer(attn, n, stats[i], grouping=grouping, align=align, merge=merge)
+            curve[n] = float(res.error)
+        curves.append(curve)
+    return curves
