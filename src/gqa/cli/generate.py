@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -115,3 +116,54 @@ def register(app: typer.Typer) -> None:
         elif not live:
             for p, t in zip(prompt, res.texts, strict=True):
                 console.print(p + t, highlight=False, markup=False)
+
+
+def register_bench(bench: typer.Typer) -> None:
+    """Add ``generate`` to the ``gqa bench`` sub-app."""
+
+    @bench.command("generate")
+    @user_errors
+    def bench_generate(
+        model: Annotated[
+            Path | None, typer.Argument(help="Model to benchmark (default: the shipped Shakespeare MHA model).")
+        ] = None,
+        batch_sizes: str = typer.Option("1,2,4,8,16", help="Comma-separated batch sizes."),
+        prompt_len: int = typer.Option(32, help="Prompt tokens per sequence."),
+        new_tokens: int = typer.Option(64, help="New tokens per sequence."),
+        repeats: int = typer.Option(3, help="Timings are the best of this many runs."),
+        group_size: int = typer.Option(4, help="Query heads per KV head of the GQA variant."),
+        transformers: bool = typer.Option(True, help="Also time transformers' generate on the same weights."),
+        budget_sequences: int = typer.Option(4, help="KV budget = what MHA needs for this many sequences."),
+        requests: int = typer.Option(48, help="Requests served in the fixed budget."),
+        threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+        out: str = typer.Option("benchmarks/results", help="Folder for the results (.json, .md, .png)."),
+        name: str = typer.Option(None, help="File name stem (default: generate-cpu or generate-cuda)."),
+    ) -> None:
+        """Decode tokens/s and KV memory vs batch for MHA / GQA / MQA variants, against transformers."""
+        import torch
+
+        from gqa.bench.generate import run_generate_bench, write_generate_results
+
+        try:
+            batches = tuple(int(b) for b in batch_sizes.split(","))
+        except ValueError:
+            raise ValueError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+        res = run_generate_bench(
+            model,
+            batch_sizes=batches,
+            prompt_len=prompt_len,
+            new_tokens=new_tokens,
+            repeats=repeats,
+            group_size=group_size,
+            with_transformers=transformers,
+            budget_sequences=budget_sequences,
+            budget_requests=requests,
+            threads=threads,
+        )
+        stem = name or ("generate-cuda" if torch.cuda.is_available() else "generate-cpu")
+        args = sys.argv[1:]
+        if args[:2] == ["bench", "generate"]:
+            args = args[2:]
+        command = " ".join(["gqa", "bench", "generate", *(shlex.quote(a) for a in args)])
+        for path in write_generate_results(res, out, stem, command=command):
+            console.print(f"wrote {path}")

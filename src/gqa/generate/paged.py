@@ -1,8 +1,8 @@
 """A forward pass of :class:`gqa.GQAForCausalLM` that reads and writes a :class:`gqa.cache.PagedKVCache`.
 
-It runs the model's own modules (embedding, norms, projections, RoPE, MLP) and replaces only the
-attention over the cache: new K/V go into each sequence's pages and the queries attend over the
-pages through :func:`gqa.cache.paged.paged_attention` (the paged decode kernel for decode steps).
+New K/V go into each sequence's pages and the queries attend over the pages through
+:func:`gqa.cache.paged.paged_attention` (the paged decode kernel for decode steps); everything else is
+the model's own modules (see :func:`gqa.generate.forward.cached_forward`).
 """
 
 from __future__ import annotations
@@ -10,30 +10,17 @@ from __future__ import annotations
 import torch
 
 from gqa.cache.paged import PagedKVCache, paged_attention
-from gqa.rope import apply_rope, rope_cos_sin
+from gqa.generate.forward import cached_forward
 
 __all__ = ["paged_forward"]
 
 
-def _attention_block(attn, x, positions, cache: PagedKVCache, layer: int, seqs, table, lengths_after, window):
-    """The :class:`gqa.GroupedQueryAttention` computation with the paged cache. x [B, T, d_model]."""
-    b, t, _ = x.shape
-    q = attn.q_proj(x).view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, Hq, T, D)
-    k = attn.k_proj(x).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-    v = attn.v_proj(x).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.rope_theta is not None:
-        cos, sin = rope_cos_sin(positions, attn.inv_freq)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    cache.write(layer, seqs, k, v, block_table=table)
-    out = paged_attention(q, cache.k_pages[layer], cache.v_pages[layer], table, lengths_after, window=window)
-    return attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))  # (B, T, d_model)
-
-
 @torch.inference_mode()
-def paged_forward(model, input_ids: torch.Tensor, cache: PagedKVCache, seqs: list) -> torch.Tensor:
-    """input_ids ``[B, T]`` (T new tokens for each of ``seqs``) -> logits ``[B, T, vocab]``.
+def paged_forward(
+    model, input_ids: torch.Tensor, cache: PagedKVCache, seqs: list, *, last_only: bool = False
+) -> torch.Tensor:
+    """input_ids ``[B, T]`` (T new tokens for each of ``seqs``) -> logits ``[B, T, vocab]``
+    (``[B, 1, vocab]`` with ``last_only``).
 
     Each sequence's new tokens sit at positions ``cache.length(seq) ..``; pages for them must have
     been reserved (:meth:`PagedKVCache.reserve`). The lengths advance by T once all layers ran.
@@ -50,11 +37,11 @@ def paged_forward(model, input_ids: torch.Tensor, cache: PagedKVCache, seqs: lis
     positions = start.long()[:, None] + torch.arange(t, device=device)  # (B, T)
     lengths_after = start + t  # (B,)
     window = model.config.sliding_window
-    x = model.embed(input_ids)  # (B, T, d_model)
-    for i, block in enumerate(model.layers):
-        x = x + _attention_block(
-            block.attn, block.attn_norm(x), positions, cache, i, seqs, table, lengths_after, window
-        )
-        x = x + block.mlp(block.mlp_norm(x))
+
+    def attend(layer: int, q, k, v):
+        cache.write(layer, seqs, k, v, block_table=table)
+        return paged_attention(q, cache.k_pages[layer], cache.v_pages[layer], table, lengths_after, window=window)
+
+    logits = cached_forward(model, input_ids, positions, attend, last_only=last_only)
     cache.advance(seqs, t)
-    return model.lm_head(model.norm(x))  # (B, T, vocab)
+    return logits

@@ -164,7 +164,7 @@ class ContinuousBatcher:
             self.cache.add_sequence(req.id)
             self.cache.reserve(req.id, len(req.prompt))
             ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)  # (1, T)
-            logits = paged_forward(self.model, ids, self.cache, [req.id])
+            logits = paged_forward(self.model, ids, self.cache, [req.id], last_only=True)
             self._emit(req, int(sample(logits[:, -1], req.params, [req.generator])[0]), on_token)
 
     @torch.inference_mode()
@@ -179,7 +179,7 @@ class ContinuousBatcher:
                 self.cache.reserve(s, 1)  # cannot fail: admission counted every request's worst case
             self.peak_pages_used = max(self.peak_pages_used, self.cache.num_pages - self.cache.num_free_pages)
             last = torch.tensor([[r.tokens[-1]] for r in self.running], dtype=torch.long, device=self.device)  # (B, 1)
-            logits = paged_forward(self.model, last, self.cache, seqs)[:, -1]  # (B, vocab)
+            logits = paged_forward(self.model, last, self.cache, seqs, last_only=True)[:, -1]  # (B, vocab)
             greedy = logits.argmax(dim=-1).tolist()  # one batched argmax; sampled rows draw on their own
             for b, req in enumerate(self.running):
                 tok = greedy[b] if req.params.greedy else int(sample(logits[b : b + 1], req.params, [req.generator])[0])

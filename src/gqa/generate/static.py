@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gqa.functional import attention
+from gqa.generate.forward import cached_forward
 from gqa.generate.sampling import SamplingParams, sample
 
 __all__ = ["generate", "GenerationResult", "prepare_prompts", "eos_ids"]
@@ -111,6 +113,23 @@ def _check_ids(model, prompts: list[list[int]], max_new_tokens: int) -> None:
             )
 
 
+def _static_attend(model, cache, key_valid: torch.Tensor | None):
+    """Attention over the static cache: write the new K/V, attend over every filled slot.
+
+    key_valid ``[B, Tk]`` marks real tokens (None: no padding). A single unpadded query per sequence
+    sees every filled slot, so it needs no mask at all (the cheapest path); otherwise the model's
+    own causal / sliding-window mask with key padding applies, aligned bottom-right.
+    """
+    plain = key_valid is None and model.config.sliding_window is None
+
+    def attend(layer: int, q, k, v):
+        k_all, v_all = cache[layer].update(k, v)  # (B, Hkv, Tk, D) views of the cache
+        mask = None if plain and q.shape[2] == 1 else model.build_mask(key_valid)
+        return attention(q, k_all, v_all, mask=mask)  # (B, Hq, T, D)
+
+    return attend
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -165,7 +184,7 @@ def generate(
     finished = [False] * b
 
     t0 = time.perf_counter()
-    logits = model(input_ids, positions=positions, cache=cache, key_valid=valid if ragged else None)
+    logits = cached_forward(model, input_ids, positions, _static_attend(model, cache, valid if ragged else None))
     nxt = sample(logits[:, -1], params, gens)  # (B,)
     result.prefill_s = time.perf_counter() - t0
 
@@ -184,7 +203,8 @@ def generate(
         step_pos = (lengths + step)[:, None]  # (B, 1): next position of each sequence
         if ragged:
             valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)  # (B, Tk)
-        logits = model(nxt[:, None], positions=step_pos, cache=cache, key_valid=valid if ragged else None)
+        attend = _static_attend(model, cache, valid if ragged else None)
+        logits = cached_forward(model, nxt[:, None], step_pos, attend)  # (B, 1, vocab)
         nxt = sample(logits[:, -1], params, gens)
         result.decode_steps += 1
     result.decode_s = time.perf_counter() - t0

@@ -1,0 +1,58 @@
+"""`gqa bench generate`: KV variants keep the head mapping; a tiny run writes results with provenance,
+a PNG plot, and the fixed-budget batch scales with the group size."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from gqa import GQAConfig, GQAForCausalLM
+from gqa.bench.generate import kv_variant, run_generate_bench, write_generate_results
+
+
+def test_kv_variant_pools_contiguous_groups():
+    torch.manual_seed(0)
+    cfg = GQAConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=8, n_kv_heads=8, ffn_dim=48, max_seq_len=32)
+    mha = GQAForCausalLM(cfg).eval()
+    d = cfg.resolved_head_dim
+    with torch.no_grad():  # make KV heads equal within each group of 4 (query head h -> KV head h // 4)
+        for layer in mha.layers:
+            for proj in (layer.attn.k_proj, layer.attn.v_proj):
+                w = proj.weight.view(2, 4, d, -1)
+                w[:] = w[:, :1]
+    gqa4 = kv_variant(mha, 2)
+    assert gqa4.config.kv_heads_per_layer == [2, 2]
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa4(ids), mha(ids), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(kv_variant(mha, 1)(ids), mha(ids), atol=1e-4)  # MQA pools different heads
+
+
+def test_tiny_bench_run_writes_results(tmp_path):
+    res = run_generate_bench(
+        batch_sizes=(1, 2),
+        prompt_len=6,
+        new_tokens=3,
+        repeats=1,
+        budget_sequences=2,
+        budget_requests=12,
+        page_size=4,
+        progress=False,
+    )
+    decode = res["decode"]
+    assert {r["impl"] for r in decode} == {"gqa", "transformers"}
+    assert all(r["decode_tokens_per_s"] > 0 for r in decode)
+    kv = {(r["variant"], r["batch"], r["impl"]): r["kv_cache_bytes"] for r in decode}
+    assert kv[("MHA", 2, "gqa")] == 4 * kv[("GQA (g=4)", 2, "gqa")] == 8 * kv[("MQA", 2, "gqa")]
+    # transformers holds the same heads (one token fewer: the last sampled token is never cached)
+    assert kv[("GQA (g=4)", 2, "transformers")] * 9 == kv[("GQA (g=4)", 2, "gqa")] * 8
+    served = {r["variant"]: r["max_concurrent_sequences"] for r in res["fixed_budget"]}
+    assert served["MHA"] == 2 and served["GQA (g=4)"] == 8 and served["MQA"] == 12  # capped by the 12 requests
+    paths = write_generate_results(res, tmp_path, "generate-test", command="pytest")
+    assert sorted(p.suffix for p in paths) == [".json", ".md", ".png"]
+    data = json.loads((tmp_path / "generate-test.json").read_text())
+    assert data["provenance"]["command"] == "pytest" and data["provenance"]["versions"]["torch"]
+    assert (tmp_path / "generate-test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "generate-test.md").read_text()
+    assert "git commit" in md and "| MQA | 1 |" in md
