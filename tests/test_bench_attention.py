@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from gqa.bench import attention as bench
@@ -75,15 +76,18 @@ def test_cli_writes_results_with_provenance(tiny_cases, tmp_path, monkeypatch):
 
 
 def test_cli_json_output(tiny_cases, tmp_path):
+    threads_before = torch.get_num_threads()
     result = runner.invoke(
         app,
         ["bench", "attention", "--quick", "--no-flex", "--min-time", "0", "--max-iters", "2"]
-        + ["--json", "--out", str(tmp_path), "--dtype", "bfloat16"],
+        + ["--json", "--out", str(tmp_path), "--dtype", "bfloat16", "--threads", "1"],
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["provenance"]["dtype"] == "bfloat16"
-    assert next(tmp_path.glob("*.json")).name.endswith("-bfloat16-quick.json")
+    assert data["provenance"]["torch_threads"] == 1
+    assert next(tmp_path.glob("*.json")).name.endswith("-bfloat16-1threads-quick.json")
+    assert torch.get_num_threads() == threads_before  # restored
 
 
 def test_memory_cap_skips_and_says_why(tiny_cases, tmp_path):
@@ -101,11 +105,10 @@ def test_memory_cap_skips_and_says_why(tiny_cases, tmp_path):
         (["--dtype", "int8"], "unknown dtype"),
         (["--quick", "--full"], "at most one of --quick and --full"),
         (["--max-iters", "0"], "--max-iters must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_cli_bad_input_is_one_line(args, match, tmp_path):
-    import torch
-
     if args[:2] == ["--device", "cuda"] and torch.cuda.is_available():
         args = ["--dtype", "int8"]
         match = "unknown dtype"

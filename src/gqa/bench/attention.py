@@ -258,6 +258,7 @@ def run_attention_bench(
     flex: bool = True,
     progress: bool = True,
     command: str | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Run the benchmark; returns the results dict that :func:`write_results` writes.
 
@@ -273,6 +274,25 @@ def run_attention_bench(
         raise ValueError("--device cuda needs a CUDA GPU and a CUDA build of torch; this machine has none")
     dev = torch.device(device)
     torch_dtype = _DTYPES[dtype]
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return run_attention_bench(
+                device=device,
+                dtype=dtype,
+                mode=mode,
+                min_time=min_time,
+                max_iters=max_iters,
+                max_memory_gb=max_memory_gb,
+                flex=flex,
+                progress=progress,
+                command=command,
+            )
+        finally:
+            torch.set_num_threads(previous_threads)
     if min_time is None:
         min_time = 0.3 if mode == "quick" else 1.0
     cases = cases_for(mode, device)
@@ -520,7 +540,8 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def write_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``<machine>-<date>[-<dtype>][-quick].{json,md,png}`` under ``out_dir`` (temp file, then rename)."""
+    """Write ``<machine>-<date>[-<dtype>][-<n>threads][-<mode>].{json,md,png}`` under ``out_dir`` (temp file,
+    then rename)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out {out_dir} is a file; pass a directory")
@@ -529,6 +550,8 @@ def write_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
     stem = f"{machine_slug(p)}-{p['date'][:10]}"
     if p["dtype"] != "float32":
         stem += f"-{p['dtype']}"
+    if p["device"] == "cpu" and p["torch_threads"] != os.cpu_count():
+        stem += f"-{p['torch_threads']}threads"
     if p["mode"] != "default":
         stem += f"-{p['mode']}"
     paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png")}

@@ -37,6 +37,7 @@ def attention(
     min_time: float | None = typer.Option(None, help="Seconds of timed calls per measurement (default 1, quick 0.3)."),
     max_iters: int = typer.Option(10, help="At most this many timed calls per measurement."),
     max_memory_gb: float = typer.Option(8.0, help="Skip cases whose cache (plus repeat_kv's copy) needs more."),
+    threads: int | None = typer.Option(None, help="CPU threads for every implementation (default: torch's)."),
     out: Annotated[Path, typer.Option(help="Directory for the results (.json, .md, .png).")] = Path(DEFAULT_RESULTS),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
 ) -> None:
@@ -52,6 +53,8 @@ def attention(
     command += "" if flex else " --no-flex"
     if min_time is not None:
         command += f" --min-time {min_time:g}"
+    if threads is not None:
+        command += f" --threads {threads}"
     command += f" --max-iters {max_iters} --max-memory-gb {max_memory_gb:g} --out {out}" + (
         " --json" if as_json else ""
     )
@@ -65,6 +68,7 @@ def attention(
         flex=flex,
         progress=not as_json,
         command=command,
+        threads=threads,
     )
     paths = write_results(results, out)
     if as_json:

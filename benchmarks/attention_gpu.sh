@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On a CUDA machine: run the Triton decode-kernel tests on the device, then the full attention
+# benchmark in bf16 and fp32. Results land in benchmarks/results/<gpu>-<date>[-<dtype>]-full.{json,md,png}.
+# Usage (from the repository root, with the project installed): bash benchmarks/attention_gpu.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python - <<'EOF'
+import torch, sys
+if not torch.cuda.is_available():
+    sys.exit("attention_gpu.sh needs a CUDA GPU and a CUDA build of torch")
+print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__)
+EOF
+
+# Without TRITON_INTERPRET the test module builds the kernels for the GPU and runs every case there.
+env -u TRITON_INTERPRET python -m pytest -q tests/test_kernels_triton.py tests/test_kernels_cpu.py
+
+# The issue's full case list (GQA/MQA/MHA, B=1 S=4k..128k, B=32 S=4k, 4k sliding window).
+gqa bench attention --device cuda --dtype bfloat16 --full --max-memory-gb 40
+gqa bench attention --device cuda --dtype float32 --full --max-memory-gb 40
