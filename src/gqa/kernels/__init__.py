@@ -275,8 +275,8 @@ def paged_decode_attention(
             f"a length ({int(lengths.max())}) exceeds block_table's {block_table.shape[1]} pages x {page_size} slots"
         )
     if check_pages:
-        used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page_size < lengths[:, None]
-        ids = block_table[used.to(block_table.device)]
+        slots = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page_size
+        ids = block_table[slots < lengths.to(block_table.device)[:, None]]  # page ids of pages in use
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_pages.shape[0]):
             raise ValueError(
                 f"block_table holds page ids outside 0..{k_pages.shape[0] - 1} for pages in use; fix the table"
@@ -316,7 +316,7 @@ def _run(q, k, v, lengths, block_table, scale, causal, window, chunk, num_splits
             causal=causal,
             window=window,
             chunk=chunk,
-            block_table=None if block_table is None else block_table.to(torch.int32),
+            block_table=None if block_table is None else block_table.to(torch.int32).contiguous(),
             num_splits=num_splits,
             max_visible=_max_visible(t_max, q.shape[2], window, chunk),
         )

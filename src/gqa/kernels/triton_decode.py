@@ -300,6 +300,7 @@ def split_kv_decode(
         block_table = kv_lens  # unused placeholder pointer
         stride_bt_b = 0
     else:
+        block_table = block_table.contiguous()  # the kernel steps along a row with stride 1
         stride_bt_b = block_table.stride(0)
 
     interpreted = is_interpreted()
