@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from gqa import GQAConfig, GQAForCausalLM
+from gqa import GQAConfig, GQAForCausalLM, save_hf
 from gqa.bench.generate import kv_variant, run_generate_bench, write_generate_results
 
 
@@ -30,7 +30,11 @@ def test_kv_variant_pools_contiguous_groups():
 
 
 def test_tiny_bench_run_writes_results(tmp_path):
+    torch.manual_seed(0)
+    cfg = GQAConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=8, n_kv_heads=8, ffn_dim=48, max_seq_len=32)
+    save_hf(GQAForCausalLM(cfg).eval(), tmp_path / "mha")
     res = run_generate_bench(
+        tmp_path / "mha",
         batch_sizes=(1, 2),
         prompt_len=6,
         new_tokens=3,
@@ -49,6 +53,7 @@ def test_tiny_bench_run_writes_results(tmp_path):
     assert kv[("GQA (g=4)", 2, "transformers")] * 9 == kv[("GQA (g=4)", 2, "gqa")] * 8
     served = {r["variant"]: r["max_concurrent_sequences"] for r in res["fixed_budget"]}
     assert served["MHA"] == 2 and served["GQA (g=4)"] == 8 and served["MQA"] == 12  # capped by the 12 requests
+    assert res["model"] == str(tmp_path / "mha")
     paths = write_generate_results(res, tmp_path, "generate-test", command="pytest")
     assert sorted(p.suffix for p in paths) == [".json", ".md", ".png"]
     data = json.loads((tmp_path / "generate-test.json").read_text())

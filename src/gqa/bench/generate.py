@@ -2,9 +2,10 @@
 of one model, against transformers' ``generate`` on the same weights, plus how many sequences each
 variant serves at once in a fixed KV budget (continuous batching over the paged cache).
 
-Timing: a generate call of N new tokens minus a call of 1 new token (both best of ``repeats``) leaves
-the N - 1 decode steps; decode tokens/s = batch x (N - 1) / that time. The same rule times gqa and
-transformers. Memory: the bytes of the KV cache each implementation holds at the end of the run
+Timing: the wall time from the first new token to the last of a generate call of N new tokens covers
+N - 1 decode steps (gqa: its streaming callback; transformers: a logits processor that only records
+the time); decode tokens/s = batch x (N - 1) / that time, best of ``repeats``, gqa and transformers
+interleaved run by run. The load average of the machine is recorded with the results. Memory: the bytes of the KV cache each implementation holds at the end of the run
 (gqa's static cache, transformers' DynamicCache), read from the cache tensors; on CUDA also the peak
 allocated memory of the whole generate call.
 """
@@ -75,15 +76,6 @@ def load_bench_model(path: str | Path | None = None) -> tuple[GQAForCausalLM, st
         return GQAForCausalLM(REFERENCE_CONFIG).eval(), "random weights of the shipped model's shape (not yet built)"
 
 
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def _hf_cache_bytes(cache) -> int | None:
     layers = getattr(cache, "layers", None)
     if layers is not None:
@@ -105,11 +97,36 @@ def _to_transformers(model: GQAForCausalLM, folder: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
-def _run_gqa(model, ids, n):
-    return generate(model, ids, max_new_tokens=n, eos_token_id=None)
+def _decode_seconds_gqa(model, ids, n: int) -> float:
+    """Wall time from the first new token (end of prefill) to the last: n - 1 decode steps."""
+    stamps: list[float] = []
+    generate(
+        model, ids, max_new_tokens=n, eos_token_id=None, on_token=lambda i, tok: i or stamps.append(time.perf_counter())
+    )
+    return stamps[-1] - stamps[0]
 
 
-def _run_hf(hf, ids, n):
+class _StepClock:
+    """A transformers logits processor that only records when each step's logits arrive."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def _decode_seconds_hf(hf, ids, n: int) -> float:
+    """The same span for transformers' generate: first step's logits to the last step's."""
+    from transformers import LogitsProcessorList
+
+    clock = _StepClock()
+    _run_hf(hf, ids, n, logits_processor=LogitsProcessorList([clock]))
+    return clock.stamps[-1] - clock.stamps[0]
+
+
+def _run_hf(hf, ids, n, **kw):
     return hf.generate(
         ids,
         attention_mask=torch.ones_like(ids),
@@ -118,21 +135,20 @@ def _run_hf(hf, ids, n):
         do_sample=False,
         pad_token_id=0,
         return_dict_in_generate=True,
+        **kw,
     )
 
 
-def _measure(run, batch: int, new_tokens: int, repeats: int) -> dict:
-    """Decode tokens/s of ``run(n_new_tokens)``: (time of N tokens - time of 1 token) covers N - 1 steps."""
-    run(2)  # warm-up
-    full = _best(partial(run, new_tokens), repeats)
-    first = _best(partial(run, 1), repeats)
-    return {
-        "batch": batch,
-        "decode_tokens_per_s": batch * (new_tokens - 1) / max(full - first, 1e-9),
-        "generate_s": full,
-        "prefill_s": first,
-        "peak_cuda_bytes": _peak_cuda(partial(run, new_tokens)),
-    }
+def _measure_pair(timers: dict, batch: int, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Decode tokens/s per implementation: best of ``repeats`` runs, the implementations interleaved run
+    by run so that both see the same load on a shared machine."""
+    for time_fn in timers.values():
+        time_fn(2)  # warm-up
+    best = {name: float("inf") for name in timers}
+    for _ in range(repeats):
+        for name, time_fn in timers.items():
+            best[name] = min(best[name], time_fn(new_tokens))
+    return {name: batch * (new_tokens - 1) / max(t, 1e-9) for name, t in best.items()}
 
 
 def _peak_cuda(fn):
@@ -178,6 +194,7 @@ def run_generate_bench(
         raise ValueError("new_tokens must be >= 2 so there is a decode step to time")
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise ValueError(f"batch sizes must be positive integers, got {batch_sizes!r}")
+    load_before = list(os.getloadavg())
     base, description = load_bench_model(model_path)
     cfg: GQAConfig = base.config
     if prompt_len + new_tokens > cfg.max_seq_len:
@@ -197,7 +214,7 @@ def run_generate_bench(
         models[name] = base if cfg.kv_heads_per_layer == [hkv] * cfg.n_layers else kv_variant(base, hkv)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    total = len(models) * len(batch_sizes) * (2 if with_transformers else 1)
+    total = len(models) * len(batch_sizes)
     bar = tqdm(total=total, desc="bench generate", unit="run", disable=not progress)
     tmp = Path(tempfile.mkdtemp(prefix="gqa-bench-generate-"))
     try:
@@ -205,18 +222,35 @@ def run_generate_bench(
             hf = _to_transformers(model, tmp / name.split()[0]) if with_transformers else None
             for b in batch_sizes:
                 ids = torch.randint(1, cfg.vocab_size, (b, prompt_len), generator=gen)  # (B, T)
-                row = _measure(partial(_run_gqa, model, ids), b, new_tokens, repeats)
-                row.update(impl="gqa", variant=name, kv_heads=variants[name])
-                row["kv_cache_bytes"] = model.make_cache(b, prompt_len + new_tokens).nbytes
-                rows.append(row)
-                bar.update()
-                bar.set_postfix_str(f"{name} b={b} {row['decode_tokens_per_s']:.0f} tok/s")
+                timers = {"gqa": partial(_decode_seconds_gqa, model, ids)}
                 if hf is not None:
-                    row = _measure(partial(_run_hf, hf, ids), b, new_tokens, repeats)
-                    row.update(impl="transformers", variant=name, kv_heads=variants[name])
-                    row["kv_cache_bytes"] = _hf_cache_bytes(_run_hf(hf, ids, new_tokens).past_key_values)
-                    rows.append(row)
-                    bar.update()
+                    timers["transformers"] = partial(_decode_seconds_hf, hf, ids)
+                tps = _measure_pair(timers, b, new_tokens, repeats)
+                rows.append(
+                    {
+                        "impl": "gqa",
+                        "variant": name,
+                        "kv_heads": variants[name],
+                        "batch": b,
+                        "decode_tokens_per_s": tps["gqa"],
+                        "kv_cache_bytes": model.make_cache(b, prompt_len + new_tokens).nbytes,
+                        "peak_cuda_bytes": _peak_cuda(partial(_decode_seconds_gqa, model, ids, new_tokens)),
+                    }
+                )
+                if hf is not None:
+                    rows.append(
+                        {
+                            "impl": "transformers",
+                            "variant": name,
+                            "kv_heads": variants[name],
+                            "batch": b,
+                            "decode_tokens_per_s": tps["transformers"],
+                            "kv_cache_bytes": _hf_cache_bytes(_run_hf(hf, ids, new_tokens).past_key_values),
+                            "peak_cuda_bytes": _peak_cuda(partial(_run_hf, hf, ids, new_tokens)),
+                        }
+                    )
+                bar.update()
+                bar.set_postfix_str(f"{name} b={b} gqa {tps['gqa']:.0f} tok/s")
     finally:
         bar.close()
         import shutil
@@ -269,6 +303,8 @@ def run_generate_bench(
         "new_tokens": new_tokens,
         "repeats": repeats,
         "torch_threads": torch.get_num_threads(),
+        "load_average_before": load_before,
+        "load_average_after": list(os.getloadavg()),
         "decode": rows,
         "fixed_budget": budget_rows,
         "budget_requests": budget_requests,
@@ -367,7 +403,9 @@ def write_generate_results(
         f"- model shape: {res['config']}; prompt {res['prompt_len']} tokens, {res['new_tokens']} new tokens, "
         f"best of {res['repeats']}, torch threads {res['torch_threads']}",
         "",
-        "Decode tokens/s = batch x (new_tokens - 1) / (time of a generate of new_tokens - time of a generate of 1 token).",
+        "Decode tokens/s = batch x (new_tokens - 1) / (time from the first new token to the last), best of the "
+        "repeats, gqa and transformers interleaved run by run. Machine load average (1, 5, 15 min) before: "
+        f"{res['load_average_before']}, after: {res['load_average_after']} (2 cores shared with other jobs).",
         "KV cache bytes: read from the cache tensors each implementation holds after the run.",
         "",
         "| variant | KV heads | batch | gqa tok/s | transformers tok/s | speedup | gqa KV cache | transformers KV cache |",
