@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import gqa
+import gqa.kernels
 from conftest import assert_matches_reference
 from gqa import GQAConfig, GQAForCausalLM
 from gqa.cache import OutOfPages, PageAllocator, PagedKVCache, paged_attention
@@ -66,7 +67,12 @@ def test_mixed_lengths_waste_less_than_one_page_each_and_writes_land_in_place():
 @pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 2), (8, 1), (9, 3)])
 @pytest.mark.parametrize("tq", [1, 3, 20], ids=["decode", "verify", "prefill"])
 @pytest.mark.parametrize("window", [None, 5])
-def test_paged_attention_matches_fp64_reference(hq, hkv, tq, window):
+@pytest.mark.parametrize("path", ["kernel", "gather"])
+def test_paged_attention_matches_fp64_reference(hq, hkv, tq, window, path, monkeypatch):
+    if path == "gather":  # the fallback used where the kernels package has no paged decode
+        monkeypatch.delattr(gqa.kernels, "paged_decode_attention", raising=False)
+    elif not hasattr(gqa.kernels, "paged_decode_attention"):
+        pytest.fail("gqa.kernels.paged_decode_attention is missing")
     page, d = 4, 16
     lengths = torch.tensor([tq + 2, tq + 13, tq + 6], dtype=torch.int32)
     b = len(lengths)
