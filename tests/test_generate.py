@@ -221,3 +221,23 @@ def test_cli_generate_bad_input(cli_model, tmp_path, args, match):
     res = CliRunner().invoke(app, ["generate", str(tmp_path), *args])
     assert res.exit_code == 2
     assert match in res.output and res.output.count("\n") == 1
+
+
+def test_cli_generate_on_the_shipped_model_end_to_end():
+    """No stand-ins: the shipped transformers folder and its tokenizer, through the real loaders."""
+    from gqa.evaluate import load_model, load_model_tokenizer
+    from gqa.train.pretrain import shipped_model_path
+
+    path = shipped_model_path()
+    res = CliRunner().invoke(
+        app, ["generate", str(path), "-p", "ROMEO:", "-p", "To be", "--max-new-tokens", "8", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    tok = load_model_tokenizer(path)
+    model = load_model(path)
+    ids = [tok.encode("ROMEO:"), tok.encode("To be")]
+    want = gqa.generate(model, ids, max_new_tokens=8, tokenizer=tok)
+    assert out["tokens"] == want.tokens and out["texts"] == want.texts
+    # greedy continuation of each prompt alone equals its row of the padded batch
+    assert gqa.generate(model, [ids[1]], max_new_tokens=8).tokens[0] == want.tokens[1]
