@@ -1,83 +1,201 @@
-"""The demo behind ``gqa demo``: MHA vs GQA vs MQA on one small decoder (random weights).
+"""The demo behind ``gqa demo``: what GQA costs and buys, on the shipped Shakespeare MHA model.
 
-Builds the same 8-head model with 8, 4, 2 and 1 KV heads, checks that each attention path
-matches the fp64 reference, and measures KV-cache bytes per token and decode speed at a given
-context length.
+1. Evaluate the shipped MHA model (8 query heads, 8 KV heads) on the validation plays.
+2. Convert it to GQA-4, GQA-2 and MQA with :func:`gqa.convert.convert_checkpoint` (mean-pooled K/V
+   heads, as in the GQA paper; query head h uses KV head h // g), and evaluate each.
+3. Uptrain each conversion briefly (by default 5% of the pre-training tokens, the paper's recipe).
+4. Print a table (KV heads, KV bytes per token, perplexity after conversion and after uptraining,
+   decode tokens/s) and write a PNG plot of perplexity against KV-cache size.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
+import tempfile
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from gqa.functional import attention
-from gqa.model import GQAConfig, GQAForCausalLM
-from gqa.reference import reference_attention
+from gqa.model import GQAForCausalLM, load_hf
+
+__all__ = ["DemoRow", "run_demo", "decode_tokens_per_s", "plot_perplexity_vs_kv"]
 
 
-def _decode_tokens_per_s(model: GQAForCausalLM, context: int, steps: int, batch: int = 1) -> float:
+@dataclass
+class DemoRow:
+    name: str
+    kv_heads: int
+    kv_bytes_per_token: int  # fp32 cache, all layers
+    ppl_converted: float
+    ppl_uptrained: float | None  # None for the MHA original
+    decode_tokens_per_s: float
+    uptrain_tokens: int = 0
+
+
+def decode_tokens_per_s(model: GQAForCausalLM, context: int = 256, steps: int = 32, batch: int = 1) -> float:
+    """Greedy decode speed with the static KV cache after a ``context``-token prefill (tokens/s).
+
+    Uses the median step time, so a busy shared machine skews it less than a mean would.
+    """
     cache = model.make_cache(batch, context + steps + 1)
-    ids = torch.randint(0, model.config.vocab_size, (batch, context))
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(0))
+    times = []
     with torch.inference_mode():
         model(ids, cache=cache)  # prefill
         tok = ids[:, -1:]
         model(tok, cache=cache)  # warm-up step
-        t0 = time.perf_counter()
         for _ in range(steps):
+            t0 = time.perf_counter()
             tok = model(tok, cache=cache)[:, -1:].argmax(-1)
-        dt = time.perf_counter() - t0
-    return batch * steps / dt
+            times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times)
 
 
-def attention_demo(*, context: int = 2048, steps: int = 32, seed: int = 0, console: Console | None = None):
-    """Print a table of KV heads, KV bytes per token, cache size, max error vs fp64 and decode tokens/s."""
-    if context < 1 or steps < 1:
-        raise ValueError("context and steps must be >= 1")
+def plot_perplexity_vs_kv(rows: list[DemoRow], path: str | Path, title: str) -> Path:
+    """Perplexity (log scale) against KV-cache KiB per token, after conversion and after uptraining."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    kib = [r.kv_bytes_per_token / 1024 for r in rows]
+    ax.plot(kib, [r.ppl_converted for r in rows], "o--", color="tab:red", label="after conversion (mean pool)")
+    up = [
+        (k, r.ppl_uptrained if r.ppl_uptrained is not None else r.ppl_converted) for k, r in zip(kib, rows, strict=True)
+    ]
+    ax.plot([k for k, _ in up], [p for _, p in up], "o-", color="tab:blue", label="after uptraining")
+    for k, r in zip(kib, rows, strict=True):
+        ax.annotate(
+            r.name, (k, r.ppl_uptrained or r.ppl_converted), textcoords="offset points", xytext=(4, 6), fontsize=8
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("KV cache per token (KiB, fp32)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def run_demo(
+    *,
+    kv_heads: tuple[int, ...] = (4, 2, 1),
+    fraction: float = 0.05,
+    eval_tokens: int = 16_384,
+    plot: str | Path | None = "gqa_demo.png",
+    work_dir: str | Path | None = None,
+    lr: float = 1e-3,
+    seed: int = 0,
+    console: Console | None = None,
+    progress: bool = True,
+) -> list[DemoRow]:
+    """Convert the shipped MHA model to each of ``kv_heads``, uptrain each on ``fraction`` of its
+    pre-training tokens, and report (see the module docstring). Returns one row per model."""
+    from gqa.convert import convert_checkpoint
+    from gqa.data import encode, load_tokenizer, shakespeare_splits
+    from gqa.evaluate import perplexity
+    from gqa.train import read_pretrain_tokens, shipped_model_path, uptrain
+
     console = console or Console()
-    torch.manual_seed(seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    table = Table(title=f"MHA vs GQA vs MQA: d_model 512, 8 query heads, 4 layers, context {context} (fp32, CPU)")
-    for col in ("variant", "KV heads", "g", "KV bytes/token", "cache @ context", "max |err| vs fp64", "decode tok/s"):
-        table.add_column(col, justify="right")
-    rows = []
-    for hkv in (8, 4, 2, 1):
-        cfg = GQAConfig(
-            vocab_size=4096,
-            d_model=512,
-            n_layers=4,
-            n_heads=8,
-            n_kv_heads=hkv,
-            ffn_dim=1376,
-            max_seq_len=context + steps + 1,
-        )
-        model = GQAForCausalLM(cfg).eval()
-        q = torch.randn(1, 8, 4, 64)
-        k, v = torch.randn(1, hkv, context, 64), torch.randn(1, hkv, context, 64)
-        from gqa import masks
+    src = shipped_model_path()
+    n_heads = load_hf(src).config.n_kv_heads
+    for h in kv_heads:
+        if not isinstance(h, int) or h < 1 or n_heads % h:
+            raise ValueError(f"kv heads {h} must divide the shipped model's {n_heads} KV heads")
+    if plot is not None and Path(plot).suffix.lower() != ".png":
+        raise ValueError(f"--plot {plot} must end in .png")
+    pretrain_tokens = read_pretrain_tokens(src)
+    tok = load_tokenizer(src)
+    splits = shakespeare_splits()
+    train_ids, val_ids = encode(tok, splits["train"]), encode(tok, splits["validation"])
+    seq_len = 256
 
-        err = (
-            (attention(q, k, v, mask=masks.causal()).double() - reference_attention(q, k, v, mask=masks.causal()))
-            .abs()
-            .max()
-            .item()
-        )
-        per_tok = cfg.kv_bytes_per_token(torch.float32)
-        tps = _decode_tokens_per_s(model, context, steps)
-        name = {8: "MHA", 1: "MQA"}.get(hkv, f"GQA-{hkv}")
-        rows.append((name, hkv, tps))
+    def ppl(model) -> float:
+        return perplexity(model, val_ids, seq_len=seq_len, max_tokens=eval_tokens).perplexity
+
+    rows: list[DemoRow] = []
+    mha = load_hf(src)
+    rows.append(
+        DemoRow("MHA", n_heads, mha.config.kv_bytes_per_token(torch.float32), ppl(mha), None, decode_tokens_per_s(mha))
+    )
+    console.print(f"MHA (shipped): validation perplexity {rows[0].ppl_converted:.2f}")
+    with tempfile.TemporaryDirectory(prefix="gqa-demo-") as tmp:
+        work = Path(work_dir) if work_dir is not None else Path(tmp)
+        for h in kv_heads:
+            name = "MQA" if h == 1 else f"GQA-{h}"
+            conv = work / f"kv{h}"
+            convert_checkpoint(src, conv, h, merge="mean", progress=False)
+            model = load_hf(conv, dtype=torch.float32)
+            after_convert = ppl(model)
+            console.print(
+                f"{name}: converted, perplexity {after_convert:.2f}; uptraining on {fraction:.1%} of pre-training"
+            )
+            res = uptrain(
+                model,
+                train_ids,
+                work / f"kv{h}-uptrained",
+                fraction=fraction,
+                pretrain_tokens=pretrain_tokens,
+                val_ids=val_ids,
+                seq_len=seq_len,
+                lr=lr,
+                seed=seed,
+                eval_tokens=eval_tokens,
+                checkpoint_every=0,
+                progress=progress,
+            )
+            rows.append(
+                DemoRow(
+                    name,
+                    h,
+                    model.config.kv_bytes_per_token(torch.float32),
+                    after_convert,
+                    res.validation.perplexity,
+                    decode_tokens_per_s(model.eval()),
+                    res.tokens,
+                )
+            )
+    table = Table(title=f"Shakespeare MHA model -> GQA: {eval_tokens:,} validation tokens, fp32, CPU")
+    for col in (
+        "model",
+        "KV heads",
+        "KV bytes/token",
+        "ppl converted",
+        "ppl uptrained",
+        "uptrain tokens",
+        "decode tok/s",
+    ):
+        table.add_column(col, justify="right")
+    for r in rows:
         table.add_row(
-            name,
-            str(hkv),
-            str(8 // hkv),
-            f"{per_tok / 1024:.0f} KiB",
-            f"{per_tok * context / 2**20:.1f} MiB",
-            f"{err:.1e}",
-            f"{tps:.0f}",
+            r.name,
+            str(r.kv_heads),
+            f"{r.kv_bytes_per_token:,}",
+            f"{r.ppl_converted:.2f}",
+            "-" if r.ppl_uptrained is None else f"{r.ppl_uptrained:.2f}",
+            f"{r.uptrain_tokens:,}" if r.uptrain_tokens else "-",
+            f"{r.decode_tokens_per_s:.0f}",
         )
     console.print(table)
-    base = rows[0][2]
-    console.print("Decode speed-up over MHA: " + ", ".join(f"{n} x{t / base:.2f}" for n, _, t in rows[1:]))
+    if plot is not None:
+        path = plot_perplexity_vs_kv(rows, plot, "Shakespeare MHA model converted to fewer KV heads")
+        console.print(f"plot: {path}")
     return rows
+
+
+def rows_as_dicts(rows: list[DemoRow]) -> list[dict]:
+    return [asdict(r) for r in rows]

@@ -1,4 +1,4 @@
-"""``gqa demo``: what GQA buys, on a small model — KV-cache bytes and decode speed for MHA/GQA/MQA."""
+"""``gqa demo``: the shipped MHA model converted to GQA-4, GQA-2 and MQA, uptrained, compared."""
 
 from __future__ import annotations
 
@@ -11,11 +11,17 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @user_errors
     def demo(
-        context: int = typer.Option(2048, help="Tokens in the cache when decode is timed."),
-        steps: int = typer.Option(32, help="Decode steps timed per variant."),
-        seed: int = typer.Option(0, help="Random seed."),
+        fraction: float = typer.Option(0.05, help="Uptraining budget as a fraction of the pre-training tokens."),
+        eval_tokens: int = typer.Option(16_384, help="Validation tokens per perplexity."),
+        plot: str = typer.Option("gqa_demo.png", help="PNG plot of perplexity vs KV-cache size ('' for none)."),
+        work_dir: str = typer.Option(None, help="Keep the converted and uptrained models here (default: temporary)."),
+        seed: int = typer.Option(0, help="Random seed (data order)."),
     ) -> None:
-        """Show attention and KV-cache savings for MHA vs GQA vs MQA on a small model."""
-        from gqa.demo import attention_demo
+        """Convert the shipped MHA model to GQA-4, GQA-2 and MQA, uptrain each, compare (CPU, a few minutes)."""
+        from gqa.demo import run_demo
 
-        attention_demo(context=context, steps=steps, seed=seed, console=console)
+        if not 0 < fraction <= 1:
+            raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
+        run_demo(
+            fraction=fraction, eval_tokens=eval_tokens, plot=plot or None, work_dir=work_dir, seed=seed, console=console
+        )

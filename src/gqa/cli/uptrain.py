@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -67,7 +68,8 @@ def register(app: typer.Typer) -> None:
         if pretrain_tokens is None and fraction is not None and model.is_dir():
             pretrain_tokens = read_pretrain_tokens(model)
         uptrain_tokens(tokens, fraction, pretrain_tokens)  # validate the budget before loading anything
-        check_out_dir(out, resume)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone owns OUT
+            check_out_dir(out, resume)
         tok = load_model_tokenizer(model, tokenizer)
         train_ids = encode(tok, load_text(data))
         val_ids = encode(tok, load_text(val_data, default_split="validation")) if val_data else None
