@@ -370,8 +370,11 @@ def write_generate_results(
         axes[1].plot(
             [p["batch"] for p in pts], [p["kv_cache_bytes"] / 2**20 for p in pts], "-o", color=colors[v], label=v
         )
+    batches = sorted({r["batch"] for r in res["decode"]})
     for ax in axes[:2]:
         ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
         ax.set_xlabel("batch size")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("decode tokens/s")
