@@ -100,4 +100,5 @@ def register(app: typer.Typer) -> None:
         msg = f"saved {out} ({res.tokens:,} tokens in {res.steps} steps, final loss {res.final_loss:.3f}"
         if res.validation is not None:
             msg += f", validation perplexity {res.validation.perplexity:.2f}"
-        console.print(msg + ")")
+        if int(os.environ.get("RANK", "0")) == 0:
+            console.print(msg + ")")
