@@ -197,3 +197,30 @@ def test_bad_input(tmp_path):
         train(tiny_model(), ids, tmp_path / "b", small_config(), teacher=other, progress=False)
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         train(tiny_model(), ids + VOCAB, tmp_path / "c", small_config(), progress=False)
+
+
+def test_bf16_autocast_tracks_fp32(tmp_path):
+    """bf16 autocast (the GPU default) on CPU: same first-step loss as fp32 within bf16 rounding."""
+    ids = learnable_ids()
+    fp32 = train(tiny_model(), ids, tmp_path / "fp32", small_config(steps=2, autocast="none"), progress=False)
+    bf16 = train(tiny_model(), ids, tmp_path / "bf16", small_config(steps=2, autocast="bf16"), progress=False)
+    assert bf16.history[0]["loss"] == pytest.approx(fp32.history[0]["loss"], rel=2e-2)
+    assert bf16.history[0]["loss"] != fp32.history[0]["loss"]  # autocast really ran in bf16
+
+
+def test_checkpoint_of_an_unfinished_run_can_be_evaluated(tmp_path):
+    from gqa.evaluate import load_model, perplexity
+
+    ids = learnable_ids()
+    model = tiny_model()
+    with pytest.raises(Killed):
+        train(
+            model,
+            ids,
+            tmp_path / "run",
+            small_config(steps=4, checkpoint_every=2),
+            progress=False,
+            on_step_end=_kill_at(2),
+        )
+    loaded = load_model(tmp_path / "run")  # the folder of an unfinished run: its checkpoint.pt
+    assert perplexity(loaded, ids[:200], seq_len=16).nll == pytest.approx(perplexity(model, ids[:200], seq_len=16).nll)
