@@ -62,6 +62,7 @@ def plot_perplexity_vs_kv(rows: list[DemoRow], path: str | Path, title: str) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
@@ -76,7 +77,11 @@ def plot_perplexity_vs_kv(rows: list[DemoRow], path: str | Path, title: str) -> 
             r.name, (k, r.ppl_uptrained or r.ppl_converted), textcoords="offset points", xytext=(4, 6), fontsize=8
         )
     ax.set_xscale("log", base=2)
+    ax.set_xticks(kib, [f"{k:g}" for k in kib])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("KV cache per token (KiB, fp32)")
     ax.set_ylabel("validation perplexity")
     ax.set_title(title, fontsize=9)
