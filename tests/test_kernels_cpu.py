@@ -141,20 +141,21 @@ def test_bf16_computes_in_fp32():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gqa_attention_routes_cpu_decode_to_kernel(mask, dtype):
     torch.manual_seed(1)
+    n = kernels.CPU_MIN_KEYS + 100
     q = torch.randn(2, 12, 3, 64, dtype=dtype)
-    k, v = torch.randn(2, 3, 1000, 64, dtype=dtype), torch.randn(2, 3, 1000, 64, dtype=dtype)
+    k, v = torch.randn(2, 3, n, 64, dtype=dtype), torch.randn(2, 3, n, 64, dtype=dtype)
     if mask == "tensor":
-        mask = torch.rand(2, 12, 3, 1000) > 0.3
+        mask = torch.rand(2, 12, 3, n) > 0.3
     assert gqa.select_backend(q, k, v, mask) == "kernel"
     ref = gqa.reference_attention(q, k, v, mask=mask)
     out = gqa.attention(q, k, v, mask=mask)
-    bool_mask = masks.as_bool_mask(mask, batch=2, n_heads=12, q_len=3, k_len=1000, device="cpu")
-    bool_mask = torch.ones(1, 1, 1, 1000, dtype=torch.bool) if bool_mask is None else bool_mask
+    bool_mask = masks.as_bool_mask(mask, batch=2, n_heads=12, q_len=3, k_len=n, device="cpu")
+    bool_mask = torch.ones(1, 1, 1, n, dtype=torch.bool) if bool_mask is None else bool_mask
     check(out, ref, q, k, v, bool_mask)
 
 
 def test_dispatch_keeps_other_inputs_off_the_kernel():
-    q, k = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 1000, 64)
+    q, k = torch.randn(1, 8, 1, 64), torch.randn(1, 2, kernels.CPU_MIN_KEYS, 64)
     assert kernels.supports(q, k, k)
     assert not kernels.supports(torch.randn(1, 8, 17, 64), k, k)  # a prefill block
     assert not kernels.supports(q, k[:, :, : kernels.CPU_MIN_KEYS - 1], k[:, :, : kernels.CPU_MIN_KEYS - 1])

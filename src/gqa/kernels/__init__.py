@@ -51,8 +51,9 @@ __all__ = [
 
 #: Query tokens per sequence the kernels take (decode and speculative verification).
 MAX_QUERY_TOKENS = 16
-#: Below this many keys the CPU path's extra ops cost more than its better BLAS shapes save.
-CPU_MIN_KEYS = 256
+#: Below this many keys the CPU path's extra ops cost more than its better BLAS shapes save
+#: (measured crossover with the grouped path: about 1k keys, 2 EPYC cores, 32 q / 8 kv heads, D = 128).
+CPU_MIN_KEYS = 1024
 #: Largest head_dim the Triton kernel's tiles hold.
 TRITON_MAX_HEAD_DIM = 256
 
@@ -99,12 +100,15 @@ def _triton_ready(device: torch.device) -> bool:
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> bool:
-    """Whether :func:`attention` has a kernel for these inputs (shapes already validated).
+    """Whether ``gqa.attention`` should run a kernel of this package for these inputs (shapes already
+    validated): whether one can (see :func:`attention`) and, on CPU, whether it pays off
+    (at least ``CPU_MIN_KEYS`` keys)."""
+    if not _can_run(q, k, v, mask):
+        return False
+    return q.device.type != "cpu" or k.shape[2] >= CPU_MIN_KEYS
 
-    CUDA: Tq <= 16, fp16/bf16/fp32, head_dim <= 256, Triton installed, and a mask made of causal,
-    sliding-window, chunked and key-padding-lengths parts. CPU: Tq <= 16, fp32/bf16, at least
-    ``CPU_MIN_KEYS`` keys, any mask. Never when autograd must record the call.
-    """
+
+def _can_run(q, k, v, mask) -> bool:
     if not 1 <= q.shape[2] <= min(MAX_QUERY_TOKENS, k.shape[2]):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
@@ -113,7 +117,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> bo
     if plan is None:
         return False
     if q.device.type == "cpu":
-        return q.dtype in _CPU_DTYPES and k.shape[2] >= CPU_MIN_KEYS
+        return q.dtype in _CPU_DTYPES
     if _triton_ready(q.device):
         return q.dtype in _CUDA_DTYPES and q.shape[3] <= TRITON_MAX_HEAD_DIM and not plan.rest
     return False
@@ -123,9 +127,11 @@ def attention(q, k, v, *, mask=None, scale=None):
     """``gqa.attention`` semantics through the decode kernels.
 
     q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``; query token t sits at ``Tk - Tq + t`` (bottom-right).
-    Query head h uses KV head ``h // g``. Raises ValueError when :func:`supports` is False.
+    Query head h uses KV head ``h // g``. Runs for 1 <= Tq <= min(16, Tk) without autograd: on CUDA
+    (Triton) for fp16/bf16/fp32, head_dim <= 256 and masks made of causal, sliding-window, chunked and
+    key-padding-lengths parts; on CPU for fp32/bf16 and any mask. Raises ValueError otherwise.
     """
-    if not supports(q, k, v, mask):
+    if not _can_run(q, k, v, mask):
         raise ValueError(
             "no decode kernel handles these inputs (Tq <= 16, a supported dtype and mask are needed); "
             "use backend='grouped'"
