@@ -33,17 +33,22 @@ def test_tiny_bench_run_writes_results(tmp_path):
     torch.manual_seed(0)
     cfg = GQAConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=8, n_kv_heads=8, ffn_dim=48, max_seq_len=32)
     save_hf(GQAForCausalLM(cfg).eval(), tmp_path / "mha")
-    res = run_generate_bench(
-        tmp_path / "mha",
-        batch_sizes=(1, 2),
-        prompt_len=6,
-        new_tokens=3,
-        repeats=1,
-        budget_sequences=2,
-        budget_requests=12,
-        page_size=4,
-        progress=False,
-    )
+    threads = torch.get_num_threads()
+    try:  # one thread: tiny matmuls on a shared machine thrash with more
+        res = run_generate_bench(
+            tmp_path / "mha",
+            batch_sizes=(2,),
+            prompt_len=6,
+            new_tokens=3,
+            repeats=1,
+            budget_sequences=2,
+            budget_requests=12,
+            page_size=4,
+            progress=False,
+            threads=1,
+        )
+    finally:
+        torch.set_num_threads(threads)
     decode = res["decode"]
     assert {r["impl"] for r in decode} == {"gqa", "transformers"}
     assert all(r["decode_tokens_per_s"] > 0 for r in decode)

@@ -108,7 +108,8 @@ def _check_ids(model, prompts: list[list[int]], max_new_tokens: int) -> None:
             raise ValueError(f"prompt {i} has token ids outside the vocabulary 0..{vocab - 1}; check the tokenizer")
         if len(p) + max_new_tokens > context:
             raise ValueError(
-                f"prompt {i} has {len(p)} tokens; with {max_new_tokens} new tokens that exceeds the model's "
+                f"prompt {i} has {len(p)} token{'s' * (len(p) != 1)}; with {max_new_tokens} new tokens that exceeds "
+                f"the model's "
                 f"context of {context}; shorten the prompt or lower max_new_tokens"
             )
 
