@@ -109,8 +109,7 @@ def _check_ids(model, prompts: list[list[int]], max_new_tokens: int) -> None:
         if len(p) + max_new_tokens > context:
             raise ValueError(
                 f"prompt {i} has {len(p)} token{'s' * (len(p) != 1)}; with {max_new_tokens} new tokens that exceeds "
-                f"the model's "
-                f"context of {context}; shorten the prompt or lower max_new_tokens"
+                f"the model's context of {context}; shorten the prompt or lower max_new_tokens"
             )
 
 
