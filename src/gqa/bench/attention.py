@@ -508,7 +508,7 @@ def plot(results: dict, path: Path) -> None:
         for m in c["peers"]:
             if m["seconds"] and m["peer"] not in peers:
                 peers.append(m["peer"])
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(cases) + 2.5), 4.8))
     width = 0.8 / max(1, len(peers))
     for i, peer in enumerate(peers):
         vals = [next((m["gbps"] for m in c["peers"] if m["peer"] == peer and m["seconds"]), 0.0) for c in cases]
@@ -522,8 +522,12 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("GB/s of KV cache read")
     ax.set_yscale("log")
     p = results["provenance"]
-    ax.set_title(f"Decode attention, {p['machine']} ({p['dtype']})", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(
+        f"Decode attention (Tq = 1), {p['machine']}, {p['dtype']}, {p['torch_threads']} threads, "
+        f"load {p['loadavg_before'][0]:.1f}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
