@@ -1,0 +1,222 @@
+"""Let ``AutoModelForCausalLM.from_pretrained(folder)`` load checkpoints with per-layer KV heads.
+
+gqa writes variable-GQA checkpoints as ordinary Llama-family folders whose ``config.json`` adds
+transformers' heterogeneous-config field ``per_layer_config = {"<layer>": {"num_key_value_heads":
+n}}`` (see :func:`gqa.save_hf`). transformers reads that field into the config, but its Llama,
+Mistral and Qwen2/3 modelling builds every layer with one ``num_key_value_heads`` and fails on it.
+
+:func:`register` (called by ``import gqa``) registers, for each of those config classes, a
+subclass of transformers' own model class whose ``from_pretrained`` / ``from_config`` dispatch:
+
+- a config without per-layer heads -> the unchanged transformers class (LlamaForCausalLM, ...),
+  so nothing changes for ordinary checkpoints;
+- a config with per-layer heads -> :class:`GQAModelForCausalLM`, a transformers ``PreTrainedModel``
+  around :class:`gqa.GQAForCausalLM` (query head h reads KV head h // (Hq // Hkv_layer)).
+
+Importing this module calls :func:`enable`: it registers at once if transformers' Auto classes are
+already imported, and otherwise when they first are (an import hook), so ``import gqa`` does not
+pay for importing transformers.
+
+``GQAModelForCausalLM`` supports ``forward`` (logits, loss with ``labels``, right padding through
+``attention_mask``); generation goes through :func:`gqa.generate`, which uses gqa's KV cache.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["register", "enable", "GQAModelForCausalLM", "is_per_layer_config", "read_per_layer_heads"]
+
+_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+_registered = False
+
+
+def is_per_layer_config(config) -> bool:
+    """True when a transformers config carries per-layer KV heads that differ between layers."""
+    per_layer = getattr(config, "per_layer_config", None)
+    if not per_layer:
+        return False
+    try:
+        heads = {int(per_layer[i].num_key_value_heads) for i in range(config.num_hidden_layers)}
+    except (AttributeError, TypeError, KeyError, IndexError):
+        heads = {int(v.get("num_key_value_heads", 0)) for v in dict(per_layer).values()}
+    return len(heads) > 1 or bool(getattr(config, "is_heterogeneous", False))
+
+
+def _make_wrapper():
+    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    class GQAModelForCausalLM(PreTrainedModel):
+        """A transformers causal LM around :class:`gqa.GQAForCausalLM` (per-layer KV heads).
+
+        ``forward(input_ids [B, T], attention_mask [B, T] | None, labels [B, T] | None)`` returns
+        ``CausalLMOutputWithPast(loss, logits [B, T, vocab])``. ``.gqa_model`` is the gqa model.
+        """
+
+        config_class = PretrainedConfig
+        base_model_prefix = "gqa_model"
+        main_input_name = "input_ids"
+
+        def __init__(self, config, gqa_model=None):
+            super().__init__(config)
+            if gqa_model is None:
+                from gqa.model.decoder import GQAForCausalLM
+                from gqa.model.hf import config_from_hf
+
+                gqa_model = GQAForCausalLM(config_from_hf(_config_dict(config)))
+            self.gqa_model = gqa_model
+
+        @classmethod
+        def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, dtype=None, **kwargs):
+            from gqa.model import load_hf
+
+            folder = Path(pretrained_model_name_or_path)
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"{folder} has no config.json; per-layer gqa checkpoints load from a local folder"
+                )
+            if isinstance(dtype, str) and dtype != "auto":
+                dtype = getattr(torch, dtype)
+            model = load_hf(folder, dtype=dtype if isinstance(dtype, torch.dtype) else None)
+            if config is None:
+                from transformers import AutoConfig
+
+                config = AutoConfig.from_pretrained(folder)
+            return cls(config, model).eval()
+
+        @classmethod
+        def _from_config(cls, config, **kwargs):
+            return cls(config)
+
+        def get_input_embeddings(self):
+            return self.gqa_model.embed
+
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            if input_ids is None:
+                raise ValueError("GQAModelForCausalLM needs input_ids [B, T]")
+            key_valid = attention_mask.bool() if attention_mask is not None else None
+            logits = self.gqa_model(input_ids, key_valid=key_valid)  # (B, T, vocab)
+            loss = None
+            if labels is not None:
+                shift = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+                loss = torch.nn.functional.cross_entropy(shift, labels[:, 1:].reshape(-1), ignore_index=-100)
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    GQAModelForCausalLM.__qualname__ = "GQAModelForCausalLM"
+    GQAModelForCausalLM.__module__ = __name__
+    return GQAModelForCausalLM
+
+
+def _config_dict(config) -> dict:
+    d = config.to_dict()
+    per_layer = getattr(config, "per_layer_config", None)
+    if per_layer and not isinstance(d.get("per_layer_config"), dict):
+        d["per_layer_config"] = {
+            str(i): {"num_key_value_heads": int(per_layer[i].num_key_value_heads)}
+            for i in range(config.num_hidden_layers)
+        }
+    return d
+
+
+GQAModelForCausalLM = None  # built on first register(): transformers is imported lazily
+
+
+def _dispatcher(hf_class, wrapper):
+    """A subclass of ``hf_class`` whose constructors route per-layer configs to ``wrapper``."""
+
+    class Dispatch(hf_class):
+        @classmethod
+        def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+            if config is None:
+                from transformers import AutoConfig
+
+                config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+            if is_per_layer_config(config):
+                return wrapper.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+            return hf_class.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+
+        @classmethod
+        def _from_config(cls, config, **kwargs):
+            if is_per_layer_config(config):
+                return wrapper(config)
+            return hf_class._from_config(config, **kwargs)
+
+    Dispatch.__name__ = Dispatch.__qualname__ = hf_class.__name__
+    Dispatch.__module__ = __name__
+    return Dispatch
+
+
+def register() -> None:
+    """Register the dispatch for llama, mistral, qwen2 and qwen3 with ``AutoModelForCausalLM``
+    (idempotent; does nothing when transformers is not installed)."""
+    global _registered, GQAModelForCausalLM
+    if _registered:
+        return
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return
+    GQAModelForCausalLM = _make_wrapper()
+    for config_name, model_name in _FAMILIES.values():
+        config_cls = getattr(transformers, config_name)
+        model_cls = getattr(transformers, model_name)
+        AutoModelForCausalLM.register(config_cls, _dispatcher(model_cls, GQAModelForCausalLM), exist_ok=True)
+    _registered = True
+
+
+def read_per_layer_heads(folder: str | Path) -> list[int] | None:
+    """The per-layer KV heads a folder's config.json declares, or None when it has none."""
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    per_layer = cfg.get("per_layer_config")
+    if not per_layer:
+        return None
+    default = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    return [int(per_layer.get(str(i), {}).get("num_key_value_heads", default)) for i in range(cfg["num_hidden_layers"])]
+
+
+_AUTO_MODULE = "transformers.models.auto.modeling_auto"
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """One-shot import hook: run :func:`register` right after transformers' Auto model module loads."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != _AUTO_MODULE:
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            register()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def enable() -> None:
+    """Register now if transformers' Auto classes are loaded, else when they are first imported."""
+    if _AUTO_MODULE in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+enable()

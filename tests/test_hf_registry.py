@@ -1,0 +1,66 @@
+"""Per-layer KV-head checkpoints load through transformers' AutoModelForCausalLM after importing gqa."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from gqa import GQAConfig, GQAForCausalLM, save_hf
+
+
+def per_layer_model() -> GQAForCausalLM:
+    torch.manual_seed(0)
+    cfg = GQAConfig(
+        vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=[4, 2, 1], head_dim=8, ffn_dim=48, max_seq_len=64
+    )
+    return GQAForCausalLM(cfg).eval()
+
+
+def test_auto_model_loads_a_per_layer_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import gqa.hf_registry  # noqa: F401  (what `import gqa` does)
+
+    model = per_layer_model()
+    save_hf(model, tmp_path / "out")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(hf).__name__ == "GQAModelForCausalLM"
+    assert [layer.attn.n_kv_heads for layer in hf.gqa_model.layers] == [4, 2, 1]
+    ids = torch.randint(0, 61, (2, 10))
+    out = hf(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.logits, model(ids), rtol=0, atol=0)
+    expected = torch.nn.functional.cross_entropy(model(ids)[:, :-1].reshape(-1, 61), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_uniform_checkpoints_still_load_as_transformers_llama(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import gqa.hf_registry  # noqa: F401
+
+    cfg = GQAConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=48)
+    model = GQAForCausalLM(cfg).eval()
+    save_hf(model, tmp_path / "uniform")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "uniform")
+    assert type(hf).__name__ == "LlamaForCausalLM" and type(hf).__module__.startswith("transformers.")
+    ids = torch.randint(0, 61, (1, 9))
+    torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), rtol=1e-5, atol=1e-5)
+    small = LlamaConfig(vocab_size=10, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    assert type(AutoModelForCausalLM.from_config(small)).__module__.startswith("transformers.")
+
+
+def test_registration_happens_when_transformers_is_imported_later(tmp_path):
+    """In a fresh interpreter: import gqa's registry first, transformers afterwards."""
+    save_hf(per_layer_model(), tmp_path / "out")
+    code = (
+        "import gqa.hf_registry, sys\n"
+        "assert 'transformers.models.auto.modeling_auto' not in sys.modules\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r})\n"
+        "print(type(m).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("GQAModelForCausalLM")
