@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import gqa
 from gqa import GQAConfig, GQAForCausalLM
 from gqa.cli import app
-from gqa.generate import SamplingParams, filter_logits, sample
+from gqa.generation import SamplingParams, filter_logits, sample
 from gqa.model import from_transformers
 
 PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [12, 2], [33, 71, 4, 4, 19]]

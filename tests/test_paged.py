@@ -11,7 +11,7 @@ import gqa.kernels
 from conftest import assert_matches_reference
 from gqa import GQAConfig, GQAForCausalLM
 from gqa.cache import OutOfPages, PageAllocator, PagedKVCache, paged_attention
-from gqa.generate import ContinuousBatcher, paged_forward
+from gqa.generation import ContinuousBatcher, paged_forward
 
 
 def tiny_model(n_kv=2, seed=0, **kw) -> GQAForCausalLM:

@@ -8,7 +8,7 @@ KV head h // g. Causal masks are aligned bottom-right.
 from gqa import masks
 from gqa.cache import KVCache, ModelCache
 from gqa.functional import attention, select_backend
-from gqa.generate import generate
+from gqa.generation import generate
 from gqa.layer import GroupedQueryAttention, RMSNorm
 from gqa.model import GQAConfig, GQAForCausalLM, load_hf, save_hf
 from gqa.reference import reference_attention

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from gqa.generate import ContinuousBatcher, generate
+from gqa.generation import ContinuousBatcher, generate
 from gqa.model import GQAConfig, GQAForCausalLM
 
 __all__ = ["kv_variant", "load_bench_model", "run_generate_bench", "write_generate_results"]
@@ -181,7 +181,7 @@ def run_generate_bench(
 
     budget_sequences: the KV budget is what MHA needs for this many sequences of
     ``prompt_len + new_tokens`` tokens; each variant then serves ``budget_requests`` requests through
-    :class:`gqa.generate.ContinuousBatcher` in that budget, recording the most sequences in flight.
+    :class:`gqa.generation.ContinuousBatcher` in that budget, recording the most sequences in flight.
     """
     from tqdm.auto import tqdm
 

@@ -32,8 +32,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate continuations of --prompt with MODEL (a batch when --prompt is repeated)."""
         from gqa.evaluate import load_model, load_model_tokenizer
-        from gqa.generate import SamplingParams, generate
-        from gqa.generate.stream import TextStream
+        from gqa.generation import SamplingParams, generate
+        from gqa.generation.stream import TextStream
         from gqa.model import GQAForCausalLM
 
         SamplingParams(temperature, top_k, top_p, seed)  # reject bad sampling options before loading

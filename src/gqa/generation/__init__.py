@@ -6,10 +6,10 @@ continuous-batching scheduler.
 * :func:`paged_forward` — one model forward that reads/writes a paged cache.
 """
 
-from gqa.generate.paged import paged_forward
-from gqa.generate.sampling import SamplingParams, filter_logits, sample
-from gqa.generate.scheduler import ContinuousBatcher, Request
-from gqa.generate.static import GenerationResult, generate, prepare_prompts
+from gqa.generation.paged import paged_forward
+from gqa.generation.sampling import SamplingParams, filter_logits, sample
+from gqa.generation.scheduler import ContinuousBatcher, Request
+from gqa.generation.static import GenerationResult, generate, prepare_prompts
 
 __all__ = [
     "generate",

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from gqa.cache.paged import PagedKVCache
-from gqa.generate.paged import paged_forward
-from gqa.generate.sampling import SamplingParams, sample
-from gqa.generate.static import eos_ids
+from gqa.generation.paged import paged_forward
+from gqa.generation.sampling import SamplingParams, sample
+from gqa.generation.static import eos_ids
 
 __all__ = ["ContinuousBatcher", "Request"]
 

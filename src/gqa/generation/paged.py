@@ -2,7 +2,7 @@
 
 New K/V go into each sequence's pages and the queries attend over the pages through
 :func:`gqa.cache.paged.paged_attention` (the paged decode kernel for decode steps); everything else is
-the model's own modules (see :func:`gqa.generate.forward.cached_forward`).
+the model's own modules (see :func:`gqa.generation.forward.cached_forward`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from gqa.cache.paged import PagedKVCache, paged_attention
-from gqa.generate.forward import cached_forward
+from gqa.generation.forward import cached_forward
 
 __all__ = ["paged_forward"]
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from gqa.functional import attention
-from gqa.generate.forward import cached_forward
-from gqa.generate.sampling import SamplingParams, sample
+from gqa.generation.forward import cached_forward
+from gqa.generation.sampling import SamplingParams, sample
 
 __all__ = ["generate", "GenerationResult", "prepare_prompts", "eos_ids"]
 
