@@ -16,6 +16,7 @@ Head mapping everywhere: query head h reads KV head h // (Hq // Hkv), before and
 from gqa.grouping.align import align_groups, aligned_distance, apply_transforms, pair_rotation, procrustes
 from gqa.grouping.assign import balanced_groups, grouping_cost
 from gqa.grouping.budget import budget_heads, choose_kv_heads, kv_head_options, parse_kv_heads_per_layer
+from gqa.grouping.convert import EXPORTS, GROUPING_REPORT_NAME, convert_grouped
 from gqa.grouping.heads import HeadWeights, build_attention, split_heads
 from gqa.grouping.merge import merge_group
 from gqa.grouping.pipeline import (
@@ -55,4 +56,7 @@ __all__ = [
     "budget_heads",
     "kv_head_options",
     "parse_kv_heads_per_layer",
+    "convert_grouped",
+    "GROUPING_REPORT_NAME",
+    "EXPORTS",
 ]
