@@ -1,0 +1,107 @@
+"""``gqa convert`` with calibration: per-layer heads through the CLI, DeciLM export, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gqa import GQAConfig, GQAForCausalLM, load_hf, save_hf
+from gqa.cli import app
+from gqa.export import load_decilm
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A tiny MHA Llama folder with a byte-level tokenizer, and a calibration text file."""
+    from gqa.data import save_tokenizer, train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("src")
+    text = " ".join(f"the quick brown fox {i} jumps over the lazy dog." for i in range(400))
+    tok = train_bpe_tokenizer(text, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = GQAConfig(vocab_size=300, d_model=64, n_layers=3, n_heads=4, n_kv_heads=4, ffn_dim=256, max_seq_len=64)
+    save_hf(GQAForCausalLM(cfg), root / "model")
+    save_tokenizer(tok, root / "model")
+    (root / "calib.txt").write_text(text)
+    return root
+
+
+def run(*args):
+    return runner.invoke(app, ["convert", *map(str, args)])
+
+
+def test_per_layer_heads_and_report(source, tmp_path):
+    out = tmp_path / "out"
+    r = run(
+        source / "model",
+        out,
+        "--kv-heads-per-layer",
+        "4,2,1",
+        "--calib",
+        source / "calib.txt",
+        "--calib-tokens",
+        256,
+        "--grouping",
+        "similarity",
+        "--merge",
+        "fit",
+    )
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["per_layer_config"] == {
+        "0": {"num_key_value_heads": 4},
+        "1": {"num_key_value_heads": 2},
+        "2": {"num_key_value_heads": 1},
+    }
+    model = load_hf(out)
+    assert model.config.kv_heads_per_layer == [4, 2, 1]
+    report = json.loads((out / "grouping_report.json").read_text())
+    assert report["kv_heads_after"] == [4, 2, 1]
+    assert report["layers"][0]["error"] == 0.0  # nothing merged in layer 0: exact
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_budget_and_decilm_export(source, tmp_path):
+    out = tmp_path / "deci"
+    r = run(
+        source / "model",
+        out,
+        "--kv-budget",
+        0.5,
+        "--calib",
+        source / "calib.txt",
+        "--calib-tokens",
+        256,
+        "--export",
+        "decilm",
+    )
+    assert r.exit_code == 0, r.output
+    model = load_decilm(out)
+    heads = model.config.kv_heads_per_layer
+    assert sum(heads) <= 6 and all(4 % h == 0 for h in heads)
+    assert json.loads((out / "grouping_report.json").read_text())["kv_heads_after"] == heads
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--kv-budget", "0.2", "--calib", "{calib}"], "every layer needs one"),
+        (["--kv-heads-per-layer", "4,2", "--calib", "{calib}"], "lists 2 layers"),
+        (["--kv-heads-per-layer", "4,3,1", "--calib", "{calib}"], "layer 1 asks for 3"),
+        (["--kv-heads", "2", "--calib", "{calib}", "--calib-tokens", "10000000"], "fewer than --calib-tokens"),
+        (["--kv-heads", "2", "--grouping", "similarity"], "--calib TEXT is needed"),
+        (["--kv-heads", "2", "--kv-budget", "0.5", "--calib", "{calib}"], "exactly one of"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(source, tmp_path, args, message):
+    out = tmp_path / "bad"
+    args = [a.replace("{calib}", str(source / "calib.txt")) for a in args]
+    r = run(source / "model", out, *args)
+    assert r.exit_code == 2, r.output
+    assert message in r.output and len(r.output.strip().splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
