@@ -178,7 +178,9 @@ def main() -> None:
         ("similarity + aligned fit", dict(grouping="similarity", align=True, merge="fit")),
     ]
     rows, layer_tables, heat_results = [], {}, {}
-    curves = error_curves(model, stats, grouping="similarity", align=True, merge="fit")
+    # Budget curves: calibration KL to the original when only that layer is reduced (end to end).
+    curves = error_curves(model, stats, grouping="similarity", align=True, merge="fit", calib_ids=cal[:4])
+    layer_curves = error_curves(model, stats, grouping="similarity", align=True, merge="fit")
     plain_curves = error_curves(model, stats, grouping="contiguous", align=False, merge="mean")
     for target in targets:
         if hkv[0] % target:
@@ -262,13 +264,17 @@ def main() -> None:
         provenance=prov,
         original_perplexity=base,
         rows=rows,
-        error_curves={"similarity + aligned fit": curves, "contiguous + mean": plain_curves},
+        error_curves={
+            "calibration KL, similarity + aligned fit (used by the budget)": curves,
+            "layer output error, similarity + aligned fit": layer_curves,
+            "layer output error, contiguous + mean": plain_curves,
+        },
         layer_tables=layer_tables,
     )
     (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
     curve_png = RESULTS / f"{stem}-error-curves.png"
     plot_curves(
-        {"similarity+aligned+fit": curves, "contiguous+mean": plain_curves},
+        {"similarity+aligned+fit": layer_curves, "contiguous+mean": plain_curves},
         curve_png,
         f"{described.split(' (')[0]}: per-layer error when only that layer is reduced",
     )
@@ -331,7 +337,8 @@ def write_markdown(
         "## Per-layer error curves",
         "",
         "Each layer reduced alone, its attention output error on calibration inputs divided by the energy of",
-        "the residual stream entering it (the curves the budget's dynamic program minimises over).",
+        "the residual stream entering it. The budget's dynamic program minimises a second curve per layer,",
+        "the calibration KL to the original model with only that layer reduced (in the JSON file).",
         "",
         f"![error curves]({curve_png})",
         "",

@@ -259,3 +259,20 @@ def test_bad_requests_are_refused():
         reduce_kv_heads(model, 2, stats_for(model), merge="median", progress=False)
     with pytest.raises(ValueError, match="lists 3 layers"):
         reduce_kv_heads(model, [2, 2, 2], stats_for(model), progress=False)
+
+
+def test_error_curves_kl_and_layer_measures():
+    from gqa.grouping import error_curves
+
+    model = tiny_model(seed=3)
+    stats = stats_for(model)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(9))
+    for kw in ({}, {"calib_ids": ids}):
+        curves = error_curves(model, stats, merge="mean", progress=False, **kw)
+        assert len(curves) == 2
+        for c in curves:
+            assert sorted(c) == [1, 2, 4] and c[4] == 0.0
+            assert c[1] > 0 and c[2] > 0
+    # The model is restored after measuring: logits equal the untouched model's.
+    fresh = tiny_model(seed=3)
+    torch.testing.assert_close(model(ids), fresh(ids), rtol=0, atol=0)

@@ -112,7 +112,7 @@ def convert_grouped(
     else:
         max_heads = budget_heads(kv_budget, before)
         per_layer = None
-    stats = None
+    stats, ids = None, None
     if needs_calib:
         tokenizer = load_model_tokenizer(src)
         ids = calibration_ids(calib_text, tokenizer, calib_tokens, seq_len)
@@ -120,7 +120,9 @@ def convert_grouped(
         stats = collect_statistics(model, ids, attention_sequences=attention_sequences, progress=progress)
     curves = None
     if per_layer is None:
-        curves = error_curves(model, stats, grouping=grouping, align=align, merge=merge, progress=progress)
+        curves = error_curves(
+            model, stats, grouping=grouping, align=align, merge=merge, calib_ids=ids[:4], progress=progress
+        )
         per_layer = choose_kv_heads(curves, max_heads)
     new, results = reduce_kv_heads(
         model, per_layer, stats, grouping=grouping, align=align, merge=merge, progress=progress

@@ -168,14 +168,22 @@ def error_curves(
     grouping: str = "similarity",
     align: bool = True,
     merge: str = "mean",
+    calib_ids: torch.Tensor | None = None,
     progress: bool = True,
 ) -> list[dict[int, float]]:
     """Per layer, the measured error for every allowed KV-head count: ``[{heads: error}, ...]``.
 
-    Each layer is reduced alone (the others untouched); keeping every head costs 0.
+    Each layer is reduced alone (the others untouched); keeping every head costs 0. The error is
+    the layer's attention-output error relative to its residual energy (:func:`layer_error`), or,
+    with ``calib_ids`` [N, T], the mean KL(original || model with this layer reduced) per token on
+    those sequences: the end-to-end effect, in one currency for every layer.
     """
     from tqdm.auto import tqdm
 
+    reference = None
+    if calib_ids is not None:
+        with torch.no_grad():
+            reference = torch.log_softmax(model(calib_ids).double(), -1)  # (N, T, V)
     curves = []
     for i in tqdm(range(len(model.layers)), desc="error curves", disable=not progress):
         attn = model.layers[i].attn
@@ -184,7 +192,16 @@ def error_curves(
             if n == attn.n_kv_heads:
                 curve[n] = 0.0
                 continue
-            _, res = reduce_layer(attn, n, stats[i], grouping=grouping, align=align, merge=merge)
-            curve[n] = float(res.error)
+            new_attn, res = reduce_layer(attn, n, stats[i], grouping=grouping, align=align, merge=merge)
+            if reference is None:
+                curve[n] = float(res.error)
+                continue
+            model.layers[i].attn = new_attn
+            try:
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(calib_ids).double(), -1)
+            finally:
+                model.layers[i].attn = attn
+            curve[n] = float((reference.exp() * (reference - logp)).sum(-1).mean())
         curves.append(curve)
     return curves
