@@ -136,8 +136,7 @@ def main() -> None:
         f"| converted, mean pool | 1 | {kv_after:,} | {converted:.2f} |\n"
         f"| converted + uptrained on {res.tokens:,} tokens ({res.elapsed_s / 60:.1f} min CPU) | 1 | {kv_after:,} | {after:.2f} |\n\n"
         "The original is an instruction-tuned model evaluated on plain Shakespeare; uptraining on the Shakespeare "
-        "train split also adapts it to the domain, so the uptrained MQA model may beat the original here: compare "
-        "the recovery from conversion, not the absolute numbers.\n\n"
+        "train split also adapts it to that domain.\n\n"
         f"![perplexity and loss]({png.name})\n\n## Provenance\n\n" + provenance_markdown(prov)
     )
     data = {
