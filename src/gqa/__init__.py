@@ -5,6 +5,7 @@ Head mapping everywhere: with Hq query heads and Hkv KV heads (g = Hq // Hkv), q
 KV head h // g. Causal masks are aligned bottom-right.
 """
 
+from gqa import hf_registry as _hf_registry  # noqa: F401  (AutoModelForCausalLM loads per-layer KV-head folders)
 from gqa import masks
 from gqa.cache import KVCache, ModelCache
 from gqa.functional import attention, select_backend
