@@ -13,9 +13,7 @@ subclass of transformers' own model class whose ``from_pretrained`` / ``from_con
 - a config with per-layer heads -> :class:`GQAModelForCausalLM`, a transformers ``PreTrainedModel``
   around :class:`gqa.GQAForCausalLM` (query head h reads KV head h // (Hq // Hkv_layer)).
 
-Importing this module calls :func:`enable`: it registers at once if transformers' Auto classes are
-already imported, and otherwise when they first are (an import hook), so ``import gqa`` does not
-pay for importing transformers.
+Importing this module calls :func:`enable`, which registers at once.
 
 ``GQAModelForCausalLM`` supports ``forward`` (logits, loss with ``labels``, right padding through
 ``attention_mask``); generation goes through :func:`gqa.generate`, which uses gqa's KV cache.
@@ -23,10 +21,7 @@ pay for importing transformers.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -187,36 +182,13 @@ def read_per_layer_heads(folder: str | Path) -> list[int] | None:
     return [int(per_layer.get(str(i), {}).get("num_key_value_heads", default)) for i in range(cfg["num_hidden_layers"])]
 
 
-_AUTO_MODULE = "transformers.models.auto.modeling_auto"
-
-
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """One-shot import hook: run :func:`register` right after transformers' Auto model module loads."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != _AUTO_MODULE:
-            return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            register()
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
 def enable() -> None:
-    """Register now if transformers' Auto classes are loaded, else when they are first imported."""
-    if _AUTO_MODULE in sys.modules:
-        register()
-    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())
+    """Register with transformers' Auto classes now (idempotent).
+
+    Registration is eager: an import hook that registered when transformers first loaded its Auto
+    module ran in the middle of transformers' own imports and broke them (circular imports).
+    """
+    register()
 
 
 enable()
