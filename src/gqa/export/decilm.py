@@ -40,14 +40,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = ["export_decilm", "load_decilm", "decilm_config", "ffn_mult_for", "intermediate_size_for"]
 
-_SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "generation_config.json",
-    "chat_template.jinja",
-)
+from gqa.model.hf import SIDE_FILES as _SIDE_FILES  # tokenizer and generation files travel along
 
 
 def intermediate_size_for(ffn_mult: float, hidden_size: int) -> int:

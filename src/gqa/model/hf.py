@@ -44,6 +44,7 @@ SIDE_FILES = (
     "added_tokens.json",
     "generation_config.json",
     "chat_template.jinja",
+    "training.json",  # pre-training token count, read by `gqa uptrain --fraction`
 )
 
 
