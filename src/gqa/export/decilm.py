@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["export_decilm", "load_decilm", "decilm_config", "ffn_mult_for", "intermediate_size_for"]
-
 from gqa.model.hf import SIDE_FILES as _SIDE_FILES  # tokenizer and generation files travel along
+
+__all__ = ["export_decilm", "load_decilm", "decilm_config", "ffn_mult_for", "intermediate_size_for"]
 
 
 def intermediate_size_for(ffn_mult: float, hidden_size: int) -> int:
