@@ -408,7 +408,8 @@ def write_generate_results(
         "",
         "Decode tokens/s = batch x (new_tokens - 1) / (time from the first new token to the last), best of the "
         "repeats, gqa and transformers interleaved run by run. Machine load average (1, 5, 15 min) before: "
-        f"{res['load_average_before']}, after: {res['load_average_after']} (2 cores shared with other jobs).",
+        f"{[round(x, 2) for x in res['load_average_before']]}, after: {[round(x, 2) for x in res['load_average_after']]} "
+        f"on {os.cpu_count()} logical CPUs (a load near or above that count means other jobs competed).",
         "KV cache bytes: read from the cache tensors each implementation holds after the run.",
         "",
         "| variant | KV heads | batch | gqa tok/s | transformers tok/s | speedup | gqa KV cache | transformers KV cache |",
