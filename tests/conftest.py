@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
-import torch.nn.functional as F
-from hypothesis import settings
 
-from gqa.masks import as_bool_mask
-from gqa.reference import reference_attention, repeat_kv
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's CPU interpreter. The variable is read when a kernel is decorated,
+    # so it must be set before any test module (or gqa itself) imports one.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+from gqa.masks import as_bool_mask  # noqa: E402
+from gqa.reference import reference_attention, repeat_kv  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # two workers on two cores: no oversubscription
