@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from gqa.provenance import cpu_name, git_commit
 
 __all__ = ["Case", "cases_for", "run_attention_bench", "write_results", "MODES"]
 
@@ -381,34 +382,6 @@ def _case_dict(r: CaseResult, bw_before: dict, bw_after: dict) -> dict:
 # Provenance and output
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str:
-    root = Path(__file__).resolve().parents[3]
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def provenance(device: str, dtype: str, mode: str, load_before: tuple, command: str | None = None) -> dict:
     try:
         import triton
@@ -418,8 +391,8 @@ def provenance(device: str, dtype: str, mode: str, load_before: tuple, command: 
         triton_version = None
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
     return {
-        "machine": gpu or _cpu_model(),
-        "cpu": _cpu_model(),
+        "machine": gpu or cpu_name(),
+        "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu,
@@ -429,7 +402,7 @@ def provenance(device: str, dtype: str, mode: str, load_before: tuple, command: 
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_before": list(load_before),

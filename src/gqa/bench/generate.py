@@ -337,7 +337,7 @@ def write_generate_results(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gqa.train.provenance import provenance, provenance_markdown
+    from gqa.provenance import provenance, provenance_markdown
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

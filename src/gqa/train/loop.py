@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 from gqa.evaluate import EvalResult, evaluate_lm, model_logits
 from gqa.model import GQAConfig, GQAForCausalLM, save_hf
 from gqa.model.hf import SIDE_FILES
+from gqa.provenance import provenance
 from gqa.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from gqa.train.config import TrainConfig
 from gqa.train.distributed import DistInfo, all_reduce_sum, full_state, init_distributed, load_full_state, unwrap
 from gqa.train.distributed import wrap_model as _wrap
-from gqa.train.provenance import provenance
 
 __all__ = ["TrainResult", "train", "batch_offsets", "check_out_dir", "METRICS_NAME", "SUMMARY_NAME"]
 

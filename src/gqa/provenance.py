@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["provenance", "provenance_markdown"]
+__all__ = ["provenance", "provenance_markdown", "git_commit", "cpu_name"]
 
 
-def _git_commit() -> str:
-    repo = Path(__file__).resolve().parents[3]
+def git_commit() -> str:
+    repo = Path(__file__).resolve().parents[2]  # src/gqa/provenance.py -> repository root
     try:
         out = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
@@ -35,7 +35,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -51,11 +51,11 @@ def provenance(command: str | None = None, dtype: str | None = None) -> dict:
 
     import gqa
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU: {_cpu_name()}"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU: {cpu_name()}"
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command or " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "machine": f"{device}; {os.cpu_count()} logical CPUs visible, torch threads {torch.get_num_threads()}",
         "platform": platform.platform(),
         "dtype": dtype,
