@@ -80,8 +80,15 @@ def plot_perplexity_vs_kv(rows: list[DemoRow], path: str | Path, title: str) -> 
     ax.set_xticks(kib, [f"{k:g}" for k in kib])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    # Label a 1-1.2-1.5-2-3-4-5-6-8 ladder inside the data range: matplotlib's default log ticks leave
+    # ranges like 77-160 almost unlabelled.
+    values = [p for r in rows for p in (r.ppl_converted, r.ppl_uptrained) if p is not None]
+    lo, hi = min(values), max(values)
+    ladder = [m * 10**e for e in range(0, 7) for m in (1, 1.2, 1.5, 2, 3, 4, 5, 6, 8)]
+    ticks = [t for t in ladder if lo / 1.1 <= t <= hi * 1.1]
+    ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("KV cache per token (KiB, fp32)")
     ax.set_ylabel("validation perplexity")
     ax.set_title(title, fontsize=9)
