@@ -30,15 +30,12 @@ Query head h of layer i reads KV head h // n_heads_in_group.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from gqa.model.hf import SIDE_FILES as _SIDE_FILES  # tokenizer and generation files travel along
+from gqa.model.hf import write_model_folder
 
 __all__ = ["export_decilm", "load_decilm", "decilm_config", "ffn_mult_for", "intermediate_size_for"]
 
@@ -120,35 +117,11 @@ def export_decilm(
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (a :class:`gqa.GQAForCausalLM`) as a DeciLM folder, atomically (temp + rename)."""
-    from gqa.model.hf import weight_map
-
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} exists; choose another path or pass overwrite=True")
     cfg = decilm_config(model.config)  # validates before anything is written
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        state = model.state_dict()
-        tensors = {
-            hf: (state[ours].detach().to(dtype) if dtype else state[ours].detach()).contiguous().cpu()
-            for ours, hf in weight_map(model.config).items()
-        }
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        cfg["torch_dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        if side_files_from is not None:
-            for name in _SIDE_FILES:
-                src = Path(side_files_from) / name
-                if src.is_file():
-                    shutil.copy2(src, tmp / name)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return write_model_folder(model, folder, cfg, dtype=dtype, side_files_from=side_files_from, overwrite=overwrite)
 
 
 def load_decilm(folder: str | Path, *, dtype: torch.dtype | None = None):

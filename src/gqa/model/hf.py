@@ -27,6 +27,7 @@ __all__ = [
     "weight_map",
     "load_hf",
     "save_hf",
+    "write_model_folder",
     "from_transformers",
     "read_safetensors_folder",
 ]
@@ -293,22 +294,39 @@ def save_hf(
     The folder is written under a temporary name beside ``folder`` and renamed at the end.
     ``side_files_from``: a folder whose tokenizer/generation files are copied along.
     """
+    return write_model_folder(
+        model, folder, config_to_hf(model.config), dtype=dtype, side_files_from=side_files_from, overwrite=overwrite
+    )
+
+
+def write_model_folder(
+    model: GQAForCausalLM,
+    folder: str | Path,
+    hf_config: dict,
+    *,
+    dtype: torch.dtype | None = None,
+    side_files_from: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model``'s weights under transformers names with ``hf_config`` as config.json, atomically.
+
+    Shared by :func:`save_hf` and the DeciLM export: the folder is built under a temporary name beside
+    ``folder`` and renamed at the end, so a failure leaves nothing half-written.
+    """
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} exists; choose another path or pass overwrite=True")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        config = model.config
         state = model.state_dict()
         tensors = {}
-        for ours, hf in weight_map(config).items():
+        for ours, hf in weight_map(model.config).items():
             t = state[ours].detach()
             tensors[hf] = (t.to(dtype) if dtype else t).contiguous().cpu()
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf_cfg = config_to_hf(config)
-        hf_cfg["torch_dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        hf_config = {**hf_config, "torch_dtype": str(dtype or next(model.parameters()).dtype).replace("torch.", "")}
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if side_files_from is not None:
             for name in SIDE_FILES:
                 src = Path(side_files_from) / name
