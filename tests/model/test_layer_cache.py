@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import HEAD_CONFIGS, HEAD_IDS
 from gqa import GroupedQueryAttention, KVCache, masks
 from gqa.reference import reference_attention
 from gqa.rope import apply_rope, rope_cos_sin
+from helpers import HEAD_CONFIGS, HEAD_IDS
 
 
 def _layer(hq, hkv, **kw):

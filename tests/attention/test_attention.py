@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import gqa
-from conftest import HEAD_CONFIGS, HEAD_IDS, assert_matches_reference
 from gqa import masks
 from gqa.functional import SDPA_MIN_CPU_QUERIES, select_backend
 from gqa.reference import reference_attention
+from helpers import HEAD_CONFIGS, HEAD_IDS, assert_matches_reference
 
 B, TK, D = 2, 13, 16
 

@@ -7,11 +7,11 @@ import json
 import shutil
 
 import pytest
-from tests.test_convert import build, save
 from typer.testing import CliRunner
 
 from gqa.cli import app
 from gqa.convert import convert_checkpoint
+from helpers import build, save
 
 runner = CliRunner()
 

@@ -8,10 +8,10 @@ import torch
 
 import gqa
 import gqa.kernels
-from conftest import assert_matches_reference
 from gqa import GQAConfig, GQAForCausalLM
 from gqa.cache import OutOfPages, PageAllocator, PagedKVCache, paged_attention
 from gqa.generation import ContinuousBatcher, paged_forward
+from helpers import assert_matches_reference
 
 
 def tiny_model(n_kv=2, seed=0, **kw) -> GQAForCausalLM:

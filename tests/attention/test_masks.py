@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import gqa
-from conftest import assert_matches_reference
 from gqa import masks
+from helpers import assert_matches_reference
 
 
 def brute(q_len, k_len, rule):

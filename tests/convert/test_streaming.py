@@ -10,64 +10,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from gqa.convert import MERGE_METHODS, SUPPORTED_MODEL_TYPES, convert_checkpoint
-
-HIDDEN, HQ, D = 32, 8, 4  # head_dim 4: 8 query heads
-TOKENS = torch.tensor([[3, 17, 5, 60, 9, 22, 41, 7, 33, 12]])
-
-# (model_type, config overrides): every listed family, with its bias / norm options switched on.
-FAMILIES = {
-    "llama": {"attention_bias": True},
-    "mistral": {},
-    "qwen2": {},
-    "qwen3": {"attention_bias": True},
-    "gemma": {},
-    "olmo": {},
-    "olmo2": {},
-    "granite": {"attention_bias": True},
-    "stablelm": {"use_qkv_bias": True, "qk_layernorm": True},
-    "phi3": {},
-}
-
-
-def build(model_type: str, n_kv: int = 4, layers: int = 2, seed: int = 0, **over):
-    """A tiny random transformers model of ``model_type`` with HQ query heads and ``n_kv`` KV heads."""
-    cfg = dict(
-        vocab_size=64,
-        hidden_size=HIDDEN,
-        intermediate_size=48,
-        num_hidden_layers=layers,
-        num_attention_heads=HQ,
-        num_key_value_heads=n_kv,
-        head_dim=D,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
-    cfg |= FAMILIES.get(model_type, {}) | over
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg)).eval()
-    with torch.no_grad():  # norms and biases start at 0/1: randomize so a wrong map cannot pass unnoticed
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                p.add_(0.3 * torch.randn_like(p))
-    return model
-
-
-def save(model, folder, **kw):
-    model.save_pretrained(folder, **kw)
-    return folder
-
-
-def logits(folder_or_model):
-    model = folder_or_model
-    if not isinstance(model, torch.nn.Module):
-        model = AutoModelForCausalLM.from_pretrained(folder_or_model).eval()
-    with torch.no_grad():
-        return model(TOKENS).logits
+from helpers import FAMILIES, HIDDEN, HQ, TOKENS, D, build, logits, save  # noqa: F401
 
 
 def kv_weights(model, layer: int):

@@ -1,0 +1,95 @@
+"""Shared test helpers (imported as ``from helpers import ...``): head configurations, the torch
+baseline whose error sets each tolerance, and the fp64-reference assertion."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from gqa.masks import as_bool_mask
+from gqa.reference import reference_attention, repeat_kv
+
+HEAD_CONFIGS = [(8, 8), (8, 4), (8, 2), (8, 1), (9, 3), (12, 3)]
+HEAD_IDS = [f"Hq{hq}-Hkv{hkv}" for hq, hkv in HEAD_CONFIGS]
+
+
+def torch_baseline(q, k, v, mask=None, scale=None):
+    """What PyTorch itself computes at q's dtype: repeat K/V, then SDPA's math path. NaN rows -> 0."""
+    b, hq, tq, d = q.shape
+    g = hq // k.shape[1]
+    m = as_bool_mask(mask, batch=b, n_heads=hq, q_len=tq, k_len=k.shape[2], device=q.device)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(q, repeat_kv(k, g), repeat_kv(v, g), attn_mask=m, scale=scale)
+    return torch.nan_to_num(out, nan=0.0)
+
+
+def assert_matches_reference(out, q, k, v, mask=None, scale=None, factor: float = 4.0):
+    """|out - fp64 reference| <= factor x PyTorch's own error at this dtype (+ a floor of a few ulps)."""
+    ref = reference_attention(q, k, v, mask=mask, scale=scale)
+    assert out.shape == ref.shape
+    assert out.dtype == q.dtype
+    assert torch.isfinite(out).all(), "output has NaN/inf"
+    err = (out.double() - ref).abs().max().item()
+    base = (torch_baseline(q, k, v, mask, scale).double() - ref).abs().max().item()
+    floor = 2 * torch.finfo(q.dtype).eps * max(1.0, ref.abs().max().item())
+    tol = factor * base + floor
+    assert err <= tol, f"max error {err:.3g} exceeds {tol:.3g} (torch's own error {base:.3g})"
+
+
+# --- tiny random transformers checkpoints (no download), shared by the convert and model tests ---
+
+HIDDEN, HQ, D = 32, 8, 4  # head_dim 4: 8 query heads
+TOKENS = torch.tensor([[3, 17, 5, 60, 9, 22, 41, 7, 33, 12]])
+
+# (model_type, config overrides): every listed family, with its bias / norm options switched on.
+FAMILIES = {
+    "llama": {"attention_bias": True},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"attention_bias": True},
+    "gemma": {},
+    "olmo": {},
+    "olmo2": {},
+    "granite": {"attention_bias": True},
+    "stablelm": {"use_qkv_bias": True, "qk_layernorm": True},
+    "phi3": {},
+}
+
+
+def build(model_type: str, n_kv: int = 4, layers: int = 2, seed: int = 0, **over):
+    """A tiny random transformers model of ``model_type`` with HQ query heads and ``n_kv`` KV heads."""
+    cfg = dict(
+        vocab_size=64,
+        hidden_size=HIDDEN,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=HQ,
+        num_key_value_heads=n_kv,
+        head_dim=D,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    cfg |= FAMILIES.get(model_type, {}) | over
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg)).eval()
+    with torch.no_grad():  # norms and biases start at 0/1: randomize so a wrong map cannot pass unnoticed
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def save(model, folder, **kw):
+    model.save_pretrained(folder, **kw)
+    return folder
+
+
+def logits(folder_or_model):
+    model = folder_or_model
+    if not isinstance(model, torch.nn.Module):
+        model = AutoModelForCausalLM.from_pretrained(folder_or_model).eval()
+    with torch.no_grad():
+        return model(TOKENS).logits
