@@ -1,11 +1,13 @@
 """Let ``AutoModelForCausalLM.from_pretrained(folder)`` load checkpoints with per-layer KV heads.
 
+Call ``gqa.register_transformers()`` once (explicit; ``import gqa`` never imports transformers).
+
 gqa writes variable-GQA checkpoints as ordinary Llama-family folders whose ``config.json`` adds
 transformers' heterogeneous-config field ``per_layer_config = {"<layer>": {"num_key_value_heads":
 n}}`` (see :func:`gqa.save_hf`). transformers reads that field into the config, but its Llama,
 Mistral and Qwen2/3 modelling builds every layer with one ``num_key_value_heads`` and fails on it.
 
-:func:`register` (called by ``import gqa``) registers, for each of those config classes, a
+:func:`register` (what ``gqa.register_transformers()`` calls) registers, for each of those config classes, a
 subclass of transformers' own model class whose ``from_pretrained`` / ``from_config`` dispatch:
 
 - a config without per-layer heads -> the unchanged transformers class (LlamaForCausalLM, ...),
@@ -13,10 +15,11 @@ subclass of transformers' own model class whose ``from_pretrained`` / ``from_con
 - a config with per-layer heads -> :class:`GQAModelForCausalLM`, a transformers ``PreTrainedModel``
   around :class:`gqa.GQAForCausalLM` (query head h reads KV head h // (Hq // Hkv_layer)).
 
-Importing this module calls :func:`enable`, which registers at once.
-
-``GQAModelForCausalLM`` supports ``forward`` (logits, loss with ``labels``, right padding through
-``attention_mask``); generation goes through :func:`gqa.generate`, which uses gqa's KV cache.
+``GQAModelForCausalLM`` supports ``forward`` (logits, loss with ``labels``, left or right padding
+through ``attention_mask``) and transformers' ``generate()``. That ``generate()`` keeps no KV cache
+(each step re-runs the whole sequence: correct, slow for long outputs); :func:`gqa.generate` uses gqa's
+KV cache and is the fast path. Model folders are plain data: nothing here runs code from a folder
+(``trust_remote_code=False``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["register", "enable", "GQAModelForCausalLM", "is_per_layer_config", "read_per_layer_heads"]
+__all__ = ["register", "GQAModelForCausalLM", "is_per_layer_config", "read_per_layer_heads"]
 
 _FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
@@ -50,14 +53,15 @@ def is_per_layer_config(config) -> bool:
 
 
 def _make_wrapper():
-    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    class GQAModelForCausalLM(PreTrainedModel):
+    class GQAModelForCausalLM(PreTrainedModel, GenerationMixin):
         """A transformers causal LM around :class:`gqa.GQAForCausalLM` (per-layer KV heads).
 
         ``forward(input_ids [B, T], attention_mask [B, T] | None, labels [B, T] | None)`` returns
         ``CausalLMOutputWithPast(loss, logits [B, T, vocab])``. ``.gqa_model`` is the gqa model.
+        ``generate()`` works without a KV cache (every step runs the whole sequence).
         """
 
         config_class = PretrainedConfig
@@ -88,8 +92,10 @@ def _make_wrapper():
             if config is None:
                 from transformers import AutoConfig
 
-                config = AutoConfig.from_pretrained(folder)
-            return cls(config, model).eval()
+                config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+            wrapped = cls(config, model).eval()
+            wrapped.generation_config.use_cache = False  # no transformers cache; see the class docstring
+            return wrapped
 
         @classmethod
         def _from_config(cls, config, **kwargs):
@@ -98,11 +104,19 @@ def _make_wrapper():
         def get_input_embeddings(self):
             return self.gqa_model.embed
 
+        def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+            # No cache: every step sees the whole sequence so far.
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
+
         def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
             if input_ids is None:
-                raise ValueError("GQAModelForCausalLM needs input_ids [B, T]")
-            key_valid = attention_mask.bool() if attention_mask is not None else None
-            logits = self.gqa_model(input_ids, key_valid=key_valid)  # (B, T, vocab)
+                raise TypeError("GQAModelForCausalLM.forward needs input_ids [B, T]")
+            key_valid = positions = None
+            if attention_mask is not None:
+                key_valid = attention_mask.bool()  # (B, T)
+                # RoPE positions count real tokens only, so left-padded rows start at 0 like transformers'.
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            logits = self.gqa_model(input_ids, positions=positions, key_valid=key_valid)  # (B, T, vocab)
             loss = None
             if labels is not None:
                 shift = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
@@ -134,10 +148,15 @@ def _dispatcher(hf_class, wrapper):
     class Dispatch(hf_class):
         @classmethod
         def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+            if kwargs.get("trust_remote_code"):
+                from gqa.errors import GQAUserError
+
+                raise GQAUserError("gqa's per-layer loader never runs code from a model folder; drop trust_remote_code")
+            kwargs.pop("trust_remote_code", None)
             if config is None:
                 from transformers import AutoConfig
 
-                config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+                config = AutoConfig.from_pretrained(pretrained_model_name_or_path, trust_remote_code=False)
             if is_per_layer_config(config):
                 return wrapper.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
             return hf_class.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
@@ -155,15 +174,13 @@ def _dispatcher(hf_class, wrapper):
 
 def register() -> None:
     """Register the dispatch for llama, mistral, qwen2 and qwen3 with ``AutoModelForCausalLM``
-    (idempotent; does nothing when transformers is not installed)."""
+    (idempotent). Public as ``gqa.register_transformers()``."""
     global _registered, GQAModelForCausalLM
     if _registered:
         return
-    try:
-        import transformers
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        return
+    import transformers
+    from transformers import AutoModelForCausalLM
+
     GQAModelForCausalLM = _make_wrapper()
     for config_name, model_name in _FAMILIES.values():
         config_cls = getattr(transformers, config_name)
@@ -180,15 +197,3 @@ def read_per_layer_heads(folder: str | Path) -> list[int] | None:
         return None
     default = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     return [int(per_layer.get(str(i), {}).get("num_key_value_heads", default)) for i in range(cfg["num_hidden_layers"])]
-
-
-def enable() -> None:
-    """Register with transformers' Auto classes now (idempotent).
-
-    Registration is eager: an import hook that registered when transformers first loaded its Auto
-    module ran in the middle of transformers' own imports and broke them (circular imports).
-    """
-    register()
-
-
-enable()

@@ -1,12 +1,15 @@
-"""Per-layer KV-head checkpoints load through transformers' AutoModelForCausalLM after importing gqa."""
+"""Per-layer KV-head checkpoints load through transformers' AutoModelForCausalLM after the one documented
+line ``gqa.register_transformers()``, and transformers' ``generate()`` runs on them."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import pytest
 import torch
 
+import gqa
 from gqa import GQAConfig, GQAForCausalLM, save_hf
 
 
@@ -21,7 +24,7 @@ def per_layer_model() -> GQAForCausalLM:
 def test_auto_model_loads_a_per_layer_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    import gqa.hf_registry  # noqa: F401  (what `import gqa` does)
+    gqa.register_transformers()
 
     model = per_layer_model()
     save_hf(model, tmp_path / "out")
@@ -38,7 +41,7 @@ def test_auto_model_loads_a_per_layer_checkpoint(tmp_path):
 def test_uniform_checkpoints_still_load_as_transformers_llama(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    import gqa.hf_registry  # noqa: F401
+    gqa.register_transformers()
 
     cfg = GQAConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=48)
     model = GQAForCausalLM(cfg).eval()
@@ -56,6 +59,8 @@ def test_registration_in_a_fresh_interpreter(tmp_path):
     save_hf(per_layer_model(), tmp_path / "out")
     code = (
         "import gqa\n"
+        "gqa.register_transformers()\n"
+        "gqa.register_transformers()  # idempotent\n"
         "from transformers import AutoModelForCausalLM\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r})\n"
         "print(type(m).__name__)\n"
@@ -63,3 +68,44 @@ def test_registration_in_a_fresh_interpreter(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("GQAModelForCausalLM")
+
+
+def test_transformers_generate_on_a_per_layer_checkpoint(tmp_path):
+    """transformers' generate() (greedy) gives the tokens of gqa's own cached greedy decoding."""
+    from transformers import AutoModelForCausalLM
+
+    gqa.register_transformers()
+    model = per_layer_model()
+    model.config.eos_token_id = None  # run the full length so every step is compared
+    save_hf(model, tmp_path / "out")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.randint(3, 61, (2, 5))
+    out = hf.generate(ids, max_new_tokens=7, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, model.generate_greedy(ids, 7))
+
+
+def test_transformers_generate_with_left_padding(tmp_path):
+    """A left-padded row generates what it generates alone (RoPE positions count real tokens only)."""
+    from transformers import AutoModelForCausalLM
+
+    gqa.register_transformers()
+    model = per_layer_model()
+    model.config.eos_token_id = None
+    save_hf(model, tmp_path / "out")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    short = torch.randint(3, 61, (1, 4))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
+    out = hf.generate(padded, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[:, 3:], model.generate_greedy(short, 5))
+
+
+def test_per_layer_loader_refuses_trust_remote_code(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from gqa.errors import GQAUserError
+
+    gqa.register_transformers()
+    save_hf(per_layer_model(), tmp_path / "out")
+    with pytest.raises(GQAUserError, match="never runs code"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)

@@ -1,7 +1,11 @@
-"""Evaluation: perplexity, KL to a teacher, for gqa and transformers models; model loading for the CLI."""
+"""Evaluation: perplexity and KL to a teacher, for gqa and transformers models.
 
-from gqa.evaluate.loading import load_model, load_model_tokenizer
+(``load_model`` / ``load_model_tokenizer`` are re-exported from :mod:`gqa.model.loading` for callers not
+yet moved there.)
+"""
+
 from gqa.evaluate.perplexity import EvalResult, as_token_ids, evaluate_lm, kl_to_teacher, model_logits, perplexity
+from gqa.model.loading import load_model, load_model_tokenizer
 
 __all__ = [
     "EvalResult",

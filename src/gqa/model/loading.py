@@ -1,0 +1,259 @@
+"""Load what the commands are pointed at: transformers folders, gqa training checkpoints and GGUF files,
+each with its tokenizer. ``gqa eval``, ``generate``, ``uptrain`` and calibrated ``convert`` load through here.
+
+Model folders are data, never code. Every transformers ``from_pretrained`` call passes
+``trust_remote_code=False``, and a folder that asks for its own code (``auto_map`` in ``config.json`` or
+``tokenizer_config.json``, or ``*.py`` files) is refused before anything is loaded. Nothing is downloaded:
+a path that does not exist is an error, never a hub id. transformers' own progress bars and load reports
+are silenced during loads (:func:`gqa.progress.quiet_loading`); any mismatch between weights and config
+(missing, unexpected or misshapen tensors) is an error, never a randomly initialised model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from gqa.errors import GQAUserError
+
+__all__ = [
+    "load_model",
+    "load_model_tokenizer",
+    "read_config_json",
+    "check_no_remote_code",
+    "model_context",
+    "load_checkpoint_model",
+]
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+_WHAT = "pass a transformers folder, a gqa checkpoint.pt or a .gguf file"
+
+
+def read_config_json(path: str | Path) -> dict:
+    """A ``config.json`` read as a JSON object; anything else is a one-line :class:`GQAUserError`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GQAUserError(f"{path} does not exist; {_WHAT}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GQAUserError(
+            f"{path} is not valid JSON ({str(e).splitlines()[0]}); restore the model's config.json"
+        ) from None
+    except OSError as e:
+        raise GQAUserError(f"cannot read {path} ({e.strerror or e}); check the path and its permissions") from None
+    if not isinstance(data, dict):
+        raise GQAUserError(
+            f"{path} holds a JSON {type(data).__name__}, not a config object; restore the model's config.json"
+        )
+    return data
+
+
+def check_no_remote_code(folder: str | Path) -> None:
+    """Refuse a model folder that ships Python code or asks transformers to run it (``auto_map``).
+
+    gqa never executes code from a model folder; refusing such folders outright means no later step
+    (a tokenizer load, a conversion that copies side files) can run or spread that code.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    code = sorted(p.name for p in folder.glob("*.py"))
+    mapped = []
+    for name in ("config.json", "tokenizer_config.json"):
+        f = folder / name
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # read (and reported) properly by whoever loads that file
+            if isinstance(data, dict) and data.get("auto_map"):
+                mapped.append(name)
+    if code or mapped:
+        found = ", ".join([*(f"auto_map in {m}" for m in mapped), *code[:3]])
+        raise GQAUserError(
+            f"{folder} contains model code ({found}); gqa never runs code from a model folder: "
+            "use a folder without auto_map and *.py files"
+        )
+
+
+def model_context(model) -> int | None:
+    """The longest sequence ``model`` was built for (``max_seq_len`` / ``max_position_embeddings``), or None."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_seq_len", "max_position_embeddings", "n_positions"):
+        val = getattr(cfg, name, None)
+        if isinstance(val, int) and val > 0:
+            return val
+    return None
+
+
+def load_checkpoint_model(path: str | Path, *, dtype: torch.dtype = torch.float32):
+    """The model held by a gqa training checkpoint (``checkpoint.pt``), with every tensor checked."""
+    from gqa.model.checkpoint import load_checkpoint
+    from gqa.model.config import GQAConfig
+    from gqa.model.decoder import GQAForCausalLM
+
+    state = load_checkpoint(path)
+    cfg = state.get("model_config")
+    weights = state.get("model")
+    if not isinstance(cfg, dict) or not isinstance(weights, dict):
+        raise GQAUserError(f"{path} has no model_config/model entries; restore it or delete it to start over")
+    try:
+        config = GQAConfig.from_dict(cfg)
+    except (TypeError, ValueError) as e:
+        raise GQAUserError(
+            f"{path} holds a bad model config ({str(e).splitlines()[0]}); restore the checkpoint"
+        ) from None
+    model = GQAForCausalLM(config)  # config sizes are validated (bounded) by GQAConfig
+    _check_state(model.state_dict(), weights, str(path))
+    model.load_state_dict(weights, strict=True)
+    return model.to(dtype).eval()
+
+
+def _check_state(own: dict, loaded: dict, where: str) -> None:
+    missing = sorted(set(own) - set(loaded))
+    unexpected = sorted(set(loaded) - set(own))
+    if missing or unexpected:
+        raise GQAUserError(
+            f"{where}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "restore the checkpoint"
+        )
+    for k, t in own.items():
+        if tuple(loaded[k].shape) != tuple(t.shape):
+            raise GQAUserError(
+                f"{where}: {k} has shape {tuple(loaded[k].shape)}, the config needs {tuple(t.shape)}; restore the checkpoint"
+            )
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise GQAUserError(f"{path} does not exist; {_WHAT}")
+    return path
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, prefer_gqa: bool = True):
+    """A causal LM from ``path``.
+
+    * a transformers folder (config.json + safetensors): a :class:`gqa.GQAForCausalLM` when its family
+      is supported (llama, mistral, qwen2, qwen3) and ``prefer_gqa``, else ``AutoModelForCausalLM``
+      (its own code only: ``trust_remote_code=False``);
+    * a gqa training checkpoint (``checkpoint.pt``, or a folder of an unfinished run holding one);
+    * a ``.gguf`` file, read by transformers (needs the ``gguf`` package) and turned into a gqa model
+      when its family is supported.
+
+    Every user-fixable problem (missing path, bad config, weights that do not match it, a folder with
+    code) raises :class:`GQAUserError` with one line.
+    """
+    from gqa.model.checkpoint import CHECKPOINT_NAME
+
+    path = _existing(path)
+    ckpt = path if path.is_file() and path.suffix == ".pt" else path / CHECKPOINT_NAME
+    if ckpt.is_file() and not (path.is_dir() and (path / "model.safetensors").is_file()):
+        return load_checkpoint_model(ckpt, dtype=dtype)
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, dtype=dtype, prefer_gqa=prefer_gqa)
+    if path.is_dir() and (path / "config.json").is_file():
+        check_no_remote_code(path)
+        cfg = read_config_json(path / "config.json")
+        from gqa.model.hf import SUPPORTED_MODEL_TYPES, load_hf
+
+        if prefer_gqa and cfg.get("model_type") in SUPPORTED_MODEL_TYPES:
+            return load_hf(path, dtype=dtype)
+        return _load_transformers(path, dtype=dtype)
+    raise GQAUserError(f"{path} is not a transformers folder, a gqa checkpoint.pt or a .gguf file; {_WHAT}")
+
+
+def _refuse_mismatch(info: dict, where: Path) -> None:
+    """transformers initialises missing weights randomly and only logs it: make that an error."""
+    missing = list(info.get("missing_keys") or [])
+    unexpected = list(info.get("unexpected_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        detail = f"missing {sorted(missing)[:3]}" if missing else f"wrong shapes {[m[0] for m in mismatched][:3]}"
+        raise GQAUserError(f"{where}: weights do not match config.json ({detail}); re-save the model")
+    if unexpected:
+        raise GQAUserError(
+            f"{where}: weights include tensors config.json has no place for ({sorted(unexpected)[:3]}); re-save the model"
+        )
+
+
+def _load_transformers(folder: Path, *, dtype: torch.dtype):
+    from gqa.progress import quiet_loading
+
+    with quiet_loading():
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, trust_remote_code=False, local_files_only=True, output_loading_info=True
+            )
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise GQAUserError(
+                f"transformers cannot load {folder} ({_first_line(e)}); check that it is a causal LM folder"
+            ) from None
+    _refuse_mismatch(info, folder)
+    return model.eval()
+
+
+def _load_gguf(path: Path, *, dtype: torch.dtype, prefer_gqa: bool):
+    from gqa.model.hf import SUPPORTED_MODEL_TYPES, from_transformers
+    from gqa.progress import quiet_loading
+
+    _require_gguf()
+    with quiet_loading():
+        from transformers import AutoModelForCausalLM
+
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=False, local_files_only=True
+            )
+        except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError) as e:
+            raise GQAUserError(
+                f"cannot read {path} as a GGUF model ({_first_line(e)}); the file is truncated or not a GGUF model"
+            ) from None
+    if prefer_gqa and hf.config.model_type in SUPPORTED_MODEL_TYPES:
+        return from_transformers(hf).to(dtype)
+    return hf.eval()
+
+
+def _require_gguf() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise GQAUserError("GGUF files need the gguf package; install it with: pip install 'gqa[gguf]'")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:160]
+
+
+def load_model_tokenizer(path: str | Path, tokenizer: str | Path | None = None):
+    """The tokenizer that goes with ``path`` (or the one at ``tokenizer``): a transformers tokenizer,
+    loaded without running any code from its folder."""
+    src = _existing(tokenizer if tokenizer is not None else path)
+    if src.is_file() and src.suffix == ".pt":
+        src = src.parent
+    if src.is_dir():
+        check_no_remote_code(src)
+    from gqa.progress import quiet_loading
+
+    with quiet_loading():
+        from transformers import AutoTokenizer
+
+        try:
+            if src.is_file() and src.suffix == ".gguf":
+                _require_gguf()
+                return AutoTokenizer.from_pretrained(
+                    src.parent, gguf_file=src.name, trust_remote_code=False, local_files_only=True
+                )
+            if src.is_dir() and any((src / f).is_file() for f in _TOKENIZER_FILES):
+                return AutoTokenizer.from_pretrained(src, trust_remote_code=False, local_files_only=True)
+        except GQAUserError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+            raise GQAUserError(f"cannot load a tokenizer from {src} ({_first_line(e)}); pass --tokenizer") from None
+    raise GQAUserError(f"{src} has no tokenizer files; pass --tokenizer with the model's tokenizer folder")
