@@ -39,15 +39,10 @@ __all__ = ["export_gguf", "load_gguf", "gguf_architecture", "GGUF_DTYPES"]
 # dtype names accepted by export_gguf -> (torch dtype, GGML type name, llama.cpp file type)
 GGUF_DTYPES = {"f32": (torch.float32, "F32", 0), "f16": (torch.float16, "F16", 1), "bf16": (torch.bfloat16, "BF16", 32)}
 
-_INSTALL = 'pip install "gqa[gguf]"'
-
-
 def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise GQAUserError(f"GGUF files need the gguf package; install it with: {_INSTALL}") from None
-    return gguf
+    from gqa.optional import require
+
+    return require("gguf")
 
 
 def gguf_architecture(config: GQAConfig) -> str:
