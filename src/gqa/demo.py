@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from gqa.errors import GQAUserError
 from gqa.model import GQAForCausalLM, load_hf
 
 __all__ = ["DemoRow", "run_demo", "decode_tokens_per_s", "plot_perplexity_vs_kv"]
@@ -128,9 +129,9 @@ def run_demo(
     n_heads = load_hf(src).config.n_kv_heads
     for h in kv_heads:
         if not isinstance(h, int) or h < 1 or n_heads % h:
-            raise ValueError(f"kv heads {h} must divide the shipped model's {n_heads} KV heads")
+            raise GQAUserError(f"kv heads {h} must divide the shipped model's {n_heads} KV heads")
     if plot is not None and Path(plot).suffix.lower() != ".png":
-        raise ValueError(f"--plot {plot} must end in .png")
+        raise GQAUserError(f"--plot {plot} must end in .png")
     pretrain_tokens = read_pretrain_tokens(src)
     tok = load_tokenizer(src)
     splits = shakespeare_splits()

@@ -1,16 +1,23 @@
-"""``GroupedQueryAttention``: the nn.Module around :func:`gqa.attention` (projections, RoPE, QK-norm, cache)."""
+"""``GroupedQueryAttention``: the nn.Module around :func:`gqa.attention` (projections, RoPE, QK-norm, cache),
+and :func:`paged_attention`, attention over a paged cache's pages.
+
+The layer calls its cache through the one interface of :mod:`gqa.cache` (``positions``, ``update``) and
+runs the attention over what ``update`` returns: :func:`gqa.attention` for a static cache's contiguous
+``(k, v)``, :func:`paged_attention` for a paged cache's :class:`gqa.cache.PagedKV`.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from gqa import masks
-from gqa.cache import KVCache
+from gqa import kernels, masks
+from gqa.cache import PagedKV
+from gqa.errors import GQAUserError
 from gqa.functional import attention
 from gqa.rope import apply_rope, rope_cos_sin, rope_frequencies
 
-__all__ = ["GroupedQueryAttention", "RMSNorm"]
+__all__ = ["GroupedQueryAttention", "RMSNorm", "paged_attention"]
 
 _CAUSAL = masks.causal()
 
@@ -61,7 +68,7 @@ class GroupedQueryAttention(nn.Module):
     ):
         super().__init__()
         if n_kv_heads < 1 or n_heads % n_kv_heads:
-            raise ValueError(
+            raise GQAUserError(
                 f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}; "
                 f"choose n_kv_heads among the divisors of {n_heads}"
             )
@@ -85,29 +92,114 @@ class GroupedQueryAttention(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache=None,
         mask: masks.Mask | torch.Tensor | None = _CAUSAL,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x [B, T, d_model] -> [B, T, d_model].
 
-        positions: RoPE positions, ``[T]`` or ``[B, T]`` (default: ``cache.length + arange(T)``).
-        cache: this layer's :class:`gqa.KVCache`; new K/V are written at slots ``cache.length ..``
-            and attention runs over every filled slot.
-        mask: over cache slots, aligned bottom-right (default causal); None attends everywhere.
+        positions: RoPE positions, ``[T]`` or ``[B, T]`` (default: ``cache.positions(T)``, e.g.
+            ``cache.length + arange(T)`` for a :class:`gqa.KVCache`; ``arange(T)`` without a cache).
+        cache: this layer's cache (see :mod:`gqa.cache`): a :class:`gqa.KVCache` or a layer of a
+            :class:`gqa.cache.PagedBatch`. The new K/V are stored after what it holds and attention runs
+            over everything it holds.
+        mask: aligned bottom-right over the cached keys (default causal); None attends everywhere.
+        rope: precomputed ``(cos, sin)`` for ``positions`` (:func:`gqa.rope.rope_cos_sin` with this
+            layer's ``inv_freq``; the model computes them once per call for all layers).
         """
         b, t, _ = x.shape
-        start = cache.length if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(start, start + t, device=x.device)
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:
-            cos, sin = rope_cos_sin(positions, self.inv_freq)
+            if rope is None:
+                if positions is None:
+                    positions = cache.positions(t, x.device) if cache is not None else torch.arange(t, device=x.device)
+                rope = rope_cos_sin(positions, self.inv_freq)
+            cos, sin = rope  # (T, D) or (B, T, D)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v)  # (B, Hkv, start+T, D) views of the cache
-        out = attention(q, k, v, mask=mask)  # (B, Hq, T, D)
+        kv = cache.update(k, v) if cache is not None else (k, v)
+        out = attend(q, kv, mask)  # (B, Hq, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+def attend(q: torch.Tensor, kv, mask: masks.Mask | torch.Tensor | None) -> torch.Tensor:
+    """Attention of q ``[B, Hq, Tq, D]`` over what a layer cache's ``update`` returned (see :mod:`gqa.cache`):
+    ``(k, v)`` ``[B, Hkv, Tk, D]`` or a :class:`gqa.cache.PagedKV`. Query head h reads KV head ``h // g``;
+    the mask is aligned bottom-right. Returns ``[B, Hq, Tq, D]``."""
+    if isinstance(kv, PagedKV):
+        return paged_attention(q, kv, mask=mask)
+    k, v = kv
+    if q.shape[2] == 1 and isinstance(mask, (masks.Causal, masks.SlidingWindow)):
+        # One query at the last position: causal hides nothing, and a window keeps the last `window`
+        # keys. Slicing instead of masking lets decode run the unmasked (cheapest) attention path.
+        if isinstance(mask, masks.SlidingWindow):
+            k, v = k[:, :, -mask.window :], v[:, :, -mask.window :]  # (B, Hkv, min(window, Tk), D)
+        mask = None
+    return attention(q, k, v, mask=mask)
+
+
+def _kernel_mask(mask) -> dict | None:
+    """The paged decode kernel's ``causal``/``window``/``chunk`` arguments for ``mask``, or None when the
+    mask has parts the kernel does not take (the per-sequence path handles those)."""
+    plan: dict = {"causal": False, "window": None, "chunk": None}
+    if mask is None:
+        return plan
+    if not isinstance(mask, masks.Mask):
+        return None
+    for part in mask.parts():
+        if isinstance(part, masks.Causal):
+            plan["causal"] = True
+        elif isinstance(part, masks.SlidingWindow):
+            plan["window"] = part.window if plan["window"] is None else min(plan["window"], part.window)
+        elif isinstance(part, masks.Chunked) and plan["chunk"] in (None, part.chunk):
+            plan["chunk"] = part.chunk
+        else:
+            return None
+    return plan
+
+
+def paged_attention(
+    q: torch.Tensor,
+    kv: PagedKV,
+    *,
+    mask: masks.Mask | None = _CAUSAL,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of new queries over a paged cache.
+
+    q ``[B, Hq, Tq, D]`` are the last Tq tokens of each sequence: token t of sequence b is at position
+    ``kv.lengths[b] - Tq + t``. ``kv``: k/v pages ``[num_pages, Hkv, P, D]``, block table ``[B, max_pages]``
+    int32, lengths ``[B]`` (new tokens included). ``mask`` (a :mod:`gqa.masks` mask, default causal;
+    None attends everywhere) applies bottom-right over each sequence's own ``lengths[b]`` keys. Query
+    head h uses KV head ``h // (Hq // Hkv)``. Returns ``[B, Hq, Tq, D]``.
+
+    Decode-sized queries (Tq <= ``gqa.kernels.MAX_QUERY_TOKENS``) with a mask made of causal,
+    sliding-window and chunked parts run :func:`gqa.kernels.paged_decode_attention`. Anything else
+    (prefill, other masks) gathers each sequence's pages into a contiguous copy of its own keys
+    (:func:`gqa.kernels.gather_pages`) and runs :func:`gqa.attention` with the same mask.
+    """
+    if isinstance(mask, torch.Tensor) or (
+        isinstance(mask, masks.Mask) and any(isinstance(p, masks.KeyPadding) for p in mask.parts())
+    ):
+        raise GQAUserError(
+            "a paged cache takes position masks (causal, sliding window, chunked, custom functions): it holds no "
+            "padding and each sequence has its own key count; drop key_valid / the tensor mask"
+        )
+    tq = q.shape[2]
+    plan = _kernel_mask(mask)
+    if plan is not None and tq <= kernels.MAX_QUERY_TOKENS:
+        # The block table comes from the cache's own allocator, so the page-id check is skipped.
+        return kernels.paged_decode_attention(
+            q, kv.k_pages, kv.v_pages, kv.block_table, kv.lengths, scale=scale, check_pages=False, **plan
+        )
+    page_size = kv.k_pages.shape[2]
+    outs = []
+    for b, n in enumerate(kv.lengths.tolist()):  # each sequence over exactly its own n keys
+        table, n_pages = kv.block_table[b : b + 1], -(-n // page_size)
+        k = kernels.gather_pages(kv.k_pages, table, n_pages)[:, :, :n]  # (1, Hkv, n, D)
+        v = kernels.gather_pages(kv.v_pages, table, n_pages)[:, :, :n]
+        outs.append(attention(q[b : b + 1], k, v, mask=mask, scale=scale))  # (1, Hq, Tq, D)
+    return torch.cat(outs, dim=0)  # (B, Hq, Tq, D)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import torch
 
+from gqa.errors import GQAUserError
+
 __all__ = ["rope_frequencies", "rope_cos_sin", "apply_rope"]
 
 
 def rope_frequencies(head_dim: int, theta: float = 10000.0, device=None) -> torch.Tensor:
     """Inverse frequencies [D/2] in fp32."""
     if head_dim % 2:
-        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        raise GQAUserError(f"RoPE needs an even head_dim, got {head_dim}")
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
 
 

@@ -1,5 +1,6 @@
-"""Paged KV cache: allocator, page writes, paged attention vs the fp64 reference, paged forward vs the
-static cache, and continuous batching (interleaved requests give the tokens each gives alone)."""
+"""Paged KV cache: allocator, page writes, paged attention vs the fp64 reference, the model's forward over
+a paged batch vs the static cache, and continuous batching (interleaved requests give the tokens each
+gives alone, and the tokens gqa.generate gives)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import pytest
 import torch
 
 import gqa
-import gqa.kernels
-from gqa import GQAConfig, GQAForCausalLM
-from gqa.cache import OutOfPages, PageAllocator, PagedKVCache, paged_attention
-from gqa.generation import ContinuousBatcher, paged_forward
+from gqa import GQAConfig, GQAForCausalLM, masks
+from gqa.cache import OutOfPages, PageAllocator, PagedKV, PagedKVCache
+from gqa.errors import GQAUserError
+from gqa.generation import ContinuousBatcher
+from gqa.kernels import gather_pages
+from gqa.layer import paged_attention
 from helpers import assert_matches_reference
 
 
@@ -53,7 +56,8 @@ def test_mixed_lengths_waste_less_than_one_page_each_and_writes_land_in_place():
     assert cache.wasted_slots() == sum(-n % 4 for n in lengths.values())
     for s, n in lengths.items():
         assert len(cache.pages_of(s)) * 4 - n < 4
-        k, v = cache.gather(0, [s])
+        table = cache.block_table([s])
+        k, v = gather_pages(cache.k_pages[0], table), gather_pages(cache.v_pages[0], table)
         torch.testing.assert_close(k[:, :, :n], written[s], rtol=0, atol=0)
         torch.testing.assert_close(v[:, :, :n], -written[s], rtol=0, atol=0)
     used = sum(len(cache.pages_of(s)) for s in lengths)
@@ -64,15 +68,16 @@ def test_mixed_lengths_waste_less_than_one_page_each_and_writes_land_in_place():
         cache.advance(["a"], 10)
 
 
+#: An always-true custom part: the mask means causal, but the decode kernel does not take it, so the
+#: per-sequence path (gather the pages, gqa.attention) runs.
+_CAUSAL_VIA_GATHER = masks.causal() & masks.custom(lambda q_pos, k_pos: k_pos >= 0)
+
+
 @pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 2), (8, 1), (9, 3)])
 @pytest.mark.parametrize("tq", [1, 3, 20], ids=["decode", "verify", "prefill"])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("path", ["kernel", "gather"])
-def test_paged_attention_matches_fp64_reference(hq, hkv, tq, window, path, monkeypatch):
-    if path == "gather":  # the fallback used where the kernels package has no paged decode
-        monkeypatch.delattr(gqa.kernels, "paged_decode_attention", raising=False)
-    elif not hasattr(gqa.kernels, "paged_decode_attention"):
-        pytest.fail("gqa.kernels.paged_decode_attention is missing")
+def test_paged_attention_matches_fp64_reference(hq, hkv, tq, window, path):
     page, d = 4, 16
     lengths = torch.tensor([tq + 2, tq + 13, tq + 6], dtype=torch.int32)
     b = len(lengths)
@@ -87,39 +92,53 @@ def test_paged_attention_matches_fp64_reference(hq, hkv, tq, window, path, monke
         table[i, :n] = order[at : at + n].to(torch.int32)
         at += n
     q = torch.randn(b, hq, tq, d)
-    out = paged_attention(q, k_pages, v_pages, table, lengths, window=window)
+    want_mask = masks.sliding_window(window) if window else masks.causal()
+    mask = want_mask if path == "kernel" else want_mask & _CAUSAL_VIA_GATHER
+    out = paged_attention(q, PagedKV(k_pages, v_pages, table, lengths), mask=mask)
     # Reference per sequence on its own contiguous keys, bottom-right causal (and window).
     for i in range(b):
         n = int(lengths[i])
         k = k_pages[table[i].long()].permute(1, 0, 2, 3).reshape(1, hkv, -1, d)[:, :, :n]  # (1, Hkv, n, D)
         v = v_pages[table[i].long()].permute(1, 0, 2, 3).reshape(1, hkv, -1, d)[:, :, :n]
-        mask = gqa.masks.sliding_window(window) if window else gqa.masks.causal()
-        assert_matches_reference(out[i : i + 1], q[i : i + 1], k.contiguous(), v.contiguous(), mask=mask)
+        assert_matches_reference(out[i : i + 1], q[i : i + 1], k.contiguous(), v.contiguous(), mask=want_mask)
+
+
+def test_paged_attention_refuses_padding_masks():
+    kv = PagedKV(
+        torch.randn(2, 1, 4, 8),
+        torch.randn(2, 1, 4, 8),
+        torch.tensor([[0, 1]], dtype=torch.int32),
+        torch.tensor([6], dtype=torch.int32),
+    )
+    q = torch.randn(1, 2, 1, 8)
+    for bad in (masks.causal() & masks.key_padding(torch.tensor([6])), torch.ones(1, 1, 1, 6, dtype=torch.bool)):
+        with pytest.raises(GQAUserError, match="padding"):
+            paged_attention(q, kv, mask=bad)
 
 
 @pytest.mark.parametrize("n_kv", [8, 2, 1, [1, 4]], ids=["MHA", "GQA", "MQA", "per-layer"])
-def test_paged_forward_equals_static_cache_forward(n_kv):
+def test_paged_batch_forward_equals_static_cache_forward(n_kv):
     model = tiny_model(n_kv, sliding_window=None)
     prompts = [torch.randint(0, 97, (1, n)) for n in (11, 3, 6)]
     cache = PagedKVCache.for_model(model, num_pages=32, page_size=4)
     statics = []
-    for i, p in enumerate(prompts):
-        cache.add_sequence(i)
-        cache.reserve(i, p.shape[1])
-        got = paged_forward(model, p, cache, [i])
-        static = model.make_cache(1, 40)
-        with torch.no_grad():
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            cache.add_sequence(i)
+            cache.reserve(i, p.shape[1])
+            got = model(p, cache=cache.batch([i]))
+            static = model.make_cache(1, 40)
             torch.testing.assert_close(got, model(p, cache=static), rtol=1e-4, atol=1e-5)
-        statics.append(static)
-    # three decode steps for the whole batch in one [3, 1] forward
-    for _ in range(3):
-        nxt = torch.randint(0, 97, (3, 1))
-        for i in range(3):
-            cache.reserve(i, 1)
-        got = paged_forward(model, nxt, cache, [0, 1, 2])
-        with torch.no_grad():
+            statics.append(static)
+        assert [cache.length(i) for i in range(3)] == [11, 3, 6]
+        # three decode steps for the whole ragged batch in one [3, 1] forward
+        for _ in range(3):
+            nxt = torch.randint(0, 97, (3, 1))
+            for i in range(3):
+                cache.reserve(i, 1)
+            got = model(nxt, cache=cache.batch([0, 1, 2]))
             want = torch.cat([model(nxt[i : i + 1], cache=statics[i]) for i in range(3)])
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_paged_forward_with_sliding_window_equals_static():
@@ -130,11 +149,24 @@ def test_paged_forward_with_sliding_window_equals_static():
     cache.reserve(0, 10)
     static = model.make_cache(1, 16)
     with torch.no_grad():
-        torch.testing.assert_close(paged_forward(model, p, cache, [0]), model(p, cache=static), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(p, cache=cache.batch([0])), model(p, cache=static), rtol=1e-4, atol=1e-5)
         nxt = torch.tensor([[7]])
-        torch.testing.assert_close(
-            paged_forward(model, nxt, cache, [0]), model(nxt, cache=static), rtol=1e-4, atol=1e-5
-        )
+        torch.testing.assert_close(model(nxt, cache=cache.batch([0])), model(nxt, cache=static), rtol=1e-4, atol=1e-5)
+
+
+def test_paged_batch_is_single_use_and_needs_reserved_pages():
+    model = tiny_model(2)
+    cache = PagedKVCache.for_model(model, num_pages=4, page_size=4)
+    cache.add_sequence("a")
+    cache.reserve("a", 3)
+    batch = cache.batch(["a"])
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=batch)
+        with pytest.raises(GQAUserError, match="already wrote"):
+            model(torch.tensor([[4]]), cache=batch)
+        with pytest.raises(GQAUserError, match="reserve"):
+            model(torch.tensor([[4, 5]]), cache=cache.batch(["a"]))  # 5 tokens in 1 reserved page
+    assert cache.length("a") == 3
 
 
 REQUESTS = [  # (prompt length, new tokens, step at which it arrives)
@@ -172,10 +204,12 @@ def test_interleaved_requests_equal_each_run_alone(sampled):
     reqs = {i: batcher.done[rid] for i, rid in ids.items()}
     for i, req in reqs.items():
         assert req.tokens == alone(i), f"request {i} differs when interleaved"
-    if not sampled:  # greedy also equals the static-cache generate
-        static = gqa.generate(model, prompts, max_new_tokens=max(r[1] for r in REQUESTS), eos_token_id=None).tokens
-        for i, req in reqs.items():
-            assert req.tokens == static[i][: REQUESTS[i][1]]
+    # The scheduler gives gqa.generate's tokens: the same forward, and prompt i of a generate batch
+    # seeded 100 samples from generator 100 + i, as request i does.
+    longest = max(r[1] for r in REQUESTS)
+    static = gqa.generate(model, prompts, max_new_tokens=longest, eos_token_id=None, seed=100, **kw).tokens
+    for i, req in reqs.items():
+        assert req.tokens == static[i][: REQUESTS[i][1]]
     assert batcher.peak_running >= 3  # several sequences decoded together
     assert any(r.started_step > r.submitted_step for r in reqs.values())  # someone waited for pages
     assert any(  # a request joined while another was mid-generation

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from gqa.errors import GQAUserError
 from gqa.generation import ContinuousBatcher, generate
 from gqa.model import GQAConfig, GQAForCausalLM
 
@@ -43,7 +44,7 @@ def kv_variant(model: GQAForCausalLM, n_kv_heads: int) -> GQAForCausalLM:
     d = cfg.resolved_head_dim
     for i, old_kv in enumerate(cfg.kv_heads_per_layer):
         if old_kv % n_kv_heads:
-            raise ValueError(f"layer {i} has {old_kv} KV heads, not a multiple of {n_kv_heads}; pick a divisor")
+            raise GQAUserError(f"layer {i} has {old_kv} KV heads, not a multiple of {n_kv_heads}; pick a divisor")
         for proj in ("k_proj", "v_proj"):
             for kind in ("weight", "bias"):
                 key = f"layers.{i}.attn.{proj}.{kind}"
@@ -64,7 +65,7 @@ def load_bench_model(path: str | Path | None = None) -> tuple[GQAForCausalLM, st
     if path is not None:
         model = load_model(path)
         if not isinstance(model, GQAForCausalLM):
-            raise ValueError(f"{path} is not a llama/mistral/qwen2/qwen3 model gqa can run")
+            raise GQAUserError(f"{path} is not a llama/mistral/qwen2/qwen3 model gqa can run")
         return model, str(path)
     from gqa.train.pretrain import REFERENCE_CONFIG, shipped_model_path
 
@@ -189,28 +190,28 @@ def run_generate_bench(
         torch.set_num_threads(threads)
     for name, val in (("prompt_len", prompt_len), ("new_tokens", new_tokens), ("repeats", repeats)):
         if not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be a positive integer, got {val!r}")
+            raise GQAUserError(f"{name} must be a positive integer, got {val!r}")
     if new_tokens < 2:
-        raise ValueError("new_tokens must be >= 2 so there is a decode step to time")
+        raise GQAUserError("new_tokens must be >= 2 so there is a decode step to time")
     if not batch_sizes or any(b < 1 for b in batch_sizes):
-        raise ValueError(f"batch sizes must be positive integers, got {batch_sizes!r}")
+        raise GQAUserError(f"batch sizes must be positive integers, got {batch_sizes!r}")
     load_before = list(os.getloadavg())
     base, description = load_bench_model(model_path)
     cfg: GQAConfig = base.config
     if prompt_len + new_tokens > cfg.max_seq_len:
-        raise ValueError(
+        raise GQAUserError(
             f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the model's context {cfg.max_seq_len}"
         )
     hq = cfg.n_heads
     if hq % group_size:
-        raise ValueError(f"group size {group_size} does not divide the model's {hq} query heads")
+        raise GQAUserError(f"group size {group_size} does not divide the model's {hq} query heads")
     variants = {"MHA": hq, f"GQA (g={group_size})": hq // group_size, "MQA": 1}
     source_kv = max(cfg.kv_heads_per_layer)
     dtype = next(base.parameters()).dtype
     models = {}
     for name, hkv in variants.items():
         if hkv > min(cfg.kv_heads_per_layer) and hkv != source_kv:
-            raise ValueError(f"the model has {source_kv} KV heads; the {name} variant needs a model with more")
+            raise GQAUserError(f"the model has {source_kv} KV heads; the {name} variant needs a model with more")
         models[name] = base if cfg.kv_heads_per_layer == [hkv] * cfg.n_layers else kv_variant(base, hkv)
     gen = torch.Generator().manual_seed(0)
     rows = []

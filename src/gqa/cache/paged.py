@@ -11,15 +11,24 @@ Pages are sized by the KV heads (Hkv, never Hq), and every layer uses the same p
 block table describes a sequence in all layers (layers may have different Hkv). A sequence holds
 ``ceil(length / page_size)`` pages, so it wastes less than one page; pages return to the free list
 when it finishes and are handed to whichever sequence needs them next.
+
+This module stores K/V and keeps the books; it computes no attention. A forward over some of the
+sequences takes :meth:`PagedKVCache.batch` as its cache: layer i writes its new K/V through
+``batch[i].update(k_new, v_new)``, which returns a :class:`PagedKV` (the pages, the batch's block
+table and lengths) for the attention layer to read (see :mod:`gqa.cache`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PageAllocator", "PagedKVCache", "OutOfPages", "paged_attention"]
+from gqa.errors import GQAUserError
+from gqa.units import kv_bytes_per_token
+
+__all__ = ["PageAllocator", "PagedKVCache", "PagedBatch", "PagedKV", "OutOfPages"]
 
 
 class OutOfPages(RuntimeError):
@@ -31,7 +40,9 @@ class PageAllocator:
 
     def __init__(self, num_pages: int):
         if not isinstance(num_pages, int) or num_pages < 1:
-            raise ValueError(f"num_pages must be a positive integer, got {num_pages!r}")
+            raise GQAUserError(
+                f"num_pages must be a positive integer, got {num_pages!r}; give the pool at least one page"
+            )
         self.num_pages = num_pages
         # Pop from the end: the lowest ids go out first, which keeps test expectations readable.
         self._free = list(range(num_pages - 1, -1, -1))
@@ -59,8 +70,9 @@ class PagedKVCache:
         page_size: tokens per page.
 
     A sequence is identified by any hashable id. ``reserve(seq, n)`` makes room for n more tokens
-    (allocating pages only as needed), :meth:`write` stores new K/V, :meth:`block_table` and
-    :meth:`lengths` describe a batch of sequences to the attention, :meth:`release` frees pages.
+    (allocating pages only as needed), ``model(ids, cache=cache.batch(seqs))`` runs a forward that
+    stores the new K/V of ``seqs`` and advances their lengths, :meth:`release` frees pages.
+    :meth:`block_table` and :meth:`lengths` describe a batch of sequences to a kernel.
     """
 
     def __init__(
@@ -74,7 +86,7 @@ class PagedKVCache:
         device: torch.device | str | None = None,
     ):
         if not isinstance(page_size, int) or page_size < 1:
-            raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
+            raise GQAUserError(f"page_size must be a positive integer, got {page_size!r}; e.g. 16")
         self.allocator = PageAllocator(num_pages)
         self.page_size = page_size
         self.head_dim = head_dim
@@ -102,9 +114,8 @@ class PagedKVCache:
 
     @staticmethod
     def bytes_per_page(kv_heads_per_layer: list[int], head_dim: int, page_size: int, dtype: torch.dtype) -> int:
-        """Bytes of one page across all layers: sum of 2 x Hkv x page_size x D x element size."""
-        elem = torch.empty((), dtype=dtype).element_size()
-        return sum(2 * h * page_size * head_dim * elem for h in kv_heads_per_layer)
+        """Bytes of one page across all layers: page_size x (2 x sum of Hkv x D x element size)."""
+        return page_size * kv_bytes_per_token(kv_heads_per_layer, head_dim, dtype)
 
     # --- bookkeeping ---------------------------------------------------------------------------
     @property
@@ -137,7 +148,7 @@ class PagedKVCache:
 
     def add_sequence(self, seq) -> None:
         if seq in self._pages:
-            raise ValueError(f"sequence {seq!r} is already in the cache; release it first")
+            raise GQAUserError(f"sequence {seq!r} is already in the cache; release it first")
         self._pages[seq] = []
         self._length[seq] = 0
 
@@ -158,6 +169,12 @@ class PagedKVCache:
         return sum(len(p) * self.page_size - self._length[s] for s, p in self._pages.items())
 
     # --- tensors for a batch ---------------------------------------------------------------------
+    def batch(self, seqs: list) -> PagedBatch:
+        """The model-level cache for one forward over ``seqs`` (their pages reserved beforehand):
+        ``model(ids [B, T], cache=cache.batch(seqs))`` stores T new tokens per sequence after its
+        current length and advances the lengths by T."""
+        return PagedBatch(self, list(seqs))
+
     def block_table(self, seqs: list, device=None) -> torch.Tensor:
         """``[B, max_pages]`` int32 page ids of ``seqs``; unused entries are 0 (never read)."""
         width = max(1, max(len(self._pages[s]) for s in seqs))
@@ -171,27 +188,43 @@ class PagedKVCache:
         """``[B]`` int32 tokens held by each of ``seqs``."""
         return torch.tensor([self._length[s] for s in seqs], dtype=torch.int32, device=device or self.k_pages[0].device)
 
-    def write(self, layer: int, seqs: list, k_new: torch.Tensor, v_new: torch.Tensor, block_table=None) -> None:
-        """Store ``k_new``/``v_new`` ``[B, Hkv, T, D]`` at positions ``length(seq) .. length(seq)+T-1``.
+    def write(
+        self,
+        layer: int,
+        seqs: list,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        block_table: torch.Tensor | None = None,
+        start: torch.Tensor | None = None,
+    ) -> None:
+        """Store ``k_new``/``v_new`` ``[B, Hkv, T, D]`` at positions ``start .. start+T-1`` of each of
+        ``seqs`` (default ``start``: :meth:`lengths`).
 
         Does not advance the lengths (call :meth:`advance` once all layers are written). The pages
         must have been reserved.
         """
+        device = self.k_pages[layer].device
+        table = self.block_table(seqs, device) if block_table is None else block_table
+        start = self.lengths(seqs, device) if start is None else start
+        page, slot = self._slots(table, start, k_new.shape[2])
+        self._store(layer, k_new, v_new, page, slot)
+
+    def _slots(self, table: torch.Tensor, start: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Page ids and slots ``[B*T]`` of positions ``start .. start+T-1`` of each sequence of ``table``."""
+        pos = start.long()[:, None] + torch.arange(t, device=table.device)  # (B, T) absolute positions
+        if int(pos.max()) >= table.shape[1] * self.page_size:
+            raise GQAUserError("writing beyond the reserved pages; call reserve(seq, n_tokens) first")
+        page = torch.gather(table.long(), 1, pos // self.page_size).reshape(-1)  # (B*T,)
+        return page, (pos % self.page_size).reshape(-1)  # (B*T,)
+
+    def _store(self, layer: int, k_new, v_new, page: torch.Tensor, slot: torch.Tensor) -> None:
         b, hkv, t, d = k_new.shape
         kp, vp = self.k_pages[layer], self.v_pages[layer]
         if hkv != kp.shape[1] or d != kp.shape[3] or k_new.shape != v_new.shape:
-            raise ValueError(
+            raise GQAUserError(
                 f"layer {layer} pages hold [Hkv={kp.shape[1]}, D={kp.shape[3]}] but got k {tuple(k_new.shape)}, "
-                f"v {tuple(v_new.shape)}"
+                f"v {tuple(v_new.shape)}; build the cache with the model's kv_heads_per_layer and head_dim"
             )
-        device = kp.device
-        table = self.block_table(seqs, device) if block_table is None else block_table
-        start = self.lengths(seqs, device).long()  # (B,)
-        pos = start[:, None] + torch.arange(t, device=device)  # (B, T) absolute positions
-        if int(pos.max()) >= table.shape[1] * self.page_size:
-            raise ValueError("writing beyond the reserved pages; call reserve(seq, n_tokens) first")
-        page = torch.gather(table.long(), 1, pos // self.page_size).reshape(-1)  # (B*T,)
-        slot = (pos % self.page_size).reshape(-1)  # (B*T,)
         # Advanced indices on dims 0 and 2 around a slice: the indexed view is (B*T, Hkv, D).
         kp[page, :, slot] = k_new.permute(0, 2, 1, 3).reshape(b * t, hkv, d).to(kp.dtype)
         vp[page, :, slot] = v_new.permute(0, 2, 1, 3).reshape(b * t, hkv, d).to(vp.dtype)
@@ -201,61 +234,98 @@ class PagedKVCache:
         for s in seqs:
             new = self._length[s] + n_tokens
             if new > len(self._pages[s]) * self.page_size:
-                raise ValueError(
+                raise GQAUserError(
                     f"sequence {s!r} would hold {new} tokens in {len(self._pages[s])} pages; reserve first"
                 )
             self._length[s] = new
 
-    def gather(self, layer: int, seqs: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Contiguous copies ``[B, Hkv, n_pages * page_size, D]`` of the K/V of ``seqs`` (slots past
-        each length hold stale data: mask them)."""
-        table = self.block_table(seqs)
-        return _gather(self.k_pages[layer], table), _gather(self.v_pages[layer], table)
 
+@dataclass(frozen=True)
+class PagedKV:
+    """What a layer of a :class:`PagedBatch` returns from ``update``: the keys/values to attend over.
 
-def _gather(pages: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    b, n = table.shape
-    g = pages[table.long()]  # (B, n, Hkv, P, D)
-    return g.permute(0, 2, 1, 3, 4).reshape(b, pages.shape[1], n * pages.shape[2], pages.shape[3])  # (B, Hkv, T, D)
-
-
-def paged_attention(
-    q: torch.Tensor,
-    k_pages: torch.Tensor,
-    v_pages: torch.Tensor,
-    block_table: torch.Tensor,
-    lengths: torch.Tensor,
-    *,
-    window: int | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Causal attention of new queries over a paged cache.
-
-    q ``[B, Hq, Tq, D]`` are the last Tq tokens of each sequence: token t of sequence b is at position
-    ``lengths[b] - Tq + t`` and sees keys ``0 ..`` its own position (bottom-right; also only the last
-    ``window`` keys when given). k/v_pages ``[num_pages, Hkv, P, D]``, block_table ``[B, max_pages]``
-    int32, lengths ``[B]`` (new tokens included). Query head h uses KV head ``h // (Hq // Hkv)``.
-
-    Decode-sized queries (Tq <= 16) run :func:`gqa.kernels.paged_decode_attention` when the kernels
-    provide it; longer ones (prefill) gather the pages into a contiguous ``[B, Hkv, T, D]`` copy and run
-    :func:`gqa.attention` with an explicit mask.
+    k_pages, v_pages ``[num_pages, Hkv, page_size, D]`` (the layer's whole pool), block_table
+    ``[B, max_pages]`` int32 and lengths ``[B]`` int32 (new tokens included). The T new queries of
+    sequence b are its last T tokens, at positions ``lengths[b] - T ..``: a mask applies bottom-right
+    per sequence, over that sequence's own ``lengths[b]`` keys.
     """
-    from gqa import kernels
 
-    tq = q.shape[2]
-    kernel = getattr(kernels, "paged_decode_attention", None)
-    if kernel is not None and tq <= getattr(kernels, "MAX_QUERY_TOKENS", 0):
-        return kernel(q, k_pages, v_pages, block_table, lengths, scale=scale, window=window)
-    from gqa.functional import attention
+    k_pages: torch.Tensor
+    v_pages: torch.Tensor
+    block_table: torch.Tensor
+    lengths: torch.Tensor
 
-    page_size = k_pages.shape[2]
-    n_pages = math.ceil(int(lengths.max()) / page_size)
-    table = block_table[:, :n_pages]
-    k, v = _gather(k_pages, table), _gather(v_pages, table)  # (B, Hkv, n_pages*P, D)
-    lengths = lengths.to(q.device).long()
-    k_pos = torch.arange(k.shape[2], device=q.device)  # (Tk,)
-    q_pos = lengths[:, None] - tq + torch.arange(tq, device=q.device)  # (B, Tq)
-    allowed = k_pos[None, None, :] <= q_pos[:, :, None]  # (B, Tq, Tk): causal, which also hides slots >= length
-    if window is not None:
-        allowed &= k_pos[None, None, :] > q_pos[:, :, None] - window
-    return attention(q, k, v, mask=allowed[:, None], scale=scale)  # (B, Hq, Tq, D)
+
+class PagedBatch:
+    """A :class:`PagedKVCache` seen by one forward over ``seqs``: ``len()`` layers and ``batch[i]`` the
+    cache of layer i (``positions(t)``, ``update(k_new, v_new) -> PagedKV``).
+
+    It fixes the block table and the start lengths when made, so make it after :meth:`PagedKVCache.reserve`
+    and use it for one forward only. The first layer's write advances the sequences' lengths (every
+    layer writes at the same positions, as each layer of a static cache does).
+    """
+
+    def __init__(self, cache: PagedKVCache, seqs: list):
+        if not seqs:
+            raise GQAUserError("a paged batch needs at least one sequence")
+        self.cache = cache
+        self.seqs = seqs
+        device = cache.k_pages[0].device
+        self.block_table = cache.block_table(seqs, device)  # (B, max_pages) int32
+        self.start = cache.lengths(seqs, device)  # (B,) int32 tokens held before this forward
+        self._new_tokens: int | None = None
+        self._slots: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._lengths: torch.Tensor | None = None
+        self._written: set[int] = set()
+
+    def __len__(self) -> int:
+        return self.cache.num_layers
+
+    def __getitem__(self, layer: int) -> PagedLayer:
+        if not 0 <= layer < self.cache.num_layers:
+            raise IndexError(f"layer {layer} out of range for a cache of {self.cache.num_layers} layers")
+        return PagedLayer(self, layer)
+
+    def positions(self, t: int, device=None) -> torch.Tensor:
+        """RoPE positions ``[B, T]`` of the next ``t`` tokens of each sequence: ``start[b] ..``."""
+        start = self.start.long()[:, None]  # (B, 1)
+        return (start + torch.arange(t, device=start.device)).to(device if device is not None else start.device)
+
+    def _write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> PagedKV:
+        b, t = k_new.shape[0], k_new.shape[2]
+        if b != len(self.seqs):
+            raise GQAUserError(
+                f"the batch holds {len(self.seqs)} sequences but the layer wrote {b}; pass one row per sequence"
+            )
+        if layer in self._written:
+            raise GQAUserError(
+                f"layer {layer} already wrote through this paged batch; take cache.batch(seqs) for each forward"
+            )
+        if self._new_tokens is None:
+            self._slots = self.cache._slots(self.block_table, self.start, t)  # shared by every layer
+            self._lengths = self.start + t  # (B,) int32
+            self.cache.advance(self.seqs, t)
+            self._new_tokens = t
+        elif t != self._new_tokens:
+            raise GQAUserError(
+                f"layers of one forward wrote {self._new_tokens} and {t} tokens; write the same tokens in every layer"
+            )
+        self._written.add(layer)
+        self.cache._store(layer, k_new, v_new, *self._slots)
+        return PagedKV(self.cache.k_pages[layer], self.cache.v_pages[layer], self.block_table, self._lengths)
+
+
+@dataclass(frozen=True)
+class PagedLayer:
+    """Layer ``layer`` of a :class:`PagedBatch` (the object the attention layer calls)."""
+
+    batch: PagedBatch
+    layer: int
+
+    def positions(self, t: int, device=None) -> torch.Tensor:
+        return self.batch.positions(t, device)
+
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor) -> PagedKV:
+        """Store ``k_new``/``v_new`` ``[B, Hkv, T, D]`` after each sequence's tokens; return the
+        :class:`PagedKV` to attend over (new tokens included)."""
+        return self.batch._write(self.layer, k_new, v_new)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from gqa.errors import GQAUserError
+from gqa.units import kv_bytes_per_token
+
 __all__ = ["KVCache", "ModelCache"]
 
 
@@ -27,7 +30,7 @@ class KVCache:
     ):
         for name, val in (("batch", batch), ("n_kv_heads", n_kv_heads), ("max_len", max_len), ("head_dim", head_dim)):
             if not isinstance(val, int) or val < 1:
-                raise ValueError(f"KVCache {name} must be a positive integer, got {val!r}")
+                raise GQAUserError(f"KVCache {name} must be a positive integer, got {val!r}")
         shape = (batch, n_kv_heads, max_len, head_dim)  # (B, Hkv, T_max, D)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -56,25 +59,34 @@ class KVCache:
 
     def bytes_per_token(self) -> int:
         """Bytes one token of one sequence takes in this layer: 2 x Hkv x D x element size."""
-        return 2 * self.n_kv_heads * self.head_dim * self.k.element_size()
+        return kv_bytes_per_token([self.n_kv_heads], self.head_dim, self.k.dtype)
+
+    def positions(self, t: int, device=None) -> torch.Tensor:
+        """RoPE positions ``[T]`` of the next ``t`` tokens: the slots they will fill.
+
+        A left-padded batch counts positions from each prompt's first real token instead; the caller
+        passes those explicitly (see :func:`gqa.generate`).
+        """
+        return torch.arange(self.length, self.length + t, device=device if device is not None else self.k.device)
 
     def update(self, k_new: torch.Tensor, v_new: torch.Tensor, start: int | None = None):
         """Write ``k_new``/``v_new`` ``[B, Hkv, T, D]`` at slots ``start .. start+T-1`` (default: append).
 
-        Returns views ``k[:, :, :end]``, ``v[:, :, :end]`` of the filled cache (no copy).
+        Returns views ``k[:, :, :end]``, ``v[:, :, :end]`` ``[B, Hkv, end, D]`` of the filled cache (no
+        copy); the new tokens are the last T keys, so masks aligned bottom-right apply as they are.
         """
         start = self.length if start is None else start
         t = k_new.shape[2]
         if k_new.shape != v_new.shape:
-            raise ValueError(f"k_new {tuple(k_new.shape)} and v_new {tuple(v_new.shape)} differ; pass matching K/V")
+            raise GQAUserError(f"k_new {tuple(k_new.shape)} and v_new {tuple(v_new.shape)} differ; pass matching K/V")
         if k_new.shape[0] != self.batch or k_new.shape[1] != self.n_kv_heads or k_new.shape[3] != self.head_dim:
-            raise ValueError(
+            raise GQAUserError(
                 f"cache holds [B={self.batch}, Hkv={self.n_kv_heads}, T, D={self.head_dim}] but got "
                 f"{tuple(k_new.shape)}; build the cache with the layer's n_kv_heads and head_dim"
             )
         end = start + t
         if start < 0 or end > self.max_len:
-            raise ValueError(
+            raise GQAUserError(
                 f"positions {start}..{end - 1} are beyond the cache of {self.max_len} slots; "
                 "allocate a larger max_len or shorten the sequence"
             )
@@ -88,7 +100,11 @@ class KVCache:
 
 
 class ModelCache:
-    """One :class:`KVCache` per layer; per-layer KV heads (variable GQA) give per-layer sizes."""
+    """One :class:`KVCache` per layer; per-layer KV heads (variable GQA) give per-layer sizes.
+
+    This is the model-level cache :meth:`gqa.GQAForCausalLM.forward` takes: ``len(cache)`` layers,
+    ``cache[i]`` the :class:`KVCache` layer i writes (each layer advances its own ``length``).
+    """
 
     def __init__(self, layers: list[KVCache]):
         self.layers = layers

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from gqa.cli.common import console, user_errors
+from gqa.errors import GQAUserError
 
 
 def register(app: typer.Typer) -> None:
@@ -39,17 +40,17 @@ def register(app: typer.Typer) -> None:
         SamplingParams(temperature, top_k, top_p, seed)  # reject bad sampling options before loading
         for i, p in enumerate(prompt):
             if not p:
-                raise ValueError(f"prompt {i} is empty; give some text to continue")
+                raise GQAUserError(f"prompt {i} is empty; give some text to continue")
         if max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+            raise GQAUserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         tok = load_model_tokenizer(model, tokenizer)
         lm = load_model(model)
         if not isinstance(lm, GQAForCausalLM):
-            raise ValueError(f"{model} is a {type(lm).__name__}; gqa generate runs llama/mistral/qwen2/qwen3 models")
+            raise GQAUserError(f"{model} is a {type(lm).__name__}; gqa generate runs llama/mistral/qwen2/qwen3 models")
         ids = [tok.encode(p) for p in prompt]
         for i, p in enumerate(ids):
             if not p:
-                raise ValueError(f"prompt {i} encodes to no tokens; give some text to continue")
+                raise GQAUserError(f"prompt {i} encodes to no tokens; give some text to continue")
 
         live = stream and not as_json
         texts = TextStream(tok, len(prompt))
@@ -147,7 +148,7 @@ def register_bench(bench: typer.Typer) -> None:
         try:
             batches = tuple(int(b) for b in batch_sizes.split(","))
         except ValueError:
-            raise ValueError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+            raise GQAUserError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
         res = run_generate_bench(
             model,
             batch_sizes=batches,

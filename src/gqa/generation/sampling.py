@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gqa.errors import GQAUserError
+
 __all__ = ["SamplingParams", "sample", "filter_logits"]
 
 
@@ -31,13 +33,13 @@ class SamplingParams:
     def __post_init__(self):
         t, k, p = self.temperature, self.top_k, self.top_p
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not t >= 0 or t == float("inf"):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+            raise GQAUserError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = no limit), got {k!r}")
+            raise GQAUserError(f"top_k must be an integer >= 0 (0 = no limit), got {k!r}")
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = no limit), got {p!r}")
+            raise GQAUserError(f"top_p must be in (0, 1] (1 = no limit), got {p!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+            raise GQAUserError(f"seed must be a non-negative integer or None, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

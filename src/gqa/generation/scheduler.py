@@ -7,6 +7,7 @@ Each :meth:`ContinuousBatcher.step`:
    waits, and so do the ones behind it (no starvation of long requests);
 2. prefills each newly admitted prompt on its own (no padding) and samples its first token;
 3. decodes one token for every running sequence in one ``[B, 1]`` forward over the paged cache;
+   prefill and decode are the model's own forward, ``model(ids, cache=paged_cache.batch(seqs))``;
 4. releases the pages of finished sequences, so waiting requests can join on the next step.
 
 Pages are allocated lazily (a sequence holds ``ceil(length / page_size)`` pages, wasting less than
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gqa.cache.paged import PagedKVCache
-from gqa.generation.paged import paged_forward
+from gqa.errors import GQAUserError
 from gqa.generation.sampling import SamplingParams, sample
 from gqa.generation.static import eos_ids
 
@@ -75,10 +76,10 @@ class ContinuousBatcher:
     ):
         if cache is None:
             if num_pages is None:
-                raise ValueError("give num_pages (pool size) or a PagedKVCache as cache=")
+                raise GQAUserError("give num_pages (pool size) or a PagedKVCache as cache=")
             cache = PagedKVCache.for_model(model, num_pages, page_size)
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
-            raise ValueError(f"max_batch must be a positive integer or None, got {max_batch!r}")
+            raise GQAUserError(f"max_batch must be a positive integer or None, got {max_batch!r}")
         self.model = model
         self.cache = cache
         self.max_batch = max_batch
@@ -109,21 +110,21 @@ class ContinuousBatcher:
         params = SamplingParams(temperature, top_k, top_p, seed)
         prompt = [int(t) for t in prompt]
         if not prompt:
-            raise ValueError("the prompt is empty; give at least one token")
+            raise GQAUserError("the prompt is empty; give at least one token")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+            raise GQAUserError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         vocab, context = self.model.config.vocab_size, self.model.config.max_seq_len
         if min(prompt) < 0 or max(prompt) >= vocab:
-            raise ValueError(f"the prompt has token ids outside the vocabulary 0..{vocab - 1}")
+            raise GQAUserError(f"the prompt has token ids outside the vocabulary 0..{vocab - 1}")
         if len(prompt) + max_new_tokens > context:
-            raise ValueError(
+            raise GQAUserError(
                 f"{len(prompt)} prompt + {max_new_tokens} new tokens exceed the model's context of {context}; "
                 "shorten the prompt or lower max_new_tokens"
             )
         req = Request(next(self._ids), prompt, max_new_tokens, params, submitted_step=self.steps)
         need = self._pages_needed(req)
         if need > self.cache.num_pages:
-            raise ValueError(
+            raise GQAUserError(
                 f"a request of {req.max_kv_tokens} tokens needs {need} pages but the pool has "
                 f"{self.cache.num_pages}; give the cache more pages or lower max_new_tokens"
             )
@@ -164,7 +165,7 @@ class ContinuousBatcher:
             self.cache.add_sequence(req.id)
             self.cache.reserve(req.id, len(req.prompt))
             ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)  # (1, T)
-            logits = paged_forward(self.model, ids, self.cache, [req.id], last_only=True)
+            logits = self.model(ids, cache=self.cache.batch([req.id]), logits_to_keep=1)  # (1, 1, vocab)
             self._emit(req, int(sample(logits[:, -1], req.params, [req.generator])[0]), on_token)
 
     @torch.inference_mode()
@@ -179,7 +180,7 @@ class ContinuousBatcher:
                 self.cache.reserve(s, 1)  # cannot fail: admission counted every request's worst case
             self.peak_pages_used = max(self.peak_pages_used, self.cache.num_pages - self.cache.num_free_pages)
             last = torch.tensor([[r.tokens[-1]] for r in self.running], dtype=torch.long, device=self.device)  # (B, 1)
-            logits = paged_forward(self.model, last, self.cache, seqs, last_only=True)[:, -1]  # (B, vocab)
+            logits = self.model(last, cache=self.cache.batch(seqs), logits_to_keep=1)[:, -1]  # (B, vocab)
             greedy = logits.argmax(dim=-1).tolist()  # one batched argmax; sampled rows draw on their own
             for b, req in enumerate(self.running):
                 tok = greedy[b] if req.params.greedy else int(sample(logits[b : b + 1], req.params, [req.generator])[0])

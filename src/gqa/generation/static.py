@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gqa.functional import attention
-from gqa.generation.forward import cached_forward
+from gqa.errors import GQAUserError
 from gqa.generation.sampling import SamplingParams, sample
 
 __all__ = ["generate", "GenerationResult", "prepare_prompts", "eos_ids"]
@@ -66,21 +65,23 @@ def prepare_prompts(prompts, tokenizer=None, *, add_bos: bool = False) -> list[l
     """
     if isinstance(prompts, torch.Tensor):
         if prompts.dtype.is_floating_point or prompts.dim() not in (1, 2):
-            raise ValueError(f"prompt tensor must be int ids [T] or [B, T], got {tuple(prompts.shape)} {prompts.dtype}")
+            raise GQAUserError(
+                f"prompt tensor must be int ids [T] or [B, T], got {tuple(prompts.shape)} {prompts.dtype}"
+            )
         prompts = prompts.tolist()
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError("give at least one prompt")
+        raise GQAUserError("give at least one prompt")
     if all(isinstance(p, int) for p in prompts):
         prompts = [list(prompts)]
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             if tokenizer is None:
-                raise ValueError("text prompts need a tokenizer; pass tokenizer= or token ids")
+                raise GQAUserError("text prompts need a tokenizer; pass tokenizer= or token ids")
             if not p:
-                raise ValueError(f"prompt {i} is empty; give some text to continue")
+                raise GQAUserError(f"prompt {i} is empty; give some text to continue")
             ids = tokenizer.encode(p, add_special_tokens=False) if hasattr(tokenizer, "encode") else tokenizer(p)
             ids = list(ids)
             bos = getattr(tokenizer, "bos_token_id", None)
@@ -91,43 +92,26 @@ def prepare_prompts(prompts, tokenizer=None, *, add_bos: bool = False) -> list[l
         else:
             ids = list(p)
         if not ids:
-            raise ValueError(f"prompt {i} is empty; give at least one token")
+            raise GQAUserError(f"prompt {i} is empty; give at least one token")
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise TypeError(f"prompt {i} must hold integer token ids")
+            raise GQAUserError(f"prompt {i} must hold integer token ids; pass lists of ints or an int tensor")
         out.append(ids)
     return out
 
 
 def _check_ids(model, prompts: list[list[int]], max_new_tokens: int) -> None:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        raise GQAUserError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     vocab = model.config.vocab_size
     context = model.config.max_seq_len
     for i, p in enumerate(prompts):
         if min(p) < 0 or max(p) >= vocab:
-            raise ValueError(f"prompt {i} has token ids outside the vocabulary 0..{vocab - 1}; check the tokenizer")
+            raise GQAUserError(f"prompt {i} has token ids outside the vocabulary 0..{vocab - 1}; check the tokenizer")
         if len(p) + max_new_tokens > context:
-            raise ValueError(
+            raise GQAUserError(
                 f"prompt {i} has {len(p)} token{'s' * (len(p) != 1)}; with {max_new_tokens} new tokens that exceeds "
                 f"the model's context of {context}; shorten the prompt or lower max_new_tokens"
             )
-
-
-def _static_attend(model, cache, key_valid: torch.Tensor | None):
-    """Attention over the static cache: write the new K/V, attend over every filled slot.
-
-    key_valid ``[B, Tk]`` marks real tokens (None: no padding). A single unpadded query per sequence
-    sees every filled slot, so it needs no mask at all (the cheapest path); otherwise the model's
-    own causal / sliding-window mask with key padding applies, aligned bottom-right.
-    """
-    plain = key_valid is None and model.config.sliding_window is None
-
-    def attend(layer: int, q, k, v):
-        k_all, v_all = cache[layer].update(k, v)  # (B, Hkv, Tk, D) views of the cache
-        mask = None if plain and q.shape[2] == 1 else model.build_mask(key_valid)
-        return attention(q, k_all, v_all, mask=mask)  # (B, Hq, T, D)
-
-    return attend
 
 
 @torch.inference_mode()
@@ -159,7 +143,8 @@ def generate(
             (streaming).
 
     Prompts are left-padded to the longest: the cache is ``[B, Hkv, T_prompt + max_new_tokens, D]``
-    per layer, ``key_valid`` masks the padding slots and RoPE positions skip them.
+    per layer, ``key_valid`` masks the padding slots and RoPE positions skip them. Every step is the
+    model's own forward (``model(ids, cache=..., logits_to_keep=1)``).
     """
     params = SamplingParams(temperature, top_k, top_p, seed)
     ids = prepare_prompts(prompts, tokenizer)
@@ -183,8 +168,10 @@ def generate(
     result = GenerationResult(tokens=[[] for _ in range(b)], prompt_lengths=[len(p) for p in ids])
     finished = [False] * b
 
+    # Without padding the cache's own slot positions are the RoPE positions and no padding mask is needed.
+    step_kw = dict(positions=positions, key_valid=valid) if ragged else {}
     t0 = time.perf_counter()
-    logits = cached_forward(model, input_ids, positions, _static_attend(model, cache, valid if ragged else None))
+    logits = model(input_ids, cache=cache, logits_to_keep=1, **step_kw)  # (B, 1, vocab)
     nxt = sample(logits[:, -1], params, gens)  # (B,)
     result.prefill_s = time.perf_counter() - t0
 
@@ -200,11 +187,10 @@ def generate(
                 finished[i] = True
         if all(finished) or step == max_new_tokens - 1:
             break
-        step_pos = (lengths + step)[:, None]  # (B, 1): next position of each sequence
         if ragged:
             valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)  # (B, Tk)
-        attend = _static_attend(model, cache, valid if ragged else None)
-        logits = cached_forward(model, nxt[:, None], step_pos, attend)  # (B, 1, vocab)
+            step_kw = dict(positions=(lengths + step)[:, None], key_valid=valid)  # (B, 1) next position of each
+        logits = model(nxt[:, None], cache=cache, logits_to_keep=1, **step_kw)  # (B, 1, vocab)
         nxt = sample(logits[:, -1], params, gens)
         result.decode_steps += 1
     result.decode_s = time.perf_counter() - t0

@@ -8,10 +8,14 @@ from torch import nn
 
 from gqa import masks
 from gqa.cache import ModelCache
+from gqa.errors import GQAUserError
 from gqa.layer import GroupedQueryAttention, RMSNorm
 from gqa.model.config import GQAConfig
+from gqa.rope import rope_cos_sin
 
 __all__ = ["GQAForCausalLM", "DecoderBlock", "SwiGLU"]
+
+_CAUSAL = masks.causal()
 
 
 class SwiGLU(nn.Module):
@@ -43,8 +47,9 @@ class DecoderBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.ffn_dim, config.mlp_bias)
 
-    def forward(self, x, positions, cache, mask):
-        x = x + self.attn(self.attn_norm(x), positions=positions, cache=cache, mask=mask)
+    def forward(self, x, positions=None, cache=None, mask=_CAUSAL, rope=None):
+        """x [B, T, d_model] -> [B, T, d_model]; arguments as :meth:`GroupedQueryAttention.forward`."""
+        x = x + self.attn(self.attn_norm(x), positions=positions, cache=cache, mask=mask, rope=rope)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -88,42 +93,68 @@ class GQAForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache: ModelCache | None = None,
+        cache=None,
         key_valid: torch.Tensor | None = None,
         mask: masks.Mask | torch.Tensor | None = None,
+        *,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab] (fp32 if the model is).
+        """input_ids [B, T] -> logits [B, T, vocab] (``[B, logits_to_keep, vocab]`` when given; fp32 if the model is).
 
-        positions: RoPE positions [T] or [B, T] (default: continue from ``cache.length``).
-        cache: a :class:`ModelCache` from :meth:`make_cache`; it is filled in place.
+        The one forward for training, evaluation, prefill, decode and paged serving.
+
+        positions: RoPE positions [T] or [B, T] (default: ``cache[0].positions(T)``, i.e. continue after
+            what the cache holds; ``arange(T)`` without a cache).
+        cache: a model-level cache (see :mod:`gqa.cache`): a :class:`ModelCache` from :meth:`make_cache`,
+            or ``paged_cache.batch(seqs)`` of a :class:`gqa.cache.PagedKVCache`. It is filled in place
+            and then holds the T new tokens.
         key_valid: bool [B, Tk] over all cache slots including the new ones (False = padding).
-        mask: overrides the default causal / sliding-window mask (aligned bottom-right).
+        mask: overrides the default causal / sliding-window mask (aligned bottom-right, per sequence).
+        logits_to_keep: run the LM head on the last ``logits_to_keep`` positions only (0 = all, as in
+            transformers); generation keeps 1 so a decode step never projects the prompt onto the vocabulary.
+
+        RoPE tables are computed once per call (per distinct head_dim and theta) and shared by all layers.
         """
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+            raise GQAUserError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}; add a batch dim")
         if cache is not None and len(cache) != len(self.layers):
-            raise ValueError(f"cache has {len(cache)} layers but the model has {len(self.layers)}")
+            raise GQAUserError(
+                f"cache has {len(cache)} layers but the model has {len(self.layers)}; build it with model.make_cache"
+            )
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise GQAUserError(f"logits_to_keep must be an integer >= 0 (0 = all), got {logits_to_keep!r}")
+        t = input_ids.shape[1]
+        if positions is None:
+            positions = cache[0].positions(t, input_ids.device) if cache is not None else None
+        if positions is None:
+            positions = torch.arange(t, device=input_ids.device)
         if mask is None:
             mask = self.build_mask(key_valid)
+        elif key_valid is not None:
+            raise GQAUserError("pass key_valid or mask, not both; add masks.key_padding(valid=...) to your mask")
         x = self.embed(input_ids)  # (B, T, d_model)
+        rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, cache[i] if cache is not None else None, mask)
-        return self.lm_head(self.norm(x))  # (B, T, vocab)
+            attn, rope = layer.attn, None
+            if attn.rope_theta is not None:
+                key = (attn.head_dim, attn.rope_theta)  # layers with the same frequencies share one table
+                if key not in rope_tables:
+                    rope_tables[key] = rope_cos_sin(positions, attn.inv_freq)  # ((B,) T, D) each
+                rope = rope_tables[key]
+            x = layer(x, positions, cache[i] if cache is not None else None, mask, rope)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]  # (B, logits_to_keep, d_model)
+        return self.lm_head(self.norm(x))  # (B, T | logits_to_keep, vocab)
 
     @torch.no_grad()
     def generate_greedy(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding with the static cache: prefill, then one token per step.
+        """Greedy decoding, no early stop: input_ids [B, T] (no padding) -> [B, T + max_new_tokens].
 
-        input_ids [B, T] (no padding) -> [B, T + max_new_tokens].
+        Shorthand for :func:`gqa.generate` (the same prefill and decode steps) returning the ids with
+        the prompt in front.
         """
-        b, t = input_ids.shape
-        cache = self.make_cache(b, t + max_new_tokens)
-        logits = self(input_ids, cache=cache)
-        out = [input_ids]
-        for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-            out.append(nxt)
-            if len(out) - 1 == max_new_tokens:
-                break
-            logits = self(nxt, cache=cache)
-        return torch.cat(out, dim=1)
+        from gqa.generation import generate
+
+        res = generate(self, input_ids, max_new_tokens=max_new_tokens, eos_token_id=None)
+        new = torch.tensor(res.tokens, dtype=input_ids.dtype, device=input_ids.device)  # (B, max_new_tokens)
+        return torch.cat([input_ids, new], dim=1)
