@@ -10,6 +10,7 @@ import transformers
 
 import gqa
 from gqa import GQAConfig, GQAForCausalLM, load_hf, save_hf
+from gqa.errors import GQAUserError
 from gqa.model import config_from_hf, from_transformers
 
 FAMILIES = {
@@ -148,7 +149,7 @@ def test_num_parameters_matches_module():
 def test_unsupported_family_and_bad_folders(tmp_path):
     with pytest.raises(ValueError, match="supported: llama"):
         config_from_hf({"model_type": "gpt2"})
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(GQAUserError, match="config.json"):
         load_hf(tmp_path)
     hf = tiny_hf("llama", 2)
     hf.save_pretrained(tmp_path / "t")
@@ -171,3 +172,121 @@ def test_public_api_exports():
         "save_hf",
     ):
         assert hasattr(gqa, name), name
+
+
+def _llama_cfg(**over) -> dict:
+    cfg = {
+        "model_type": "llama",
+        "vocab_size": 97,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    }
+    cfg.update(over)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+BAD_CONFIGS = {
+    "layers-1e9": ({"num_hidden_layers": 1e9}, "num_hidden_layers"),
+    "heads-1e12": ({"num_attention_heads": 1e12}, "num_attention_heads"),
+    "kv-negative": ({"num_key_value_heads": -8}, "num_key_value_heads"),
+    "heads-zero": ({"num_attention_heads": 0}, "num_attention_heads"),
+    "kv-zero": ({"num_key_value_heads": 0}, "num_key_value_heads"),
+    "kv-not-dividing": ({"num_key_value_heads": 3}, "divide"),
+    "heads-string": ({"num_attention_heads": "8"}, "integer"),
+    "heads-fraction": ({"num_attention_heads": 7.5}, "integer"),
+    "heads-bool": ({"num_attention_heads": True}, "integer"),
+    "heads-missing": ({"num_attention_heads": None}, "'num_attention_heads'"),
+    "per-layer-list-short": ({"per_layer_config": [{"num_key_value_heads": 2}]}, "one entry per layer"),
+    "per-layer-bad-key": ({"per_layer_config": {"x": {"num_key_value_heads": 2}}}, "layer indices"),
+    "per-layer-entry-list": ({"per_layer_config": {"0": [2]}}, "num_key_value_heads"),
+    "per-layer-kv-huge": ({"per_layer_config": {"0": {"num_key_value_heads": 1e12}}}, "too large"),
+    "hidden-not-dividing": ({"hidden_size": 65}, "head_dim"),
+    "context-negative": ({"max_position_embeddings": -1}, "max_position_embeddings"),
+    "rope-theta-nan": ({"rope_theta": float("nan")}, "rope_theta"),
+    "eps-negative": ({"rms_norm_eps": -1.0}, "rms_norm_eps"),
+    "flag-string": ({"tie_word_embeddings": "yes"}, "true or false"),
+    "eos-string": ({"eos_token_id": "</s>"}, "token id"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_config_integers_are_validated_in_one_place(name):
+    """Absurd or malformed config.json values: one GQAUserError line naming the field, before any allocation."""
+    over, needle = BAD_CONFIGS[name]
+    with pytest.raises(GQAUserError) as info:
+        config_from_hf(_llama_cfg(**over))
+    msg = str(info.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_config_json_that_is_not_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(GQAUserError, match="JSON list"):
+        load_hf(tmp_path)
+    with pytest.raises(GQAUserError, match="JSON object"):
+        config_from_hf([1, 2])
+
+
+def test_per_layer_config_as_a_list_of_layers():
+    cfg = config_from_hf(_llama_cfg(per_layer_config=[{"num_key_value_heads": 4}, {"num_key_value_heads": 1}]))
+    assert cfg.kv_heads_per_layer == [4, 1]
+
+
+def _saved(tmp_path, **over) -> tuple:
+    hf = tiny_hf("llama", 2)
+    hf.save_pretrained(tmp_path / "m")
+    cfg_path = tmp_path / "m" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(over)
+    cfg_path.write_text(json.dumps(cfg))
+    return tmp_path / "m"
+
+
+@pytest.mark.parametrize(
+    "over,needle",
+    [
+        ({"num_hidden_layers": 3}, "lacks"),  # a layer the weights do not have
+        ({"num_hidden_layers": 1}, "no place for"),  # weights for a layer the config does not have
+        ({"intermediate_size": 128}, "shape"),
+        ({"num_key_value_heads": 4}, "shape"),
+    ],
+)
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path, over, needle):
+    """Missing, unexpected and misshapen tensors are errors, never a partly random model."""
+    with pytest.raises(GQAUserError, match=needle):
+        load_hf(_saved(tmp_path, **over))
+
+
+def test_index_may_only_name_files_inside_the_folder(tmp_path):
+    folder = _saved(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as sf:
+        names = list(sf.keys())
+    for shard in ("../m/model.safetensors", str(folder / "model.safetensors"), ""):
+        index = {"metadata": {}, "weight_map": {n: shard for n in names}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(GQAUserError, match="plain file names"):
+            load_hf(folder)
+
+
+def test_unknown_stored_dtype_is_an_error_not_fp32(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _saved(tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int8)
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(GQAUserError, match="stored as I8"):
+        load_hf(folder)
+
+
+def test_tied_embeddings_stay_tied_after_loading(tmp_path):
+    hf = tiny_hf("llama", 2, tie=True)
+    hf.save_pretrained(tmp_path / "t")
+    model = load_hf(tmp_path / "t")
+    assert model.lm_head.weight is model.embed.weight

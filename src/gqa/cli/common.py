@@ -1,33 +1,137 @@
-"""Shared CLI plumbing: one-line errors with a non-zero exit code, and the console."""
+"""Shared CLI plumbing: one-line user errors with exit code 2, the console, and global-state restoring.
+
+Only :class:`gqa.errors.GQAUserError` and the OS errors a user causes (a missing path, no permission, a full
+disk) are printed as one line ``error: ...`` on stderr, on a line of their own (any progress bar is ended
+first), with exit code 2. Every other exception (TypeError, KeyError, a bare ValueError, ...) is a bug and
+keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import sys
+from collections.abc import Iterator
 
 import typer
 from rich.console import Console
+from rich.text import Text
+
+from gqa.errors import GQAUserError
+
+__all__ = ["console", "err_console", "user_errors", "print_error", "user_message", "restore_global_state"]
 
 console = Console()
 err_console = Console(stderr=True)
 
-# Errors a user can fix: printed as one line, exit code 2. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, KeyError)
+# OS errors a user causes, and the fix each message names.
+_OS_HINTS = {
+    FileNotFoundError: "check the path",
+    FileExistsError: "choose another path or pass --force",
+    NotADirectoryError: "pass a folder",
+    IsADirectoryError: "pass a file, not a folder",
+    PermissionError: "check its permissions or choose another path",
+}
+_ERRNO_HINTS = {
+    errno.ENOSPC: "free some disk space or write to another disk",
+    errno.EDQUOT: "free some disk space or write to another disk",
+    errno.EROFS: "choose a writable location",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+
+
+def _user_os_error(e: BaseException) -> str | None:
+    """The one-line message for an OS error a user causes, or None when it is not one."""
+    if not isinstance(e, OSError):
+        return None
+    hint = _ERRNO_HINTS.get(e.errno or -1)
+    if hint is None:
+        hint = next((h for cls, h in _OS_HINTS.items() if type(e) is cls), None)
+    if hint is None:
+        return None
+    if e.strerror is None:  # raised by gqa with its own message, which names the fix
+        text = " ".join(str(e).split())
+        return text or f"{type(e).__name__}; {hint}"
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror[:1].lower()}{e.strerror[1:]}; {hint}"
+
+
+def user_message(e: BaseException) -> str | None:
+    """``e`` as the one line the CLI prints, or None when ``e`` is a bug (it keeps its traceback)."""
+    if isinstance(e, GQAUserError):
+        text = " ".join(str(e).split())  # one line, whatever the message held
+        return text or type(e).__name__
+    return _user_os_error(e)
+
+
+def print_error(message: str) -> None:
+    """``error: message`` on stderr, starting on a line of its own (a progress bar being drawn is ended)."""
+    try:
+        from gqa.progress import end_line
+
+        end_line()
+    except ImportError:  # pragma: no cover - gqa.progress is part of the package
+        pass
+    sys.stdout.flush()
+    err_console.print(Text("error: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)
 
 
 def user_errors(fn):
-    """Decorator for CLI commands: a user error becomes ``error: <message>`` on stderr and exit code 2."""
+    """Decorator for CLI commands: a user error becomes ``error: <message>`` on stderr and exit code 2;
+    Ctrl-C exits 130 with one line; anything else propagates with its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+            with restore_global_state():
+                return fn(*args, **kwargs)
+        except (GQAUserError, OSError) as e:
+            msg = user_message(e)
+            if msg is None:
+                raise
+            print_error(msg)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err_console.print("interrupted")
+            print_error("interrupted")
             sys.exit(130)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def restore_global_state() -> Iterator[None]:
+    """Restore process-wide settings that a command, benchmark or plot may change: torch's thread count and
+    matplotlib's backend (``matplotlib.use`` inside the block is undone on exit).
+
+    Use it around code that calls ``torch.set_num_threads`` or ``matplotlib.use``::
+
+        with restore_global_state():
+            torch.set_num_threads(1)
+            ...  # measure
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    backend = _mpl_backend()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        mpl = sys.modules.get("matplotlib")
+        now = _mpl_backend()
+        if mpl is not None and now is not None and now != backend:
+            if backend is None:  # matplotlib had not chosen one yet: let it choose again
+                mpl.rcParams._set("backend", mpl.rcsetup._auto_backend_sentinel)
+            else:
+                mpl.use(backend, force=True)
+
+
+def _mpl_backend() -> str | None:
+    """matplotlib's selected backend without resolving it (resolving imports pyplot); None if unset or not loaded."""
+    mpl = sys.modules.get("matplotlib")
+    if mpl is None:
+        return None
+    getter = getattr(mpl.rcParams, "_get_backend_or_none", None)
+    return getter() if getter is not None else mpl.get_backend()

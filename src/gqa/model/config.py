@@ -8,7 +8,59 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["GQAConfig"]
+from gqa.errors import GQAUserError
+
+__all__ = ["GQAConfig", "LIMITS", "check_int", "check_kv_heads"]
+
+#: Upper bounds on config integers: far above any real model (Llama-3.1-405B: 126 layers, 128 heads,
+#: d_model 16384, ffn 53248, vocab 128256; the longest contexts are ~10M tokens), low enough that a
+#: typo such as ``num_hidden_layers: 1e9`` is refused before anything is allocated or enumerated.
+LIMITS = {
+    "vocab_size": 2**24,
+    "d_model": 2**18,
+    "n_layers": 2**12,
+    "n_heads": 2**12,
+    "n_kv_heads": 2**12,
+    "head_dim": 2**13,
+    "ffn_dim": 2**20,
+    "max_seq_len": 2**30,
+    "sliding_window": 2**30,
+}
+
+
+def check_int(name: str, value, *, limit: int | None = None, minimum: int = 1, field: str | None = None) -> int:
+    """``value`` as an int in ``[minimum, limit]`` (limit default: ``LIMITS[name]``), else a one-line
+    :class:`GQAUserError` naming ``field`` (the name the user wrote, e.g. ``num_hidden_layers``).
+
+    The one place config integers are validated (gqa's config, transformers config.json, ``gqa memory``).
+    Integral floats (``8.0``) are accepted; bools, strings, NaN and fractions are not.
+    """
+    label = field or name
+    limit = LIMITS.get(name) if limit is None else limit
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise GQAUserError(f"{label} must be an integer, got {value!r}; fix it in the config")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise GQAUserError(f"{label} must be an integer, got {value!r}; fix it in the config")
+        if limit is not None and abs(value) > limit:
+            raise GQAUserError(f"{label}={value:g} is too large (at most {limit}); fix it in the config")
+        value = int(value)
+    if value < minimum or (limit is not None and value > limit):
+        bound = f"between {minimum} and {limit}" if limit is not None else f">= {minimum}"
+        raise GQAUserError(f"{label} must be {bound}, got {value}; fix it in the config")
+    return value
+
+
+def check_kv_heads(n_heads: int, kv_heads: list[int], *, field: str = "n_kv_heads", allow_zero: bool = False) -> None:
+    """Every KV head count divides ``n_heads`` (0 allowed for layers without attention if ``allow_zero``)."""
+    for h in kv_heads:
+        if allow_zero and h == 0:
+            continue
+        if h < 1 or n_heads % h:
+            divisors = [d for d in range(1, min(n_heads, LIMITS["n_heads"]) + 1) if n_heads % d == 0]
+            raise GQAUserError(
+                f"{field}={h} does not divide the {n_heads} query heads; use a divisor of {n_heads}: {divisors}"
+            )
 
 
 @dataclass
@@ -38,31 +90,27 @@ class GQAConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
-            val = getattr(self, name)
-            if not isinstance(val, int) or val < 1:
-                raise ValueError(f"GQAConfig.{name} must be a positive integer, got {val!r}")
-        if self.head_dim is None and self.d_model % self.n_heads:
-            raise ValueError(
+            setattr(self, name, check_int(name, getattr(self, name), field=f"GQAConfig.{name}"))
+        if self.head_dim is not None:
+            self.head_dim = check_int("head_dim", self.head_dim, field="GQAConfig.head_dim")
+        elif self.d_model % self.n_heads:
+            raise GQAUserError(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim explicitly"
             )
         heads = self.n_kv_heads
         if isinstance(heads, (list, tuple)):
-            heads = list(heads)
             if len(heads) != self.n_layers:
-                raise ValueError(
+                raise GQAUserError(
                     f"n_kv_heads lists {len(heads)} layers but n_layers={self.n_layers}; give one entry per layer"
                 )
+            heads = [check_int("n_kv_heads", h, field="n_kv_heads") for h in heads]
             self.n_kv_heads = heads
         else:
-            heads = [heads]
-        for h in heads:
-            if not isinstance(h, int) or h < 1 or self.n_heads % h:
-                raise ValueError(
-                    f"n_kv_heads={h!r} does not divide n_heads={self.n_heads}; "
-                    f"use a divisor of {self.n_heads}: {[d for d in range(1, self.n_heads + 1) if self.n_heads % d == 0]}"
-                )
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
+            self.n_kv_heads = check_int("n_kv_heads", heads, field="n_kv_heads")
+            heads = [self.n_kv_heads]
+        check_kv_heads(self.n_heads, heads)
+        if self.sliding_window is not None:
+            self.sliding_window = check_int("sliding_window", self.sliding_window, field="sliding_window")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -103,10 +151,12 @@ class GQAConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> GQAConfig:
+        if not isinstance(d, dict):
+            raise GQAUserError(f"a GQAConfig is a JSON object of fields, got a {type(d).__name__}; fix the config file")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown GQAConfig fields {unknown}; known fields: {sorted(known)}")
+            raise GQAUserError(f"unknown GQAConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
@@ -114,4 +164,8 @@ class GQAConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> GQAConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise GQAUserError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); fix the config file") from None
+        return cls.from_dict(data)

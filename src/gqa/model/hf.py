@@ -8,6 +8,7 @@ instead of loading half a model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -17,7 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gqa.model.config import GQAConfig
+from gqa.errors import GQAUserError
+from gqa.model.config import GQAConfig, check_int, check_kv_heads
 from gqa.model.decoder import GQAForCausalLM
 
 __all__ = [
@@ -51,70 +53,152 @@ SIDE_FILES = (
 
 def _rope_theta(cfg: dict) -> float:
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise GQAUserError(f"rope_parameters must be an object, got {params!r}; fix config.json")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", None):
-        raise ValueError(
+        raise GQAUserError(
             f"RoPE type {rope_type!r} is not supported yet; gqa models use plain RoPE (rope_type 'default')"
         )
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    return _positive_float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)), "rope_theta")
+
+
+def _positive_float(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise GQAUserError(f"{name} must be a positive number, got {value!r}; fix config.json")
+    return float(value)
+
+
+def _required(cfg: dict, key: str):
+    if key not in cfg or cfg[key] is None:
+        raise GQAUserError(
+            f"config.json has no {key!r}; a {cfg.get('model_type')} config needs it (restore config.json)"
+        )
+    return cfg[key]
+
+
+def _flag(cfg: dict, key: str, default: bool = False) -> bool:
+    val = cfg.get(key, default)
+    if val is None:
+        return default
+    if not isinstance(val, bool):
+        raise GQAUserError(f"{key} must be true or false, got {val!r}; fix config.json")
+    return val
+
+
+def _token_id(cfg: dict, key: str):
+    val = cfg.get(key)
+    ok = val is None or (isinstance(val, int) and not isinstance(val, bool) and val >= 0)
+    if isinstance(val, list):
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in val)
+    if not ok:
+        raise GQAUserError(f"{key} must be a token id (or a list of them), got {val!r}; fix config.json")
+    return val
+
+
+def per_layer_kv_heads(cfg: dict, n_layers: int, default: int, *, field: str = "per_layer_config") -> list[int]:
+    """KV heads per layer from transformers' ``per_layer_config`` (an object keyed by layer index, or a list
+    with one object per layer); a layer without an entry uses ``default``."""
+    per_layer = cfg.get(field)
+    if isinstance(per_layer, list):
+        if len(per_layer) != n_layers:
+            raise GQAUserError(
+                f"{field} lists {len(per_layer)} layers but num_hidden_layers is {n_layers}; give one entry per layer"
+            )
+        entries = dict(enumerate(per_layer))
+    elif isinstance(per_layer, dict):
+        entries = {}
+        for k, v in per_layer.items():
+            if not (isinstance(k, str) and k.isdigit() and int(k) < n_layers):
+                raise GQAUserError(f"{field} has key {k!r}; keys are layer indices 0..{n_layers - 1} (fix config.json)")
+            entries[int(k)] = v
+    else:
+        raise GQAUserError(f"{field} must be an object keyed by layer index, got {per_layer!r}; fix config.json")
+    heads = []
+    for i in range(n_layers):
+        entry = entries.get(i, {})
+        if not isinstance(entry, dict):
+            raise GQAUserError(f'{field}[{i}] must be an object like {{"num_key_value_heads": 2}}, got {entry!r}')
+        heads.append(
+            check_int(
+                "n_kv_heads", entry.get("num_key_value_heads", default), field=f"{field}[{i}].num_key_value_heads"
+            )
+        )
+    return heads
 
 
 def config_from_hf(cfg: dict) -> GQAConfig:
-    """A transformers ``config.json`` dict of a supported family -> :class:`GQAConfig`."""
+    """A transformers ``config.json`` dict of a supported family -> :class:`GQAConfig`.
+
+    Every integer is checked (positive, bounded, heads dividing) before anything is allocated; a bad value
+    is a one-line :class:`GQAUserError` naming the config.json field.
+    """
+    if not isinstance(cfg, dict):
+        raise GQAUserError(f"config.json must hold a JSON object, got a {type(cfg).__name__}; restore it")
     mt = cfg.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        raise GQAUserError(
             f"model_type {mt!r} is not supported by gqa.model; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
-        raise ValueError(f"hidden_act {act!r} is not supported; gqa's decoder uses SwiGLU with silu")
-    n_heads = cfg["num_attention_heads"]
-    n_layers = cfg["num_hidden_layers"]
-    n_kv: int | list[int] = cfg.get("num_key_value_heads") or n_heads
-    per_layer = cfg.get("per_layer_config")
-    if per_layer:
-        n_kv = [
-            int(per_layer.get(str(i), per_layer.get(i, {})).get("num_key_value_heads", n_kv)) for i in range(n_layers)
-        ]
-    attention_bias = bool(cfg.get("attention_bias", False))
+        raise GQAUserError(f"hidden_act {act!r} is not supported; gqa's decoder uses SwiGLU with silu")
+    n_heads = check_int("n_heads", _required(cfg, "num_attention_heads"), field="num_attention_heads")
+    n_layers = check_int("n_layers", _required(cfg, "num_hidden_layers"), field="num_hidden_layers")
+    kv_default = cfg.get("num_key_value_heads")
+    kv_default = n_heads if kv_default is None else kv_default
+    n_kv: int | list[int] = check_int("n_kv_heads", kv_default, field="num_key_value_heads")
+    if cfg.get("per_layer_config"):
+        n_kv = per_layer_kv_heads(cfg, n_layers, n_kv)
+    check_kv_heads(n_heads, n_kv if isinstance(n_kv, list) else [n_kv], field="num_key_value_heads")
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None:
+        head_dim = check_int("head_dim", head_dim, field="head_dim")
+    d_model = check_int("d_model", _required(cfg, "hidden_size"), field="hidden_size")
+    if head_dim is None and d_model % n_heads:
+        raise GQAUserError(
+            f"hidden_size={d_model} is not divisible by num_attention_heads={n_heads} and there is no head_dim; fix config.json"
+        )
+    attention_bias = _flag(cfg, "attention_bias")
     sliding = cfg.get("sliding_window")
-    if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+    if mt in ("qwen2", "qwen3") and not _flag(cfg, "use_sliding_window"):
         sliding = None
+    if sliding is not None:
+        sliding = check_int("sliding_window", sliding, field="sliding_window")
     return GQAConfig(
-        vocab_size=cfg["vocab_size"],
-        d_model=cfg["hidden_size"],
+        vocab_size=check_int("vocab_size", _required(cfg, "vocab_size"), field="vocab_size"),
+        d_model=d_model,
         n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv,
-        head_dim=cfg.get("head_dim"),
-        ffn_dim=cfg["intermediate_size"],
+        head_dim=head_dim,
+        ffn_dim=check_int("ffn_dim", _required(cfg, "intermediate_size"), field="intermediate_size"),
         rope_theta=_rope_theta(cfg),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        max_seq_len=int(cfg.get("max_position_embeddings", 4096)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        norm_eps=_positive_float(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+        max_seq_len=check_int("max_seq_len", cfg.get("max_position_embeddings", 4096), field="max_position_embeddings"),
+        tie_embeddings=_flag(cfg, "tie_word_embeddings"),
         qkv_bias=True if mt == "qwen2" else attention_bias,
         o_bias=False if mt == "qwen2" else attention_bias,
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        mlp_bias=_flag(cfg, "mlp_bias"),
         qk_norm=mt == "qwen3",
         sliding_window=sliding,
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=cfg.get("eos_token_id"),
-        pad_token_id=cfg.get("pad_token_id"),
+        bos_token_id=_token_id(cfg, "bos_token_id"),
+        eos_token_id=_token_id(cfg, "eos_token_id"),
+        pad_token_id=_token_id(cfg, "pad_token_id"),
     )
 
 
 def _model_type_for(config: GQAConfig) -> str:
     if config.qk_norm:
         if config.qkv_bias != config.o_bias or config.mlp_bias:
-            raise ValueError("qk_norm models save as qwen3, which needs qkv_bias == o_bias and no mlp_bias")
+            raise GQAUserError("qk_norm models save as qwen3, which needs qkv_bias == o_bias and no mlp_bias")
         return "qwen3"
     if config.qkv_bias and not config.o_bias:
         if config.mlp_bias:
-            raise ValueError("qkv-bias-only models save as qwen2, which has no mlp_bias")
+            raise GQAUserError("qkv-bias-only models save as qwen2, which has no mlp_bias")
         return "qwen2"
     if config.qkv_bias != config.o_bias:
-        raise ValueError("an o_proj bias without q/k/v biases has no transformers Llama-family layout")
+        raise GQAUserError("an o_proj bias without q/k/v biases has no transformers Llama-family layout")
     return "mistral" if config.sliding_window else "llama"
 
 
@@ -187,45 +271,89 @@ def weight_map(config: GQAConfig) -> dict[str, str]:
     return m
 
 
+#: safetensors dtype codes gqa loads, by the names :func:`gqa.units.parse_dtype` knows.
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise GQAUserError(f"{path} is missing; restore the checkpoint's weight files") from None
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled headers
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise GQAUserError(f"cannot read {path.name} ({reason}); the file is truncated or not safetensors") from None
+
+
 def read_safetensors_folder(folder: Path) -> dict[str, tuple[Path, str]]:
-    """tensor name -> (file, name) for a folder with model.safetensors or a sharded index."""
+    """tensor name -> (file, name) for a folder with model.safetensors or a sharded index.
+
+    Only bare file names inside ``folder`` are read: an index that names ``../x`` or an absolute path
+    is refused (a model folder must not make gqa read files elsewhere).
+    """
+    folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index ({e}); re-save the checkpoint") from None
-        return {name: (folder / shard, name) for name, shard in wm.items()}
+            wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise GQAUserError(f"{index} is not a valid safetensors index ({e}); re-save the checkpoint") from None
+        if not isinstance(wm, dict):
+            raise GQAUserError(f"{index}: weight_map must be an object; re-save the checkpoint")
+        out = {}
+        for name, shard in wm.items():
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                raise GQAUserError(
+                    f"{index} maps {name!r} to {shard!r}; shard names must be plain file names inside the folder"
+                )
+            out[name] = (folder / shard, name)
+        return out
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {folder}; save the model with safe_serialization=True")
+        raise GQAUserError(f"no *.safetensors files in {folder}; save the model with safe_serialization=True")
     out = {}
     for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                for name in sf.keys():
-                    out[name] = (f, name)
-        except Exception as e:  # safetensors raises its own error types for truncated headers
-            raise ValueError(f"cannot read {f.name}: {e}; the file is truncated or not safetensors") from None
+        with _open_safetensors(f) as sf:
+            for name in sf.keys():
+                out[name] = (f, name)
     return out
+
+
+def _check_names(wm: dict[str, str], names, config: GQAConfig, where) -> None:
+    """Every tensor the config needs is present, and nothing is left over."""
+    names = set(names)
+    missing = [hf for hf in wm.values() if hf not in names]
+    if missing:
+        raise GQAUserError(
+            f"{where} lacks {len(missing)} tensors config.json needs, e.g. {missing[:3]}; "
+            "the weights do not match config.json (re-save the model)"
+        )
+    ignored = {"lm_head.weight"} if config.tie_embeddings else set()
+    unexpected = sorted(names - set(wm.values()) - ignored)
+    unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
+    if unexpected:
+        raise GQAUserError(
+            f"{where} has {len(unexpected)} tensors config.json has no place for, e.g. {unexpected[:3]}; "
+            "the weights do not match config.json (re-save the model)"
+        )
+
+
+def _check_shape(hf_name: str, shape, expected) -> None:
+    if tuple(shape) != tuple(expected):
+        raise GQAUserError(
+            f"{hf_name} has shape {tuple(shape)} but config.json needs {tuple(expected)}; "
+            "the weights do not match config.json (re-save the model)"
+        )
 
 
 def _load_state(model: GQAForCausalLM, tensors: dict[str, torch.Tensor | tuple], config: GQAConfig, getter):
     wm = weight_map(config)
     own = model.state_dict()
-    missing = [hf for hf in wm.values() if hf not in tensors]
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}; is it a {config} model?")
-    ignored = {"lm_head.weight"} if config.tie_embeddings else set()
-    unexpected = sorted(set(tensors) - set(wm.values()) - ignored)
-    unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
-    if unexpected:
-        raise ValueError(f"checkpoint has {len(unexpected)} tensors gqa does not map, e.g. {unexpected[:3]}")
+    _check_names(wm, tensors, config, "the checkpoint")
     new_state = {}
     for ours, hf in wm.items():
         t = getter(hf)
-        if tuple(t.shape) != tuple(own[ours].shape):
-            raise ValueError(f"{hf} has shape {tuple(t.shape)}, expected {tuple(own[ours].shape)} from config.json")
+        _check_shape(hf, t.shape, own[ours].shape)
         new_state[ours] = t
     if config.tie_embeddings:
         new_state["lm_head.weight"] = new_state["embed.weight"]
@@ -234,40 +362,60 @@ def _load_state(model: GQAForCausalLM, tensors: dict[str, torch.Tensor | tuple],
 
 
 def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None, device=None) -> GQAForCausalLM:
-    """Load a transformers Llama-family folder (config.json + safetensors, sharded or not)."""
+    """Load a transformers Llama-family folder (config.json + safetensors, sharded or not).
+
+    config.json is validated first, then every tensor's name and shape is checked against it from the
+    safetensors headers, before the model's memory is allocated: weights that do not match the config
+    are an error (never a partly random model). ``dtype`` None keeps the stored dtype (f32/f16/bf16/f64;
+    any other stored dtype is an error).
+    """
+    from gqa.model.loading import read_config_json
+    from gqa.units import parse_dtype
+
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json; pass a transformers model folder")
-    try:
-        hf_cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
-    config = config_from_hf(hf_cfg)
+        raise GQAUserError(f"{folder} has no config.json; pass a transformers model folder")
+    config = config_from_hf(read_config_json(cfg_path))
     index = read_safetensors_folder(folder)
-    first = next(iter(index.values()))
-    with safe_open(str(first[0]), framework="pt") as sf:
-        src_dtype = sf.get_slice(first[1]).get_dtype()
-    torch_dtype = dtype or {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(
-        src_dtype, torch.float32
-    )
+    wm = weight_map(config)
+    _check_names(wm, index, config, folder)
     with torch.device("meta"):
         model = GQAForCausalLM(config)
-    model = model.to_empty(device=device or "cpu").to(torch_dtype)
+    own = model.state_dict()
     handles: dict[Path, object] = {}
+
+    def handle(path: Path):
+        if path not in handles:
+            handles[path] = _open_safetensors(path)
+        return handles[path]
+
+    src_dtypes = set()
+    for ours, hf in wm.items():
+        path, key = index[hf]
+        sl = handle(path).get_slice(key)
+        _check_shape(hf, sl.get_shape(), own[ours].shape)
+        code = sl.get_dtype()
+        if code not in _SAFETENSORS_DTYPES:
+            raise GQAUserError(
+                f"{hf} is stored as {code}, which gqa does not load; save the model in float32, bfloat16 or float16"
+            )
+        src_dtypes.add(_SAFETENSORS_DTYPES[code])
+    torch_dtype = parse_dtype(dtype) if dtype is not None else parse_dtype(sorted(src_dtypes)[0])
+    model = model.to_empty(device=device or "cpu").to(torch_dtype)
+    if config.tie_embeddings:  # to_empty gives each module its own tensor: share them again
+        model.lm_head.weight = model.embed.weight
 
     def get(name: str) -> torch.Tensor:
         path, key = index[name]
-        if path not in handles:
-            handles[path] = safe_open(str(path), framework="pt")
-        return handles[path].get_tensor(key).to(torch_dtype)
+        return handle(path).get_tensor(key).to(torch_dtype)
 
     _load_state(model, {k: None for k in index}, config, get)
+    from gqa.rope import rope_frequencies
+
     for layer in model.layers:  # buffers were created on meta
         attn = layer.attn
         if attn.rope_theta is not None:
-            from gqa.rope import rope_frequencies
-
             attn.inv_freq = rope_frequencies(attn.head_dim, attn.rope_theta, device=attn.q_proj.weight.device)
     return model.eval()
 
