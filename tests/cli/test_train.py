@@ -94,7 +94,7 @@ def test_uptrain_refuses_existing_out_bad_teacher_and_corrupt_checkpoint(workdir
     assert res.exit_code == 2 and "corrupt" in res.output
     assert (run / "checkpoint.pt").read_bytes() == b"not a checkpoint"
     res = _uptrain(workdir, tmp_path / "fresh", "--tokens", "64", "--resume")
-    assert res.exit_code == 2 and "no checkpoint.pt" in res.output
+    assert res.exit_code == 2 and "nothing to resume; drop --resume" in res.output
 
 
 def test_eval_bad_input(workdir, tmp_path):

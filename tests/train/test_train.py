@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gqa import GQAConfig, GQAForCausalLM, load_hf
+from gqa.errors import GQAUserError
 from gqa.evaluate import kl_to_teacher
 from gqa.train import CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME, TrainConfig, train, uptrain, uptrain_tokens
 
@@ -109,7 +110,7 @@ def test_resume_after_a_kill_reaches_the_same_final_loss(tmp_path):
     with pytest.raises(Killed):  # the last checkpoint is at step 4; step 5 is logged, then lost
         train(tiny_model(), ids, tmp_path / "run", cfg, progress=False, on_step_end=_kill_at(5))
     assert (tmp_path / "run" / CHECKPOINT_NAME).is_file()
-    with pytest.raises(FileExistsError, match="unfinished run; pass --resume"):
+    with pytest.raises(GQAUserError, match="unfinished run; pass --resume"):
         train(tiny_model(), ids, tmp_path / "run", cfg, progress=False)
     # A fresh process would rebuild the model from its source; the checkpoint overrides the weights.
     resumed = train(tiny_model(seed=123), ids, tmp_path / "run", cfg, resume=True, progress=False)
@@ -187,10 +188,10 @@ def test_bad_input(tmp_path):
     assert not (tmp_path / "a").exists()
     (tmp_path / "exists").mkdir()
     (tmp_path / "exists" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="exists"):
+    with pytest.raises(GQAUserError, match="exists"):
         train(tiny_model(), ids, tmp_path / "exists", small_config(), progress=False)
     assert (tmp_path / "exists" / "keep.txt").read_text() == "mine"
-    with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
+    with pytest.raises(GQAUserError, match="nothing to resume; drop --resume"):
         train(tiny_model(), ids, tmp_path / "new", small_config(), resume=True, progress=False)
     other = GQAForCausalLM(GQAConfig(vocab_size=VOCAB + 1, d_model=32, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=64))
     with pytest.raises(ValueError, match="teacher vocabulary"):

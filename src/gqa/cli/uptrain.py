@@ -1,4 +1,8 @@
-"""``gqa uptrain``: continued training of a converted model, optionally distilled from the original."""
+"""``gqa uptrain``: continued training of a converted model, optionally distilled from the original.
+
+The project's recipe: ``gqa uptrain CONVERTED OUT --teacher SRC --train attention --max-minutes 10
+--data english:train`` distils end to end from the original model for a time budget, evaluating on a
+held-out slice and keeping the best weights."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Annotated
 import typer
 
 from gqa.cli.common import console, user_errors
+from gqa.errors import GQAUserError
 
 
 def load_trainable(path: Path):
@@ -19,7 +24,7 @@ def load_trainable(path: Path):
 
     model = load_model(path)
     if not isinstance(model, GQAForCausalLM):
-        raise ValueError(
+        raise GQAUserError(
             f"{path} is a {type(model).__name__}; gqa trains llama/mistral/qwen2/qwen3 models, convert it first"
         )
     return model
@@ -35,14 +40,24 @@ def register(app: typer.Typer) -> None:
             "shakespeare:train", help="Training text: shakespeare[:split], a file, folder or .jsonl."
         ),
         tokens: int = typer.Option(None, help="Uptraining budget in tokens."),
+        max_minutes: float = typer.Option(
+            None, help="Time budget in minutes of training (alone or with --tokens: whichever ends first)."
+        ),
+        train: str = typer.Option("all", "--train", help="Parameters that move: all, attention or kv."),
         fraction: float = typer.Option(None, help="Budget as a fraction in (0, 1] of the pre-training tokens."),
         pretrain_tokens: int = typer.Option(
             None, help="Pre-training tokens for --fraction (default: read from MODEL/training.json)."
         ),
         teacher: Annotated[Path | None, typer.Option(help="Original model to distil from (same vocabulary).")] = None,
-        alpha: float = typer.Option(0.5, help="Weight of the distillation KL (1 - alpha on the LM loss)."),
+        alpha: float = typer.Option(
+            0.5, help="Weight of the distillation KL (1 - alpha on the LM loss); 1 = pure end-to-end distillation."
+        ),
         temperature: float = typer.Option(1.0, help="Distillation temperature."),
-        val_data: str = typer.Option("shakespeare:validation", help="Validation text ('' for none)."),
+        val_data: str = typer.Option(
+            "shakespeare:validation",
+            help="Validation text ('' for none; 'holdout' for the last --holdout share of --data, never trained on).",
+        ),
+        holdout: float = typer.Option(0.05, help="Share of --data held out when --val-data holdout."),
         tokenizer: Annotated[
             Path | None, typer.Option(help="Tokenizer folder or .gguf (default: MODEL's own).")
         ] = None,
@@ -52,31 +67,46 @@ def register(app: typer.Typer) -> None:
         lr: float = typer.Option(5e-4, help="Peak learning rate (warm-up, then cosine to 10%)."),
         warmup: int = typer.Option(None, help="Warm-up steps (default: 10% of the steps)."),
         seed: int = typer.Option(0, help="Random seed (data order)."),
-        eval_every: int = typer.Option(0, help="Steps between validation evaluations (0: at the end only)."),
+        eval_every: int = typer.Option(
+            0, help="Steps between validation evaluations (0: at the end only); the best weights are kept."
+        ),
         checkpoint_every: int = typer.Option(25, help="Steps between checkpoints."),
         resume: bool = typer.Option(False, help="Continue the unfinished run in OUT from its checkpoint."),
         fsdp: bool = typer.Option(False, help="Under torchrun: shard with FSDP2 instead of DDP."),
         device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
     ) -> None:
-        """Uptrain a converted model for --tokens N or --fraction A of its pre-training."""
+        """Uptrain a converted model for --tokens N, --fraction A of its pre-training, or --max-minutes M."""
         from gqa.data import encode, load_text
         from gqa.evaluate import load_model, load_model_tokenizer
-        from gqa.train.loop import check_out_dir
+        from gqa.train.config import TRAIN_PARAMS
+        from gqa.train.loop import check_not_inside, check_out_dir
         from gqa.train.uptrain import read_pretrain_tokens, uptrain_tokens
         from gqa.train.uptrain import uptrain as run
 
         if pretrain_tokens is None and fraction is not None and model.is_dir():
             pretrain_tokens = read_pretrain_tokens(model)
-        uptrain_tokens(tokens, fraction, pretrain_tokens)  # validate the budget before loading anything
+        if max_minutes is not None and not (0 < max_minutes < float("inf")):
+            raise GQAUserError(f"--max-minutes must be a positive number of minutes, got {max_minutes}")
+        if tokens is not None or fraction is not None or max_minutes is None:
+            uptrain_tokens(tokens, fraction, pretrain_tokens)  # validate the budget before loading anything
+        if train not in TRAIN_PARAMS:
+            raise GQAUserError(f"--train must be one of {', '.join(TRAIN_PARAMS)}, got {train!r}")
+        if not 0 < holdout < 1:
+            raise GQAUserError(f"--holdout must be in (0, 1), got {holdout}; e.g. 0.05")
+        check_not_inside(out, {"MODEL": model, "--teacher": teacher, "--tokenizer": tokenizer})
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone owns OUT
             check_out_dir(out, resume)
         tok = load_model_tokenizer(model, tokenizer)
         train_ids = encode(tok, load_text(data))
-        val_ids = encode(tok, load_text(val_data, default_split="validation")) if val_data else None
+        if val_data == "holdout":  # the tail of --data, never trained on
+            n_val = max(2, int(len(train_ids) * holdout))
+            train_ids, val_ids = train_ids[:-n_val], train_ids[-n_val:]
+        else:
+            val_ids = encode(tok, load_text(val_data, default_split="validation")) if val_data else None
         student = load_trainable(model)
         teacher_model = load_model(teacher) if teacher is not None else None
         settings = dict(seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed)
-        settings.update(eval_every=eval_every, checkpoint_every=checkpoint_every, fsdp=fsdp)
+        settings.update(eval_every=eval_every, checkpoint_every=checkpoint_every, fsdp=fsdp, train_params=train)
         settings.update(distill_alpha=alpha, distill_temperature=temperature)
         if warmup is not None:
             settings["warmup_steps"] = warmup
@@ -89,6 +119,7 @@ def register(app: typer.Typer) -> None:
                 tokens=tokens,
                 fraction=fraction,
                 pretrain_tokens=pretrain_tokens,
+                max_minutes=max_minutes,
                 teacher=teacher_model,
                 val_ids=val_ids,
                 resume=resume,
@@ -98,6 +129,10 @@ def register(app: typer.Typer) -> None:
                 **settings,
             )
         msg = f"saved {out} ({res.tokens:,} tokens in {res.steps} steps, final loss {res.final_loss:.3f}"
+        if res.stopped_by_time:
+            msg += f", stopped at the {max_minutes:g}-minute budget"
+        if res.best_step is not None:
+            msg += f", kept the best evaluation's weights (step {res.best_step})"
         if res.validation is not None:
             msg += f", validation perplexity {res.validation.perplexity:.2f}"
         if int(os.environ.get("RANK", "0")) == 0:

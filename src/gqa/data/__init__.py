@@ -2,9 +2,11 @@
 
 ``shakespeare_splits()`` gives the plays split by play into train / validation / test (see
 :mod:`gqa.data.shakespeare` for which plays); ``load_text(spec)`` reads any data spec
-(``shakespeare:validation``, a file, a folder, a ``.jsonl``).
+(``shakespeare:validation``, ``english:eval``, a file, a folder, a ``.jsonl``); ``english:*`` is English
+prose that ships offline, split so calibration and evaluation never share a document.
 """
 
+from gqa.data.english import EnglishDocument, english_documents, english_split, load_english
 from gqa.data.shakespeare import (
     SPLIT_NAMES,
     TEST_PLAYS,
@@ -24,6 +26,10 @@ __all__ = [
     "TEST_PLAYS",
     "SPLIT_NAMES",
     "load_text",
+    "load_english",
+    "english_documents",
+    "english_split",
+    "EnglishDocument",
     "load_folder",
     "load_jsonl",
     "train_bpe_tokenizer",

@@ -4,6 +4,9 @@ A data *spec* (what ``--data`` takes on the command line) is one of:
 
 * ``shakespeare`` or ``shakespeare:<split>`` with split ``train`` / ``validation`` / ``test``
   (``shakespeare`` alone means the split the caller asks for by default);
+* ``english:<split>`` or ``pydoc:<split>`` with split ``train`` (= ``calib``) / ``eval``: English prose
+  that ships offline (the Python language reference, dependencies' READMEs), split by document so
+  calibration and evaluation never overlap (see :mod:`gqa.data.english`);
 * a text file (any extension except ``.jsonl``), read as UTF-8;
 * a ``.jsonl`` file: one JSON object per line, its ``"text"`` field is used (other fields ignored);
 * a folder: every ``*.txt``, ``*.md`` and ``*.jsonl`` file below it, in sorted path order.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gqa.data.english import is_english_spec, load_english
 from gqa.data.shakespeare import SPLIT_NAMES, shakespeare_splits
 
 __all__ = ["load_text", "load_jsonl", "load_folder", "DOC_SEPARATOR", "FOLDER_SUFFIXES"]
@@ -74,6 +78,8 @@ def load_text(spec: str | Path, *, default_split: str = "train") -> str:
         if split not in SPLIT_NAMES:
             raise ValueError(f"unknown Shakespeare split {split!r}; use one of {', '.join(SPLIT_NAMES)}")
         return shakespeare_splits()[split]
+    if is_english_spec(s):
+        return load_english(s, default_split=default_split)
     path = Path(s).expanduser()
     if path.is_dir():
         docs = load_folder(path)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["TrainConfig"]
+from gqa.errors import GQAUserError
+
+__all__ = ["TrainConfig", "TRAIN_PARAMS"]
+
+#: Which parameters move: every one, the attention blocks' (Q, K, V, O and their norms), or K and V only.
+TRAIN_PARAMS = ("all", "attention", "kv")
 
 
 @dataclass
@@ -37,6 +42,9 @@ class TrainConfig:
     log_every: int = 1  # optimizer steps between metrics records
     autocast: str = "auto"  # "auto": bf16 autocast on CUDA, none on CPU; "bf16" or "none" to force
     fsdp: bool = False  # under torchrun: shard with FSDP2 (fully_shard) instead of DDP
+    train_params: str = "all"  # "all", "attention" or "kv": which parameters the optimizer moves
+    max_minutes: float = 0.0  # stop after this much training time (0: no time budget), see lr_at
+    keep_best: bool = True  # with periodic evaluation: the output holds the best-evaluated weights
 
     def __post_init__(self):
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "eval_tokens", "log_every"):
@@ -60,6 +68,10 @@ class TrainConfig:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if self.autocast not in ("auto", "bf16", "none"):
             raise ValueError(f"autocast must be 'auto', 'bf16' or 'none', got {self.autocast!r}")
+        if self.train_params not in TRAIN_PARAMS:
+            raise GQAUserError(f"--train must be one of {', '.join(TRAIN_PARAMS)}, got {self.train_params!r}")
+        if not (math.isfinite(self.max_minutes) and self.max_minutes >= 0):
+            raise GQAUserError(f"--max-minutes must be a positive number of minutes, got {self.max_minutes}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -70,12 +82,17 @@ class TrainConfig:
         """Sequences per micro-step, over all processes."""
         return self.batch_size // self.grad_accum
 
-    def lr_at(self, step: int) -> float:
-        """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine decay."""
+    def lr_at(self, step: int, time_fraction: float = 0.0) -> float:
+        """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine decay.
+
+        With a time budget (``max_minutes``), ``time_fraction`` is the share of it already used: the
+        cosine follows whichever of steps and time is further along, so a run that stops at its time
+        budget ends at the floor learning rate like a run that reaches its step count.
+        """
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         span = max(1, self.steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
+        progress = min(1.0, max((step - self.warmup_steps) / span, time_fraction))
         floor = self.lr * self.min_lr_ratio
         return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from gqa.errors import GQAUserError
 from gqa.evaluate import EvalResult, evaluate_lm, model_logits
 from gqa.model import GQAConfig, GQAForCausalLM, save_hf
 from gqa.model.hf import SIDE_FILES
@@ -35,10 +35,23 @@ from gqa.train.config import TrainConfig
 from gqa.train.distributed import DistInfo, all_reduce_sum, full_state, init_distributed, load_full_state, unwrap
 from gqa.train.distributed import wrap_model as _wrap
 
-__all__ = ["TrainResult", "train", "batch_offsets", "check_out_dir", "METRICS_NAME", "SUMMARY_NAME"]
+__all__ = [
+    "TrainResult",
+    "train",
+    "batch_offsets",
+    "check_out_dir",
+    "check_not_inside",
+    "set_trainable",
+    "read_metrics",
+    "METRICS_NAME",
+    "SUMMARY_NAME",
+    "RUN_MARKER",
+]
 
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "training.json"
+#: Present in OUT from the start of a run until it finishes; a live run holds an exclusive lock on it.
+RUN_MARKER = ".gqa-training"
 
 
 @dataclass
@@ -50,6 +63,8 @@ class TrainResult:
     elapsed_s: float
     validation: EvalResult | None = None
     history: list[dict] = field(default_factory=list)
+    stopped_by_time: bool = False  # the run ended at its time budget (max_minutes)
+    best_step: int | None = None  # the step whose weights were kept (keep_best), None: the last one
 
 
 def batch_offsets(n_tokens: int, config: TrainConfig, step: int) -> torch.Tensor:
@@ -63,20 +78,141 @@ def _window_batch(ids: torch.Tensor, offsets: torch.Tensor, seq_len: int) -> tup
     return rows[:, :-1], rows[:, 1:]
 
 
+def _lock_holder(marker: Path) -> str | None:
+    """The pid text of a live run holding ``marker``'s lock, or None when no live run holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks (Windows): nothing to check
+        return None
+    try:
+        fd = os.open(marker, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return (marker.read_text().strip() or "?") if marker.exists() else "?"
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _acquire_lock(out_dir: Path):
+    """Create RUN_MARKER in ``out_dir`` and hold an exclusive lock on it for the run; returns the fd."""
+    marker = out_dir / RUN_MARKER
+    fd = os.open(marker, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise GQAUserError(
+                f"another gqa run is training into {out_dir} right now; wait for it to finish or choose another OUT"
+            ) from None
+    except ImportError:
+        pass
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}\n".encode())
+    return fd
+
+
+def _release_lock(fd, out_dir: Path, finished: bool) -> None:
+    if fd is None:
+        return
+    if finished:
+        (out_dir / RUN_MARKER).unlink(missing_ok=True)
+    os.close(fd)  # closing releases the lock
+
+
+def check_not_inside(out_dir: str | Path, sources: dict[str, str | Path | None]) -> None:
+    """Refuse an OUT that is, contains or lies inside any of ``sources`` ({"MODEL": path, ...})."""
+    o = Path(out_dir).expanduser().resolve()
+    for name, src in sources.items():
+        if src is None:
+            continue
+        s = Path(src).expanduser().resolve()
+        base = s.parent if s.is_file() and s.suffix == ".pt" else s  # a checkpoint.pt stands for its run folder
+        if o == s or o == base or o.is_relative_to(base) or base.is_relative_to(o):
+            raise GQAUserError(
+                f"OUT {out_dir} overlaps {name} {src}; choose an output folder outside it (sources are never written)"
+            )
+
+
+def _unfinished(out_dir: Path) -> bool:
+    return (out_dir / CHECKPOINT_NAME).is_file() or (out_dir / RUN_MARKER).is_file()
+
+
 def check_out_dir(out_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite anything: OUT must be new, or hold an unfinished run when resuming."""
-    ckpt = out_dir / CHECKPOINT_NAME
+    """Refuse to overwrite anything: OUT must be new, or hold an unfinished run when resuming.
+
+    An unfinished run is one with a checkpoint, or one killed before its first checkpoint (OUT holds the
+    run marker but no checkpoint): ``--resume`` restarts the latter from step 0. A run that is still alive
+    (it holds the marker's lock) is refused either way.
+    """
+    out_dir = Path(out_dir)
+    holder = _lock_holder(out_dir / RUN_MARKER) if out_dir.is_dir() else None
+    if holder is not None:
+        raise GQAUserError(
+            f"another gqa run ({holder}) is training into {out_dir} right now; wait for it or choose another OUT"
+        )
     if resume:
-        if not ckpt.is_file():
-            raise FileNotFoundError(
-                f"{out_dir} holds no {CHECKPOINT_NAME} to resume from; drop --resume to start a run"
+        if _unfinished(out_dir):
+            return
+        if out_dir.exists():
+            raise GQAUserError(
+                f"{out_dir} holds no unfinished run to resume (finished or not a training folder); "
+                "choose another OUT and drop --resume"
             )
-    elif out_dir.exists():
-        if ckpt.is_file():
-            raise FileExistsError(
-                f"{out_dir} holds an unfinished run; pass --resume to continue it or choose another OUT"
-            )
-        raise FileExistsError(f"{out_dir} exists; choose another output path (nothing was written)")
+        raise GQAUserError(f"{out_dir} does not exist, so there is nothing to resume; drop --resume to start a run")
+    if out_dir.exists():
+        if _unfinished(out_dir):
+            raise GQAUserError(f"{out_dir} holds an unfinished run; pass --resume to continue it or choose another OUT")
+        raise GQAUserError(f"{out_dir} exists; choose another output path (nothing was written)")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a torn line (a run killed mid-write) is skipped, not an error."""
+    records = []
+    if not path.is_file():
+        return records
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def _clean_partials(out_dir: Path) -> None:
+    """Remove temporary files that a killed run left in OUT (half-written checkpoints, staged folders)."""
+    for pattern in (f".{CHECKPOINT_NAME}.*", ".model.*", f".{SUMMARY_NAME}.tmp*", f".{METRICS_NAME}.tmp*"):
+        for p in out_dir.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def set_trainable(model: torch.nn.Module, which: str) -> dict:
+    """Freeze every parameter except ``which`` ("all", "attention": every ``*.attn.*``, "kv": the K and V
+    projections); returns the previous ``requires_grad`` flags by name (to restore them)."""
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        if which == "all":
+            keep = True
+        elif which == "attention":
+            keep = ".attn." in f".{name}"
+        else:
+            keep = ".attn.k_proj." in f".{name}" or ".attn.v_proj." in f".{name}"
+        p.requires_grad_(keep and before[name])
+    if not any(p.requires_grad for p in model.parameters()):
+        raise GQAUserError(f"--train {which} leaves no parameter to train in this model; use --train all")
+    return before
 
 
 def _vocab(model) -> int | None:
@@ -174,25 +310,55 @@ def train(
             f"batch_size / grad_accum = {config.micro_batch} sequences per micro-step do not split over "
             f"{info.world_size} processes; make it a multiple of the process count"
         )
+    lock = None
     if info.is_main:
         check_out_dir(out_dir, resume)
         out_dir.mkdir(parents=True, exist_ok=True)
-        if tokenizer_from is not None:  # so checkpoints in OUT can be evaluated before the run ends
-            for name in SIDE_FILES:
-                if (Path(tokenizer_from) / name).is_file():
-                    shutil.copy2(Path(tokenizer_from) / name, out_dir / name)
-    state = load_checkpoint(out_dir / CHECKPOINT_NAME) if resume else None
-    if state is not None:
-        if state["model_config"] != model.config.to_dict():
-            raise ValueError(
-                f"{out_dir / CHECKPOINT_NAME} was written for another model config; resume with that model"
-            )
-        saved = TrainConfig.from_dict(state["train_config"])
-        if saved != config:
-            diff = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
-            raise ValueError(
-                f"training settings differ from the checkpoint's ({', '.join(diff)}); resume with the same ones"
-            )
+        lock = _acquire_lock(out_dir)  # released (and the marker removed on success) in the finally below
+    finished = False
+    restore_flags = None
+    try:
+        if info.is_main:
+            _clean_partials(out_dir)
+            if tokenizer_from is not None:  # so checkpoints in OUT can be evaluated before the run ends
+                for name in SIDE_FILES:
+                    if (Path(tokenizer_from) / name).is_file():
+                        shutil.copy2(Path(tokenizer_from) / name, out_dir / name)
+        # A run killed before its first checkpoint has none: --resume then restarts it from step 0.
+        state = load_checkpoint(out_dir / CHECKPOINT_NAME) if resume and (out_dir / CHECKPOINT_NAME).is_file() else None
+        if state is not None:
+            if state["model_config"] != model.config.to_dict():
+                raise GQAUserError(
+                    f"{out_dir / CHECKPOINT_NAME} was written for another model config; resume with that model"
+                )
+            saved = TrainConfig.from_dict(state["train_config"])
+            if saved != config:
+                diff = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
+                raise GQAUserError(
+                    f"training settings differ from the checkpoint's ({', '.join(diff)}); resume with the same ones"
+                )
+        restore_flags = set_trainable(model, config.train_params)
+        result = _run(
+            model, train_ids, out_dir, config, info, state,
+            teacher=teacher, val_ids=val_ids, tokenizer_from=tokenizer_from, progress=progress,
+            summary=summary, on_step_end=on_step_end, desc=desc,
+        )  # fmt: skip
+        finished = True
+        return result
+    finally:
+        if restore_flags is not None:
+            for name, p in model.named_parameters():
+                p.requires_grad_(restore_flags.get(name, True))
+        if info.is_main:
+            _release_lock(lock, out_dir, finished)
+
+
+def _run(
+    model, train_ids, out_dir, config, info, state, *, teacher, val_ids, tokenizer_from, progress, summary,
+    on_step_end, desc,
+):  # fmt: skip
+    """The training loop proper (see :func:`train`); OUT is checked and locked by the caller."""
+    from gqa.progress import progress as progress_bar
 
     model.to(info.device)
     if teacher is not None:
@@ -200,32 +366,46 @@ def train(
     wrapped = _wrap(model, info, config.fsdp)
     optimizer = _optimizer(wrapped, config)
     start = 0
+    best = None  # {"step", "perplexity", "model"}: the best periodic evaluation so far (keep_best)
     if state is not None:
         load_full_state(wrapped, optimizer, state["model"], state["optimizer"])
         start = int(state["step"])
+        best = state.get("best")
     base_model = unwrap(wrapped)
 
     metrics_path = out_dir / METRICS_NAME
     history: list[dict] = []
-    if info.is_main and metrics_path.exists():
-        # A killed run may have logged steps after its last checkpoint: drop them, they will be redone.
-        kept = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-        history = [r for r in kept if r.get("step", 0) <= start]
+    if info.is_main:
+        # A killed run may have logged steps after its last checkpoint (and a torn last line): drop them,
+        # they will be redone. A run restarted without a checkpoint starts a fresh log.
+        history = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start]
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
     prior_elapsed = float(state.get("elapsed_s", 0.0)) if state is not None else 0.0
+    train_seconds = float(state.get("train_seconds", prior_elapsed)) if state is not None else 0.0
+    budget_s = config.max_minutes * 60.0
 
     world, L = info.world_size, config.seq_len
     local_rows = config.micro_batch // world
     scale = world / config.tokens_per_step  # DDP/FSDP average gradients over processes
     alpha, temp = (config.distill_alpha, config.distill_temperature) if teacher is not None else (0.0, 1.0)
-    bar = tqdm(total=config.steps, initial=start, desc=desc, unit="step", disable=not (progress and info.is_main))
+    bar = progress_bar(
+        total=None if budget_s else config.steps - start,
+        desc=desc,
+        unit="step",
+        enabled=progress and info.is_main,
+    )
     t0 = time.perf_counter()
     last_loss = float("nan")
+    done = start
+    stopped_by_time = False
     wrapped.train()
     try:
         for step in range(start, config.steps):
+            if budget_s and train_seconds >= budget_s:
+                stopped_by_time = True
+                break
             t_step = time.perf_counter()
-            lr = config.lr_at(step)
+            lr = config.lr_at(step, train_seconds / budget_s if budget_s else 0.0)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             offsets = batch_offsets(train_ids.numel(), config, step)
@@ -256,16 +436,19 @@ def train(
                     (loss_sum * scale).backward()
                     sums[0] += lm_sum.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(
-                wrapped.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf")
+                [p for p in wrapped.parameters() if p.requires_grad],
+                config.grad_clip if config.grad_clip > 0 else float("inf"),
             )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lm_total, kl_total = all_reduce_sum(sums, info)
+            step_seconds = time.perf_counter() - t_step
+            # Under torchrun every process must stop at the same step: use rank 0's clock.
+            train_seconds += float(_broadcast_float(step_seconds, info))
             lm_loss = lm_total / config.tokens_per_step
             kl = kl_total / config.tokens_per_step if teacher is not None else None
             last_loss = (1 - alpha) * lm_loss + alpha * kl if kl is not None else lm_loss
             done = step + 1
-            tok_s = config.tokens_per_step / (time.perf_counter() - t_step)
             record = {
                 "step": done,
                 "tokens": done * config.tokens_per_step,
@@ -274,17 +457,28 @@ def train(
                 "kl": kl,
                 "lr": lr,
                 "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                "tokens_per_s": tok_s,
+                "tokens_per_s": config.tokens_per_step / step_seconds,
+                "train_seconds": train_seconds,
                 "elapsed_s": prior_elapsed + time.perf_counter() - t0,
             }
-            if config.eval_every and val_ids is not None and done % config.eval_every == 0 and done < config.steps:
+            out_of_time = bool(budget_s) and train_seconds >= budget_s
+            last = done == config.steps or out_of_time
+            if config.eval_every and val_ids is not None and done % config.eval_every == 0 and not last:
                 res = evaluate_lm(base_model, val_ids, seq_len=L, max_tokens=config.eval_tokens)
                 record["val_perplexity"] = res.perplexity
-            if info.is_main and (done % config.log_every == 0 or done == config.steps or "val_perplexity" in record):
+                if config.keep_best and (best is None or res.perplexity < best["perplexity"]):
+                    model_sd = full_state(wrapped, optimizer)[0] if info.distributed else None
+                    sd = model_sd if model_sd is not None else base_model.state_dict()
+                    best = {
+                        "step": done,
+                        "perplexity": res.perplexity,
+                        "model": {k: v.detach().cpu().clone() for k, v in sd.items()},
+                    }
+            if info.is_main and (done % config.log_every == 0 or last or "val_perplexity" in record):
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 history.append(record)
-            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and not last:
                 model_sd, optim_sd = full_state(wrapped, optimizer)
                 if info.is_main:
                     save_checkpoint(
@@ -296,19 +490,38 @@ def train(
                             "model_config": model.config.to_dict(),
                             "train_config": config.to_dict(),
                             "elapsed_s": record["elapsed_s"],
+                            "train_seconds": train_seconds,
+                            "best": best,
                         },
                     )
-            bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}")
+            postfix = {"loss": f"{last_loss:.3f}", "lr": f"{lr:.1e}", "tok_s": f"{record['tokens_per_s']:,.0f}"}
+            if budget_s:
+                postfix["min"] = f"{train_seconds / 60:.1f}/{config.max_minutes:g}"
+            bar.set_postfix(**postfix)
             bar.update(1)
             if on_step_end is not None:
                 on_step_end(done, record)
+            if out_of_time:
+                stopped_by_time = True
+                break
     finally:
         bar.close()
 
     validation = None
     if val_ids is not None:
         validation = evaluate_lm(base_model, val_ids, seq_len=L, max_tokens=config.eval_tokens)
+    best_step = None
+    if best is not None and validation is not None and best["perplexity"] < validation.perplexity:
+        # keep_best: the last weights evaluated worse than an earlier evaluation: the output holds those.
+        best_step = best["step"]
+        if config.fsdp and info.distributed:  # sharded: the saved copy is rebuilt from best["model"] below
+            validation = EvalResult(**{**validation.to_dict(), "perplexity": best["perplexity"]})
+        else:
+            base_model.load_state_dict(best["model"])
+            validation = evaluate_lm(base_model, val_ids, seq_len=L, max_tokens=config.eval_tokens)
     model_sd, _ = full_state(wrapped, optimizer) if config.fsdp and info.distributed else (None, None)
+    if best_step is not None and model_sd is not None:
+        model_sd = best["model"]
     elapsed = prior_elapsed + time.perf_counter() - t0
     if info.is_main:
         to_save = base_model
@@ -320,10 +533,13 @@ def train(
             out_dir / SUMMARY_NAME,
             {
                 **(summary or {}),
-                "steps": config.steps,
-                "tokens": config.steps * config.tokens_per_step,
+                "steps": done,
+                "tokens": done * config.tokens_per_step,
                 "final_loss": last_loss,
                 "validation": validation.to_dict() if validation else None,
+                "kept_step": best_step if best_step is not None else done,
+                "stopped_by_time": stopped_by_time,
+                "train_seconds": train_seconds,
                 "distilled": teacher is not None,
                 "processes": info.world_size,
                 "elapsed_s": elapsed,
@@ -333,14 +549,26 @@ def train(
             },
         )
         (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+        _clean_partials(out_dir)
     if info.distributed:
         dist.barrier()
     return TrainResult(
         out_dir=out_dir,
-        steps=config.steps,
-        tokens=config.steps * config.tokens_per_step,
+        steps=done,
+        tokens=done * config.tokens_per_step,
         final_loss=last_loss,
         elapsed_s=elapsed,
         validation=validation,
         history=history,
+        stopped_by_time=stopped_by_time,
+        best_step=best_step,
     )
+
+
+def _broadcast_float(value: float, info: DistInfo) -> float:
+    """Rank 0's ``value`` on every process (so time-based decisions agree); ``value`` when not distributed."""
+    if not info.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.broadcast(t, src=0)
+    return float(t.item())

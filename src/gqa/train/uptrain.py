@@ -1,7 +1,11 @@
-"""Uptraining: continued training of a converted model, for a token budget or a fraction of its
-pre-training tokens, optionally distilled from the original model.
+"""Uptraining: continued training of a converted model, for a token budget, a fraction of its
+pre-training tokens or a time budget, optionally distilled from the original model (end-to-end
+distillation: ``teacher=`` with ``distill_alpha=1`` is a pure KL to the original model's outputs).
 
-The GQA paper (Ainslie et al., 2023) uptrains for about 5% of the original pre-training steps.
+The GQA paper (Ainslie et al., 2023) uptrains for about 5% of the original pre-training steps with the
+language-model loss; the project's recipe instead starts from the locally distilled conversion and
+distils end to end from the original for a few CPU-minutes (``max_minutes``), moving only the
+attention parameters (``train_params="attention"``).
 """
 
 from __future__ import annotations
@@ -10,11 +14,14 @@ import json
 import math
 from pathlib import Path
 
+from gqa.errors import GQAUserError
 from gqa.model import GQAForCausalLM
 from gqa.train.config import TrainConfig
 from gqa.train.loop import SUMMARY_NAME, TrainResult, train
 
 __all__ = ["uptrain", "uptrain_tokens", "read_pretrain_tokens"]
+
+_OPEN_ENDED_STEPS = 10**9  # a time-budgeted run's step count: never reached, the clock stops it first
 
 
 def read_pretrain_tokens(model_dir: str | Path) -> int | None:
@@ -34,7 +41,7 @@ def read_pretrain_tokens(model_dir: str | Path) -> int | None:
 def uptrain_tokens(tokens: int | None = None, fraction: float | None = None, pretrain_tokens: int | None = None) -> int:
     """The uptraining token budget: ``tokens``, or ``fraction`` (in (0, 1]) of ``pretrain_tokens``."""
     if (tokens is None) == (fraction is None):
-        raise ValueError("give exactly one of --tokens N or --fraction A (e.g. --fraction 0.05 for 5%)")
+        raise ValueError("give exactly one of --tokens N or --fraction A (e.g. --fraction 0.05 for 5%), or a time budget --max-minutes M")
     if tokens is not None:
         if tokens < 1:
             raise ValueError(f"--tokens must be >= 1, got {tokens}")
@@ -54,6 +61,7 @@ def uptrain(
     tokens: int | None = None,
     fraction: float | None = None,
     pretrain_tokens: int | None = None,
+    max_minutes: float | None = None,
     teacher=None,
     val_ids=None,
     resume: bool = False,
@@ -68,17 +76,36 @@ def uptrain(
 
     tokens / fraction / pretrain_tokens: the budget, see :func:`uptrain_tokens`; it is rounded up to
         whole optimizer steps of ``batch_size x seq_len`` tokens.
+    max_minutes: a time budget (minutes of training, evaluation excluded), alone or with a token
+        budget (whichever ends first); the run stops cleanly with its model, metrics and training.json
+        written, and the learning rate's cosine follows the time used.
     teacher: the original model (same vocabulary) to distil from; ``distill_alpha`` weights the KL.
     train_settings: any :class:`TrainConfig` field (lr, batch_size, seq_len, grad_accum, seed, ...).
         ``warmup_steps`` defaults to 10% of the steps.
     Other arguments as for :func:`gqa.train.train`.
     """
-    budget = uptrain_tokens(tokens, fraction, pretrain_tokens)
+    if max_minutes is not None and not (max_minutes > 0 and math.isfinite(max_minutes)):
+        raise GQAUserError(f"--max-minutes must be a positive number, got {max_minutes}")
+    budget = (
+        uptrain_tokens(tokens, fraction, pretrain_tokens)
+        if (tokens, fraction) != (None, None) or not max_minutes
+        else None
+    )
     settings = {"lr": 5e-4, "min_lr_ratio": 0.1, "checkpoint_every": 25, **train_settings}
-    config = TrainConfig.for_tokens(budget, **{**settings, "warmup_steps": settings.get("warmup_steps", 0)})
-    if "warmup_steps" not in train_settings:
-        config = TrainConfig.from_dict({**config.to_dict(), "warmup_steps": max(1, config.steps // 10)})
-    info = {"kind": "uptrain", "requested_tokens": budget, "fraction": fraction, "pretrain_tokens": pretrain_tokens}
+    settings["max_minutes"] = float(max_minutes or 0.0)
+    if budget is None:  # time budget only: steps are open-ended, the clock ends the run
+        config = TrainConfig(**{"warmup_steps": 1, **settings, "steps": _OPEN_ENDED_STEPS})
+    else:
+        config = TrainConfig.for_tokens(budget, **{**settings, "warmup_steps": settings.get("warmup_steps", 0)})
+        if "warmup_steps" not in train_settings:
+            config = TrainConfig.from_dict({**config.to_dict(), "warmup_steps": max(1, config.steps // 10)})
+    info = {
+        "kind": "uptrain",
+        "requested_tokens": budget,
+        "fraction": fraction,
+        "pretrain_tokens": pretrain_tokens,
+        "max_minutes": max_minutes,
+    }
     return train(
         model,
         train_ids,

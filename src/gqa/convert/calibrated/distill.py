@@ -1,0 +1,464 @@
+"""Local (per-layer) distillation: fit each reduced attention block to the original one, a layer at a time.
+
+After grouping, alignment and merging, a layer's attention with fewer KV heads still differs from the
+original. :func:`distill_local` fits the student's attention parameters (Q, K, V and O, or only K and V;
+both keep the checkpoint's shapes) with Adam so that, on calibration text, the student's layer
+reproduces the teacher's. No end-to-end training: each layer is a small least-squares-like problem.
+
+What is matched, for layer i (h = residual stream entering the layer, a = attn_norm(h)):
+
+* ``inputs="original"``: the student sees the teacher's own a_i and must reproduce the teacher's
+  attention output attn_T(a_i) (the recipe measured in the issue that introduced this stage).
+* ``inputs="converted"``: the student sees its own stream h'_i (the converted model run through the
+  already-distilled layers 0..i-1) and must reproduce the teacher's *post-attention residual*:
+  ``attn_S(a'_i) ~ h_i + attn_T(a_i) - h'_i``. Each layer thus also removes the drift accumulated by
+  the layers before it.
+* ``loss="block"`` matches the whole block's output (attention + MLP, the residual stream leaving the
+  layer) instead of the post-attention residual; only attention parameters move either way.
+
+Errors are reported relative to the energy of the teacher's residual stream at the layer,
+E||diff||^2 / E||h_i||^2 (the same currency as the conversion's per-layer errors), on a held-out slice
+of the calibration sequences that is never trained on; it drives early stopping and the best state of
+each layer is kept (so a layer never ends worse on held-out text than it started).
+
+Memory does not grow with depth: only the current layer's inputs and targets are held (a few
+``[N, T, d]`` float32 tensors on the host), and only the current layer's two blocks are moved to
+``device`` (CUDA when present). Inputs are captured with forward hooks on the models' own modules and
+every block / attention call replays the exact arguments the model's forward passed, so this module
+never re-implements a forward.
+
+Head mapping: query head h reads KV head h // (Hq // Hkv) in both models; shapes are not changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from gqa.errors import GQAUserError
+
+__all__ = ["DISTILL_PARAMS", "DISTILL_INPUTS", "DISTILL_LOSSES", "LayerDistillation", "DistillReport", "distill_local"]
+
+DISTILL_PARAMS = ("qkvo", "kv")
+DISTILL_INPUTS = ("original", "converted")
+DISTILL_LOSSES = ("attention", "block")
+
+
+@dataclass
+class LayerDistillation:
+    """One layer: held-out error before and after (relative to the residual energy), steps run, seconds."""
+
+    layer: int
+    error_before: float
+    error_after: float
+    steps: int
+    stopped_early: bool
+    seconds: float
+    train_error_before: float | None = None
+
+
+@dataclass
+class DistillReport:
+    """What :func:`distill_local` did; ``to_dict()`` is JSON-ready."""
+
+    params: str
+    inputs: str
+    loss: str
+    steps: int
+    lr: float
+    batch_size: int
+    seq_len: int
+    train_sequences: int
+    holdout_sequences: int
+    seed: int
+    device: str
+    seconds: float = 0.0
+    layers: list[LayerDistillation] = field(default_factory=list)
+
+    @property
+    def error_before(self) -> float:
+        """Sum over layers of the held-out error before distillation."""
+        return sum(layer.error_before for layer in self.layers)
+
+    @property
+    def error_after(self) -> float:
+        return sum(layer.error_after for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["error_before_total"] = self.error_before
+        d["error_after_total"] = self.error_after
+        return d
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the wanted input is captured."""
+
+
+def _to(obj, device):
+    """Move every tensor inside ``obj`` (tuples, lists, dicts, objects with tensor attributes) to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if hasattr(obj, "__dict__") and any(isinstance(v, torch.Tensor) for v in vars(obj).values()):
+        new = copy.copy(obj)
+        for k, v in vars(obj).items():
+            if isinstance(v, torch.Tensor):
+                setattr(new, k, v.to(device))
+        return new
+    return obj
+
+
+class _CallArgs:
+    """The extra arguments (after the hidden states) that the model's own forward passes to a block and
+    to its attention, per batch size, captured with hooks and cached: ``{B: (args, kwargs)}``."""
+
+    def __init__(self, model, ids: torch.Tensor, device):
+        self.model, self.ids, self.device = model, ids, device
+        self.blocks: dict[int, tuple] = {}
+        self.attns: dict[int, tuple] = {}
+
+    @torch.no_grad()
+    def block(self, b: int) -> tuple:
+        if b not in self.blocks:
+            seen = []
+
+            def hook(_m, args, kwargs):
+                seen.append((args[1:], kwargs))
+                raise _Stop
+
+            handle = self.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+            try:
+                self.model(self.ids[:b].to(next(self.model.parameters()).device))
+            except _Stop:
+                pass
+            finally:
+                handle.remove()
+            self.blocks[b] = _to(seen[0], self.device)
+        return self.blocks[b]
+
+    @torch.no_grad()
+    def attn(self, block, h: torch.Tensor) -> tuple:
+        """The arguments ``block`` passes to ``block.attn`` for a batch shaped like ``h``."""
+        b = h.shape[0]
+        if b not in self.attns:
+            seen = []
+
+            def hook(_m, args, kwargs):
+                seen.append((args[1:], kwargs))
+                raise _Stop
+
+            handle = block.attn.register_forward_pre_hook(hook, with_kwargs=True)
+            args, kwargs = self.block(b)
+            try:
+                block(h.to(device=self.device, dtype=next(block.parameters()).dtype), *args, **kwargs)
+            except _Stop:
+                pass
+            finally:
+                handle.remove()
+            self.attns[b] = _to(seen[0], self.device)
+        return self.attns[b]
+
+
+@torch.no_grad()
+def _layer0_inputs(model, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The residual stream entering layer 0 for every sequence: [N, T, d] float32 on the host."""
+    seen: list = []
+
+    def hook(_module, args):
+        seen.append(args[0].detach())
+        raise _Stop
+
+    handle = model.layers[0].register_forward_pre_hook(hook)
+    hidden = []
+    try:
+        for s in range(0, ids.shape[0], chunk):
+            try:
+                model(ids[s : s + chunk].to(next(model.parameters()).device))
+            except _Stop:
+                pass
+            hidden.append(seen.pop().float().cpu())
+    finally:
+        handle.remove()
+    return torch.cat(hidden)  # (N, T, d)
+
+
+@torch.no_grad()
+def _run_block(block, h: torch.Tensor, calls: _CallArgs, chunk: int, *, capture_attn: bool):
+    """Run ``block`` on ``h`` [N, T, d] in chunks with the model's own call arguments; returns
+    (block output, attention input, attention output), each [N, T, d] float32 on the host (the attention
+    parts None unless ``capture_attn``)."""
+    dtype = next(block.parameters()).dtype
+    outs, a_in, a_out = [], [], []
+    seen: list = []
+
+    def post(_m, args, output):
+        seen.append((args[0].detach(), output.detach()))
+
+    handle = block.attn.register_forward_hook(post) if capture_attn else None
+    try:
+        for s in range(0, h.shape[0], chunk):
+            x = h[s : s + chunk]
+            args, kwargs = calls.block(x.shape[0])
+            outs.append(block(x.to(device=calls.device, dtype=dtype), *args, **kwargs).float().cpu())
+            if capture_attn:
+                ai, ao = seen.pop()
+                a_in.append(ai.float().cpu())
+                a_out.append(ao.float().cpu())
+    finally:
+        if handle is not None:
+            handle.remove()
+    if not capture_attn:
+        return torch.cat(outs), None, None
+    return torch.cat(outs), torch.cat(a_in), torch.cat(a_out)
+
+
+def _check(teacher, student, calib_ids, params, inputs, loss, steps, lr, batch_size, holdout_fraction) -> torch.Tensor:
+    if params not in DISTILL_PARAMS:
+        raise GQAUserError(f"unknown distill params {params!r}; use one of {', '.join(DISTILL_PARAMS)}")
+    if inputs not in DISTILL_INPUTS:
+        raise GQAUserError(f"unknown distill inputs {inputs!r}; use one of {', '.join(DISTILL_INPUTS)}")
+    if loss not in DISTILL_LOSSES:
+        raise GQAUserError(f"unknown distill loss {loss!r}; use one of {', '.join(DISTILL_LOSSES)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise GQAUserError(f"distill steps must be an integer >= 1, got {steps!r}; e.g. 150")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise GQAUserError(f"distill lr must be a positive number, got {lr!r}; e.g. 1e-3")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise GQAUserError(f"distill batch size must be an integer >= 1, got {batch_size!r}; e.g. 8")
+    if not (isinstance(holdout_fraction, (int, float)) and 0 <= holdout_fraction < 1):
+        raise GQAUserError(f"holdout fraction must be in [0, 1), got {holdout_fraction!r}; e.g. 0.1")
+    for name, m in (("teacher", teacher), ("student", student)):
+        if not hasattr(m, "layers") or not all(hasattr(b, "attn") for b in m.layers):
+            raise GQAUserError(
+                f"the {name} is a {type(m).__name__}; local distillation needs gqa.GQAForCausalLM models"
+            )
+    if len(teacher.layers) != len(student.layers):
+        raise GQAUserError(
+            f"teacher has {len(teacher.layers)} layers, student {len(student.layers)}; "
+            "distil a converted model from the model it was converted from"
+        )
+    ids = torch.as_tensor(calib_ids)
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.numel() == 0:
+        raise GQAUserError(
+            f"calibration ids must be a non-empty integer tensor [N, T], got {tuple(ids.shape)} {ids.dtype}"
+        )
+    vocab = getattr(getattr(teacher, "config", None), "vocab_size", None)
+    if vocab is not None and int(ids.max()) >= vocab:
+        raise GQAUserError(f"token id {int(ids.max())} is outside the vocabulary ({vocab}); use the model's tokenizer")
+    n_hold = round(ids.shape[0] * holdout_fraction)
+    if holdout_fraction > 0 and (n_hold < 1 or ids.shape[0] - n_hold < 1):
+        raise GQAUserError(
+            f"{ids.shape[0]} calibration sequences cannot give both a training and a held-out slice at "
+            f"holdout fraction {holdout_fraction}; give more calibration tokens (--calib-tokens)"
+        )
+    return ids.long()
+
+
+def _trainable(attn, params: str) -> list[torch.nn.Parameter]:
+    if params == "kv":
+        return [p for m in (attn.k_proj, attn.v_proj) for p in m.parameters()]
+    return list(attn.parameters())
+
+
+def distill_local(
+    teacher,
+    student,
+    calib_ids,
+    *,
+    params: str = "qkvo",
+    inputs: str = "original",
+    loss: str = "attention",
+    steps: int = 150,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    holdout_fraction: float = 0.1,
+    eval_every: int | None = None,
+    patience: int = 3,
+    seed: int = 0,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> DistillReport:
+    """Fit ``student``'s attention layer by layer to ``teacher``'s on calibration text (in place).
+
+    teacher, student: :class:`gqa.GQAForCausalLM` with the same number of layers and width (the
+        student typically has fewer KV heads); the teacher is not modified.
+    calib_ids: int64 ``[N, T]`` calibration sequences; a seeded ``holdout_fraction`` of them is held
+        out for the error reported and early stopping.
+    params: ``"qkvo"`` (all attention parameters) or ``"kv"`` (only the K and V projections).
+    inputs: ``"original"`` (the teacher's inputs to each layer) or ``"converted"`` (the student's own
+        inputs after its earlier layers were distilled; targets then include the drift, see module doc).
+    loss: ``"attention"`` (post-attention residual) or ``"block"`` (the block's output, MLP included).
+    steps, lr, batch_size: Adam steps per layer with a cosine learning rate from ``lr`` to 0, on
+        batches of ``batch_size`` sequences.
+    eval_every: steps between held-out evaluations (default steps // 10); training of a layer stops
+        after ``patience`` evaluations without improvement and its best state is kept.
+    device: where each layer is trained (default: CUDA when available, else CPU). Only the current
+        layer's blocks visit the device; both models are left where they were.
+    Returns a :class:`DistillReport`. Same arguments and seed give the same student.
+    """
+    from gqa.progress import progress as progress_bar
+
+    ids = _check(teacher, student, calib_ids, params, inputs, loss, steps, lr, batch_size, holdout_fraction)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    t_start = time.perf_counter()
+    n = ids.shape[0]
+    n_hold = round(n * holdout_fraction)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    ids = ids[order]  # the first n - n_hold sequences train, the rest are held out
+    n_train = n - n_hold
+    batch = min(batch_size, n_train)
+    eval_every = eval_every or max(1, steps // 10)
+    report = DistillReport(
+        params, inputs, loss, steps, float(lr), batch, ids.shape[1], n_train, n_hold, seed, str(device)
+    )
+    was_training = (teacher.training, student.training)
+    teacher.eval()
+    student.eval()
+    grad_flags = {p: p.requires_grad for p in student.parameters()}
+    try:
+        calls = _CallArgs(teacher, ids, device)
+        h_t = _layer0_inputs(teacher, ids, batch)  # (N, T, d)
+        h_s = _layer0_inputs(student, ids, batch) if inputs == "converted" else h_t
+        for i in range(len(teacher.layers)):
+            result, h_t, h_s = _distill_layer(
+                i, teacher.layers[i], student.layers[i], h_t, h_s, calls, n_train, batch,
+                params=params, inputs=inputs, loss=loss, steps=steps, lr=lr, eval_every=eval_every,
+                patience=patience, seed=seed, progress=progress, progress_bar=progress_bar,
+                n_layers=len(teacher.layers),
+            )  # fmt: skip
+            report.layers.append(result)
+    finally:
+        for p, flag in grad_flags.items():
+            p.requires_grad_(flag)
+        teacher.train(was_training[0])
+        student.train(was_training[1])
+    report.seconds = round(time.perf_counter() - t_start, 2)
+    return report
+
+
+def _distill_layer(
+    i, t_block, s_block, h_t, h_s, calls, n_train, batch, *, params, inputs, loss, steps, lr,
+    eval_every, patience, seed, progress, progress_bar, n_layers,
+):  # fmt: skip
+    """Distil one layer; returns (LayerDistillation, teacher stream after it, student stream after it)."""
+    t0 = time.perf_counter()
+    device = calls.device
+    homes = (next(t_block.parameters()).device, next(s_block.parameters()).device)
+    s_dtype = next(s_block.parameters()).dtype
+    t_block.to(device)
+    s_block.to(device=device, dtype=torch.float32)  # Adam on fp32 masters whatever the checkpoint's dtype
+    try:
+        h_t_next, a_t, o_t = _run_block(t_block, h_t, calls, batch, capture_attn=True)
+        if inputs == "converted":
+            a_s = _run_block(s_block, h_s, calls, batch, capture_attn=True)[1]
+        else:
+            a_s = a_t  # same residual stream, same (unchanged) attn_norm
+        if loss == "attention":
+            x_all = a_s  # (N, T, d) what the student's attention reads
+            target = o_t + (h_t - h_s) if inputs == "converted" else o_t  # teacher's post-attention residual - h'
+
+            def forward(x):
+                args, kwargs = calls.attn(s_block, h_s[: x.shape[0]])
+                return s_block.attn(x, *args, **kwargs)
+        else:
+            x_all, target = h_s, h_t_next
+
+            def forward(x):
+                args, kwargs = calls.block(x.shape[0])
+                return s_block(x, *args, **kwargs)
+
+        del a_t, o_t
+        energy = float(h_t[:n_train].double().pow(2).sum(-1).mean())  # E||h||^2 (scale of the errors)
+        energy = max(energy, 1e-30)
+
+        def error(lo: int, hi: int) -> float:
+            if hi <= lo:
+                return float("nan")
+            total, count = 0.0, 0
+            with torch.no_grad():
+                for s in range(lo, hi, batch):
+                    x = x_all[s : min(s + batch, hi)].to(device)
+                    y = target[s : min(s + batch, hi)].to(device)
+                    total += float((forward(x) - y).double().pow(2).sum())
+                    count += y.shape[0] * y.shape[1]
+            return total / count / energy
+
+        n_all = x_all.shape[0]
+        holdout = (n_train, n_all) if n_all > n_train else (0, n_train)  # no holdout: score on training
+        trainable = _trainable(s_block.attn, params)
+        for p in s_block.parameters():
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+        before = error(*holdout)
+        train_before = error(0, n_train) if holdout[0] != 0 else before
+        best_err, best_state, since_best, done = before, _snapshot(trainable), 0, 0
+        stopped = False
+        optimizer = torch.optim.Adam(trainable, lr=lr)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        bar = progress_bar(total=steps, desc=f"distill layer {i + 1}/{n_layers}", unit="step", enabled=progress)
+        try:
+            for step in range(steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))  # cosine to 0
+                rows = torch.randint(0, n_train, (batch,), generator=gen)
+                x, y = x_all[rows].to(device), target[rows].to(device)
+                diff = forward(x) - y  # (B, T, d)
+                step_loss = diff.pow(2).sum(-1).mean() / energy
+                optimizer.zero_grad(set_to_none=True)
+                step_loss.backward()
+                optimizer.step()
+                done = step + 1
+                bar.update(1)
+                if done % eval_every == 0 or done == steps:
+                    err = error(*holdout)
+                    bar.set_postfix(heldout=err, before=before)
+                    if err < best_err:
+                        best_err, best_state, since_best = err, _snapshot(trainable), 0
+                    else:
+                        since_best += 1
+                        if since_best >= patience and done < steps:
+                            stopped = True
+                            break
+        finally:
+            bar.close()
+        _restore(trainable, best_state)
+        for p in trainable:
+            p.grad = None
+        if inputs == "converted":
+            h_s_next = _run_block(s_block, h_s, calls, batch, capture_attn=False)[0]
+        else:
+            h_s_next = h_t_next
+    finally:
+        t_block.to(homes[0])
+        s_block.to(device=homes[1], dtype=s_dtype)
+    result = LayerDistillation(
+        layer=i,
+        error_before=before,
+        error_after=best_err,
+        steps=done,
+        stopped_early=stopped,
+        seconds=round(time.perf_counter() - t0, 2),
+        train_error_before=train_before,
+    )
+    return result, h_t_next, h_s_next
+
+
+def _snapshot(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+@torch.no_grad()
+def _restore(params: list[torch.nn.Parameter], state: list[torch.Tensor]) -> None:
+    for p, s in zip(params, state, strict=True):
+        p.copy_(s)
