@@ -7,7 +7,11 @@ import random
 
 import pytest
 
-from gqa.grouping import budget_heads, choose_kv_heads, kv_head_options, parse_kv_heads_per_layer
+from gqa.convert.api import _per_layer_spec
+from gqa.convert.calibrated import budget_heads, choose_kv_heads
+from gqa.convert.groups import kv_head_options
+from gqa.convert.layouts import AttentionShape
+from gqa.convert.streaming import resolve_targets
 
 
 def brute_force(curves, max_heads):
@@ -67,12 +71,16 @@ def test_budget_below_one_head_per_layer_is_refused():
 
 
 def test_per_layer_list_is_checked():
-    assert parse_kv_heads_per_layer("4,2, 1,4", [4] * 4, 8) == [4, 2, 1, 4]
+    shape = AttentionShape(n_layers=4, n_heads=8, n_kv_heads=4, head_dim=8)
+    assert resolve_targets(shape, None, _per_layer_spec("4,2, 1,4")) == [4, 2, 1, 4]
+    assert resolve_targets(shape, None, [8, 2, 1, 4]) == [8, 2, 1, 4]  # 8: replicate layer 0's heads
     with pytest.raises(ValueError, match="lists 3 layers; the model has 4"):
-        parse_kv_heads_per_layer("4,2,1", [4] * 4, 8)
-    with pytest.raises(ValueError, match="layer 1 asks for 3 KV heads"):
-        parse_kv_heads_per_layer("4,3,1,4", [4] * 4, 8)
+        resolve_targets(shape, None, _per_layer_spec("4,2,1"))
+    with pytest.raises(ValueError, match=r"\(layer 1\) 3 does not divide"):
+        resolve_targets(shape, None, [4, 3, 1, 4])
     with pytest.raises(ValueError, match="comma-separated integers"):
-        parse_kv_heads_per_layer("4,x", [4, 4], 8)
-    with pytest.raises(ValueError, match="asks for 0"):
-        parse_kv_heads_per_layer([0, 4], [4, 4], 8)
+        _per_layer_spec("4,x")
+    with pytest.raises(ValueError, match=">= 1, got 0"):
+        resolve_targets(shape, None, [0, 4, 4, 4])
+    with pytest.raises(ValueError, match="not a multiple"):
+        resolve_targets(shape, None, [4, 4, 4, 6])

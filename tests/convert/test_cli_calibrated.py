@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from gqa import GQAConfig, GQAForCausalLM, load_hf, save_hf
 from gqa.cli import app
-from gqa.export import load_decilm
+from gqa.model.decilm import load_decilm
 
 runner = CliRunner()
 
@@ -60,9 +60,9 @@ def test_per_layer_heads_and_report(source, tmp_path):
     }
     model = load_hf(out)
     assert model.config.kv_heads_per_layer == [4, 2, 1]
-    report = json.loads((out / "grouping_report.json").read_text())
+    report = json.loads((out / "conversion_report.json").read_text())
     assert report["kv_heads_after"] == [4, 2, 1]
-    assert report["layers"][0]["error"] == 0.0  # nothing merged in layer 0: exact
+    assert report["layer_errors"][0] == 0.0  # nothing merged in layer 0: exact
     assert (out / "tokenizer.json").is_file()
 
 
@@ -84,7 +84,7 @@ def test_budget_and_decilm_export(source, tmp_path):
     model = load_decilm(out)
     heads = model.config.kv_heads_per_layer
     assert sum(heads) <= 6 and all(4 % h == 0 for h in heads)
-    assert json.loads((out / "grouping_report.json").read_text())["kv_heads_after"] == heads
+    assert json.loads((out / "conversion_report.json").read_text())["kv_heads_after"] == heads
 
 
 @pytest.mark.parametrize(
@@ -92,7 +92,7 @@ def test_budget_and_decilm_export(source, tmp_path):
     [
         (["--kv-budget", "0.2", "--calib", "{calib}"], "every layer needs one"),
         (["--kv-heads-per-layer", "4,2", "--calib", "{calib}"], "lists 2 layers"),
-        (["--kv-heads-per-layer", "4,3,1", "--calib", "{calib}"], "layer 1 asks for 3"),
+        (["--kv-heads-per-layer", "4,3,1", "--calib", "{calib}"], "(layer 1) 3 does not divide"),
         (["--kv-heads", "2", "--calib", "{calib}", "--calib-tokens", "10000000"], "fewer than --calib-tokens"),
         (["--kv-heads", "2", "--grouping", "similarity"], "--calib TEXT is needed"),
         (["--kv-heads", "2", "--kv-budget", "0.5", "--calib", "{calib}"], "exactly one of"),

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gqa.cli import app
-from gqa.convert import convert_checkpoint
+from gqa.convert import convert
 from helpers import build, save
 
 runner = CliRunner()
@@ -86,19 +86,20 @@ def _no_weights(folder):
 # name -> (break the source, extra CLI args, kv heads, error type, words the message must contain)
 CASES = {
     "not-a-divisor": (None, [], "3", ValueError, "does not divide"),
-    "exceeds": (None, [], "8", ValueError, "exceeds"),
+    "exceeds": (None, [], "16", ValueError, "exceeds"),
+    "not-a-multiple": (None, [], "6", ValueError, "not a multiple"),
     "zero": (None, [], "0", ValueError, ">= 1"),
     "merge": (None, ["--merge", "median"], "2", ValueError, "mean, first, random"),
     "dtype": (None, ["--dtype", "int8"], "2", ValueError, "float32, bfloat16, float16"),
     "truncated-safetensors": (_truncate, [], "2", ValueError, "truncated"),
-    "missing-shard": (_missing_shard, [], "2", FileNotFoundError, "missing"),
+    "missing-shard": (_missing_shard, [], "2", ValueError, "missing"),
     "unreadable-shard": (_garbage_shard, [], "2", ValueError, "not safetensors"),
     "unknown-architecture": (_unknown_arch, [], "2", ValueError, "supported: gemma, granite, llama"),
     "config-not-json": (_bad_json, [], "2", ValueError, "not valid JSON"),
     "shape-vs-config": (_wrong_head_count, [], "2", ValueError, "does not match config.json"),
     "wrong-layout": (_wrong_layout, [], "2", ValueError, "phi3 layout"),
-    "no-config": (_no_config, [], "2", FileNotFoundError, "config.json"),
-    "no-weights": (_no_weights, [], "2", FileNotFoundError, "safetensors"),
+    "no-config": (_no_config, [], "2", ValueError, "config.json"),
+    "no-weights": (_no_weights, [], "2", ValueError, "safetensors"),
 }
 
 
@@ -116,7 +117,7 @@ def test_bad_input_python(name, src, tmp_path):
     before = digest(src)
     opts = dict(zip([a.lstrip("-") for a in args[::2]], args[1::2], strict=True))
     with pytest.raises(exc) as info:
-        convert_checkpoint(src, tmp_path / "out", int(kv), progress=False, **opts)
+        convert(src, tmp_path / "out", kv_heads=int(kv), progress=False, **opts)
     msg = str(info.value)
     assert "\n" not in msg and needle in msg, msg
     _assert_clean(tmp_path, before, src)
@@ -148,6 +149,11 @@ def test_out_exists_needs_force(src, tmp_path):
     result = runner.invoke(app, ["convert", str(src), str(out), "--kv-heads", "2"])
     assert result.exit_code == 2 and "--force" in result.stderr
     assert (out / "keep.txt").read_text() == "old"
+    # --force replaces only an earlier model folder: a folder of other files is refused, untouched
+    result = runner.invoke(app, ["convert", str(src), str(out), "--kv-heads", "2", "--force"])
+    assert result.exit_code == 2 and "earlier model folder" in result.stderr, result.output
+    assert (out / "keep.txt").read_text() == "old"
+    (out / "conversion_report.json").write_text("{}")
     result = runner.invoke(app, ["convert", str(src), str(out), "--kv-heads", "2", "--force"])
     assert result.exit_code == 0, result.output
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
@@ -158,12 +164,12 @@ def test_out_inside_src_is_refused(src, tmp_path):
     before = digest(src)
     for out in (src, src / "sub", tmp_path):
         with pytest.raises(ValueError, match="outside SRC"):
-            convert_checkpoint(src, out, 2, force=True, progress=False)
+            convert(src, out, kv_heads=2, force=True, progress=False)
     assert digest(src) == before
 
 
 def test_failure_midway_leaves_nothing(src, tmp_path, monkeypatch):
-    import gqa.convert.checkpoint as ckpt
+    import gqa.convert.streaming as ckpt
 
     calls = []
 
@@ -177,7 +183,7 @@ def test_failure_midway_leaves_nothing(src, tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "merge_heads", failing_merge)
     before = digest(src)
     with pytest.raises(RuntimeError, match="disk full"):
-        convert_checkpoint(src, tmp_path / "out", 2, progress=False)
+        convert(src, tmp_path / "out", kv_heads=2, progress=False)
     _assert_clean(tmp_path, before, src)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from gqa.convert import MERGE_METHODS, SUPPORTED_MODEL_TYPES, convert_checkpoint
+from gqa.convert import MERGES, SUPPORTED_MODEL_TYPES, convert
 from helpers import FAMILIES, HIDDEN, HQ, TOKENS, D, build, logits, save  # noqa: F401
 
 
@@ -39,7 +39,7 @@ def test_same_kv_heads_reproduces_logits_bit_for_bit(model_type, tmp_path):
     src = save(model, tmp_path / "src")
     for merge in ("mean", "first"):
         out = tmp_path / f"out-{merge}"
-        report = convert_checkpoint(src, out, 4, merge=merge, progress=False)
+        report = convert(src, out, kv_heads=4, merge=merge, progress=False)
         assert report.kv_heads_after == [4, 4] and report.parameters_removed == 0
         assert torch.equal(logits(out), logits(model)), f"{model_type}/{merge}: logits differ"
 
@@ -72,7 +72,7 @@ def independent_mean_pool(w: torch.Tensor, n_new: int) -> torch.Tensor:
 def test_mean_merge_equals_independent_mean_pooling(model_type, n_new, tmp_path):
     model = build(model_type, n_kv=4)
     out = tmp_path / "out"
-    convert_checkpoint(save(model, tmp_path / "src"), out, n_new, merge="mean", progress=False)
+    convert(save(model, tmp_path / "src"), out, kv_heads=n_new, merge="mean", progress=False)
     conv = AutoModelForCausalLM.from_pretrained(out).eval()
     assert conv.config.num_key_value_heads == n_new
     for layer in range(2):
@@ -98,7 +98,7 @@ def test_mean_merged_model_matches_a_hand_built_gqa_model(tmp_path):
     """Logits of the converted folder == a model built directly with the pooled K/V weights."""
     model = build("qwen2", n_kv=4)
     out = tmp_path / "out"
-    convert_checkpoint(save(model, tmp_path / "src"), out, 2, progress=False)
+    convert(save(model, tmp_path / "src"), out, kv_heads=2, progress=False)
     ref = build("qwen2", n_kv=2)
     sd = model.state_dict()
     for name in list(sd):
@@ -112,9 +112,9 @@ def test_mean_merged_model_matches_a_hand_built_gqa_model(tmp_path):
 def test_first_and_random_merges(tmp_path):
     model = build("llama", n_kv=4)
     src = save(model, tmp_path / "src")
-    convert_checkpoint(src, tmp_path / "first", 2, merge="first", progress=False)
-    convert_checkpoint(src, tmp_path / "rand", 2, merge="random", seed=1, progress=False)
-    convert_checkpoint(src, tmp_path / "rand2", 2, merge="random", seed=1, progress=False)
+    convert(src, tmp_path / "first", kv_heads=2, merge="first", progress=False)
+    convert(src, tmp_path / "rand", kv_heads=2, merge="random", seed=1, progress=False)
+    convert(src, tmp_path / "rand2", kv_heads=2, merge="random", seed=1, progress=False)
     k_old = model.model.layers[0].self_attn.k_proj
     first = AutoModelForCausalLM.from_pretrained(tmp_path / "first").model.layers[0].self_attn.k_proj
     torch.testing.assert_close(
@@ -128,7 +128,7 @@ def test_first_and_random_merges(tmp_path):
     assert torch.equal(rand.bias, torch.zeros_like(rand.bias))
     ratio = rand.weight.std() / k_old.weight.std()
     assert 0.7 < ratio < 1.4, f"random init should keep the weights' scale, got ratio {ratio:.2f}"
-    assert set(MERGE_METHODS) == {"mean", "first", "random"}
+    assert {m for m, spec in MERGES.items() if not spec.needs_calibration} == {"mean", "first", "random"}
 
 
 def test_custom_grouping_permutes_query_heads(tmp_path):
@@ -136,10 +136,10 @@ def test_custom_grouping_permutes_query_heads(tmp_path):
     model = build("llama", n_kv=4, attention_bias=False)
     src = save(model, tmp_path / "src")
     # A pure permutation of KV heads keeps the function (only the o_proj summation order changes).
-    convert_checkpoint(src, tmp_path / "perm", 4, groups=[[2], [0], [3], [1]], progress=False)
+    convert(src, tmp_path / "perm", kv_heads=4, groups=[[2], [0], [3], [1]], progress=False)
     torch.testing.assert_close(logits(tmp_path / "perm"), logits(model), rtol=1e-5, atol=1e-5)
 
-    convert_checkpoint(src, tmp_path / "out", 2, groups=[[0, 2], [1, 3]], progress=False)
+    convert(src, tmp_path / "out", kv_heads=2, groups=[[0, 2], [1, 3]], progress=False)
     ref = build("llama", n_kv=2, attention_bias=False)
     sd = model.state_dict()
     q_order = [0, 1, 4, 5, 2, 3, 6, 7]  # written out by hand for this grouping
@@ -162,12 +162,12 @@ def test_sharded_input_keeps_shards_and_index(tmp_path):
     shards = sorted(p.name for p in src.glob("*.safetensors"))
     assert len(shards) > 1
     out = tmp_path / "out"
-    convert_checkpoint(src, out, 4, progress=False)
+    convert(src, out, kv_heads=4, progress=False)
     assert sorted(p.name for p in out.glob("*.safetensors")) == shards
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
     assert torch.equal(logits(out), logits(model))
-    convert_checkpoint(src, tmp_path / "out1", 1, progress=False)
+    convert(src, tmp_path / "out1", kv_heads=1, progress=False)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out1").config.num_key_value_heads == 1
 
 
@@ -176,7 +176,7 @@ def test_output_dtype_and_report(tmp_path):
     src = save(model, tmp_path / "src")
     (src / "tokenizer_config.json").write_text("{}")  # side files go along
     out = tmp_path / "out"
-    rep = convert_checkpoint(src, out, 1, dtype="bfloat16", progress=False)
+    rep = convert(src, out, kv_heads=1, dtype="bfloat16", progress=False)
     conv = AutoModelForCausalLM.from_pretrained(out)
     assert conv.model.layers[0].self_attn.k_proj.weight.dtype == torch.bfloat16
     assert (out / "tokenizer_config.json").read_text() == "{}"
@@ -247,8 +247,8 @@ def test_gguf_input(tmp_path):
     path = write_tiny_gguf(tmp_path / "tiny.gguf")
     source = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name).eval()
     same, fewer = tmp_path / "kv4", tmp_path / "kv2"
-    convert_checkpoint(path, same, 4, progress=False)
-    convert_checkpoint(path, fewer, 2, progress=False)
+    convert(path, same, kv_heads=4, progress=False)
+    convert(path, fewer, kv_heads=2, progress=False)
     assert torch.equal(logits(same), logits(source))
     conv = AutoModelForCausalLM.from_pretrained(fewer)
     for layer in range(2):

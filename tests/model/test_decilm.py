@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gqa import GQAConfig, GQAForCausalLM
-from gqa.export import decilm_config, export_decilm, ffn_mult_for, intermediate_size_for, load_decilm
+from gqa.model.decilm import decilm_config, export_decilm, ffn_mult_for, intermediate_size_for, load_decilm
 
 
 def variable_model(**kw) -> GQAForCausalLM:
@@ -57,7 +57,7 @@ def test_bad_input_writes_nothing(tmp_path):
         export_decilm(variable_model(head_dim=16), tmp_path / "c")
     assert list(tmp_path.iterdir()) == []
     export_decilm(variable_model(), tmp_path / "d")
-    with pytest.raises(FileExistsError, match="exists"):
+    with pytest.raises(ValueError, match="exists"):
         export_decilm(variable_model(), tmp_path / "d")
     with pytest.raises(ValueError, match="no block_configs"):
         (tmp_path / "e").mkdir()

@@ -1,8 +1,9 @@
-"""``gqa convert``: a checkpoint to fewer KV heads (the GQA paper's mean pooling), thin over
-:func:`gqa.convert.convert_checkpoint`."""
+"""``gqa convert``: parse the options, call :func:`gqa.convert.convert`, print its report."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -23,10 +24,14 @@ def _layer_runs(before: list[int], after: list[int]) -> list[tuple[str, int, int
 
 
 def print_report(report, console) -> None:
-    """The conversion summary: KV heads per layer, KV-cache bytes per token and parameters."""
+    """The conversion summary: KV heads per layer, KV-cache bytes per token, parameters, distillation."""
     from rich.table import Table
 
-    table = Table(title=f"{report.model_type} ({report.layout} layout), merge={report.merge}", title_justify="left")
+    how = f"merge={report.merge}, grouping={report.grouping}" + (", aligned" if report.align else "")
+    table = Table(
+        title=f"{report.model_type} ({report.layout} layout, {report.path} path), {how}, export={report.export}",
+        title_justify="left",
+    )
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
@@ -36,7 +41,31 @@ def print_report(report, console) -> None:
     table.add_row(f"KV cache bytes / token ({report.kv_cache_dtype})", f"{kb:,}", f"{ka:,} ({ka / kb:.0%})")
     table.add_row("parameters", f"{report.parameters_before:,}", f"{report.parameters_after:,}")
     table.add_row("parameters removed", "", f"{report.parameters_removed:,}")
+    if report.distill is not None:
+        layers = report.distill.get("layers") or []
+        before = sum(x["error_before"] for x in layers) / max(len(layers), 1)
+        after = sum(x["error_after"] for x in layers) / max(len(layers), 1)
+        table.add_row("distilled layer error (mean, held out)", f"{before:.3g}", f"{after:.3g}")
     console.print(table)
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM (timeouts, SLURM, systemd, docker stop) raises SystemExit(143) inside the conversion, so the
+    temporary ``.OUT.partial-*`` folder is removed like on any other error; the old handler comes back after."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def register(app: typer.Typer) -> None:
@@ -44,52 +73,58 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def convert(
         src: Annotated[Path, typer.Argument(help="A transformers model folder (safetensors) or a .gguf file.")],
-        out: Annotated[Path, typer.Argument(help="Output folder (a transformers model folder).")],
+        out: Annotated[Path, typer.Argument(help="Output folder (written beside, renamed at the end).")],
         kv_heads: int = typer.Option(
-            None, "--kv-heads", help="New number of KV heads; must divide the current number."
+            None,
+            "--kv-heads",
+            help="New KV heads in every layer: a divisor of the current number (merge) or a multiple of it "
+            "dividing the query heads (replicate heads, exact).",
+        ),
+        kv_heads_per_layer: str = typer.Option(
+            None, "--kv-heads-per-layer", help="KV heads per layer, e.g. 4,4,2,... (each as for --kv-heads)."
+        ),
+        kv_budget: float = typer.Option(
+            None,
+            "--kv-budget",
+            help="Fraction of the original KV-cache bytes; per-layer heads chosen to fit (needs --calib).",
         ),
         merge: str = typer.Option(
             "mean",
             help="How a group's K/V heads are pooled: mean (the GQA paper), first, random; with --calib also "
             "weighted, lsq, or fit (the best measured of mean, weighted and lsq per layer).",
         ),
-        dtype: str = typer.Option(None, help="Output dtype: float32, bfloat16 or float16 (default: as the source)."),
-        force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-        seed: int = typer.Option(0, help="Seed for --merge random."),
         grouping: str = typer.Option(
             "contiguous", help="Which heads share: contiguous (neighbours) or similarity (needs --calib)."
         ),
         calib: str = typer.Option(
-            None, help="Calibration text (shakespeare:train, a file or folder): align heads before merging."
+            None, help="Calibration text (a file, a folder, shakespeare:train, ...): align heads before merging."
         ),
         calib_tokens: int = typer.Option(65536, "--calib-tokens", help="Calibration tokens to run."),
-        kv_budget: float = typer.Option(
-            None, "--kv-budget", help="Fraction of the original KV-cache bytes; per-layer heads chosen to fit."
+        distill: str = typer.Option(
+            None, help="local: fit each reduced attention layer to the original on the calibration text."
         ),
-        kv_heads_per_layer: str = typer.Option(
-            None, "--kv-heads-per-layer", help="KV heads per layer, e.g. 4,4,2,... (divisors of each layer's)."
+        distill_steps: int = typer.Option(150, "--distill-steps", help="Adam steps per layer for --distill."),
+        distill_params: str = typer.Option(
+            "qkvo", "--distill-params", help="What --distill fits: qkvo (Q, K, V and O) or kv (K and V only)."
         ),
-        export: str = typer.Option("hf", help="Output layout: hf (transformers) or decilm (block_configs)."),
+        distill_inputs: str = typer.Option(
+            "original",
+            "--distill-inputs",
+            help="Layer inputs for --distill: original (the source model's) or converted (the new model's own).",
+        ),
+        export: str = typer.Option("hf", help="Output layout: hf (transformers), decilm (block_configs), gguf."),
+        dtype: str = typer.Option(None, help="Output dtype: float32, bfloat16 or float16 (default: as the source)."),
+        seed: int = typer.Option(0, help="Seed for --merge random and --distill."),
+        force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier gqa output."),
     ) -> None:
-        """Convert a checkpoint to fewer KV heads by pooling each group's K/V projection heads.
+        """Convert a checkpoint to other KV-head counts (merging or replicating K/V heads).
 
         Query head h uses KV head h // (Hq // N) before and after. Writes OUT/conversion_report.json.
         """
-        calibrated = (
-            calib is not None
-            or grouping != "contiguous"
-            or merge in ("weighted", "lsq", "fit")
-            or kv_budget is not None
-            or kv_heads_per_layer is not None
-            or export != "hf"
-        )
-        if calibrated:  # activation-aware grouping, variable GQA, DeciLM export: gqa.grouping
-            from gqa.convert import OUTPUT_DTYPES
-            from gqa.grouping import convert_grouped
+        from gqa.convert import convert as run_convert
 
-            if dtype is not None and dtype not in OUTPUT_DTYPES:
-                raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(OUTPUT_DTYPES)}")
-            rep = convert_grouped(
+        with _sigterm_raises():
+            report = run_convert(
                 src,
                 out,
                 kv_heads=kv_heads,
@@ -97,22 +132,16 @@ def register(app: typer.Typer) -> None:
                 kv_budget=kv_budget,
                 grouping=grouping,
                 merge=merge,
-                align=calib is not None,
                 calib=calib,
                 calib_tokens=calib_tokens,
                 export=export,
-                dtype=OUTPUT_DTYPES.get(dtype),
+                dtype=dtype,
+                seed=seed,
                 force=force,
+                distill=distill,
+                distill_steps=distill_steps,
+                distill_params=distill_params,
+                distill_inputs=distill_inputs,
             )
-            kb, ka = rep["kv_cache_bytes_per_token_before"], rep["kv_cache_bytes_per_token_after"]
-            console.print(f"KV heads per layer: {','.join(map(str, rep['kv_heads_after']))}")
-            console.print(f"KV cache bytes / token ({rep['kv_cache_dtype']}): {kb:,} -> {ka:,} ({ka / kb:.0%})")
-            console.print(f"wrote {out} in {rep['seconds']:.1f} s")
-            return
-        if kv_heads is None:
-            raise ValueError("--kv-heads is required (or --kv-heads-per-layer / --kv-budget with --calib)")
-        from gqa.convert import convert_checkpoint
-
-        report = convert_checkpoint(src, out, kv_heads, merge=merge, dtype=dtype, force=force, seed=seed)
         print_report(report, console)
         console.print(f"wrote {out} in {report.seconds:.1f} s")

@@ -1,28 +1,43 @@
-"""Convert checkpoints to fewer KV heads (the GQA paper's uptraining starting point).
+"""Convert checkpoints to other KV-head counts: one entry point, :func:`convert`.
 
-- :func:`convert_checkpoint`: a transformers folder or GGUF file in, a transformers folder out.
-- :mod:`gqa.convert.grouping`: which old KV heads form each new one (an explicit list of groups).
-- :mod:`gqa.convert.merge`: how a group's heads are pooled (``mean``, ``first``, ``random``).
+- :func:`convert`: a transformers folder or GGUF file in, a model folder out; routes to the streaming
+  path (tensor by tensor) or the calibrated path (model loaded, calibration text run through hooks).
+- :mod:`gqa.convert.groups`: which old KV heads form each new one (the one group type).
+- :mod:`gqa.convert.merge`: how a group's heads are pooled (one registry, :data:`MERGES`).
+- :mod:`gqa.convert.exports`: output layouts (one registry, :data:`EXPORTS`: hf, decilm, gguf).
 - :mod:`gqa.convert.layouts`: one module per checkpoint layout, each an explicit weight map.
+- :mod:`gqa.convert.calibrated`: calibration, alignment, similarity grouping, fitted merges, budgets,
+  local distillation.
 
 Head mapping: query head h uses KV head h // (Hq // Hkv), before and after conversion.
 """
 
-from gqa.convert.checkpoint import OUTPUT_DTYPES, REPORT_NAME, ConversionReport, convert_checkpoint
-from gqa.convert.grouping import contiguous_groups, query_order, validate_groups
+from gqa.convert.api import GROUPINGS, OUTPUT_DTYPES, convert
+from gqa.convert.exports import EXPORTS
+from gqa.convert.groups import Groups, contiguous_groups, expansion_groups, query_order, validate_groups
 from gqa.convert.layouts import SUPPORTED_MODEL_TYPES, layout_for
-from gqa.convert.merge import MERGE_METHODS, merge_heads
+from gqa.convert.merge import MERGES, merge_heads
+from gqa.convert.report import REPORT_NAME, ConversionReport
 
 __all__ = [
-    "convert_checkpoint",
+    "convert",
     "ConversionReport",
-    "OUTPUT_DTYPES",
     "REPORT_NAME",
+    "OUTPUT_DTYPES",
+    "GROUPINGS",
+    "MERGES",
+    "EXPORTS",
     "SUPPORTED_MODEL_TYPES",
-    "MERGE_METHODS",
     "merge_heads",
+    "Groups",
     "contiguous_groups",
+    "expansion_groups",
     "validate_groups",
     "query_order",
     "layout_for",
 ]
+
+
+def convert_checkpoint(src, out, kv_heads: int, **kwargs) -> ConversionReport:
+    """Deprecated name kept until every caller moves to :func:`convert`: ``convert(src, out, kv_heads=...)``."""
+    return convert(src, out, kv_heads=kv_heads, **kwargs)

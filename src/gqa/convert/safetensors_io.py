@@ -15,6 +15,7 @@ padded with spaces to a multiple of 8 bytes, then the tensor bytes back to back.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from gqa.errors import GQAUserError
 
 __all__ = ["DTYPES", "DTYPE_NAMES", "TensorInfo", "read_header", "read_tensor", "SafetensorsWriter"]
 
@@ -41,6 +44,26 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+# copy_file_range cannot copy between filesystems (EXDEV, before Linux 5.19 / on some filesystems) or is
+# missing (ENOSYS, EOPNOTSUPP, EINVAL on special files): fall back to plain chunked reads and writes.
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTSUP}
+_CHUNK = 64 * 1024 * 1024
+
+
+def _copy_chunk(src, dst, offset: int, remaining: int) -> int:
+    """Copy up to one chunk of ``src`` from ``offset`` to the end of ``dst``; returns the bytes copied."""
+    src.seek(offset)
+    data = src.read(min(_CHUNK, remaining))
+    _write_all(dst, memoryview(data))
+    return len(data)
+
+
+def _write_all(f, data: memoryview) -> None:
+    """Write all of ``data`` to an unbuffered file (a raw write may take only part of it)."""
+    data = data.cast("B")
+    while len(data):
+        n = f.write(data)
+        data = data[n:]
 
 
 @dataclass(frozen=True)
@@ -59,11 +82,36 @@ class TensorInfo:
         return self.end - self.begin
 
 
+def _entry(name, entry, bad: str, dtype_names) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """One header entry -> (dtype, shape, begin, end) relative to the data section, all checked."""
+    if not isinstance(entry, dict):
+        raise GQAUserError(f"{bad} (header entry {name!r} is a {type(entry).__name__}, not an object)")
+    dt = entry.get("dtype")
+    if not isinstance(dt, str) or dt not in DTYPES:
+        raise GQAUserError(
+            f"{bad} (tensor {name!r} has dtype {dt!r}; gqa reads {', '.join(dtype_names)}): dequantize or re-save it"
+        )
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(s) is int and 0 <= s < 2**53 for s in shape):
+        raise GQAUserError(f"{bad} (tensor {name!r} has shape {shape!r}; dims must be non-negative integers)")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and 0 <= o < 2**63 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise GQAUserError(
+            f"{bad} (tensor {name!r} has data_offsets {offsets!r}; expected [begin, end], 0 <= begin <= end)"
+        )
+    return DTYPES[dt], tuple(shape), offsets[0], offsets[1]
+
+
 def read_header(path: str | Path) -> tuple[list[TensorInfo], dict]:
     """Parse a safetensors file's header -> (tensors in file order, ``__metadata__``).
 
-    Checks that every tensor's byte range matches its dtype and shape and lies inside the file, so a
-    truncated or corrupt file fails here, with a one-line ValueError, rather than halfway through.
+    Checks every entry before anything is written: an object with a known dtype, non-negative integer
+    dims, ``data_offsets`` whose length matches dtype x shape, inside the file, and not overlapping
+    another tensor. A truncated or corrupt file fails here with a one-line :class:`GQAUserError`.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -71,33 +119,35 @@ def read_header(path: str | Path) -> tuple[list[TensorInfo], dict]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{bad} (only {size} bytes)")
+            raise GQAUserError(f"{bad} (only {size} bytes)")
         (n,) = struct.unpack("<Q", head)
         if n > _MAX_HEADER or 8 + n > size:
-            raise ValueError(f"{bad} (header of {n} bytes in a file of {size})")
+            raise GQAUserError(f"{bad} (header of {n} bytes in a file of {size})")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{bad} (header is not JSON: {e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise GQAUserError(f"{bad} (header is not JSON: {str(e).splitlines()[0]})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{bad} (header is not a JSON object)")
+        raise GQAUserError(f"{bad} (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise GQAUserError(f"{bad} (__metadata__ is not an object)")
     data_start = 8 + n
     infos = []
     for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{bad} (tensor {name!r} has dtype {entry.get('dtype')!r} or a malformed entry)") from None
+        dtype, shape, begin, end = _entry(name, entry, bad, list(DTYPES))
         itemsize = torch.empty((), dtype=dtype).element_size()
         if end - begin != math.prod(shape) * itemsize:
-            raise ValueError(f"{bad} (tensor {name!r} has {end - begin} bytes for shape {shape})")
+            raise GQAUserError(
+                f"{bad} (tensor {name!r} has {end - begin} bytes for shape {shape} of {DTYPE_NAMES[dtype]})"
+            )
         if data_start + end > size:
-            raise ValueError(f"{bad} (tensor {name!r} ends at byte {data_start + end} of {size})")
+            raise GQAUserError(f"{bad} (tensor {name!r} ends at byte {data_start + end} of {size})")
         infos.append(TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end))
-    infos.sort(key=lambda t: t.begin)  # file order: reads stream sequentially
+    infos.sort(key=lambda t: (t.begin, t.end))  # file order: reads stream sequentially
+    for prev, cur in zip(infos, infos[1:], strict=False):
+        if cur.begin < prev.end:
+            raise GQAUserError(f"{bad} (tensors {prev.name!r} and {cur.name!r} overlap)")
     return infos, metadata
 
 
@@ -113,7 +163,7 @@ def read_tensor(info: TensorInfo, handle=None) -> torch.Tensor:
         if own:
             f.close()
     if got != info.nbytes:
-        raise ValueError(f"cannot read {info.file.name}: tensor {info.name!r} is truncated; the file is incomplete")
+        raise GQAUserError(f"cannot read {info.file.name}: tensor {info.name!r} is truncated; the file is incomplete")
     return buf.view(info.dtype).reshape(info.shape)  # safetensors is little-endian, like every torch host
 
 
@@ -141,7 +191,7 @@ class SafetensorsWriter:
         raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned
         self.nbytes = 8 + len(raw) + offset
         self._f = open(self.path, "wb", buffering=0)  # unbuffered: raw copies below go through the same fd
-        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        _write_all(self._f, memoryview(struct.pack("<Q", len(raw)) + raw))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append ``tensor``, which must be the next declared one, with its declared dtype and shape."""
@@ -151,7 +201,7 @@ class SafetensorsWriter:
                 f"writer expected {want_name} {want_dtype} {tuple(want_shape)}, got {name} {tensor.dtype} {tuple(tensor.shape)}"
             )
         data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-        self._f.write(memoryview(data.numpy()))
+        _write_all(self._f, memoryview(data.numpy()))
         self._next += 1
 
     def copy_from(self, name: str, info: TensorInfo, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
@@ -163,11 +213,22 @@ class SafetensorsWriter:
         with open(info.file, "rb") as src:
             done = 0
             while done < info.nbytes:
-                n = os.copy_file_range(src.fileno(), self._f.fileno(), info.nbytes - done, info.begin + done)
+                try:
+                    n = os.copy_file_range(src.fileno(), self._f.fileno(), info.nbytes - done, info.begin + done)
+                except OSError as e:
+                    if e.errno not in _NO_COPY_RANGE:
+                        raise
+                    n = _copy_chunk(
+                        src, self._f, info.begin + done, info.nbytes - done
+                    )  # e.g. OUT on another filesystem
                 if n == 0:
-                    raise ValueError(f"cannot read {info.file.name}: tensor {info.name!r} is truncated")
+                    raise GQAUserError(f"cannot read {info.file.name}: tensor {info.name!r} is truncated")
                 done += n
         self._next += 1
+
+    def abort(self) -> None:
+        """Close the file after a failure (the caller removes the folder)."""
+        self._f.close()
 
     def close(self, fsync: bool = False) -> None:
         if self._next != len(self._expected):

@@ -1,78 +1,99 @@
-"""Convert a checkpoint to fewer KV heads, streaming tensor by tensor.
+"""The streaming path of :func:`gqa.convert.convert`: tensor by tensor, never the whole model in memory.
 
-:func:`convert_checkpoint` reads a transformers folder (safetensors, sharded or not) or a GGUF file
-and writes a transformers folder whose config has ``num_key_value_heads = N`` and whose K/V
-projections hold N heads. Three separate pieces decide the result:
+Reads a transformers folder (safetensors, sharded or not) or a GGUF file and writes a transformers
+folder whose attention holds the requested KV heads per layer. Three separate pieces decide the result:
 
 - the layout (:mod:`gqa.convert.layouts`): which tensors hold heads, and how;
-- the grouping (:mod:`gqa.convert.grouping`): which old KV heads form each new one;
+- the groups (:mod:`gqa.convert.groups`): which old KV heads form each new one (merging when a layer
+  gets fewer heads, replicating when it gets a multiple of its heads);
 - the merge (:mod:`gqa.convert.merge`): how a group's heads are pooled.
 
 Head mapping: query head h uses KV head h // (Hq // Hkv), before and after. Safetensors input is
 read one tensor at a time and each output shard is written as its tensors are converted (see
 :mod:`gqa.convert.safetensors_io`), so peak memory is about the largest tensor. GGUF input is
 dequantized by transformers into memory first (fine for small models; GGUF files are quantized).
+
+What is read from SRC: ``config.json``, the index, the safetensors files it names (bare file names
+inside SRC only) and plain side files (tokenizer, generation config). Python files and ``auto_map``
+are never copied; output shard names are the converter's own.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shutil
-import tempfile
-import time
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from gqa.convert.grouping import check_kv_heads, contiguous_groups, query_order, validate_groups
-from gqa.convert.layouts import SUPPORTED_MODEL_TYPES, AttentionShape, Role, attention_shape, layout_for
-from gqa.convert.merge import MERGE_METHODS, merge_heads
+from gqa.convert.groups import Groups, check_kv_heads, groups_for, is_expansion, query_order, validate_groups
+from gqa.convert.layouts import AttentionShape, Role, attention_shape, layout_for
+from gqa.convert.merge import merge_heads
 from gqa.convert.safetensors_io import SafetensorsWriter, TensorInfo, read_header, read_tensor
+from gqa.errors import GQAUserError
+from gqa.units import dtype_name
 
-__all__ = ["convert_checkpoint", "ConversionReport", "OUTPUT_DTYPES", "SUPPORTED_MODEL_TYPES", "REPORT_NAME"]
+__all__ = ["read_source_config", "convert_streaming", "StreamingResult", "safe_member", "INDEX_NAME"]
 
-OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-REPORT_NAME = "conversion_report.json"
-_INDEX_NAME = "model.safetensors.index.json"
-# Source files that are weights or are rewritten; everything else (tokenizer, generation config) goes along.
-_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
-_NOT_COPIED_NAMES = ("config.json", _INDEX_NAME, REPORT_NAME)
+INDEX_NAME = "model.safetensors.index.json"
+# Side files go along (tokenizer, generation settings); weights are rewritten, code is never copied.
+_NOT_COPIED_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".gguf",
+    ".h5",
+    ".msgpack",
+    ".ckpt",
+    ".py",
+    ".pyc",
+    ".so",
+)
+_NOT_COPIED_NAMES = ("config.json", INDEX_NAME, "conversion_report.json", "grouping_report.json")
+# Families whose per-layer KV heads (``per_layer_config``) gqa's loader reads back.
+PER_LAYER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-@dataclass
-class ConversionReport:
-    """What a conversion changed; written to ``OUT/conversion_report.json``."""
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or a one-line error (not JSON, not an object)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GQAUserError(f"{path} is not valid JSON ({e}); the file is truncated or corrupt") from None
+    if not isinstance(obj, dict):
+        raise GQAUserError(f"{path} holds a JSON {type(obj).__name__}, not an object; is it a transformers config?")
+    return obj
 
-    source: str
-    output: str
-    model_type: str
-    layout: str
-    merge: str
-    grouping: str
-    n_layers: int
-    n_heads: int
-    head_dim: int
-    kv_heads_before: list[int]
-    kv_heads_after: list[int]
-    groups: list[list[list[int]]]
-    kv_cache_dtype: str
-    kv_cache_bytes_per_token_before: int
-    kv_cache_bytes_per_token_after: int
-    parameters_before: int
-    parameters_after: int
-    parameters_removed: int
-    output_dtype: str
-    seconds: float
-    date: str = ""
-    versions: dict = field(default_factory=dict)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+def safe_member(folder: Path, name, what: str) -> Path:
+    """``folder / name`` for a bare file name that stays inside ``folder`` (symlinks resolved), else a
+    one-line error. Names come from files a model folder ships (the safetensors index), so they are
+    never trusted: no ``..``, no absolute path, no sub-folder, no symlink leading out."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise GQAUserError(f"{what} names {name!r}, which is not a bare file name inside SRC; re-save the checkpoint")
+    path = folder / name
+    real = path.resolve()
+    if not real.is_relative_to(folder.resolve()):
+        raise GQAUserError(
+            f"{what} {name!r} is a link to {real}, outside SRC {folder}; copy the real file into SRC first"
+        )
+    return path
+
+
+def read_source_config(src: Path) -> dict | None:
+    """SRC's config.json (checked to be a JSON object), None for a GGUF file."""
+    if src.is_dir():
+        cfg = src / "config.json"
+        if not cfg.is_file():
+            raise GQAUserError(f"{src} has no config.json; pass a transformers model folder or a .gguf file")
+        safe_member(src, "config.json", "config.json")
+        return read_json(cfg)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,38 +113,38 @@ class SourceTensor:
 @dataclass
 class Source:
     config: dict
-    shards: list[tuple[str, list[SourceTensor]]]  # (output file name, tensors in file order)
+    shards: list[list[SourceTensor]]  # tensors of each input shard, in file order
     side_files: list[Path]
     tokenizer: object | None = None  # built from GGUF metadata, saved with save_pretrained
     generation_config: object | None = None
     close: Callable[[], None] = lambda: None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the file is truncated or corrupt") from None
-
-
 def _safetensors_source(folder: Path) -> Source:
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json; pass a transformers model folder or a .gguf file")
-    config = _read_json(cfg_path)
-    index = folder / _INDEX_NAME
+    config = read_source_config(folder)
+    index = folder / INDEX_NAME
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no weight_map; re-save the checkpoint")
+        safe_member(folder, INDEX_NAME, INDEX_NAME)
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise GQAUserError(f"{index} has no weight_map; re-save the checkpoint")
         files = list(dict.fromkeys(weight_map.values()))  # shard order as listed
         for name in files:
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"shard {name} listed in {_INDEX_NAME} is missing from {folder}")
+            path = safe_member(folder, name, f"{INDEX_NAME} weight_map")
+            if not path.is_file():
+                raise GQAUserError(f"shard {name} listed in {INDEX_NAME} is missing from {folder}; re-download it")
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"no *.safetensors files in {folder}; save the model with safe_serialization=True")
+            other = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            if other:
+                raise GQAUserError(
+                    f"{folder} holds {other[0]} (pickle) but no *.safetensors; gqa convert reads only safetensors "
+                    "folders and GGUF files (pickles can run code): re-save it with safe_serialization=True"
+                )
+            raise GQAUserError(f"no *.safetensors files in {folder}; save the model with safe_serialization=True")
+        for name in files:
+            safe_member(folder, name, "safetensors file")
         weight_map = None
     handles: dict[Path, object] = {}
 
@@ -141,20 +162,20 @@ def _safetensors_source(folder: Path) -> Source:
         if weight_map is not None:
             listed = {k for k, v in weight_map.items() if v == name}
             if listed != {i.name for i in infos}:
-                raise ValueError(f"{name} does not hold the tensors {_INDEX_NAME} lists for it; re-save the checkpoint")
+                raise GQAUserError(
+                    f"{name} does not hold the tensors {INDEX_NAME} lists for it; re-save the checkpoint"
+                )
         dup = seen & {i.name for i in infos}
         if dup:
-            raise ValueError(f"tensor {sorted(dup)[0]!r} appears in more than one shard")
+            raise GQAUserError(f"tensor {sorted(dup)[0]!r} appears in more than one shard; re-save the checkpoint")
         seen |= {i.name for i in infos}
-        shards.append((name, [SourceTensor(i.name, i.dtype, i.shape, i.nbytes, reader(i), i) for i in infos]))
-    side = [
-        p
-        for p in sorted(folder.iterdir())
-        if p.is_file()
-        and not p.name.startswith(".")
-        and p.name not in _NOT_COPIED_NAMES
-        and not p.name.endswith(_NOT_COPIED_SUFFIXES)
-    ]
+        shards.append([SourceTensor(i.name, i.dtype, i.shape, i.nbytes, reader(i), i) for i in infos])
+    side = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.name in _NOT_COPIED_NAMES or p.name.endswith(_NOT_COPIED_SUFFIXES):
+            continue
+        if p.is_file():
+            side.append(safe_member(folder, p.name, "side file"))
 
     def close():
         for h in handles.values():
@@ -167,23 +188,27 @@ def _gguf_source(path: Path) -> Source:
     try:
         import gguf
     except ImportError:
-        raise ImportError("GGUF input needs the gguf package: pip install 'gqa[gguf]'") from None
+        raise GQAUserError("GGUF input needs the gguf package: pip install 'gqa[gguf]'") from None
     try:  # parse the header and tensor table ourselves first: a clear error for a truncated file
         gguf.GGUFReader(str(path))
     except Exception as e:
-        raise ValueError(f"cannot read {path.name}: {e}; the file is truncated or not GGUF") from None
+        raise GQAUserError(f"cannot read {path.name}: {e}; the file is truncated or not GGUF") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"transformers cannot load {path.name}: {msg}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"transformers cannot build the tokenizer of {path.name}: {msg}") from None
+    from gqa.progress import quiet_loading
+
+    def first_line(e: Exception) -> str:
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+    with quiet_loading():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+        except Exception as e:
+            raise GQAUserError(f"transformers cannot load {path.name}: {first_line(e)}") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+        except Exception as e:
+            raise GQAUserError(f"transformers cannot build the tokenizer of {path.name}: {first_line(e)}") from None
     config = model.config.to_dict()
     state = model.state_dict()
     if config.get("tie_word_embeddings"):
@@ -192,17 +217,15 @@ def _gguf_source(path: Path) -> Source:
         SourceTensor(n, t.dtype, tuple(t.shape), t.numel() * t.element_size(), (lambda t=t: t.detach()))
         for n, t in state.items()
     ]
-    return Source(config, [("model.safetensors", tensors)], [], tokenizer, model.generation_config)
+    return Source(config, [tensors], [], tokenizer, model.generation_config)
 
 
 def _open_source(src: Path) -> Source:
-    if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist; pass a transformers model folder or a .gguf file")
     if src.is_dir():
         return _safetensors_source(src)
     if src.suffix.lower() == ".gguf":
         return _gguf_source(src)
-    raise ValueError(f"{src} is neither a folder nor a .gguf file; pass a transformers model folder or a .gguf file")
+    raise GQAUserError(f"{src} is neither a folder nor a .gguf file; pass a transformers model folder or a .gguf file")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,38 +260,55 @@ def _check_shape(t: SourceTensor, role: Role, s: AttentionShape) -> None:
     elif role.kind in ("q_head", "kv_head"):
         ok = t.shape == (s.head_dim,)
     if not ok:
-        raise ValueError(
+        raise GQAUserError(
             f"{t.name} has shape {t.shape}, which does not match config.json "
-            f"({s.n_heads} query heads, {s.n_kv_heads} KV heads, head_dim {s.head_dim})"
+            f"({s.n_heads} query heads, {s.n_kv_heads} KV heads, head_dim {s.head_dim}); fix config.json or re-save"
         )
     if role.kind != "shared" and not t.dtype.is_floating_point:
-        raise ValueError(f"{t.name} is {t.dtype}; only float checkpoints can be converted (dequantize it first)")
+        raise GQAUserError(f"{t.name} is {t.dtype}; only float checkpoints can be converted (dequantize it first)")
+
+
+def _check_layer_count(by_name: dict, n_layers: int) -> None:
+    """config.json's layer count against the tensors (before a loop over n_layers can run away)."""
+    found = set()
+    for name in by_name:
+        if name.startswith("model.layers."):
+            idx = name.split(".")[2]
+            if idx.isdigit():
+                found.add(int(idx))
+    if len(found) != n_layers:
+        raise GQAUserError(
+            f"config.json says num_hidden_layers={n_layers} but the checkpoint holds {len(found)} layers; fix config.json"
+        )
 
 
 def _plan(
     source: Source,
     layout,
     shape: AttentionShape,
-    groups_per_layer: list[list[list[int]]],
+    groups_per_layer: list[Groups],
     merge: str,
     out_dtype: torch.dtype | None,
     seed: int,
-) -> list[tuple[str, list[_Item]]]:
+) -> list[list[_Item]]:
     cfg, s, D = source.config, shape, shape.head_dim
+    by_name = {t.name: t for tensors in source.shards for t in tensors}
+    _check_layer_count(by_name, s.n_layers)
     roles: dict[str, tuple[int, Role]] = {}
     for layer in range(s.n_layers):
         for name, role in layout.attention_map(cfg, layer, s).items():
             roles[name] = (layer, role)
-    by_name = {t.name: t for _, tensors in source.shards for t in tensors}
     missing = [n for n in roles if n not in by_name]
     if missing:
-        raise ValueError(
-            f"checkpoint lacks {len(missing)} attention tensors the {layout.NAME} layout expects, e.g. {missing[0]}"
+        raise GQAUserError(
+            f"checkpoint lacks {len(missing)} attention tensors the {layout.NAME} layout expects, e.g. {missing[0]}; "
+            "is model_type in config.json right?"
         )
     for name in by_name:
         if ".self_attn." in name and name not in roles and not name.endswith("rotary_emb.inv_freq"):
-            raise ValueError(
-                f"{name} is not in the {layout.NAME} layout's weight map; the checkpoint has another layout"
+            raise GQAUserError(
+                f"{name} is not in the {layout.NAME} layout's weight map; the checkpoint has another layout "
+                "(check model_type in config.json)"
             )
     for name, (_, role) in roles.items():
         _check_shape(by_name[name], role, s)
@@ -277,12 +317,11 @@ def _plan(
         # Seeded per tensor name: the random merge does not depend on shard or tensor order.
         return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
-    def cast(t: torch.Tensor, like: SourceTensor) -> torch.Tensor:
-        target = out_dtype if (out_dtype is not None and like.dtype.is_floating_point) else like.dtype
-        return t.to(target)
-
     def out_dtype_of(t: SourceTensor) -> torch.dtype:
         return out_dtype if (out_dtype is not None and t.dtype.is_floating_point) else t.dtype
+
+    def cast(x: torch.Tensor, like: SourceTensor) -> torch.Tensor:
+        return x.to(out_dtype_of(like))
 
     def copied(t: SourceTensor, name: str | None = None) -> _Item:
         """An output tensor equal to input ``t`` (renamed to ``name``), cast if the dtype changes."""
@@ -292,7 +331,7 @@ def _plan(
 
     shards_out = []
     done: set[str] = set()  # per-head tensors consumed by an earlier item
-    for file_name, tensors in source.shards:
+    for tensors in source.shards:
         items: list[_Item] = []
         for t in tensors:
             if t.name in done:
@@ -304,14 +343,16 @@ def _plan(
             groups = groups_per_layer[layer]
             n_new = len(groups)
             order = query_order(groups, s.n_heads, s.n_kv_heads)
+            # Replication copies single heads: "first" is exact for any merge the user chose.
+            layer_merge = "first" if is_expansion(groups, s.n_kv_heads) else merge
 
             def permute_rows(x: torch.Tensor, order=order) -> torch.Tensor:
                 if order is None:
                     return x
                 return x.reshape(s.n_heads, D, *x.shape[1:])[order].reshape(x.shape)  # (Hq, D, ...) reordered
 
-            def merge_rows(x: torch.Tensor, kind: str, name: str, groups=groups) -> torch.Tensor:
-                return merge_heads(x, groups, D, method=merge, kind=kind, generator=generator(name))
+            def merge_rows(x: torch.Tensor, kind: str, name: str, groups=groups, m=layer_merge) -> torch.Tensor:
+                return merge_heads(x, groups, D, method=m, kind=kind, generator=generator(name))
 
             kind = role.kind
             if kind == "shared" or (kind in ("q_rows", "o_cols") and order is None):
@@ -322,17 +363,14 @@ def _plan(
             elif kind == "o_cols":
 
                 def op(xs, t=t, order=order):
-                    x = xs[0]
-                    if order is not None:
-                        x = x.reshape(x.shape[0], s.n_heads, D)[:, order].reshape(x.shape)  # (d, Hq, D) reordered
-                    return cast(x, t)
+                    x = xs[0].reshape(xs[0].shape[0], s.n_heads, D)[:, order]  # (d, Hq, D) reordered
+                    return cast(x.reshape(xs[0].shape), t)
 
                 items.append(_Item(t.name, out_dtype_of(t), t.shape, [t], op))
             elif kind in ("kv_rows", "kv_norm"):
                 mkind = "norm" if kind == "kv_norm" else ("bias" if t.name.endswith(".bias") else "weight")
                 op = lambda xs, t=t, mk=mkind, f=merge_rows: cast(f(xs[0], mk, t.name), t)  # noqa: E731
-                new_shape = (n_new * D, *t.shape[1:])
-                items.append(_Item(t.name, out_dtype_of(t), new_shape, [t], op))
+                items.append(_Item(t.name, out_dtype_of(t), (n_new * D, *t.shape[1:]), [t], op))
             elif kind == "qkv_rows":
                 q_rows, kv_rows = s.n_heads * D, s.n_kv_heads * D
 
@@ -349,173 +387,138 @@ def _plan(
                 qo = order or list(range(s.n_heads))
                 for p in range(s.n_heads):
                     src_t = by_name[role.template.format(h=qo[p])]
-                    name = role.template.format(h=p)
-                    items.append(copied(src_t, name))
+                    items.append(copied(src_t, role.template.format(h=p)))
                     done.add(src_t.name)
             elif kind == "kv_head":
                 for j, group in enumerate(groups):
                     ins = [by_name[role.template.format(h=k)] for k in group]
                     name = role.template.format(h=j)
 
-                    def op(xs, t=ins[0], name=name):
-                        stacked = torch.stack(xs)  # (r, D): one group's per-head scales
-                        return cast(
-                            merge_heads(
-                                stacked.reshape(-1),
-                                [list(range(len(xs)))],
-                                D,
-                                method=merge,
-                                kind="norm",
-                                generator=generator(name),
-                            ),
-                            t,
-                        )
+                    def op(xs, t=ins[0], name=name, m=layer_merge):
+                        stacked = torch.stack(xs).reshape(-1)  # (r*D,): one group's per-head scales
+                        pooled = merge_heads(stacked, [list(range(len(xs)))], D, method=m, kind="norm",
+                                             generator=generator(name))  # fmt: skip
+                        return cast(pooled, t)
 
                     items.append(_Item(name, out_dtype_of(ins[0]), (D,), ins, op))
                 done.update(role.template.format(h=k) for k in range(s.n_kv_heads))
             else:
                 raise AssertionError(f"unknown role {kind!r}")
-        shards_out.append((file_name, items))
+        shards_out.append(items)
     return shards_out
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def _resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if isinstance(dtype, torch.dtype) and dtype not in OUTPUT_DTYPES.values():
-            raise ValueError(f"dtype {dtype} is not supported; choose one of {', '.join(OUTPUT_DTYPES)}")
-        return dtype
-    if dtype not in OUTPUT_DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(OUTPUT_DTYPES)}")
-    return OUTPUT_DTYPES[dtype]
+@dataclass
+class StreamingResult:
+    """What the streaming path did (turned into a :class:`gqa.convert.ConversionReport` by the caller)."""
+
+    config: dict
+    layout: str
+    shape: AttentionShape
+    kv_heads_after: list[int]
+    groups: list[Groups]
+    grouping: str
+    parameters_before: int
+    parameters_after: int
+    kv_dtype: torch.dtype
+    written_dtype: str
 
 
-def _check_paths(src: Path, out: Path, force: bool) -> None:
-    s, o = src.resolve(), out.resolve()
-    if s == o or s.is_relative_to(o) or (src.is_dir() and o.is_relative_to(s)):
-        raise ValueError(f"OUT {out} must lie outside SRC {src}: the source is never modified")
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; choose another OUT or pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; remove it or choose another OUT")
+def resolve_targets(shape: AttentionShape, kv_heads: int | None, kv_heads_per_layer: list[int] | None) -> list[int]:
+    """Per-layer KV-head targets from ``kv_heads`` or ``kv_heads_per_layer``, each checked (one line)."""
+    if kv_heads_per_layer is not None:
+        if len(kv_heads_per_layer) != shape.n_layers:
+            raise GQAUserError(
+                f"--kv-heads-per-layer lists {len(kv_heads_per_layer)} layers; the model has {shape.n_layers}"
+            )
+        for i, n in enumerate(kv_heads_per_layer):
+            check_kv_heads(shape.n_kv_heads, shape.n_heads, n, f"--kv-heads-per-layer (layer {i})")
+        return list(kv_heads_per_layer)
+    check_kv_heads(shape.n_kv_heads, shape.n_heads, kv_heads)
+    return [kv_heads] * shape.n_layers
 
 
-def _versions() -> dict:
-    import transformers
-
-    from gqa import __version__
-
-    return {"gqa": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def convert_checkpoint(
-    src: str | Path,
-    out: str | Path,
-    kv_heads: int,
+def convert_streaming(
+    src: Path,
+    folder: Path,
     *,
+    kv_heads: int | None,
+    kv_heads_per_layer: list[int] | None,
+    groups=None,
     merge: str = "mean",
-    dtype: str | torch.dtype | None = None,
-    force: bool = False,
-    groups: list[list[int]] | list[list[list[int]]] | None = None,
+    out_dtype: torch.dtype | None = None,
     seed: int = 0,
     progress: bool = True,
     fsync: bool = False,
-) -> ConversionReport:
-    """Convert the checkpoint at ``src`` to ``kv_heads`` KV heads and write it to ``out``.
+) -> StreamingResult:
+    """Convert ``src`` into the (empty, temporary) ``folder``: weights, index, side files, config.json.
 
-    Args:
-        src: a transformers model folder (``config.json`` + safetensors, sharded or not) or a GGUF file.
-        out: the output folder; written under a temporary name beside it and renamed at the end.
-        kv_heads: N, the new number of KV heads; must divide the checkpoint's Hkv (each new group
-            is a union of whole old groups). N = Hkv with ``merge="mean"`` or ``"first"`` copies
-            every tensor bit for bit.
-        merge: how a group's K/V heads are pooled: ``"mean"`` (the GQA paper), ``"first"`` or
-            ``"random"`` (see :mod:`gqa.convert.merge`).
-        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the output's float tensors; None
-            keeps each tensor's dtype (GGUF input is dequantized to float32 by transformers).
-        force: replace ``out`` if it exists.
-        groups: which old KV heads form each new one: ``[[0, 1], [2, 3]]`` for every layer, or one
-            such list per layer; default :func:`~gqa.convert.grouping.contiguous_groups` (new head j
-            pools old heads j*r .. j*r+r-1). A non-contiguous grouping permutes the q projection's
-            rows and the o projection's columns so query head h still uses KV head h // (Hq // N).
-        seed: seeds ``merge="random"`` (per tensor name, so independent of shard order).
-        progress: show a progress bar (bytes read, rate, ETA).
-        fsync: flush output files to disk before renaming (used by the benchmark).
-
-    Returns:
-        The :class:`ConversionReport`, also written to ``out/conversion_report.json``.
+    groups: ``[[0, 1], [2, 3]]`` for every layer or one such list per layer (reduction only); default
+    contiguous groups when reducing, replication when expanding.
     """
-    t0 = time.perf_counter()
-    src, out = Path(src), Path(out)
-    if merge not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method {merge!r}; choose one of {', '.join(MERGE_METHODS)}")
-    out_dtype = _resolve_dtype(dtype)
-    if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist; pass a transformers model folder or a .gguf file")
-    _check_paths(src, out, force)
-    if src.is_dir():  # cheap checks before reading any weights (GGUF configs come from the file itself)
-        cfg = _read_json(src / "config.json") if (src / "config.json").is_file() else None
-        if cfg is not None:
-            layout_for(cfg.get("model_type"))
-            s = attention_shape(cfg)
-            check_kv_heads(s.n_kv_heads, s.n_heads, kv_heads)
+    cfg = read_source_config(src)
+    if cfg is not None:  # cheap checks before reading any weights (GGUF configs come from the file itself)
+        layout_for(cfg.get("model_type"))
+        resolve_targets(attention_shape(cfg), kv_heads, kv_heads_per_layer)
     source = _open_source(src)
     try:
         config = source.config
         layout = layout_for(config.get("model_type"))
         shape = attention_shape(config)
-        check_kv_heads(shape.n_kv_heads, shape.n_heads, kv_heads)
+        targets = resolve_targets(shape, kv_heads, kv_heads_per_layer)
+        if len(set(targets)) > 1 and config.get("model_type") not in PER_LAYER_FAMILIES:
+            raise GQAUserError(
+                f"per-layer KV heads are stored as per_layer_config, which gqa reads only for "
+                f"{', '.join(PER_LAYER_FAMILIES)}; give {config.get('model_type')} one --kv-heads for every layer"
+            )
         if groups is None:
-            groups_per_layer = [contiguous_groups(shape.n_kv_heads, kv_heads)] * shape.n_layers
+            groups_per_layer = [groups_for(shape.n_kv_heads, n) for n in targets]
             grouping = "contiguous"
         else:
             per_layer = groups if (groups and isinstance(groups[0][0], (list, tuple))) else [groups] * shape.n_layers
             if len(per_layer) != shape.n_layers:
-                raise ValueError(
+                raise GQAUserError(
                     f"groups has {len(per_layer)} per-layer entries; the model has {shape.n_layers} layers"
                 )
             groups_per_layer = [validate_groups(g, shape.n_kv_heads) for g in per_layer]
-            if any(len(g) != kv_heads for g in groups_per_layer):
-                raise ValueError(f"every layer's groups must form kv_heads={kv_heads} new heads")
+            if [len(g) for g in groups_per_layer] != targets:
+                raise GQAUserError(
+                    f"the groups form {[len(g) for g in groups_per_layer]} KV heads; asked for {targets}"
+                )
             grouping = "custom"
         plan = _plan(source, layout, shape, groups_per_layer, merge, out_dtype, seed)
-        report = _write(source, plan, src, out, force, fsync, progress)
+        _write(source, plan, folder, fsync, progress)
     finally:
         source.close()
-    n_before = sum(_numel(t.shape) for _, ts in source.shards for t in ts)
-    n_after = sum(_numel(i.shape) for _, items in plan for i in items)
-    kv_dtype = _kv_dtype(plan, layout, config, shape)
-    elsize = torch.empty((), dtype=kv_dtype).element_size()
-    before = [shape.n_kv_heads] * shape.n_layers
-    after = [len(g) for g in groups_per_layer]
-    result = ConversionReport(
-        source=str(src),
-        output=str(out),
-        model_type=config["model_type"],
+    out_cfg = dict(config)
+    out_cfg.pop("auto_map", None)  # never point a loader at code we did not copy
+    out_cfg["num_key_value_heads"] = max(targets)
+    if len(set(targets)) > 1:
+        out_cfg["per_layer_config"] = {str(i): {"num_key_value_heads": n} for i, n in enumerate(targets)}
+    else:
+        out_cfg.pop("per_layer_config", None)
+    if out_dtype is not None:
+        for key in ("dtype", "torch_dtype"):
+            if key in out_cfg or key == "torch_dtype":
+                out_cfg[key] = dtype_name(out_dtype)
+    (folder / "config.json").write_text(json.dumps(out_cfg, indent=2, sort_keys=True) + "\n")
+    n_before = sum(_numel(t.shape) for ts in source.shards for t in ts)
+    n_after = sum(_numel(i.shape) for items in plan for i in items)
+    return StreamingResult(
+        config=config,
         layout=layout.NAME,
-        merge=merge,
-        grouping=grouping,
-        n_layers=shape.n_layers,
-        n_heads=shape.n_heads,
-        head_dim=shape.head_dim,
-        kv_heads_before=before,
-        kv_heads_after=after,
+        shape=shape,
+        kv_heads_after=targets,
         groups=groups_per_layer,
-        kv_cache_dtype=str(kv_dtype).replace("torch.", ""),
-        kv_cache_bytes_per_token_before=2 * sum(before) * shape.head_dim * elsize,
-        kv_cache_bytes_per_token_after=2 * sum(after) * shape.head_dim * elsize,
+        grouping=grouping,
         parameters_before=n_before,
         parameters_after=n_after,
-        parameters_removed=n_before - n_after,
-        output_dtype=str(out_dtype).replace("torch.", "") if out_dtype else "as source",
-        seconds=round(time.perf_counter() - t0, 3),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        versions=_versions(),
+        kv_dtype=_kv_dtype(plan, layout, config, shape),
+        written_dtype=dtype_name(out_dtype) if out_dtype else "as source",
     )
-    report(result)
-    return result
 
 
 def _numel(shape) -> int:
@@ -529,72 +532,47 @@ def _kv_dtype(plan, layout, config, shape) -> torch.dtype:
     """The dtype of layer 0's K projection in the output: what a KV cache would be computed in."""
     names = layout.attention_map(config, 0, shape)
     k_name = next(n for n, r in names.items() if r.kind in ("kv_rows", "qkv_rows"))
-    return next(i.dtype for _, items in plan for i in items if i.name == k_name)
+    return next(i.dtype for items in plan for i in items if i.name == k_name)
 
 
-def _write(source: Source, plan, src: Path, out: Path, force: bool, fsync: bool, progress: bool):
-    """Write ``plan`` into a temporary folder beside ``out``; returns a callback that adds the report
-    and renames the folder into place (so a failure at any point leaves ``out`` untouched)."""
-    from tqdm.auto import tqdm
+def _shard_name(i: int, n: int) -> str:
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; OUT gets ordinary folder permissions
-    try:
-        total = sum(t.nbytes for _, ts in source.shards for t in ts)
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress)
-        weight_map, total_size = {}, 0
-        for file_name, items in plan:
-            writer = SafetensorsWriter(tmp / file_name, [(i.name, i.dtype, i.shape) for i in items])
-            for item in items:
-                if item.op is None and item.inputs[0].info is not None:
-                    writer.copy_from(item.name, item.inputs[0].info, item.dtype, item.shape)
-                else:
-                    x = item.op([t.read() for t in item.inputs]) if item.op else item.inputs[0].read()
-                    writer.write(item.name, x)
-                weight_map[item.name] = file_name
-                total_size += _numel(item.shape) * item.dtype.itemsize
-                bar.update(sum(t.nbytes for t in item.inputs))
+
+def _write(source: Source, plan, folder: Path, fsync: bool, progress: bool) -> None:
+    """Write ``plan`` into ``folder``: one output shard per input shard, named by us."""
+    from gqa.progress import progress as bar_for
+
+    total = sum(t.nbytes for ts in source.shards for t in ts)
+    weight_map, total_size = {}, 0
+    with bar_for(total=total, unit="B", unit_scale=True, desc="convert", enabled=progress) as bar:
+        for i, items in enumerate(plan):
+            file_name = _shard_name(i, len(plan))
+            writer = SafetensorsWriter(folder / file_name, [(it.name, it.dtype, it.shape) for it in items])
+            try:
+                for item in items:
+                    if item.op is None and item.inputs[0].info is not None:
+                        writer.copy_from(item.name, item.inputs[0].info, item.dtype, item.shape)
+                    else:
+                        x = item.op([t.read() for t in item.inputs]) if item.op else item.inputs[0].read()
+                        writer.write(item.name, x)
+                    weight_map[item.name] = file_name
+                    total_size += _numel(item.shape) * item.dtype.itemsize
+                    bar.update(sum(t.nbytes for t in item.inputs))
+            except BaseException:
+                writer.abort()
+                raise
             writer.close(fsync=fsync)
-        bar.close()
-        if len(plan) > 1:
-            index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / _INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        for path in source.side_files:
-            shutil.copy2(path, tmp / path.name)
-        if source.tokenizer is not None:
-            source.tokenizer.save_pretrained(str(tmp))
-        if source.generation_config is not None:
-            source.generation_config.save_pretrained(str(tmp))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-    def finish(report: ConversionReport) -> None:
-        try:
-            cfg = dict(source.config)
-            cfg["num_key_value_heads"] = report.kv_heads_after[0]
-            if report.output_dtype != "as source":
-                cfg["dtype"] = report.output_dtype
-                if "torch_dtype" in cfg:
-                    cfg["torch_dtype"] = report.output_dtype
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-            (tmp / REPORT_NAME).write_text(report.to_json())
-            if fsync:
-                for p in tmp.iterdir():
-                    with open(p, "rb") as f:
-                        os.fsync(f.fileno())
-            if out.exists():  # --force: swap, then delete the old folder
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                os.replace(out, old / out.name)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    return finish
+    if len(plan) > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    for path in source.side_files:
+        shutil.copyfile(path, folder / path.name)
+    if source.tokenizer is not None:
+        source.tokenizer.save_pretrained(str(folder))
+    if source.generation_config is not None:
+        source.generation_config.save_pretrained(str(folder))
+    if fsync:
+        for p in folder.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())

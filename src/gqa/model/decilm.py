@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from gqa.errors import GQAUserError
 from gqa.model.hf import write_model_folder
 
 __all__ = ["export_decilm", "load_decilm", "decilm_config", "ffn_mult_for", "intermediate_size_for"]
@@ -47,10 +48,10 @@ def intermediate_size_for(ffn_mult: float, hidden_size: int) -> int:
 
 
 def ffn_mult_for(ffn_dim: int, hidden_size: int) -> float:
-    """The ``ffn_mult`` that reproduces ``ffn_dim`` exactly, or a one-line ValueError."""
+    """The ``ffn_mult`` that reproduces ``ffn_dim`` exactly, or a one-line GQAUserError."""
     mult = round(1.5 * ffn_dim / hidden_size, 6)
     if intermediate_size_for(mult, hidden_size) != ffn_dim:
-        raise ValueError(
+        raise GQAUserError(
             f"ffn_dim {ffn_dim} cannot be expressed in DeciLM's block_configs (readers round "
             f"2 * ffn_mult * hidden_size / 3 up to a multiple of 256); export needs such a width"
         )
@@ -71,9 +72,9 @@ def decilm_config(config) -> dict:
         if on
     ]
     if unsupported:
-        raise ValueError(f"the DeciLM layout has no {', '.join(unsupported)}; export a plain Llama-style model")
+        raise GQAUserError(f"the DeciLM layout has no {', '.join(unsupported)}; export a plain Llama-style model")
     if config.resolved_head_dim * config.n_heads != config.d_model:
-        raise ValueError(
+        raise GQAUserError(
             f"DeciLM implies head_dim = hidden_size // num_attention_heads = {config.d_model // config.n_heads}, "
             f"but the model has head_dim {config.resolved_head_dim}"
         )
@@ -119,7 +120,7 @@ def export_decilm(
     """Write ``model`` (a :class:`gqa.GQAForCausalLM`) as a DeciLM folder, atomically (temp + rename)."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} exists; choose another path or pass overwrite=True")
+        raise GQAUserError(f"{folder} exists; choose another path or pass overwrite=True")
     cfg = decilm_config(model.config)  # validates before anything is written
     return write_model_folder(model, folder, cfg, dtype=dtype, side_files_from=side_files_from, overwrite=overwrite)
 
@@ -133,23 +134,23 @@ def load_decilm(folder: str | Path, *, dtype: torch.dtype | None = None):
     folder = Path(folder)
     path = folder / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json; pass a DeciLM model folder")
+        raise GQAUserError(f"{folder} has no config.json; pass a DeciLM model folder")
     cfg = json.loads(path.read_text())
     blocks = cfg.get("block_configs")
     if not blocks:
-        raise ValueError(f"{path} has no block_configs; it is not a DeciLM / Nemotron-NAS config")
+        raise GQAUserError(f"{path} has no block_configs; it is not a DeciLM / Nemotron-NAS config")
     if len(blocks) != cfg["num_hidden_layers"]:
-        raise ValueError(f"{path} lists {len(blocks)} block_configs for {cfg['num_hidden_layers']} layers")
+        raise GQAUserError(f"{path} lists {len(blocks)} block_configs for {cfg['num_hidden_layers']} layers")
     n_heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
     kv, ffn = [], set()
     for i, b in enumerate(blocks):
         a, f = b.get("attention", {}), b.get("ffn", {})
         if a.get("no_op") or a.get("replace_with_linear") or f.get("no_op") or f.get("replace_with_linear"):
-            raise ValueError(f"block {i} is a no-op or linear replacement, which gqa models do not have")
+            raise GQAUserError(f"block {i} is a no-op or linear replacement, which gqa models do not have")
         kv.append(n_heads // int(a["n_heads_in_group"]))
         ffn.add(intermediate_size_for(float(f["ffn_mult"]), hidden))
     if len(ffn) != 1:
-        raise ValueError(f"blocks have different FFN widths {sorted(ffn)}; gqa models use one ffn_dim")
+        raise GQAUserError(f"blocks have different FFN widths {sorted(ffn)}; gqa models use one ffn_dim")
     config = GQAConfig(
         vocab_size=cfg["vocab_size"],
         d_model=hidden,

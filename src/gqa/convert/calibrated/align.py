@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from gqa.grouping.heads import HeadWeights
+from gqa.convert.calibrated.heads import HeadWeights
 
 __all__ = [
     "pair_rotation",

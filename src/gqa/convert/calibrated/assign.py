@@ -14,6 +14,8 @@ from functools import cache
 
 import torch
 
+from gqa.errors import GQAUserError
+
 __all__ = ["balanced_groups", "grouping_cost", "EXACT_MAX_HEADS"]
 
 EXACT_MAX_HEADS = 16
@@ -32,7 +34,7 @@ def balanced_groups(dist: torch.Tensor, n_groups: int) -> list[list[int]]:
     """
     n = dist.shape[0]
     if n_groups < 1 or n % n_groups:
-        raise ValueError(f"{n_groups} groups do not split {n} heads evenly; choose a divisor of {n}")
+        raise GQAUserError(f"{n_groups} groups do not split {n} heads evenly; choose a divisor of {n}")
     size = n // n_groups
     if size == 1:
         return [[a] for a in range(n)]

@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["choose_kv_heads", "budget_heads", "parse_kv_heads_per_layer", "kv_head_options"]
+from gqa.errors import GQAUserError
 
-
-def kv_head_options(n_kv_heads: int) -> list[int]:
-    """Head counts a layer with ``n_kv_heads`` can be reduced to (equal groups): its divisors."""
-    return [n for n in range(1, n_kv_heads + 1) if n_kv_heads % n == 0]
+__all__ = ["choose_kv_heads", "budget_heads"]
 
 
 def budget_heads(fraction: float, kv_heads_per_layer: list[int]) -> int:
     """Total KV heads allowed by ``fraction`` of the original cache; refuses a budget below one head
-    per layer (one-line ValueError)."""
+    per layer (one-line GQAUserError)."""
     if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ValueError(f"--kv-budget must be a fraction in (0, 1], got {fraction!r}")
+        raise GQAUserError(f"--kv-budget must be a fraction in (0, 1], got {fraction!r}")
     total = sum(kv_heads_per_layer)
     allowed = math.floor(fraction * total + 1e-9)
     n_layers = len(kv_heads_per_layer)
     if allowed < n_layers:
-        raise ValueError(
+        raise GQAUserError(
             f"--kv-budget {fraction:g} allows {allowed} KV heads for {n_layers} layers; every layer needs one, "
             f"so the budget must be at least {n_layers / total:.4g}"
         )
@@ -40,7 +37,7 @@ def choose_kv_heads(curves: list[dict[int, float]], max_heads: int) -> list[int]
     curves: one ``{heads: error}`` dict per layer. Ties prefer fewer heads.
     """
     if max_heads < sum(min(c) for c in curves):
-        raise ValueError(
+        raise GQAUserError(
             f"a budget of {max_heads} KV heads is below the minimum {sum(min(c) for c in curves)} "
             "(one per layer); raise the budget"
         )
@@ -59,24 +56,3 @@ def choose_kv_heads(curves: list[dict[int, float]], max_heads: int) -> list[int]
         best = nxt
     err, picks = min(best.values(), key=lambda v: (v[0], sum(v[1])))
     return list(picks)
-
-
-def parse_kv_heads_per_layer(spec: str | list[int], kv_heads_per_layer: list[int], n_heads: int) -> list[int]:
-    """``"4,4,2,..."`` (or a list) -> per-layer counts, checked: one per layer, each dividing the
-    layer's current KV heads (so heads merge in equal groups) and hence the query heads."""
-    if isinstance(spec, str):
-        try:
-            heads = [int(x) for x in spec.replace(" ", "").split(",") if x]
-        except ValueError:
-            raise ValueError(f"--kv-heads-per-layer must be comma-separated integers, got {spec!r}") from None
-    else:
-        heads = [int(x) for x in spec]
-    if len(heads) != len(kv_heads_per_layer):
-        raise ValueError(f"--kv-heads-per-layer lists {len(heads)} layers; the model has {len(kv_heads_per_layer)}")
-    for i, (n, old) in enumerate(zip(heads, kv_heads_per_layer, strict=True)):
-        if n < 1 or old % n:
-            raise ValueError(
-                f"--kv-heads-per-layer: layer {i} asks for {n} KV heads; it has {old} "
-                f"({n_heads} query heads), so choose one of {kv_head_options(old)}"
-            )
-    return heads

@@ -1,7 +1,7 @@
 """Merging a group of (aligned) KV heads into one shared head.
 
 Every method returns the shared head's augmented K and V weights ``[D, d+1]`` from the group's
-aligned heads (see :mod:`gqa.grouping.align`). With S_a the second moment of the queries that read
+aligned heads (see :mod:`gqa.convert.calibrated.align`). With S_a the second moment of the queries that read
 old head a and G_a the Gram matrix of the output-projection columns that read it:
 
 - ``mean``: the element-wise mean (the GQA paper's pooling, after alignment).
@@ -13,7 +13,7 @@ old head a and G_a the Gram matrix of the output-projection columns that read it
   distribution), and V is fitted to attention-averaged inputs (sum_a G_a V C̄_a = sum_a G_a V_a C̄_a,
   solved by conjugate gradients). Needs attention statistics; otherwise it equals ``weighted``.
 
-``merge="fit"`` in :func:`gqa.grouping.reduce_kv_heads` measures mean, weighted and lsq on the
+``merge="fit"`` in :func:`gqa.convert.calibrated.reduce_kv_heads` measures mean, weighted and lsq on the
 calibration samples and keeps, per layer, whichever gives the smallest layer-output error, so it is
 never worse than the mean on the calibration data.
 """
@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from gqa.grouping.heads import HeadWeights
-from gqa.grouping.stats import LayerStats
+from gqa.convert.calibrated.heads import HeadWeights
+from gqa.convert.calibrated.stats import LayerStats
+from gqa.convert.merge import mean_pool
+from gqa.errors import GQAUserError
 
 __all__ = ["MERGE_CHOICES", "merge_group", "query_moment"]
 
@@ -118,11 +120,13 @@ def merge_group(
     if len(group) == 1:
         return ks[0].clone(), vs[0].clone()
     if method == "mean":
-        return torch.stack(ks).mean(0), torch.stack(vs).mean(0)
+        return mean_pool(torch.stack(ks)), mean_pool(torch.stack(vs))
+    if method == "first":
+        return ks[0].clone(), vs[0].clone()
     if method not in MERGE_CHOICES:
-        raise ValueError(f"unknown merge {method!r}; choose one of {', '.join(MERGE_CHOICES)}")
+        raise GQAUserError(f"unknown merge {method!r}; choose one of {', '.join(MERGE_CHOICES)}")
     if stats is None:
-        raise ValueError(f"merge {method!r} needs calibration statistics; pass --calib")
+        raise GQAUserError(f"merge {method!r} needs calibration statistics; pass --calib")
     c = stats.input_moment
     use_attention = method == "lsq" and stats.offset_weights is not None
     s_k, g_v = [], []

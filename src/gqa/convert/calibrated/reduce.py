@@ -19,18 +19,18 @@ from dataclasses import dataclass
 
 import torch
 
-from gqa.convert.grouping import contiguous_groups, query_order
-from gqa.grouping.align import align_groups, aligned_distance
-from gqa.grouping.assign import balanced_groups
-from gqa.grouping.budget import kv_head_options
-from gqa.grouping.heads import HeadWeights, build_attention, split_heads
-from gqa.grouping.merge import MERGE_CHOICES, merge_group
-from gqa.grouping.stats import LayerStats
+from gqa.convert.calibrated.align import align_groups, aligned_distance
+from gqa.convert.calibrated.assign import balanced_groups
+from gqa.convert.calibrated.fitting import MERGE_CHOICES, merge_group
+from gqa.convert.calibrated.heads import HeadWeights, build_attention, split_heads
+from gqa.convert.calibrated.stats import LayerStats, run_attention
+from gqa.convert.groups import Groups, contiguous_groups, expansion_groups, kv_head_options, query_order
+from gqa.errors import GQAUserError
 
 __all__ = ["GROUPINGS", "MERGES", "LayerResult", "reduce_layer", "reduce_kv_heads", "error_curves", "layer_error"]
 
 GROUPINGS = ("contiguous", "similarity")
-MERGES = ("mean", "weighted", "lsq", "fit")
+MERGES = ("mean", "first", "weighted", "lsq", "fit")  # the calibrated subset of gqa.convert.merge.MERGES
 
 
 @dataclass
@@ -39,8 +39,8 @@ class LayerResult:
 
     kv_heads_before: int
     kv_heads_after: int
-    groups: list[list[int]]  # old KV heads pooled into each new one
-    merge: str  # the merge actually used ("fit" resolves to mean, weighted or lsq)
+    groups: Groups  # old KV heads pooled into each new one (one head repeated when replicating)
+    merge: str  # the merge actually used ("fit" resolves to mean, weighted or lsq; "replicate" when expanding)
     error: float | None  # measured output error / residual energy (None without calibration)
     distance: list[list[float]] | None  # aligned head distances [Hkv, Hkv] (None without calibration)
 
@@ -48,16 +48,17 @@ class LayerResult:
 @torch.no_grad()
 def layer_error(original, converted, stats: LayerStats) -> float:
     """E||attn'(x) - attn(x)||^2 / E||h||^2 over the calibration samples of one layer."""
-    x = stats.samples.to(original.q_proj.weight.dtype)  # (S, T, d)
+    x = stats.samples.to(device=original.q_proj.weight.device, dtype=original.q_proj.weight.dtype)  # (S, T, d)
     if x.numel() == 0:
-        raise ValueError("no calibration samples were kept; collect statistics with sample_sequences >= 1")
-    diff = (converted(x).double() - original(x).double()).pow(2).sum(-1).mean().item()
+        raise GQAUserError("no calibration samples were kept; give at least one sequence of calibration text")
+    new = run_attention(converted, x, stats).double()
+    diff = (new - run_attention(original, x, stats).double()).pow(2).sum(-1).mean().item()
     return diff / max(stats.residual_energy, 1e-300)
 
 
 def _check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        raise GQAUserError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
 def _assemble(w: HeadWeights, groups: list[list[int]], merged: list[tuple[torch.Tensor, torch.Tensor]]) -> HeadWeights:
@@ -89,14 +90,24 @@ def reduce_layer(
     """
     _check_choice("grouping", grouping, GROUPINGS)
     _check_choice("merge", merge, MERGES)
-    hkv = attn.n_kv_heads
-    if hkv % n_kv_heads:
-        raise ValueError(
-            f"{n_kv_heads} KV heads do not divide this layer's {hkv}; choose one of {kv_head_options(hkv)}"
+    hkv, hq = attn.n_kv_heads, attn.n_heads
+    if n_kv_heads not in kv_head_options(hkv, hq):
+        raise GQAUserError(
+            f"{n_kv_heads} KV heads are neither a divisor of this layer's {hkv} nor a multiple of it dividing its "
+            f"{hq} query heads; choose one of {kv_head_options(hkv, hq)}"
         )
-    needs_stats = grouping == "similarity" or align or merge != "mean"
+    if n_kv_heads > hkv:  # replication is exact: nothing to group, align, merge or measure
+        groups = expansion_groups(hkv, n_kv_heads)
+        w = split_heads(attn)
+        merged = [(w.k[g[0]].clone(), w.v[g[0]].clone()) for g in groups]
+        return build_attention(attn, _assemble(w, groups, merged)), LayerResult(
+            hkv, n_kv_heads, groups, "replicate", 0.0, None
+        )
+    needs_stats = grouping == "similarity" or align or merge not in ("mean", "first")
     if needs_stats and stats is None:
-        raise ValueError("similarity grouping, alignment and merges other than mean need calibration text (--calib)")
+        raise GQAUserError(
+            "similarity grouping, alignment and merges other than mean/first need calibration text (--calib)"
+        )
     w = split_heads(attn)
     align_k = attn.q_norm is None  # a per-head norm's [D] scale does not commute with the rotations
     dist = aligned_distance(w, stats.input_moment, align_k=align_k) if stats is not None else None
@@ -133,20 +144,20 @@ def reduce_kv_heads(
     """A copy of ``model`` (a :class:`gqa.GQAForCausalLM`) with ``kv_heads`` KV heads per layer.
 
     kv_heads: one count for every layer or a per-layer list; each must divide the layer's heads.
-    stats: from :func:`gqa.grouping.collect_statistics` (needed unless contiguous + mean + no align).
+    stats: from :func:`gqa.convert.calibrated.collect_statistics` (needed unless contiguous + mean + no align).
     Returns ``(new_model, [LayerResult per layer])``. The input model is not modified.
     """
-    from tqdm.auto import tqdm
+    from gqa.progress import progress as progress_bar
 
     n_layers = len(model.layers)
     per_layer = [kv_heads] * n_layers if isinstance(kv_heads, int) else list(kv_heads)
     if len(per_layer) != n_layers:
-        raise ValueError(f"kv_heads lists {len(per_layer)} layers; the model has {n_layers}")
+        raise GQAUserError(f"kv_heads lists {len(per_layer)} layers; the model has {n_layers}")
     if stats is not None and len(stats) != n_layers:
-        raise ValueError(f"stats cover {len(stats)} layers; the model has {n_layers}")
+        raise GQAUserError(f"stats cover {len(stats)} layers; the model has {n_layers}")
     new_model = copy.deepcopy(model)
     results = []
-    for i in tqdm(range(n_layers), desc=f"reduce ({grouping}, {merge})", disable=not progress):
+    for i in progress_bar(range(n_layers), desc=f"reduce ({grouping}, {merge})", unit="layer", enabled=progress):
         attn, res = reduce_layer(
             model.layers[i].attn,
             per_layer[i],
@@ -178,17 +189,17 @@ def error_curves(
     with ``calib_ids`` [N, T], the mean KL(original || model with this layer reduced) per token on
     those sequences: the end-to-end effect, in one currency for every layer.
     """
-    from tqdm.auto import tqdm
+    from gqa.progress import progress as progress_bar
 
     reference = None
     if calib_ids is not None:
         with torch.no_grad():
             reference = torch.log_softmax(model(calib_ids).double(), -1)  # (N, T, V)
     curves = []
-    for i in tqdm(range(len(model.layers)), desc="error curves", disable=not progress):
+    for i in progress_bar(range(len(model.layers)), desc="error curves", unit="layer", enabled=progress):
         attn = model.layers[i].attn
         curve = {}
-        for n in kv_head_options(attn.n_kv_heads):
+        for n in kv_head_options(attn.n_kv_heads):  # reductions only: a budget never adds heads
             if n == attn.n_kv_heads:
                 curve[n] = 0.0
                 continue

@@ -1,121 +1,124 @@
-"""Checkpoint in, checkpoint out: activation-aware KV-head reduction (``gqa convert --calib ...``).
+"""The calibrated path of :func:`gqa.convert.convert`: load the model, calibrate, group, align, merge,
+distil, export.
 
-Unlike the streaming :func:`gqa.convert.convert_checkpoint`, this loads the model (a transformers
-Llama-family folder, a gqa ``checkpoint.pt`` or a GGUF file), runs it on calibration text, and
-writes a transformers folder (per-layer KV heads in ``per_layer_config`` when they differ) or, with
-``export="decilm"``, the DeciLM / Nemotron-NAS layout. Everything is validated before the model is
-loaded; the output is written to a temporary folder beside OUT and renamed at the end.
+The model (a transformers Llama-family folder, a gqa ``checkpoint.pt`` or a GGUF file) is loaded in
+float32, run on calibration text through forward hooks (:mod:`gqa.convert.calibrated.stats`), reduced
+layer by layer (:mod:`gqa.convert.calibrated.reduce`), optionally distilled layer by layer
+(:mod:`gqa.convert.calibrated.distill`), and written by the export registry
+(:mod:`gqa.convert.exports`). Options were validated by :func:`gqa.convert.convert`; the output goes to
+the temporary folder it passes in. Query head h reads KV head h // (Hq // Hkv_layer) in the output.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from gqa.grouping.budget import budget_heads, choose_kv_heads, parse_kv_heads_per_layer
-from gqa.grouping.pipeline import GROUPINGS, MERGES, error_curves, reduce_kv_heads
-from gqa.grouping.stats import calibration_ids, collect_statistics
+from gqa.convert.calibrated.budget import budget_heads, choose_kv_heads
+from gqa.convert.calibrated.reduce import error_curves, reduce_kv_heads
+from gqa.convert.calibrated.stats import calibration_ids, collect_statistics
+from gqa.convert.groups import check_kv_heads
+from gqa.convert.report import ConversionReport
+from gqa.errors import GQAUserError
 
-__all__ = ["convert_grouped", "GROUPING_REPORT_NAME", "EXPORTS"]
-
-GROUPING_REPORT_NAME = "grouping_report.json"
-EXPORTS = ("hf", "decilm")
-
-
-def _count_targets(kv_heads, kv_heads_per_layer, kv_budget) -> None:
-    given = [
-        n
-        for n, v in (("--kv-heads", kv_heads), ("--kv-heads-per-layer", kv_heads_per_layer), ("--kv-budget", kv_budget))
-        if v is not None
-    ]
-    if len(given) != 1:
-        raise ValueError(
-            "give exactly one of --kv-heads, --kv-heads-per-layer or --kv-budget"
-            + (f" (got {', '.join(given)})" if given else "")
-        )
+__all__ = ["convert_calibrated", "source_dtype"]
 
 
-def convert_grouped(
-    src: str | Path,
-    out: str | Path,
-    *,
-    kv_heads: int | None = None,
-    kv_heads_per_layer: str | list[int] | None = None,
-    kv_budget: float | None = None,
-    grouping: str = "similarity",
-    merge: str = "fit",
-    align: bool = True,
-    calib: str | None = None,
-    calib_tokens: int = 65536,
-    seq_len: int = 256,
-    export: str = "hf",
-    dtype: torch.dtype | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Reduce ``src``'s KV heads using calibration activations and write the result to ``out``.
+def source_dtype(src: Path) -> torch.dtype:
+    """The float dtype the source stores its attention weights in (GGUF and checkpoint.pt: float32)."""
+    if src.is_dir():
+        from gqa.convert.safetensors_io import read_header
 
-    Exactly one target: ``kv_heads`` (every layer), ``kv_heads_per_layer`` (``"4,4,2,..."``, each a
-    divisor of the layer's KV heads) or ``kv_budget`` (a fraction of the original KV-cache bytes;
-    each layer's count is chosen by dynamic programming over measured per-layer error curves).
-    calib: a data spec for :func:`gqa.data.load_text` (``shakespeare:train``, a file, a folder...);
-    needed for similarity grouping, alignment, merges other than ``mean`` and budgets.
-    Returns the report written to ``out/grouping_report.json``. Query head h reads KV head
-    h // (Hq // Hkv_layer) in the output.
-    """
-    from gqa.data import load_text
-    from gqa.evaluate import load_model, load_model_tokenizer
+        for f in sorted(src.glob("*.safetensors")):
+            for info in read_header(f)[0]:
+                if info.dtype.is_floating_point and ".self_attn." in info.name:
+                    return info.dtype
+    return torch.float32
 
-    t0 = time.perf_counter()
-    src, out = Path(src).expanduser(), Path(out).expanduser()
-    _count_targets(kv_heads, kv_heads_per_layer, kv_budget)
-    if grouping not in GROUPINGS:
-        raise ValueError(f"unknown --grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
-    if merge not in MERGES:
-        raise ValueError(f"unknown --merge {merge!r} for calibrated conversion; choose one of {', '.join(MERGES)}")
-    if export not in EXPORTS:
-        raise ValueError(f"unknown --export {export!r}; choose one of {', '.join(EXPORTS)}")
-    needs_calib = grouping == "similarity" or align or merge != "mean" or kv_budget is not None
-    if needs_calib and calib is None:
-        raise ValueError("--calib TEXT is needed for similarity grouping, alignment, --merge fit and --kv-budget")
-    if calib_tokens < 1:
-        raise ValueError(f"--calib-tokens must be >= 1, got {calib_tokens}")
-    if not src.exists():
-        raise FileNotFoundError(
-            f"{src} does not exist; pass a transformers model folder, a checkpoint.pt or a .gguf file"
-        )
-    s, o = src.resolve(), out.resolve()
-    if s == o or o.is_relative_to(s) or s.is_relative_to(o):
-        raise ValueError(f"OUT {out} must lie outside SRC {src}: the source is never modified")
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; choose another OUT or pass --force to replace it")
-    calib_text = load_text(calib) if calib is not None else None
 
-    model = load_model(src, dtype=torch.float32)
+def _load(src: Path):
+    """(model, tokenizer loader) for ``src``; a one-line error for anything that is not a gqa family."""
+    try:
+        from gqa.model import load_model
+    except ImportError:  # model loading is moving from gqa.evaluate to gqa.model
+        from gqa.evaluate import load_model
     from gqa.model import GQAForCausalLM
+    from gqa.progress import quiet_loading
 
+    with quiet_loading():
+        model = load_model(src, dtype=torch.float32)
     if not isinstance(model, GQAForCausalLM):
-        raise ValueError(f"{src} is not a llama/mistral/qwen2/qwen3 model; calibrated conversion needs one of those")
+        raise GQAUserError(
+            f"{src} is not a llama/mistral/qwen2/qwen3 model; the calibrated path (--calib, --export decilm/gguf) "
+            "needs one of those (other families convert with --kv-heads and no --calib)"
+        )
+    return model
+
+
+def _tokenizer(src: Path):
+    try:
+        from gqa.model import load_model_tokenizer
+    except ImportError:
+        from gqa.evaluate import load_model_tokenizer
+    from gqa.progress import quiet_loading
+
+    with quiet_loading():
+        return load_model_tokenizer(src)
+
+
+def convert_calibrated(
+    src: Path,
+    folder: Path,
+    *,
+    kv_heads: int | None,
+    kv_heads_per_layer: list[int] | None,
+    kv_budget: float | None,
+    grouping: str,
+    merge: str,
+    calib: str | None,
+    calib_tokens: int,
+    seq_len: int,
+    export,
+    out_dtype: torch.dtype | None,
+    seed: int,
+    progress: bool,
+    distill: str | None,
+    distill_steps: int,
+    distill_params: str,
+    distill_inputs: str,
+) -> ConversionReport:
+    """Convert ``src`` into the temporary ``folder`` (see :func:`gqa.convert.convert` for the options)."""
+    from gqa.units import dtype_name, kv_bytes_per_token
+
+    calib_text = None
+    if calib is not None:
+        from gqa.data import load_text
+
+        calib_text = load_text(calib)  # a bad spec fails before the model is loaded
+    written = out_dtype or source_dtype(src)
+    model = _load(src)
     cfg = model.config
     before = cfg.kv_heads_per_layer
+    per_layer = None
     if kv_heads is not None:
-        per_layer = parse_kv_heads_per_layer([kv_heads] * cfg.n_layers, before, cfg.n_heads)
+        for n_old in set(before):
+            check_kv_heads(n_old, cfg.n_heads, kv_heads)
+        per_layer = [kv_heads] * cfg.n_layers
     elif kv_heads_per_layer is not None:
-        per_layer = parse_kv_heads_per_layer(kv_heads_per_layer, before, cfg.n_heads)
-    else:
-        max_heads = budget_heads(kv_budget, before)
-        per_layer = None
+        if len(kv_heads_per_layer) != cfg.n_layers:
+            raise GQAUserError(
+                f"--kv-heads-per-layer lists {len(kv_heads_per_layer)} layers; the model has {cfg.n_layers}"
+            )
+        for i, (n, old) in enumerate(zip(kv_heads_per_layer, before, strict=True)):
+            check_kv_heads(old, cfg.n_heads, n, f"--kv-heads-per-layer (layer {i})")
+        per_layer = list(kv_heads_per_layer)
+    max_heads = budget_heads(kv_budget, before) if kv_budget is not None else None
+    align = calib is not None
     stats, ids = None, None
-    if needs_calib:
-        tokenizer = load_model_tokenizer(src)
-        ids = calibration_ids(calib_text, tokenizer, calib_tokens, seq_len)
+    if calib is not None:
+        torch.manual_seed(seed)
+        ids = calibration_ids(calib_text, _tokenizer(src), calib_tokens, seq_len)
         attention_sequences = 4 if merge in ("lsq", "fit") else 0
         stats = collect_statistics(model, ids, attention_sequences=attention_sequences, progress=progress)
     curves = None
@@ -127,56 +130,92 @@ def convert_grouped(
     new, results = reduce_kv_heads(
         model, per_layer, stats, grouping=grouping, align=align, merge=merge, progress=progress
     )
+    distill_report = None
+    if distill is not None:
+        from gqa.convert.calibrated.distill import distill_local
 
-    elem = torch.empty((), dtype=dtype or torch.bfloat16).element_size()
+        distill_report = distill_local(
+            model,
+            new,
+            ids,
+            params=distill_params,
+            inputs=distill_inputs,
+            steps=distill_steps,
+            seed=seed,
+            progress=progress,
+        ).to_dict()
+    del model
+    side = src if src.is_dir() else (src.parent if src.suffix == ".pt" else None)
+    export.write(new, folder, written, side)
+    if src.suffix.lower() == ".gguf" and export.name != "gguf":  # the tokenizer lives inside the GGUF file
+        _tokenizer(src).save_pretrained(str(folder))
+    for name in ("auto_map",):  # never point a loader at code that was not copied
+        _drop_config_key(folder / "config.json", name)
     d_head = cfg.resolved_head_dim
-    report = {
-        "source": str(src),
-        "output": str(out),
-        "export": export,
-        "grouping": grouping,
-        "align": align,
-        "merge": merge,
-        "calibration": None if calib is None else {"spec": str(calib), "tokens": calib_tokens, "seq_len": seq_len},
-        "kv_budget": kv_budget,
-        "kv_heads_before": before,
-        "kv_heads_after": per_layer,
-        "kv_cache_bytes_per_token_before": 2 * sum(before) * d_head * elem,
-        "kv_cache_bytes_per_token_after": 2 * sum(per_layer) * d_head * elem,
-        "kv_cache_dtype": str(dtype or torch.bfloat16).replace("torch.", ""),
-        "layers": [
-            {"groups": r.groups, "merge": r.merge, "error": r.error, "kv_heads": r.kv_heads_after} for r in results
-        ],
-        "error_curves": None if curves is None else [{str(k): v for k, v in c.items()} for c in curves],
-        "seconds": round(time.perf_counter() - t0, 2),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    _write(new, out, export, dtype, src, report, force)
-    return report
+    n_before = sum(p.numel() for p in _params(cfg, before))
+    n_after = sum(p.numel() for p in _params(cfg, per_layer))
+    return ConversionReport(
+        source=str(src),
+        output="",
+        path="calibrated",
+        export=export.name,
+        model_type=_model_type(cfg),
+        layout="gqa",
+        grouping=grouping,
+        merge=merge,
+        align=align,
+        seed=seed,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        head_dim=d_head,
+        kv_heads_before=before,
+        kv_heads_after=per_layer,
+        groups=[r.groups for r in results],
+        kv_cache_dtype=dtype_name(written),
+        kv_cache_bytes_per_token_before=kv_bytes_per_token(before, d_head, written),
+        kv_cache_bytes_per_token_after=kv_bytes_per_token(per_layer, d_head, written),
+        parameters_before=n_before,
+        parameters_after=n_after,
+        parameters_removed=n_before - n_after,
+        output_dtype=dtype_name(written),
+        calibration=None if calib is None else {"spec": str(calib), "tokens": calib_tokens, "seq_len": seq_len},
+        kv_budget=kv_budget,
+        layer_merges=[r.merge for r in results],
+        layer_errors=[r.error for r in results],
+        error_curves=None if curves is None else [{str(k): v for k, v in c.items()} for c in curves],
+        distill=distill_report,
+    )
 
 
-def _write(model, out: Path, export: str, dtype, src: Path, report: dict, force: bool) -> None:
-    from gqa.export import export_decilm
-    from gqa.model import save_hf
+def _params(cfg, heads: list[int]):
+    """Parameter counts of a model with ``heads`` KV heads per layer (no allocation: meta tensors)."""
+    import dataclasses
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    from gqa.model import GQAForCausalLM
+
+    with torch.device("meta"):
+        model = GQAForCausalLM(dataclasses.replace(cfg, n_kv_heads=list(heads)))
+    seen = set()
+    for p in model.parameters():  # tied embeddings count once
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p
+
+
+def _model_type(cfg) -> str:
     try:
-        target = staging / "model"
-        side = src if src.is_dir() else (src.parent if src.suffix == ".pt" else None)
-        if export == "decilm":
-            export_decilm(model, target, dtype=dtype, side_files_from=side)
-        else:
-            save_hf(model, target, dtype=dtype, side_files_from=side)
-        if src.suffix.lower() == ".gguf":  # the tokenizer lives inside the GGUF file
-            from gqa.evaluate import load_model_tokenizer
+        from gqa.model import config_to_hf
 
-            load_model_tokenizer(src).save_pretrained(str(target))
-        (target / GROUPING_REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            if not force:
-                raise FileExistsError(f"{out} exists; choose another OUT or pass --force to replace it")
-            shutil.rmtree(out)
-        os.replace(target, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        return config_to_hf(cfg)["model_type"]
+    except (ValueError, KeyError):
+        return "gqa"
+
+
+def _drop_config_key(path: Path, key: str) -> None:
+    import json
+
+    if path.is_file():
+        cfg = json.loads(path.read_text())
+        if isinstance(cfg, dict) and key in cfg:
+            del cfg[key]
+            path.write_text(json.dumps(cfg, indent=2) + "\n")

@@ -1,11 +1,15 @@
-"""Calibration statistics: what each layer's attention sees on real text.
+"""Calibration statistics: what each layer's attention sees on real text, captured with hooks.
 
-:func:`collect_statistics` runs a :class:`gqa.GQAForCausalLM` over calibration tokens and keeps, per
-layer, the second moment of the attention input (from which every head's pre-RoPE K, V and Q
-second and cross moments follow exactly, since projections are linear), a few sequences of raw
-attention inputs (to *measure* a converted layer's output error), and, when asked, attention
-statistics: each query head's distribution of attention over relative offsets, and the second
-moment of the attention-averaged input that each old KV head's values are read through.
+:func:`collect_statistics` runs a :class:`gqa.GQAForCausalLM`'s own forward over calibration tokens
+with forward hooks on its modules (no forward of its own) and keeps, per layer, the second moment of
+the attention input (from which every head's pre-RoPE K, V and Q second and cross moments follow
+exactly, since projections are linear), one batch of raw attention inputs together with the exact
+extra arguments the model passed to the attention module (to *measure* a converted layer's output
+error by calling the converted module the same way), and, when asked, attention statistics: each
+query head's distribution of attention over relative offsets, and the second moment of the
+attention-averaged input that each old KV head's values are read through. Those come from the q and
+k the model's own projections produced (hooks on ``q_proj`` / ``k_proj``), through the module's own
+q/k norms and RoPE frequencies, and the fp64 reference attention (:func:`gqa.reference_attention`).
 
 Inputs are augmented with a constant 1 (``x~ = [x; 1]``, ``d + 1`` features) so projection biases
 are handled by the same algebra as weights: a head's augmented weight is ``[W | b]``.
@@ -19,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from gqa.rope import apply_rope, rope_cos_sin
+from gqa.errors import GQAUserError
 
-__all__ = ["LayerStats", "collect_statistics", "calibration_ids"]
+__all__ = ["LayerStats", "collect_statistics", "calibration_ids", "run_attention"]
 
 
 @dataclass
@@ -32,7 +36,9 @@ class LayerStats:
         the layer's input norm).
     residual_energy: E[||h||^2] of the residual stream entering the layer (the scale errors are
         measured against).
-    samples: ``[S, T, d]`` float32, the attention inputs of the first S calibration sequences.
+    samples: ``[S, T, d]`` float32, the attention inputs of the first calibration batch.
+    call: ``(args, kwargs)`` the model passed to the attention module after x for that batch
+        (positions, cache, mask, RoPE tables, ...), replayed by :func:`run_attention`.
     offset_weights: ``[Hq, T]`` or None, mean attention mass a query head puts at offset p - s.
     attended_moment: ``[Hkv, d+1, d+1]`` or None, E[x̄ x̄^T] with x̄ = sum_s a(p, s) x~_s the
         attention-averaged input, averaged over the query heads that read each KV head.
@@ -45,6 +51,13 @@ class LayerStats:
     offset_weights: torch.Tensor | None
     attended_moment: torch.Tensor | None
     tokens: int
+    call: tuple = ((), {})
+
+
+def run_attention(attn, x: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+    """``attn`` applied to ``x`` [S, T, d] exactly as the model's forward called the original module."""
+    args, kwargs = stats.call
+    return attn(x, *args, **kwargs)
 
 
 def calibration_ids(text_or_ids, tokenizer, n_tokens: int, seq_len: int) -> torch.Tensor:
@@ -53,17 +66,17 @@ def calibration_ids(text_or_ids, tokenizer, n_tokens: int, seq_len: int) -> torc
     Raises a one-line ValueError when the text is shorter than ``n_tokens``.
     """
     if n_tokens < seq_len:
-        raise ValueError(f"--calib-tokens {n_tokens} is below one sequence of {seq_len} tokens; raise it")
+        raise GQAUserError(f"--calib-tokens {n_tokens} is below one sequence of {seq_len} tokens; raise it")
     if isinstance(text_or_ids, str):
         if tokenizer is None:
-            raise ValueError("calibration text needs the model's tokenizer")
+            raise GQAUserError("calibration text needs the model's tokenizer; pass a folder or GGUF that has one")
         from gqa.data import encode
 
         ids = encode(tokenizer, text_or_ids)
     else:
         ids = torch.as_tensor(text_or_ids, dtype=torch.long).flatten()
     if ids.numel() < n_tokens:
-        raise ValueError(
+        raise GQAUserError(
             f"the calibration text has {ids.numel():,} tokens, fewer than --calib-tokens {n_tokens:,}; "
             "give a longer text or lower --calib-tokens"
         )
@@ -78,33 +91,35 @@ def _augment(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _attention_stats(attn, x: torch.Tensor, positions: torch.Tensor):
-    """Attention probabilities of one batch, recomputed from the layer's own projections.
+def _attention_stats(attn, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    """Attention statistics of one batch from the projections the model computed.
 
-    x [B, T, d] -> (offset mass [Hq, T] summed over queries, attended moment [Hkv, d+1, d+1] summed,
-    number of queries). Causal: a query at p sees keys 0..p.
+    x [B, T, d] attention input; q [B, T, Hq*D], k [B, T, Hkv*D] the outputs of ``attn.q_proj`` /
+    ``attn.k_proj`` (captured by hooks) -> (offset mass [Hq, T] summed over queries, attended moment
+    [Hkv, d+1, d+1] summed, number of queries). Causal: a query at p sees keys 0..p.
     """
+    from gqa import masks
+    from gqa.reference import reference_attention
+    from gqa.rope import apply_rope, rope_cos_sin
+
     b, t, _ = x.shape
     hq, hkv, dh = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    q = attn.q_proj(x).view(b, t, hq, dh).transpose(1, 2)  # (B, Hq, T, D)
-    k = attn.k_proj(x).view(b, t, hkv, dh).transpose(1, 2)  # (B, Hkv, T, D)
-    if attn.q_norm is not None:
+    q = q.view(b, t, hq, dh).transpose(1, 2)  # (B, Hq, T, D)
+    k = k.view(b, t, hkv, dh).transpose(1, 2)  # (B, Hkv, T, D)
+    if getattr(attn, "q_norm", None) is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.rope_theta is not None:
-        cos, sin = rope_cos_sin(positions, attn.inv_freq)
+    if getattr(attn, "rope_theta", None) is not None:
+        cos, sin = rope_cos_sin(torch.arange(t, device=x.device), attn.inv_freq)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    g = hq // hkv
-    k = k.repeat_interleave(g, dim=1)  # (B, Hq, T, D): calibration only, never a hot path
-    scores = (q.float() @ k.float().transpose(-1, -2)) / dh**0.5  # (B, Hq, T, T)
-    causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, Hq, T, T)
-    # Offset p - s of every (query p, key s) pair; mass per offset via scatter over the flattened pairs.
+    xa = _augment(x)  # (B, T, d+1)
+    values = xa[:, None].expand(b, hkv, t, xa.shape[-1])  # (B, Hkv, T, d+1): attention averages the inputs
+    attended, probs = reference_attention(q, k, values, mask=masks.causal(), return_weights=True)
+    # attended (B, Hq, T, d+1), probs (B, Hq, T, T). Offset p - s of every (query p, key s) pair.
     offsets = (torch.arange(t)[:, None] - torch.arange(t)[None, :]).clamp(min=0).flatten()  # (T*T,)
     mass = torch.zeros(hq, t, dtype=torch.float64)
-    mass.index_add_(1, offsets, probs.sum(0).reshape(hq, t * t).to(torch.float64).clone())
-    xa = _augment(x)  # (B, T, d+1)
-    attended = probs.to(torch.float64) @ xa[:, None]  # (B, Hq, T, d+1)
-    per_head = torch.einsum("bhti,bhtj->hij", attended, attended)  # (Hq, d+1, d+1)
+    mass.index_add_(1, offsets, probs.sum(0).reshape(hq, t * t).cpu().clone())
+    per_head = torch.einsum("bhti,bhtj->hij", attended, attended).cpu()  # (Hq, d+1, d+1)
+    g = hq // hkv
     moment = per_head.view(hkv, g, *per_head.shape[1:]).mean(1)  # (Hkv, d+1, d+1)
     return mass, moment, b * t
 
@@ -115,54 +130,63 @@ def collect_statistics(
     ids: torch.Tensor,
     *,
     batch_size: int = 4,
-    sample_sequences: int = 4,
     attention_sequences: int = 0,
     progress: bool = True,
 ) -> list[LayerStats]:
     """Run ``model`` (a :class:`gqa.GQAForCausalLM`) over ``ids`` [N, T] and return one
     :class:`LayerStats` per layer.
 
-    sample_sequences: how many sequences of raw attention inputs to keep for measured errors.
+    The first batch's attention inputs are kept as samples (to measure converted layers).
     attention_sequences: on how many sequences to also gather attention statistics (offset
         distribution and attended input moments, used by ``merge="fit"``); they cost O(T^2) each.
     """
-    from tqdm.auto import tqdm
+    from gqa.progress import progress as progress_bar
 
     layers = model.layers
     n_layers = len(layers)
     d = model.config.d_model
     moments = [torch.zeros(d + 1, d + 1, dtype=torch.float64) for _ in range(n_layers)]
     energy = [0.0] * n_layers
-    samples: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    samples: list[torch.Tensor | None] = [None] * n_layers
+    calls: list[tuple] = [((), {})] * n_layers
     offset_mass: list[torch.Tensor | None] = [None] * n_layers
     attended: list[torch.Tensor | None] = [None] * n_layers
     attended_count = [0] * n_layers
-    state = {"seq0": 0, "positions": None}
+    state = {"seq0": 0}
 
     def make_hooks(i: int):
-        block = layers[i]
+        block, attn = layers[i], layers[i].attn
+        seen: dict = {}
 
         def block_pre(module, args):
             h = args[0]  # (B, T, d) residual stream entering the block
             energy[i] += h.to(torch.float64).pow(2).sum().item()
 
         def attn_pre(module, args, kwargs):
+            if state["seq0"] == 0:  # the extra arguments the model passes, to replay on the samples
+                calls[i] = (tuple(args[1:]), dict(kwargs))
+
+        def q_post(module, args, output):
+            seen["q"] = output  # (B, T, Hq*D)
+
+        def k_post(module, args, output):
             x = args[0]  # (B, T, d) attention input (after the input norm)
             xa = _augment(x).reshape(-1, d + 1)  # (B*T, d+1)
-            moments[i].add_(xa.T @ xa)
-            seq0 = state["seq0"]
-            keep = max(0, min(x.shape[0], sample_sequences - seq0))
-            if keep:
-                samples[i].append(x[:keep].detach().float().cpu())
-            use = max(0, min(x.shape[0], attention_sequences - seq0))
+            moments[i].add_(xa.T.cpu() @ xa.cpu())
+            if state["seq0"] == 0:
+                samples[i] = x.detach().float().cpu()
+            use = max(0, min(x.shape[0], attention_sequences - state["seq0"]))
             if use:
-                mass, mom, n = _attention_stats(module, x[:use], state["positions"])
+                mass, mom, n = _attention_stats(attn, x[:use], seen.pop("q")[:use], output[:use])
                 offset_mass[i] = mass if offset_mass[i] is None else offset_mass[i] + mass
                 attended[i] = mom if attended[i] is None else attended[i] + mom
                 attended_count[i] += n
 
-        return block.register_forward_pre_hook(block_pre), block.attn.register_forward_pre_hook(
-            attn_pre, with_kwargs=True
+        return (
+            block.register_forward_pre_hook(block_pre),
+            attn.register_forward_pre_hook(attn_pre, with_kwargs=True),
+            attn.q_proj.register_forward_hook(q_post),
+            attn.k_proj.register_forward_hook(k_post),
         )
 
     handles = [h for i in range(n_layers) for h in make_hooks(i)]
@@ -170,16 +194,14 @@ def collect_statistics(
     model.eval()
     device = next(model.parameters()).device
     n_seq, t = ids.shape
-    state["positions"] = torch.arange(t, device=device)
-    bar = tqdm(total=n_seq * t, unit="tok", unit_scale=True, desc="calibrate", disable=not progress)
     try:
-        for start in range(0, n_seq, batch_size):
-            state["seq0"] = start
-            batch = ids[start : start + batch_size].to(device)
-            model(batch)
-            bar.update(batch.numel())
+        with progress_bar(total=n_seq * t, unit="tok", unit_scale=True, desc="calibrate", enabled=progress) as bar:
+            for start in range(0, n_seq, batch_size):
+                state["seq0"] = start
+                batch = ids[start : start + batch_size].to(device)
+                model(batch)
+                bar.update(batch.numel())
     finally:
-        bar.close()
         for h in handles:
             h.remove()
         model.train(was_training)
@@ -194,10 +216,11 @@ def collect_statistics(
             LayerStats(
                 input_moment=moments[i] / n_tok,
                 residual_energy=energy[i] / n_tok,
-                samples=torch.cat(samples[i]) if samples[i] else torch.zeros(0, t, d),
+                samples=samples[i] if samples[i] is not None else torch.zeros(0, t, d),
                 offset_weights=off,
                 attended_moment=att,
                 tokens=n_tok,
+                call=calls[i],
             )
         )
     return out

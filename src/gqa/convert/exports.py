@@ -1,0 +1,82 @@
+"""Output layouts of :func:`gqa.convert.convert`: one registry, :data:`EXPORTS`.
+
+Each entry names a writer from :mod:`gqa.model` (the model-folder I/O lives there):
+
+- ``hf``: a transformers folder (:func:`gqa.model.save_hf`; per-layer KV heads in ``per_layer_config``).
+  The streaming path writes this layout itself, tensor by tensor.
+- ``decilm``: the DeciLM / Nemotron-NAS ``block_configs`` layout (:func:`gqa.model.decilm.export_decilm`).
+- ``gguf``: a GGUF file ``OUT/model.gguf`` (:func:`gqa.model.gguf.export_gguf`), when that module exists.
+
+Only ``hf`` is written by the streaming path; the others need the model in memory, so they take the
+calibrated path's loader (with or without calibration text).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gqa.errors import GQAUserError
+
+__all__ = ["EXPORTS", "Export", "export_for", "GGUF_NAME"]
+
+GGUF_NAME = "model.gguf"
+
+
+def _write_hf(model, folder: Path, dtype: torch.dtype | None, side_files_from: Path | None) -> None:
+    from gqa.model import save_hf
+
+    save_hf(model, folder, dtype=dtype, side_files_from=side_files_from, overwrite=True)
+
+
+def _write_decilm(model, folder: Path, dtype: torch.dtype | None, side_files_from: Path | None) -> None:
+    from gqa.model.decilm import export_decilm
+
+    export_decilm(model, folder, dtype=dtype, side_files_from=side_files_from, overwrite=True)
+
+
+def _gguf_available() -> bool:
+    return importlib.util.find_spec("gqa.model.gguf") is not None
+
+
+def _write_gguf(model, folder: Path, dtype: torch.dtype | None, side_files_from: Path | None) -> None:
+    from gqa.model.gguf import export_gguf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    export_gguf(model, folder / GGUF_NAME)
+
+
+@dataclass(frozen=True)
+class Export:
+    """An output layout: its name, its writer ``(model, folder, dtype, side_files_from)``, and whether
+    the streaming path writes it directly."""
+
+    name: str
+    help: str
+    write: Callable[[object, Path, torch.dtype | None, Path | None], None]
+    streaming: bool = False
+    available: Callable[[], bool] = lambda: True
+
+
+EXPORTS: dict[str, Export] = {
+    e.name: e
+    for e in (
+        Export("hf", "transformers folder", _write_hf, streaming=True),
+        Export("decilm", "DeciLM / Nemotron-NAS block_configs folder", _write_decilm),
+        Export("gguf", f"GGUF file OUT/{GGUF_NAME}", _write_gguf, available=_gguf_available),
+    )
+}
+
+
+def export_for(name: str) -> Export:
+    """The registered export ``name`` (one-line error listing the choices, or saying it is not available)."""
+    if name not in EXPORTS:
+        raise GQAUserError(f"unknown --export {name!r}; choose one of {', '.join(EXPORTS)}")
+    e = EXPORTS[name]
+    if not e.available():
+        raise GQAUserError(f"--export {name} is not available in this gqa build; choose hf or decilm")
+    return e
