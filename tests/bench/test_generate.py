@@ -1,14 +1,19 @@
 """`gqa bench generate`: KV variants keep the head mapping; a tiny run writes results with provenance,
-a PNG plot, and the fixed-budget batch scales with the group size."""
+a PNG plot, and the fixed-budget batch scales with the group size; recorded results are replaced only
+with --force; torch's thread count is restored."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
+from typer.testing import CliRunner
 
 from gqa import GQAConfig, GQAForCausalLM, save_hf
-from gqa.bench.generate import kv_variant, run_generate_bench, write_generate_results
+from gqa.bench.generate import check_results_free, kv_variant, run_generate_bench, write_generate_results
+from gqa.cli import app
+from gqa.errors import GQAUserError
 
 
 def test_kv_variant_pools_contiguous_groups():
@@ -34,21 +39,23 @@ def test_tiny_bench_run_writes_results(tmp_path):
     cfg = GQAConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=8, n_kv_heads=8, ffn_dim=48, max_seq_len=32)
     save_hf(GQAForCausalLM(cfg).eval(), tmp_path / "mha")
     threads = torch.get_num_threads()
-    try:  # one thread: tiny matmuls on a shared machine thrash with more
-        res = run_generate_bench(
-            tmp_path / "mha",
-            batch_sizes=(2,),
-            prompt_len=6,
-            new_tokens=3,
-            repeats=1,
-            budget_sequences=2,
-            budget_requests=12,
-            page_size=4,
-            progress=False,
-            threads=1,
-        )
-    finally:
-        torch.set_num_threads(threads)
+    estimates = []
+    res = run_generate_bench(  # one thread: tiny matmuls on a shared machine thrash with more
+        tmp_path / "mha",
+        batch_sizes=(2,),
+        prompt_len=6,
+        new_tokens=3,
+        repeats=1,
+        budget_sequences=2,
+        budget_requests=12,
+        page_size=4,
+        progress=False,
+        threads=1,
+        on_estimate=estimates.append,
+    )
+    assert torch.get_num_threads() == threads  # restored
+    assert res["torch_threads"] == 1
+    assert len(estimates) == 1 and estimates[0] == res["estimated_seconds"] > 0 and res["elapsed_seconds"] > 0
     decode = res["decode"]
     assert {r["impl"] for r in decode} == {"gqa", "transformers"}
     assert all(r["decode_tokens_per_s"] > 0 for r in decode)
@@ -66,3 +73,17 @@ def test_tiny_bench_run_writes_results(tmp_path):
     assert (tmp_path / "generate-test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "generate-test.md").read_text()
     assert "git commit" in md and "| MQA | 1 |" in md
+
+
+def test_recorded_results_are_replaced_only_with_force(tmp_path):
+    assert check_results_free(tmp_path / "new", "generate-cpu") == [
+        tmp_path / "new" / f"generate-cpu{suffix}" for suffix in (".json", ".md", ".png")
+    ]
+    (tmp_path / "generate-cpu.md").write_text("recorded")
+    with pytest.raises(GQAUserError, match="--force"):
+        check_results_free(tmp_path, "generate-cpu")
+    check_results_free(tmp_path, "generate-cpu", force=True)
+    # the command refuses before it runs anything, in one line, and leaves the recorded file alone
+    res = CliRunner().invoke(app, ["bench", "generate", "--out", str(tmp_path), "--name", "generate-cpu"])
+    assert res.exit_code == 2 and "--force" in res.output and res.output.count("\n") == 1
+    assert (tmp_path / "generate-cpu.md").read_text() == "recorded"

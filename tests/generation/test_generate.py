@@ -185,7 +185,7 @@ class CharTokenizer:
 
 @pytest.fixture
 def cli_model(tmp_path, monkeypatch):
-    import gqa.evaluate as ev
+    import gqa.model as ev
 
     model = tiny_gqa()
     monkeypatch.setattr(ev, "load_model", lambda path: model)
@@ -225,8 +225,7 @@ def test_cli_generate_bad_input(cli_model, tmp_path, args, match):
 
 def test_cli_generate_on_the_shipped_model_end_to_end():
     """No stand-ins: the shipped transformers folder and its tokenizer, through the real loaders."""
-    from gqa.evaluate import load_model, load_model_tokenizer
-    from gqa.train.pretrain import shipped_model_path
+    from gqa.model import load_model, load_model_tokenizer, shipped_model_path
 
     path = shipped_model_path()
     res = CliRunner().invoke(

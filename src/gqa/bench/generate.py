@@ -5,17 +5,18 @@ variant serves at once in a fixed KV budget (continuous batching over the paged 
 Timing: the wall time from the first new token to the last of a generate call of N new tokens covers
 N - 1 decode steps (gqa: its streaming callback; transformers: a logits processor that only records
 the time); decode tokens/s = batch x (N - 1) / that time, best of ``repeats``, gqa and transformers
-interleaved run by run. The load average of the machine is recorded with the results. Memory: the bytes of the KV cache each implementation holds at the end of the run
-(gqa's static cache, transformers' DynamicCache), read from the cache tensors; on CUDA also the peak
-allocated memory of the whole generate call.
+interleaved run by run. gqa's timing runs :func:`gqa.generate`, the code path of ``gqa generate``.
+The load average of the machine is recorded with the results. Memory: the bytes of the KV cache each
+implementation holds at the end of the run (gqa's static cache, transformers' DynamicCache), read from
+the cache tensors; on CUDA also the peak allocated memory of the whole generate call.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -26,7 +27,19 @@ from gqa.errors import GQAUserError
 from gqa.generation import ContinuousBatcher, generate
 from gqa.model import GQAConfig, GQAForCausalLM
 
-__all__ = ["kv_variant", "load_bench_model", "run_generate_bench", "write_generate_results"]
+__all__ = [
+    "kv_variant",
+    "load_bench_model",
+    "run_generate_bench",
+    "write_generate_results",
+    "check_results_free",
+    "estimate_seconds",
+    "summary_rows",
+    "RESULT_SUFFIXES",
+]
+
+#: The files a run writes: ``<name>.json``, ``<name>.md``, ``<name>.png``.
+RESULT_SUFFIXES = (".json", ".md", ".png")
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16)
 
@@ -60,14 +73,14 @@ def kv_variant(model: GQAForCausalLM, n_kv_heads: int) -> GQAForCausalLM:
 def load_bench_model(path: str | Path | None = None) -> tuple[GQAForCausalLM, str]:
     """The model to benchmark and a description: ``path``, else the shipped Shakespeare MHA model,
     else random weights of the shipped model's shape."""
-    from gqa.evaluate import load_model
+    from gqa.model import load_model, shipped_model_path
 
     if path is not None:
         model = load_model(path)
         if not isinstance(model, GQAForCausalLM):
             raise GQAUserError(f"{path} is not a llama/mistral/qwen2/qwen3 model gqa can run")
         return model, str(path)
-    from gqa.train.pretrain import REFERENCE_CONFIG, shipped_model_path
+    from gqa.train.pretrain import REFERENCE_CONFIG
 
     try:
         shipped = shipped_model_path()
@@ -93,9 +106,11 @@ def _to_transformers(model: GQAForCausalLM, folder: Path):
     import transformers
 
     from gqa.model import save_hf
+    from gqa.progress import quiet_loading
 
     save_hf(model, folder, overwrite=True)
-    return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with quiet_loading():
+        return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
 def _decode_seconds_gqa(model, ids, n: int) -> float:
@@ -154,12 +169,56 @@ def _measure_pair(timers: dict, batch: int, new_tokens: int, repeats: int) -> di
 
 def _peak_cuda(fn):
     if not torch.cuda.is_available():
-        fn()
-        return None
+        return None  # nothing to measure: do not spend a generate call on it
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated()
+
+
+def _generate_seconds(model, batch: int, prompt_len: int, new_tokens: int) -> float:
+    ids = torch.randint(1, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
+    t0 = time.perf_counter()
+    generate(model, ids, max_new_tokens=new_tokens, eos_token_id=None)
+    return time.perf_counter() - t0
+
+
+def estimate_seconds(
+    model: GQAForCausalLM,
+    *,
+    batch_sizes: tuple[int, ...],
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    n_variants: int,
+    with_transformers: bool,
+    budget_concurrency: list[int],
+    budget_requests: int,
+) -> float:
+    """A rough run time of :func:`run_generate_bench` (seconds), from two short timed generate calls per
+    extreme batch size on ``model``: prefill and per-step cost, linear in the batch size. Assumes
+    transformers takes 1.3x gqa's time (what the recorded results show) and every variant costs what
+    ``model`` costs (fewer KV heads are cheaper, so this leans long)."""
+
+    def cost(b: int) -> tuple[float, float]:  # (prefill s, decode step s)
+        short, long = _generate_seconds(model, b, prompt_len, 2), _generate_seconds(model, b, prompt_len, 6)
+        step = max((long - short) / 4, 1e-5)
+        return max(short - step, 0.0), step
+
+    lo, hi = min(batch_sizes), max(batch_sizes)
+    (p_lo, s_lo), (p_hi, s_hi) = cost(lo), cost(hi) if hi != lo else cost(lo)
+
+    def per_call(b: int, n: int) -> float:
+        f = 0.0 if hi == lo else (b - lo) / (hi - lo)
+        return (p_lo + f * (p_hi - p_lo)) + (n - 1) * (s_lo + f * (s_hi - s_lo))
+
+    impls = 1 + (2.3 if with_transformers else 0.0)  # + transformers (1.3x) and its cache-bytes run
+    decode = sum(per_call(b, 2) + repeats * per_call(b, new_tokens) for b in batch_sizes) * impls * n_variants
+    budget = sum(
+        -(-budget_requests // c) * per_call(min(c, hi), new_tokens) + budget_requests * per_call(1, 1)
+        for c in budget_concurrency
+    )
+    return decode + budget
 
 
 @torch.inference_mode()
@@ -177,34 +236,78 @@ def run_generate_bench(
     page_size: int = 16,
     threads: int | None = None,
     progress: bool = True,
+    on_estimate: Callable[[float], None] | None = None,
 ) -> dict:
     """Run the benchmark; returns a JSON-ready dict (see :func:`write_generate_results`).
 
     budget_sequences: the KV budget is what MHA needs for this many sequences of
     ``prompt_len + new_tokens`` tokens; each variant then serves ``budget_requests`` requests through
     :class:`gqa.generation.ContinuousBatcher` in that budget, recording the most sequences in flight.
+    threads: torch CPU threads for the run (restored afterwards).
+    on_estimate: called once with the estimated run time in seconds (:func:`estimate_seconds`) before
+        the timed runs start.
     """
-    from tqdm.auto import tqdm
-
-    if threads is not None:
-        torch.set_num_threads(threads)
     for name, val in (("prompt_len", prompt_len), ("new_tokens", new_tokens), ("repeats", repeats)):
         if not isinstance(val, int) or val < 1:
             raise GQAUserError(f"{name} must be a positive integer, got {val!r}")
     if new_tokens < 2:
-        raise GQAUserError("new_tokens must be >= 2 so there is a decode step to time")
-    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise GQAUserError("new_tokens must be >= 2 so there is a decode step to time; raise --new-tokens")
+    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
         raise GQAUserError(f"batch sizes must be positive integers, got {batch_sizes!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise GQAUserError(f"threads must be a positive integer, got {threads!r}")
+    saved_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return _run_generate_bench(
+            model_path,
+            batch_sizes=batch_sizes,
+            prompt_len=prompt_len,
+            new_tokens=new_tokens,
+            repeats=repeats,
+            group_size=group_size,
+            with_transformers=with_transformers,
+            budget_sequences=budget_sequences,
+            budget_requests=budget_requests,
+            page_size=page_size,
+            progress=progress,
+            on_estimate=on_estimate,
+        )
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _run_generate_bench(
+    model_path,
+    *,
+    batch_sizes,
+    prompt_len,
+    new_tokens,
+    repeats,
+    group_size,
+    with_transformers,
+    budget_sequences,
+    budget_requests,
+    page_size,
+    progress,
+    on_estimate,
+) -> dict:
+    from gqa.progress import progress as progress_bar
+    from gqa.units import element_size, kv_bytes_per_token
+
     load_before = list(os.getloadavg())
+    t_start = time.perf_counter()
     base, description = load_bench_model(model_path)
     cfg: GQAConfig = base.config
     if prompt_len + new_tokens > cfg.max_seq_len:
         raise GQAUserError(
-            f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the model's context {cfg.max_seq_len}"
+            f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the model's context {cfg.max_seq_len}; "
+            "lower --prompt-len or --new-tokens"
         )
     hq = cfg.n_heads
     if hq % group_size:
-        raise GQAUserError(f"group size {group_size} does not divide the model's {hq} query heads")
+        raise GQAUserError(f"group size {group_size} does not divide the model's {hq} query heads; pick a divisor")
     variants = {"MHA": hq, f"GQA (g={group_size})": hq // group_size, "MQA": 1}
     source_kv = max(cfg.kv_heads_per_layer)
     dtype = next(base.parameters()).dtype
@@ -213,83 +316,99 @@ def run_generate_bench(
         if hkv > min(cfg.kv_heads_per_layer) and hkv != source_kv:
             raise GQAUserError(f"the model has {source_kv} KV heads; the {name} variant needs a model with more")
         models[name] = base if cfg.kv_heads_per_layer == [hkv] * cfg.n_layers else kv_variant(base, hkv)
+
+    # Serving in a fixed KV budget: what MHA needs for `budget_sequences` sequences.
+    seq_tokens = prompt_len + new_tokens - 1
+    page_bytes = {
+        name: page_size * kv_bytes_per_token(m.config.kv_heads_per_layer, cfg.resolved_head_dim, dtype)
+        for name, m in models.items()
+    }
+    mha_page_bytes = page_size * kv_bytes_per_token([hq] * cfg.n_layers, cfg.resolved_head_dim, dtype)
+    budget = budget_sequences * -(-seq_tokens // page_size) * mha_page_bytes
+    pages_per_seq = -(-seq_tokens // page_size)
+    concurrency = [min(budget_requests, (budget // page_bytes[n]) // pages_per_seq) for n in models]
+    estimate = estimate_seconds(
+        base,
+        batch_sizes=batch_sizes,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        n_variants=len(models),
+        with_transformers=with_transformers,
+        budget_concurrency=[max(c, 1) for c in concurrency],
+        budget_requests=budget_requests,
+    )
+    if on_estimate is not None:
+        on_estimate(estimate)
+
     gen = torch.Generator().manual_seed(0)
     rows = []
-    total = len(models) * len(batch_sizes)
-    bar = tqdm(total=total, desc="bench generate", unit="run", disable=not progress)
     tmp = Path(tempfile.mkdtemp(prefix="gqa-bench-generate-"))
     try:
-        for name, model in models.items():
-            hf = _to_transformers(model, tmp / name.split()[0]) if with_transformers else None
-            for b in batch_sizes:
-                ids = torch.randint(1, cfg.vocab_size, (b, prompt_len), generator=gen)  # (B, T)
-                timers = {"gqa": partial(_decode_seconds_gqa, model, ids)}
-                if hf is not None:
-                    timers["transformers"] = partial(_decode_seconds_hf, hf, ids)
-                tps = _measure_pair(timers, b, new_tokens, repeats)
-                rows.append(
-                    {
-                        "impl": "gqa",
-                        "variant": name,
-                        "kv_heads": variants[name],
-                        "batch": b,
-                        "decode_tokens_per_s": tps["gqa"],
-                        "kv_cache_bytes": model.make_cache(b, prompt_len + new_tokens).nbytes,
-                        "peak_cuda_bytes": _peak_cuda(partial(_decode_seconds_gqa, model, ids, new_tokens)),
-                    }
-                )
-                if hf is not None:
+        with progress_bar(
+            total=len(models) * len(batch_sizes), desc="bench generate", unit="run", enabled=progress
+        ) as bar:
+            for name, model in models.items():
+                hf = _to_transformers(model, tmp / name.split()[0]) if with_transformers else None
+                for b in batch_sizes:
+                    ids = torch.randint(1, cfg.vocab_size, (b, prompt_len), generator=gen)  # (B, T)
+                    timers = {"gqa": partial(_decode_seconds_gqa, model, ids)}
+                    if hf is not None:
+                        timers["transformers"] = partial(_decode_seconds_hf, hf, ids)
+                    tps = _measure_pair(timers, b, new_tokens, repeats)
                     rows.append(
                         {
-                            "impl": "transformers",
+                            "impl": "gqa",
                             "variant": name,
                             "kv_heads": variants[name],
                             "batch": b,
-                            "decode_tokens_per_s": tps["transformers"],
-                            "kv_cache_bytes": _hf_cache_bytes(_run_hf(hf, ids, new_tokens).past_key_values),
-                            "peak_cuda_bytes": _peak_cuda(partial(_run_hf, hf, ids, new_tokens)),
+                            "decode_tokens_per_s": tps["gqa"],
+                            "kv_cache_bytes": model.make_cache(b, prompt_len + new_tokens).nbytes,
+                            "peak_cuda_bytes": _peak_cuda(partial(_decode_seconds_gqa, model, ids, new_tokens)),
                         }
                     )
-                bar.update()
-                bar.set_postfix_str(f"{name} b={b} gqa {tps['gqa']:.0f} tok/s")
+                    if hf is not None:
+                        rows.append(
+                            {
+                                "impl": "transformers",
+                                "variant": name,
+                                "kv_heads": variants[name],
+                                "batch": b,
+                                "decode_tokens_per_s": tps["transformers"],
+                                "kv_cache_bytes": _hf_cache_bytes(_run_hf(hf, ids, new_tokens).past_key_values),
+                                "peak_cuda_bytes": _peak_cuda(partial(_run_hf, hf, ids, new_tokens)),
+                            }
+                        )
+                    bar.update()
+                    bar.set_postfix(run=f"{name} b={b}", gqa=f"{tps['gqa']:.0f} tok/s")
     finally:
-        bar.close()
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
 
-    # Serving in a fixed KV budget: what MHA needs for `budget_sequences` sequences.
     budget_rows = []
-    seq_tokens = prompt_len + new_tokens - 1
-    mha_page_bytes = (
-        2 * cfg.n_layers * hq * page_size * cfg.resolved_head_dim * torch.empty((), dtype=dtype).element_size()
-    )
-    budget = budget_sequences * -(-seq_tokens // page_size) * mha_page_bytes
-    for name, model in tqdm(models.items(), desc="fixed budget", disable=not progress):
-        page_bytes = (
-            2
-            * sum(model.config.kv_heads_per_layer)
-            * page_size
-            * cfg.resolved_head_dim
-            * torch.empty((), dtype=dtype).element_size()
-        )
-        batcher = ContinuousBatcher(model, num_pages=budget // page_bytes, page_size=page_size, eos_token_id=None)
-        for _ in range(budget_requests):
-            batcher.submit(torch.randint(1, cfg.vocab_size, (prompt_len,), generator=gen).tolist(), new_tokens)
-        t0 = time.perf_counter()
-        done = batcher.run()
-        elapsed = time.perf_counter() - t0
-        budget_rows.append(
-            {
-                "variant": name,
-                "kv_heads": variants[name],
-                "budget_bytes": budget,
-                "pages": batcher.cache.num_pages,
-                "max_concurrent_sequences": batcher.peak_running,
-                "tokens_per_s": sum(len(t) for t in done.values()) / elapsed,
-                "steps": batcher.steps,
-            }
-        )
+    with progress_bar(total=len(models), desc="fixed budget", unit="variant", enabled=progress) as bar:
+        for name, model in models.items():
+            batcher = ContinuousBatcher(
+                model, num_pages=budget // page_bytes[name], page_size=page_size, eos_token_id=None
+            )
+            for _ in range(budget_requests):
+                batcher.submit(torch.randint(1, cfg.vocab_size, (prompt_len,), generator=gen).tolist(), new_tokens)
+            t0 = time.perf_counter()
+            done = batcher.run()
+            elapsed = time.perf_counter() - t0
+            budget_rows.append(
+                {
+                    "variant": name,
+                    "kv_heads": variants[name],
+                    "budget_bytes": budget,
+                    "pages": batcher.cache.num_pages,
+                    "max_concurrent_sequences": batcher.peak_running,
+                    "tokens_per_s": sum(len(t) for t in done.values()) / elapsed,
+                    "steps": batcher.steps,
+                }
+            )
+            bar.update()
     return {
         "model": description,
         "config": {
@@ -300,17 +419,55 @@ def run_generate_bench(
             "vocab_size": cfg.vocab_size,
         },
         "dtype": str(dtype).replace("torch.", ""),
+        "element_size": element_size(dtype),
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "repeats": repeats,
         "torch_threads": torch.get_num_threads(),
         "load_average_before": load_before,
         "load_average_after": list(os.getloadavg()),
+        "estimated_seconds": estimate,
+        "elapsed_seconds": time.perf_counter() - t_start,
         "decode": rows,
         "fixed_budget": budget_rows,
         "budget_requests": budget_requests,
         "page_size": page_size,
     }
+
+
+def check_results_free(out_dir: str | Path, name: str, force: bool = False) -> list[Path]:
+    """The result paths ``<out_dir>/<name>{.json,.md,.png}``; raises :class:`GQAUserError` if any exists and
+    ``force`` is off (recorded results are replaced only on purpose). Call it before a long run."""
+    paths = [Path(out_dir) / f"{name}{suffix}" for suffix in RESULT_SUFFIXES]
+    taken = [p for p in paths if p.exists()]
+    if taken and not force:
+        raise GQAUserError(
+            f"{taken[0]} exists; choose another --out or --name, or pass --force to replace the recorded results"
+        )
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise GQAUserError(f"--out {out_dir} is a file; give a folder")
+    return paths
+
+
+def summary_rows(res: dict) -> list[tuple[str, int, int, float, float | None, float]]:
+    """(variant, KV heads, batch, gqa tok/s, transformers tok/s or None, gqa KV MiB) per gqa row."""
+    hf = {(r["variant"], r["batch"]): r for r in res["decode"] if r["impl"] == "transformers"}
+    out = []
+    for r in res["decode"]:
+        if r["impl"] != "gqa":
+            continue
+        h = hf.get((r["variant"], r["batch"]))
+        out.append(
+            (
+                r["variant"],
+                r["kv_heads"],
+                r["batch"],
+                r["decode_tokens_per_s"],
+                h["decode_tokens_per_s"] if h else None,
+                r["kv_cache_bytes"] / 2**20,
+            )
+        )
+    return out
 
 
 def _speedups(res: dict) -> list[dict]:
@@ -333,29 +490,20 @@ def write_generate_results(
     res: dict, out_dir: str | Path, name: str = "generate-cpu", command: str | None = None
 ) -> list[Path]:
     """Write ``<name>.json``, ``<name>.md`` and ``<name>.png`` under ``out_dir`` (temp files renamed)."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the process's matplotlib backend stays as it was
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from gqa.atomic import atomic_file, write_json_atomic, write_text_atomic
     from gqa.provenance import provenance, provenance_markdown
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     res = {**res, "provenance": provenance(command, res.get("dtype")), "speedup_vs_transformers": _speedups(res)}
-    paths = []
-
-    def atomic_write(path: Path, write) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        write(tmp)
-        os.replace(tmp, path)
-        paths.append(path)
-
-    atomic_write(out_dir / f"{name}.json", lambda p: p.write_text(json.dumps(res, indent=2) + "\n"))
+    paths = [write_json_atomic(out_dir / f"{name}.json", res)]
 
     variants = list(dict.fromkeys(r["variant"] for r in res["decode"]))
     colors = dict(zip(variants, ["tab:red", "tab:blue", "tab:green", "tab:purple"], strict=False))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig = Figure(figsize=(16, 4.6))
+    axes = fig.subplots(1, 3)
     for v in variants:
         for impl, style in (("gqa", "-o"), ("transformers", "--x")):
             pts = [r for r in res["decode"] if r["variant"] == v and r["impl"] == impl]
@@ -397,8 +545,9 @@ def write_generate_results(
     prov = res["provenance"]
     fig.suptitle(f"{res['model']} · {res['dtype']} · {prov['machine']} · torch {prov['versions']['torch']}", fontsize=9)
     fig.tight_layout()
-    atomic_write(out_dir / f"{name}.png", lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
+    with atomic_file(out_dir / f"{name}.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    paths.append(out_dir / f"{name}.png")
 
     lines = [
         f"# Generation benchmark: {res['model']}",
@@ -412,6 +561,11 @@ def write_generate_results(
         f"{[round(x, 2) for x in res['load_average_before']]}, after: {[round(x, 2) for x in res['load_average_after']]} "
         f"on {os.cpu_count()} logical CPUs (a load near or above that count means other jobs competed).",
         "KV cache bytes: read from the cache tensors each implementation holds after the run.",
+        *(
+            [f"Run time {res['elapsed_seconds']:.0f} s (estimated beforehand: {res['estimated_seconds']:.0f} s)."]
+            if "elapsed_seconds" in res
+            else []
+        ),
         "",
         "| variant | KV heads | batch | gqa tok/s | transformers tok/s | speedup | gqa KV cache | transformers KV cache |",
         "|---|---|---|---|---|---|---|---|",
@@ -446,7 +600,7 @@ def write_generate_results(
             f"{r['max_concurrent_sequences'] / mha:.1f}x | {r['tokens_per_s']:.0f} |"
         )
     lines += ["", f"![plot]({name}.png)", ""]
-    atomic_write(out_dir / f"{name}.md", lambda p: p.write_text("\n".join(lines)))
+    paths.append(write_text_atomic(out_dir / f"{name}.md", "\n".join(lines)))
     return paths
 
 

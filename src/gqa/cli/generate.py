@@ -32,10 +32,9 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object with texts, token ids and timings."),
     ) -> None:
         """Generate continuations of --prompt with MODEL (a batch when --prompt is repeated)."""
-        from gqa.evaluate import load_model, load_model_tokenizer
         from gqa.generation import SamplingParams, generate
         from gqa.generation.stream import TextStream
-        from gqa.model import GQAForCausalLM
+        from gqa.model import GQAForCausalLM, load_model, load_model_tokenizer
 
         SamplingParams(temperature, top_k, top_p, seed)  # reject bad sampling options before loading
         for i, p in enumerate(prompt):
@@ -137,18 +136,33 @@ def register_bench(bench: typer.Typer) -> None:
         budget_sequences: int = typer.Option(4, help="KV budget = what MHA needs for this many sequences."),
         requests: int = typer.Option(48, help="Requests served in the fixed budget."),
         threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
-        out: str = typer.Option("benchmarks/results", help="Folder for the results (.json, .md, .png)."),
+        out: Annotated[
+            Path,
+            typer.Option(
+                help="Folder for the results (.json, .md, .png); recorded results live in benchmarks/results/."
+            ),
+        ] = Path("results"),
         name: str = typer.Option(None, help="File name stem (default: generate-cpu or generate-cuda)."),
+        force: bool = typer.Option(False, "--force", help="Replace results of the same name in --out."),
     ) -> None:
         """Decode tokens/s and KV memory vs batch for MHA / GQA / MQA variants, against transformers."""
         import torch
 
-        from gqa.bench.generate import run_generate_bench, write_generate_results
+        from gqa.bench.generate import check_results_free, run_generate_bench, summary_rows, write_generate_results
 
         try:
             batches = tuple(int(b) for b in batch_sizes.split(","))
         except ValueError:
             raise GQAUserError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+        stem = name or ("generate-cuda" if torch.cuda.is_available() else "generate-cpu")
+        check_results_free(out, stem, force)  # before the run, not after it
+
+        def say_estimate(seconds: float) -> None:
+            when = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+            console.print(
+                f"estimated run time: about {when} (a rough guess from two short timed runs)", highlight=False
+            )
+
         res = run_generate_bench(
             model,
             batch_sizes=batches,
@@ -160,11 +174,29 @@ def register_bench(bench: typer.Typer) -> None:
             budget_sequences=budget_sequences,
             budget_requests=requests,
             threads=threads,
+            on_estimate=say_estimate,
         )
-        stem = name or ("generate-cuda" if torch.cuda.is_available() else "generate-cpu")
         args = sys.argv[1:]
         if args[:2] == ["bench", "generate"]:
             args = args[2:]
         command = " ".join(["gqa", "bench", "generate", *(shlex.quote(a) for a in args)])
-        for path in write_generate_results(res, out, stem, command=command):
+        paths = write_generate_results(res, out, stem, command=command)
+
+        from rich.table import Table
+
+        table = Table(title=f"decode tokens/s, {res['model']} ({res['dtype']}, run {res['elapsed_seconds']:.0f} s)")
+        for col in ("variant", "KV heads", "batch", "gqa tok/s", "transformers tok/s", "speedup", "KV cache MiB"):
+            table.add_column(col, justify="left" if col == "variant" else "right")
+        for variant, kv, b, ours, theirs, mib in summary_rows(res):
+            table.add_row(
+                variant,
+                str(kv),
+                str(b),
+                f"{ours:.0f}",
+                "-" if theirs is None else f"{theirs:.0f}",
+                "-" if theirs is None else f"{ours / theirs:.2f}x",
+                f"{mib:.2f}",
+            )
+        console.print(table)
+        for path in paths:
             console.print(f"wrote {path}")
