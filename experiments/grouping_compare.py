@@ -130,9 +130,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    from gqa.data import encode, shakespeare_splits
-    from gqa.evaluate import perplexity
-    from gqa.grouping import (
+    from gqa.convert.calibrated import (
         budget_heads,
         calibration_ids,
         choose_kv_heads,
@@ -140,6 +138,8 @@ def main() -> None:
         error_curves,
         reduce_kv_heads,
     )
+    from gqa.data import encode, shakespeare_splits
+    from gqa.evaluate import perplexity
 
     small = args.model == "shakespeare"
     calib_tokens = args.calib_tokens or (32768 if small else 8192)
@@ -151,7 +151,7 @@ def main() -> None:
     splits = shakespeare_splits()
     cal = calibration_ids(splits["train"], tok, calib_tokens, args.seq_len)
     eval_ids = encode(tok, splits["validation"])[: eval_tokens + 1]
-    stats = collect_statistics(model, cal, attention_sequences=4, sample_sequences=4)
+    stats = collect_statistics(model, cal, attention_sequences=4)
 
     def ppl(m) -> float:
         return perplexity(m, eval_ids, seq_len=args.seq_len, batch_size=4, progress=True).perplexity
@@ -243,7 +243,7 @@ def main() -> None:
         machine=f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads (CPU, shared)",
         dtype="float32 weights and activations; KV bytes counted for a bf16 cache",
         versions=dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version()),
-        git_commit=git_commit(["src/gqa/grouping"]),
+        git_commit=git_commit(["src/gqa/convert"]),
         command=cmd,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         calibration=f"first {calib_tokens} tokens of shakespeare_splits()['train'] in sequences of {args.seq_len}",

@@ -18,10 +18,8 @@ The scratch folder is deleted at the end unless ``--keep``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gqa.provenance import git_commit
+from gqa.provenance import git_commit, provenance, provenance_markdown
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -132,8 +130,9 @@ for p in sorted(src.iterdir()):
 
 CONVERT_CHILD = """
 import sys
-from gqa.convert import convert_checkpoint
-convert_checkpoint(sys.argv[1], sys.argv[2], int(sys.argv[3]), merge="mean", progress=True, fsync=True)
+from gqa.convert import convert
+report = convert(sys.argv[1], sys.argv[2], kv_heads=int(sys.argv[3]), merge="mean", progress=True, fsync=True)
+assert report.path == "streaming", report.path
 """
 
 
@@ -165,8 +164,6 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     ap.add_argument("--layers", type=int, default=32, help="fewer layers for a quick dry run (results not written)")
     args = ap.parse_args()
-    import torch
-    import transformers
 
     scratch = args.scratch
     LLAMA2_7B["num_hidden_layers"] = args.layers
@@ -194,11 +191,19 @@ def main() -> None:
             shutil.rmtree(scratch, ignore_errors=True)
 
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    prov = provenance(
+        command="python benchmarks/convert/bench_convert_7b.py " + " ".join(sys.argv[1:]), dtype="float16"
+    )
+    prov["git_commit"] = commit  # the code that ran, stamped before the run
+    prov["memory_gib"] = round(mem_gib, 1)
+    prov["cores"] = os.cpu_count()
+    prov["load_average_1_5_15"] = {k: [round(x, 2) for x in v] for k, v in load.items()}
+    prov["note"] = "CPU and disk shared with other jobs; see the load averages"
     result = {
         "what": "gqa convert of a Llama-2-7B-shaped fp16 checkpoint (random weights, 2 safetensors shards)",
         "kv_heads": [32, args.kv_heads],
         "merge": "mean",
+        "path": report["path"],
         "checkpoint_bytes": size,
         "output_bytes": out_bytes,
         "generate_seconds": round(gen_s, 1),
@@ -212,23 +217,7 @@ def main() -> None:
             report["kv_cache_bytes_per_token_before"],
             report["kv_cache_bytes_per_token_after"],
         ],
-        "load_average_1_5_15": {k: [round(x, 2) for x in v] for k, v in load.items()},
-        "machine": {
-            "cpu": cpu,
-            "cores": os.cpu_count(),
-            "memory_gib": round(mem_gib, 1),
-            "os": platform.platform(),
-            "note": "CPU shared with other jobs; see load averages",
-        },
-        "dtype": "float16",
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-        "git_commit": commit,
-        "command": "python benchmarks/convert/bench_convert_7b.py " + " ".join(sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "provenance": prov,
     }
     if args.layers != 32:
         print(json.dumps(result, indent=2))
@@ -256,15 +245,17 @@ def plot(r: dict, path: Path) -> None:
     b.set_ylabel("peak RSS (GiB)")
     b.legend(fontsize=8)
     gb = r["checkpoint_bytes"] / 1e9
-    fig.suptitle(f"Llama-2-7B-shaped fp16 checkpoint ({gb:.1f} GB), {r['machine']['cores']} shared cores", fontsize=10)
+    fig.suptitle(
+        f"Llama-2-7B-shaped fp16 checkpoint ({gb:.1f} GB), {r['provenance']['cores']} shared cores", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def write_markdown(r: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    m = r["machine"]
-    la = r["load_average_1_5_15"]
+    p = r["provenance"]
+    la = p["load_average_1_5_15"]
     kv = r["kv_cache_bytes_per_token"]
     text = f"""# `gqa convert` on a Llama-2-7B-shaped checkpoint
 
@@ -284,11 +275,10 @@ each fsyncing what it wrote.
 
 ![copy vs convert](../../benchmarks/convert/convert-7b.png)
 
-Provenance: {m["cpu"]}, {m["cores"]} cores ({m["note"]}), {m["memory_gib"]} GiB RAM, {m["os"]};
-Python {r["versions"]["python"]}, torch {r["versions"]["torch"]}, transformers {r["versions"]["transformers"]};
-dtype {r["dtype"]}; git {r["git_commit"]}; {r["date"]}.
-Command: `{r["command"]}` (raw numbers: `benchmarks/convert/results-7b.json`).
-"""
+Provenance ({p["note"]}; {p["cores"]} logical CPUs, {p["memory_gib"]} GiB RAM; raw numbers in
+`benchmarks/convert/results-7b.json`):
+
+{provenance_markdown(p)}"""
     path.write_text(text)
 
 

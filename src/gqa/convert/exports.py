@@ -47,7 +47,8 @@ def _write_gguf(model, folder: Path, dtype: torch.dtype | None, side_files_from:
     from gqa.model.gguf import export_gguf
 
     folder.mkdir(parents=True, exist_ok=True)
-    export_gguf(model, folder / GGUF_NAME)
+    tok = side_files_from if side_files_from is not None and (side_files_from / "tokenizer.json").is_file() else None
+    export_gguf(model, folder / GGUF_NAME, tokenizer_dir=tok, dtype=dtype or torch.float16)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ the temporary folder it passes in. Query head h reads KV head h // (Hq // Hkv_la
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -39,11 +40,7 @@ def source_dtype(src: Path) -> torch.dtype:
 
 def _load(src: Path):
     """(model, tokenizer loader) for ``src``; a one-line error for anything that is not a gqa family."""
-    try:
-        from gqa.model import load_model
-    except ImportError:  # model loading is moving from gqa.evaluate to gqa.model
-        from gqa.evaluate import load_model
-    from gqa.model import GQAForCausalLM
+    from gqa.model import GQAForCausalLM, load_model
     from gqa.progress import quiet_loading
 
     with quiet_loading():
@@ -57,10 +54,7 @@ def _load(src: Path):
 
 
 def _tokenizer(src: Path):
-    try:
-        from gqa.model import load_model_tokenizer
-    except ImportError:
-        from gqa.evaluate import load_model_tokenizer
+    from gqa.model import load_model_tokenizer
     from gqa.progress import quiet_loading
 
     with quiet_loading():
@@ -145,10 +139,12 @@ def convert_calibrated(
             progress=progress,
         ).to_dict()
     del model
-    side = src if src.is_dir() else (src.parent if src.suffix == ".pt" else None)
-    export.write(new, folder, written, side)
-    if src.suffix.lower() == ".gguf" and export.name != "gguf":  # the tokenizer lives inside the GGUF file
-        _tokenizer(src).save_pretrained(str(folder))
+    with tempfile.TemporaryDirectory() as tok_dir:
+        side = src if src.is_dir() else (src.parent if src.suffix == ".pt" else None)
+        if src.suffix.lower() == ".gguf":  # the tokenizer lives inside the GGUF file: save it to go along
+            _tokenizer(src).save_pretrained(tok_dir)
+            side = Path(tok_dir)
+        export.write(new, folder, written, side)
     for name in ("auto_map",):  # never point a loader at code that was not copied
         _drop_config_key(folder / "config.json", name)
     d_head = cfg.resolved_head_dim
