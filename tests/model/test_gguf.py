@@ -194,3 +194,17 @@ def test_refusals_are_one_line_user_errors(tmp_path):
         load_gguf(tmp_path / "trunc.gguf")
     # nothing half-written is left behind by the failed exports
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.gguf", "trunc.gguf"]
+
+
+def test_tokenizer_copied_from_source_gguf(uniform, tmp_path):
+    """A model converted from a GGUF takes that file's tokenizer fields as they are (transformers' tokenizer
+    rebuilt from a GGUF loses details such as SmolLM2's digit-splitting pre-tokenizer)."""
+    _, _, src = uniform
+    out = export_gguf(_model([1, 2, 2], seed=1), tmp_path / "var.gguf", tokenizer_dir=src)
+    a, _ = _fields(src)
+    b, _ = _fields(out)
+    tok_a = {k: v for k, v in a.items() if k.startswith("tokenizer.")}
+    assert tok_a and tok_a == {k: v for k, v in b.items() if k.startswith("tokenizer.")}
+    with pytest.raises(GQAUserError, match="vocab_size"):
+        m = GQAForCausalLM(GQAConfig(vocab_size=100, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=48))
+        export_gguf(m, tmp_path / "small.gguf", tokenizer_dir=src)

@@ -132,7 +132,33 @@ def _pre_tokenizer_name(tok: dict) -> str:
     )
 
 
-def _add_tokenizer(writer, folder: Path, vocab_size: int, gguf) -> None:
+def _copy_gguf_tokenizer(writer, src: Path, vocab_size: int, gguf) -> None:
+    """Copy every ``tokenizer.*`` field of the GGUF ``src`` as it is (the model came from that file).
+
+    Exact where rebuilding from a transformers folder would not be: transformers' tokenizer made from a
+    GGUF drops details such as SmolLM2's ``smollm`` pre-tokenizer (digits split one by one).
+    """
+    try:
+        reader = gguf.GGUFReader(str(src))
+    except Exception as e:  # the reader raises assorted errors for truncated / foreign files
+        raise GQAUserError(f"cannot read {src.name}: {e}; the file is truncated or not GGUF") from None
+    fields = {k: f for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    if "tokenizer.ggml.tokens" not in fields:
+        raise GQAUserError(f"{src.name} has no tokenizer to copy; pass a folder with tokenizer.json")
+    n = len(fields["tokenizer.ggml.tokens"].data)
+    if n != vocab_size:
+        raise GQAUserError(f"{src.name}'s tokenizer has {n} tokens but the model's vocab_size is {vocab_size}")
+    for key, f in fields.items():
+        main = f.types[0]
+        sub = f.types[-1] if main == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, f.contents(), main, sub_type=sub)
+
+
+def _add_tokenizer(writer, source: Path, vocab_size: int, gguf) -> None:
+    if source.is_file() and source.suffix == ".gguf":
+        _copy_gguf_tokenizer(writer, source, vocab_size, gguf)
+        return
+    folder = source
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise GQAUserError(f"{folder} has no tokenizer.json; pass the folder the model was converted from")
@@ -190,7 +216,9 @@ def export_gguf(
         model: a gqa decoder (uniform or per-layer KV heads; plain Llama blocks).
         path: the ``.gguf`` file to write.
         tokenizer_dir: a folder with ``tokenizer.json`` (byte-level BPE) and optionally
-            ``tokenizer_config.json``; ``None`` writes no tokenizer (llama.cpp then cannot run the file).
+            ``tokenizer_config.json``, or the ``.gguf`` file the model came from (its tokenizer fields are
+            copied as they are: exact, including llama.cpp's pre-tokenizer name); ``None`` writes no
+            tokenizer (llama.cpp then cannot run the file).
         dtype: ``"f16"`` (default, what llama.cpp's converter writes), ``"bf16"`` or ``"f32"``
             (or the torch dtype); norm weights are always fp32.
         name: ``general.name`` (default: the file name without ``.gguf``).
