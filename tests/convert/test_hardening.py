@@ -1,0 +1,323 @@
+"""`gqa convert` against hostile or broken input: file names from the index, symlinks, corrupt safetensors
+headers, pickle-only folders, absurd options, another filesystem, SIGTERM, --force on the wrong folder.
+
+Every refusal: exit code 2, one stderr line, nothing left beside OUT, the source's bytes unchanged.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gqa.cli import app
+from helpers import build, logits, save
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """A tiny llama (8 query heads, 4 KV heads) in one safetensors file, plus a tokenizer side file."""
+    folder = tmp_path_factory.mktemp("pristine") / "m"
+    save(build("llama", n_kv=4), folder)
+    (folder / "tokenizer_config.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture
+def work(pristine, tmp_path):
+    """tmp_path/work/m: a private copy of the source; OUT goes to tmp_path/work/out."""
+    root = tmp_path / "work"
+    root.mkdir()
+    shutil.copytree(pristine, root / "m")
+    return root
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def refused(root: Path, args: list[str], needle: str, keep: tuple[str, ...] = ("m",)) -> str:
+    """Run the CLI; assert exit 2, one stderr line containing ``needle``, no leftovers, SRC unchanged."""
+    src = root / "m"
+    before = digest(src)
+    outside = {p: digest(p) for p in root.parent.iterdir() if p != root}
+    r = runner.invoke(app, ["convert", *args])
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2, (r.exit_code, r.output)
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
+    assert sorted(p.name for p in root.iterdir()) == sorted(keep), sorted(p.name for p in root.iterdir())
+    assert digest(src) == before, "the source was modified"
+    assert {p: digest(p) for p in root.parent.iterdir() if p != root} == outside, "a file outside OUT changed"
+    return lines[0]
+
+
+def convert_args(root: Path, *extra: str) -> list[str]:
+    return [str(root / "m"), str(root / "out"), "--kv-heads", "2", *extra]
+
+
+# ---- issue 12 item 1: the index's file names are never trusted ------------------------------------
+
+
+def _index(root: Path, target: str) -> None:
+    """Write an index mapping every tensor of m/model.safetensors to ``target``."""
+    from safetensors import safe_open
+
+    with safe_open(str(root / "m" / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    index = {"metadata": {}, "weight_map": dict.fromkeys(names, target)}
+    (root / "m" / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["../m/model.safetensors", "{root}/m/model.safetensors", "sub/model.safetensors", "..", ".", "a\\b.safetensors"],
+    ids=["dotdot", "absolute", "subfolder", "parent", "self", "backslash"],
+)
+def test_index_names_outside_src_are_refused(work, target):
+    sub = work / "m" / "sub"
+    sub.mkdir()
+    shutil.copy(work / "m" / "model.safetensors", sub / "model.safetensors")
+    _index(work, target.format(root=work))
+    refused(work, convert_args(work), "not a bare file name inside SRC")
+    refused(work, convert_args(work, "--calib", str(work / "m" / "config.json")), "not a bare file name inside SRC")
+
+
+def test_index_pointing_at_its_own_shard_with_dotdot_cannot_truncate_src(work):
+    """The audit's reproduction: every tensor mapped to ../m/model.safetensors truncated the source to 4 KB."""
+    size = (work / "m" / "model.safetensors").stat().st_size
+    _index(work, "../m/model.safetensors")
+    refused(work, [str(work / "m"), str(work / "m-gqa2"), "--kv-heads", "2"], "not a bare file name")
+    assert (work / "m" / "model.safetensors").stat().st_size == size
+
+
+@pytest.mark.parametrize("indexed", [True, False])
+def test_symlinked_shard_leading_out_of_src_is_refused(work, indexed):
+    elsewhere = work.parent / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(work / "m" / "model.safetensors", elsewhere / "model.safetensors")
+    (work / "m" / "model.safetensors").symlink_to(elsewhere / "model.safetensors")
+    if indexed:
+        _index(work, "model.safetensors")
+    refused(work, convert_args(work), "outside SRC")
+
+
+def test_symlinked_side_file_leading_out_of_src_is_refused(work):
+    secret = work.parent / "secret.txt"
+    secret.write_text("not yours")
+    (work / "m" / "tokenizer.json").symlink_to(secret)
+    refused(work, convert_args(work), "outside SRC")
+
+
+# ---- issue 12 item 3 (convert side): code in a model folder is never copied -------------------------
+
+
+def test_python_files_and_auto_map_are_not_copied(work):
+    (work / "m" / "modeling_evil.py").write_text("raise SystemExit('ran')\n")
+    (work / "m" / "configuration_evil.py").write_text("raise SystemExit('ran')\n")
+    cfg = json.loads((work / "m" / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (work / "m" / "config.json").write_text(json.dumps(cfg))
+    r = runner.invoke(app, ["convert", *convert_args(work)])
+    assert r.exit_code == 0, r.output
+    out = work / "out"
+    assert not list(out.glob("*.py"))
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    assert (out / "tokenizer_config.json").is_file()
+
+
+# ---- issue 12 item 5 / 8: corrupt safetensors headers -------------------------------------------------
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    """Apply ``edit(header dict)`` to a safetensors file's JSON header, keeping the data bytes."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def _first_tensor(header: dict) -> str:
+    return next(k for k in header if k != "__metadata__")
+
+
+def _two_tensors(header: dict) -> tuple[str, str]:
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    return names[0], names[1]
+
+
+HEADER_CASES = {
+    "negative-dim": (lambda h: h[_first_tensor(h)].update(shape=[-4, -8]), "non-negative"),
+    "float-dim": (lambda h: h[_first_tensor(h)].update(shape=[2.5]), "non-negative"),
+    "entry-not-object": (lambda h: h.update({_first_tensor(h): [1, 2, 3]}), "not an object"),
+    "unknown-dtype": (lambda h: h[_first_tensor(h)].update(dtype="F8_E4M3"), "has dtype 'F8_E4M3'"),
+    "no-dtype": (lambda h: h[_first_tensor(h)].pop("dtype"), "has dtype None"),
+    "negative-offset": (lambda h: h[_first_tensor(h)].update(data_offsets=[-8, 0]), "data_offsets"),
+    "reversed-offsets": (lambda h: h[_first_tensor(h)].update(data_offsets=[64, 0]), "data_offsets"),
+    "out-of-range": (lambda h: h[_first_tensor(h)].update(data_offsets=[2**40, 2**40 + 8], shape=[2]), "ends at"),
+    "size-mismatch": (lambda h: h[_first_tensor(h)].update(shape=[1]), "bytes for shape"),
+    "overlap": (
+        lambda h: h[_two_tensors(h)[1]].update(
+            data_offsets=h[_two_tensors(h)[0]]["data_offsets"],
+            shape=h[_two_tensors(h)[0]]["shape"],
+            dtype=h[_two_tensors(h)[0]]["dtype"],
+        ),
+        "overlap",
+    ),
+    "metadata-not-object": (lambda h: h.update(__metadata__=[1]), "__metadata__"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_corrupt_headers_are_one_line_errors(work, case):
+    edit, needle = HEADER_CASES[case]
+    _rewrite_header(work / "m" / "model.safetensors", edit)
+    refused(work, convert_args(work), needle)
+
+
+# ---- issue 12 item 8: pickles, absurd numbers, OUT = . -------------------------------------------------
+
+
+def test_pickle_only_folder_is_refused(work):
+    (work / "m" / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(2)}, work / "m" / "pytorch_model.bin")
+    line = refused(work, convert_args(work), "reads only safetensors folders and GGUF files")
+    assert "pytorch_model.bin" in line
+
+
+@pytest.mark.parametrize("budget", ["inf", "nan", "-1", "0"])
+def test_absurd_budgets_are_refused(work, budget):
+    refused(work, [str(work / "m"), str(work / "out"), "--kv-budget", budget, "--calib", "x"], "--kv-budget")
+
+
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("num_attention_heads", 0, "num_attention_heads=0"),
+        ("num_key_value_heads", 0, "num_key_value_heads=0"),
+        ("num_key_value_heads", -8, "num_key_value_heads=-8"),
+        ("num_hidden_layers", 1e9, "from 1 to"),
+        ("num_attention_heads", 10**12, "from 1 to"),
+        ("num_hidden_layers", 3, "holds 2 layers"),
+        ("hidden_size", "wide", "hidden_size='wide'"),
+    ],
+)
+def test_bad_config_numbers_are_refused(work, key, value, needle):
+    cfg = json.loads((work / "m" / "config.json").read_text())
+    (work / "m" / "config.json").write_text(json.dumps(cfg | {key: value}))
+    refused(work, convert_args(work), needle)
+
+
+def test_config_that_is_a_list_is_refused(work):
+    (work / "m" / "config.json").write_text("[1, 2]")
+    refused(work, convert_args(work), "not an object")
+
+
+def test_out_dot_with_force_is_refused(work, monkeypatch):
+    out = work / "prev"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # even an earlier output: it is the working directory
+    monkeypatch.chdir(out)
+    refused(work, [str(work / "m"), ".", "--kv-heads", "2", "--force"], "current directory", keep=("m", "prev"))
+    assert (out / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+def test_out_and_src_must_be_apart(work, where):
+    out = {"same": work / "m", "inside": work / "m" / "sub", "contains": work}[where]
+    refused(work, [str(work / "m"), str(out), "--kv-heads", "2", "--force"], "outside SRC")
+
+
+def test_force_refuses_a_folder_that_is_not_an_earlier_output(work):
+    out = work / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    refused(work, convert_args(work, "--force"), "earlier model folder", keep=("m", "out"))
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+# ---- issue 12 item 2: OUT on another filesystem -----------------------------------------------------
+
+
+def test_copy_file_range_exdev_falls_back_to_a_plain_copy(work, monkeypatch):
+    r = runner.invoke(app, ["convert", str(work / "m"), str(work / "same-fs"), "--kv-heads", "4"])
+    assert r.exit_code == 0, r.output
+    calls = []
+
+    def cross_device(*args, **kwargs):
+        calls.append(1)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", cross_device)
+    r = runner.invoke(app, ["convert", str(work / "m"), str(work / "other-fs"), "--kv-heads", "4"])
+    assert r.exit_code == 0, r.output
+    assert calls, "the test did not exercise copy_file_range"
+    for name in ("model.safetensors", "config.json"):
+        assert (work / "same-fs" / name).read_bytes() == (work / "other-fs" / name).read_bytes()
+    assert torch.equal(logits(work / "other-fs"), logits(work / "m"))
+
+
+# ---- issue 12 item 9: SIGTERM and stale partials -------------------------------------------------
+
+
+SLOW_CONVERT = """
+import sys, time
+import gqa.convert.streaming as streaming
+real = streaming.merge_heads
+def slow(*args, **kwargs):
+    time.sleep(0.5)
+    return real(*args, **kwargs)
+streaming.merge_heads = slow
+from gqa.cli import main
+sys.argv = ["gqa", "convert", *sys.argv[1:]]
+main()
+"""
+
+
+def test_sigterm_removes_the_partial_folder(work):
+    before = digest(work / "m")
+    env = {**os.environ, "GQA_PROGRESS": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CONVERT, str(work / "m"), str(work / "out"), "--kv-heads", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 60
+    while not list(work.glob(".out.partial-*/model.safetensors")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(work.glob(".out.partial-*")), "the conversion never started writing"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert sorted(p.name for p in work.iterdir()) == ["m"]
+    assert digest(work / "m") == before
+
+
+def test_stale_partials_of_killed_runs_are_cleaned(work):
+    stale = work / ".out.partial-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1000)
+    r = runner.invoke(app, ["convert", *convert_args(work)])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in work.iterdir()) == ["m", "out"]
