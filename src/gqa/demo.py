@@ -5,15 +5,15 @@
    heads, as in the GQA paper; query head h uses KV head h // g), and evaluate each.
 3. Uptrain each conversion briefly (by default 5% of the pre-training tokens, the paper's recipe).
 4. Print a table (KV heads, KV bytes per token, perplexity after conversion and after uptraining,
-   decode tokens/s) and write a PNG plot of perplexity against KV-cache size.
+   decode tokens/s) and write a PNG plot of perplexity against KV-cache size. Decode tokens/s is
+   measured at the end, all models interleaved run by run, best of 3, through ``gqa.generate`` (as
+   ``gqa bench generate`` measures it); ``gqa bench generate`` is the fuller measurement.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,23 +38,14 @@ class DemoRow:
     uptrain_tokens: int = 0
 
 
-def decode_tokens_per_s(model: GQAForCausalLM, context: int = 256, steps: int = 32, batch: int = 1) -> float:
-    """Greedy decode speed with the static KV cache after a ``context``-token prefill (tokens/s).
+def decode_tokens_per_s(
+    model: GQAForCausalLM, context: int = 224, steps: int = 32, batch: int = 1, repeats: int = 3
+) -> float:
+    """Greedy decode tokens/s after a ``context``-token prompt, measured as ``gqa bench generate`` does
+    (:func:`gqa.bench.generate.decode_tokens_per_s`: ``gqa.generate``, best of ``repeats``)."""
+    from gqa.bench.generate import decode_tokens_per_s as measure
 
-    Uses the median step time, so a busy shared machine skews it less than a mean would.
-    """
-    cache = model.make_cache(batch, context + steps + 1)
-    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(0))
-    times = []
-    with torch.inference_mode():
-        model(ids, cache=cache)  # prefill
-        tok = ids[:, -1:]
-        model(tok, cache=cache)  # warm-up step
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            tok = model(tok, cache=cache)[:, -1:].argmax(-1)
-            times.append(time.perf_counter() - t0)
-    return batch / statistics.median(times)
+    return measure({"model": model}, batch=batch, prompt_len=context, new_tokens=steps, repeats=repeats)["model"]
 
 
 def plot_perplexity_vs_kv(rows: list[DemoRow], path: str | Path, title: str) -> Path:
@@ -143,9 +134,9 @@ def run_demo(
 
     rows: list[DemoRow] = []
     mha = load_hf(src)
-    rows.append(
-        DemoRow("MHA", n_heads, mha.config.kv_bytes_per_token(torch.float32), ppl(mha), None, decode_tokens_per_s(mha))
-    )
+    nan = float("nan")  # decode speed: measured for all models together at the end
+    rows.append(DemoRow("MHA", n_heads, mha.config.kv_bytes_per_token(torch.float32), ppl(mha), None, nan))
+    speed_models = {"MHA": mha}
     console.print(f"MHA (shipped): validation perplexity {rows[0].ppl_converted:.2f}")
     with tempfile.TemporaryDirectory(prefix="gqa-demo-") as tmp:
         work = Path(work_dir) if work_dir is not None else Path(tmp)
@@ -180,10 +171,16 @@ def run_demo(
                     model.config.kv_bytes_per_token(torch.float32),
                     after_convert,
                     res.validation.perplexity,
-                    decode_tokens_per_s(model.eval()),
+                    nan,
                     res.tokens,
                 )
             )
+            speed_models[name] = model.eval()
+    from gqa.bench.generate import decode_tokens_per_s as measure_decode
+
+    speeds = measure_decode(speed_models)  # interleaved, best of 3: every model sees the same load
+    for r in rows:
+        r.decode_tokens_per_s = speeds[r.name]
     table = Table(title=f"Shakespeare MHA model -> GQA: {eval_tokens:,} validation tokens, fp32, CPU")
     for col in (
         "model",

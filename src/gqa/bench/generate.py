@@ -35,6 +35,7 @@ __all__ = [
     "check_results_free",
     "estimate_seconds",
     "summary_rows",
+    "decode_tokens_per_s",
     "RESULT_SUFFIXES",
 ]
 
@@ -156,8 +157,8 @@ def _run_hf(hf, ids, n, **kw):
 
 
 def _measure_pair(timers: dict, batch: int, new_tokens: int, repeats: int) -> dict[str, float]:
-    """Decode tokens/s per implementation: best of ``repeats`` runs, the implementations interleaved run
-    by run so that both see the same load on a shared machine."""
+    """Decode tokens/s per timer (implementation or model): best of ``repeats`` runs, the timers
+    interleaved run by run so that all see the same load on a shared machine."""
     for time_fn in timers.values():
         time_fn(2)  # warm-up
     best = {name: float("inf") for name in timers}
@@ -165,6 +166,28 @@ def _measure_pair(timers: dict, batch: int, new_tokens: int, repeats: int) -> di
         for name, time_fn in timers.items():
             best[name] = min(best[name], time_fn(new_tokens))
     return {name: batch * (new_tokens - 1) / max(t, 1e-9) for name, t in best.items()}
+
+
+@torch.inference_mode()
+def decode_tokens_per_s(
+    models: dict[str, GQAForCausalLM],
+    *,
+    batch: int = 1,
+    prompt_len: int = 224,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Decode tokens/s of each model, measured as ``gqa bench generate`` measures it: :func:`gqa.generate`
+    (the code path of ``gqa generate``) on a random ``[batch, prompt_len]`` prompt, the time from the first
+    new token to the last, best of ``repeats`` after a warm-up, the models interleaved run by run so that
+    all see the same machine load. ``prompt_len`` is capped so prompt + new tokens fit each model's context."""
+    timers = {}
+    for name, model in models.items():
+        n = max(1, min(prompt_len, model.config.max_seq_len - new_tokens))
+        ids = torch.randint(1, model.config.vocab_size, (batch, n), generator=torch.Generator().manual_seed(seed))
+        timers[name] = partial(_decode_seconds_gqa, model, ids)
+    return _measure_pair(timers, batch, new_tokens, repeats)
 
 
 def _peak_cuda(fn):
