@@ -52,6 +52,8 @@ def kv_variant(model: GQAForCausalLM, n_kv_heads: int) -> GQAForCausalLM:
     still reads the KV head ``h // g`` its old KV head was pooled into. Without uptraining this is the
     GQA paper's starting point: same speed as a trained model of the shape, lower quality.
     """
+    from gqa.convert.merge import mean_pool  # the one mean-pool (gqa convert --merge mean)
+
     cfg = model.config
     new = GQAForCausalLM(replace(cfg, n_kv_heads=n_kv_heads)).to(next(model.parameters()).dtype).eval()
     state = model.state_dict()
@@ -66,7 +68,8 @@ def kv_variant(model: GQAForCausalLM, n_kv_heads: int) -> GQAForCausalLM:
                     continue
                 t = state[key]
                 heads = t.view(n_kv_heads, old_kv // n_kv_heads, d, *t.shape[1:])  # (Hkv_new, group, D, ...)
-                state[key] = heads.mean(dim=1).reshape(n_kv_heads * d, *t.shape[1:])
+                pooled = torch.stack([mean_pool(group) for group in heads]).to(t.dtype)  # (Hkv_new, D, ...)
+                state[key] = pooled.reshape(n_kv_heads * d, *t.shape[1:])
     new.load_state_dict(state)
     return new
 
