@@ -13,7 +13,8 @@ Every document has a stable id (``pydoc:<topic>``, ``readme:<package>``). The sp
 depends on the id alone: a document is in ``eval`` when the first byte of SHA-256 of its id is below
 :data:`EVAL_SHARE` x 256, otherwise in ``train``. So calibration / training text and evaluation text
 never share a document, and the split does not change with the order of discovery or with which
-other packages are installed. ``calib`` is the same text as ``train`` (calibration is training data
+other packages are installed. Paragraphs that recur in several documents (pydoc repeats some between
+topics) are removed from the training side when an evaluation document holds them. ``calib`` is the same text as ``train`` (calibration is training data
 for the conversion); evaluation is only ever on ``eval``.
 
 Data specs (what ``--calib`` and ``--data`` take): ``english:train``, ``english:calib``,
@@ -149,5 +150,21 @@ def load_english(spec: str, *, default_split: str = "train") -> str:
         split = "eval"
     if split not in ENGLISH_SPLITS:
         raise GQAUserError(f"unknown split {split!r} in {spec!r}; use one of {', '.join(ENGLISH_SPLITS)}")
-    want = "eval" if split == "eval" else "train"
-    return "\n\n".join(d.text for d in english_documents(source) if d.split == want)
+    docs = english_documents(source)
+    if split == "eval":
+        return "\n\n".join(d.text for d in docs if d.split == "eval")
+    # Some passages recur across documents (pydoc repeats paragraphs between topics): drop from the
+    # training text every paragraph that an evaluation document also contains, so no evaluation
+    # passage is ever seen in calibration or training.
+    held = {p.strip() for d in docs if d.split == "eval" for p in _paragraphs(d.text)}
+    kept = []
+    for d in docs:
+        if d.split == "train":
+            text = "\n\n".join(p for p in _paragraphs(d.text) if p.strip() not in held)
+            if text.strip():
+                kept.append(text)
+    return "\n\n".join(kept)
+
+
+def _paragraphs(text: str) -> list[str]:
+    return re.split(r"\n\s*\n", text)
