@@ -1,0 +1,121 @@
+"""Fuzz `gqa convert` over safetensors headers and config.json values (issue 12's deliverable).
+
+Whatever hypothesis writes into a source folder, the command either exits 0 with an OUT whose files open
+(every safetensors tensor readable, config.json an object), or exits 2 with one line; never a traceback,
+never a hang (pytest timeout), never a file written or changed outside OUT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from gqa.cli import app
+from helpers import build, save
+
+runner = CliRunner()
+CONFIG_KEYS = [
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_size",
+    "head_dim",
+    "model_type",
+    "attention_bias",
+    "per_layer_config",
+]
+JSON_VALUES = st.one_of(
+    st.integers(-(2**40), 2**40),
+    st.sampled_from([0, 1, 2, 4, 8, 16, 32, -1, 10**9, 10**12]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.none(),
+    st.booleans(),
+    st.lists(st.integers(-4, 64), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(-2, 9), max_size=2),
+)
+DTYPES = st.sampled_from(["F32", "F16", "BF16", "F64", "I8", "BOOL", "F8_E4M3", "Q4", "", "f32"])
+ENTRY_EDITS = st.one_of(
+    st.fixed_dictionaries({"dtype": DTYPES}),
+    st.fixed_dictionaries({"shape": st.lists(st.integers(-8, 70), max_size=3)}),
+    st.fixed_dictionaries({"data_offsets": st.lists(st.integers(-16, 2**20), min_size=0, max_size=3)}),
+    st.fixed_dictionaries({"shape": JSON_VALUES}),
+    st.fixed_dictionaries({"data_offsets": JSON_VALUES}),
+)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzz") / "m"
+    save(build("llama", n_kv=4, layers=2), folder)
+    return folder
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
+
+
+def rewrite_header(path: Path, edit) -> None:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+@pytest.mark.timeout(300)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    config_edits=st.dictionaries(st.sampled_from(CONFIG_KEYS), JSON_VALUES, max_size=2),
+    header_edits=st.lists(st.tuples(st.integers(0, 10_000), ENTRY_EDITS), max_size=2),
+    entry_replacement=st.one_of(st.none(), st.tuples(st.integers(0, 10_000), JSON_VALUES)),
+    kv_heads=st.sampled_from(["1", "2", "4", "8"]),
+)
+def test_convert_never_crashes_or_writes_outside_out(pristine, config_edits, header_edits, entry_replacement, kv_heads):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        src = root / "m"
+        shutil.copytree(pristine, src)
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps(cfg | config_edits))
+
+        def edit(header):
+            names = sorted(k for k in header if k != "__metadata__")
+            for i, change in header_edits:
+                header[names[i % len(names)]].update(change)
+            if entry_replacement is not None:
+                i, value = entry_replacement
+                header[names[i % len(names)]] = value
+
+        rewrite_header(src / "model.safetensors", edit)
+        before = digest(root)
+        r = runner.invoke(app, ["convert", str(src), str(root / "out"), "--kv-heads", kv_heads])
+        if r.exit_code == 0:
+            from safetensors import safe_open
+
+            out = root / "out"
+            assert isinstance(json.loads((out / "config.json").read_text()), dict)
+            for f in out.glob("*.safetensors"):
+                with safe_open(str(f), "pt") as sf:
+                    for name in sf.keys():
+                        sf.get_tensor(name)
+            assert sorted(p.name for p in root.iterdir()) == ["m", "out"]
+        else:
+            assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+            assert sorted(p.name for p in root.iterdir()) == ["m"]
+        assert {k: v for k, v in digest(root).items() if not k.startswith("out")} == before
