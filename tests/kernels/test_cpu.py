@@ -1,10 +1,17 @@
-"""The CPU decode path of gqa.kernels and its dispatch, against the fp64 reference.
+"""The CPU decode paths of gqa.kernels (the fused C++ kernel and the torch fallback) and their dispatch,
+against the fp64 reference.
 
-Tolerances are relative to PyTorch's own error at the same dtype: SDPA on repeated K/V (what
-transformers runs) measured against the same fp64 reference.
+Every numeric test runs on both paths (``cpu_path`` fixture). Tolerances are relative to PyTorch's
+own error at the same dtype: SDPA on repeated K/V (what transformers runs) against the same fp64
+reference. Keys no query may see hold NaN, so a path that reads (or multiplies by 0) one fails.
 """
 
 from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -12,10 +19,24 @@ import torch.nn.functional as F
 
 import gqa
 from gqa import kernels, masks
-from gqa.kernels import decode_attention, gather_pages, paged_decode_attention
+from gqa.errors import GQAUserError
+from gqa.kernels import cpu_fused, decode_attention, gather_pages, paged_decode_attention
 from gqa.reference import repeat_kv
 
 HEAD_CONFIGS = [(8, 8), (8, 4), (8, 2), (8, 1), (9, 3), (12, 3)]
+HAVE_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
+
+
+@pytest.fixture(params=["fused", "torch"])
+def cpu_path(request, monkeypatch):
+    """Run the test on the fused C++ kernel, then on the torch fallback."""
+    if request.param == "fused":
+        if not HAVE_COMPILER:
+            pytest.skip("no C++ compiler on this machine: only the torch fallback can run")
+        assert cpu_fused.available(), cpu_fused.status()  # a compiler is here: the kernel must build
+    else:
+        monkeypatch.setattr(cpu_fused, "_state", {"op": None, "reason": "forced by the test", "tried": True})
+    return request.param
 
 
 def torch_error(q, k, v, bool_mask, ref):
@@ -29,16 +50,13 @@ def torch_error(q, k, v, bool_mask, ref):
 def decode_mask(lengths, tq, t_max, causal=True, window=None, chunk=None):
     """Bool [B, 1, Tq, T_max]: token t of sequence b at lengths[b] - Tq + t, keys < lengths[b]."""
     q_pos = lengths.long()[:, None] - tq + torch.arange(tq)[None, :]  # (B, Tq)
-    parts = [masks.key_padding(lengths.long())]
+    m = masks.key_padding(lengths.long())
     if causal:
-        parts.append(masks.causal())
+        m = m & masks.causal()
     if window is not None:
-        parts.append(masks.sliding_window(window))
+        m = m & masks.sliding_window(window)
     if chunk is not None:
-        parts.append(masks.chunked(chunk))
-    m = parts[0]
-    for p in parts[1:]:
-        m = m & p
+        m = m & masks.chunked(chunk)
     return m.materialize(tq, t_max, q_positions=q_pos).expand(len(lengths), 1, tq, t_max)
 
 
@@ -49,6 +67,7 @@ def poison_invisible(x, bool_mask):
 
 
 def check(out, ref, q, k, v, bool_mask, factor=3.0):
+    assert torch.isfinite(out).all(), "NaN/inf in the output"
     err = (out.double() - ref).abs().max().item()
     tol = factor * torch_error(q, k, v, bool_mask, ref) + 4 * torch.finfo(q.dtype).eps
     assert err <= tol, f"error {err:.3g} > tolerance {tol:.3g}"
@@ -56,7 +75,7 @@ def check(out, ref, q, k, v, bool_mask, factor=3.0):
 
 @pytest.mark.parametrize("hq,hkv", HEAD_CONFIGS)
 @pytest.mark.parametrize("tq", [1, 5, 16])
-def test_decode_attention_lengths_heads(hq, hkv, tq):
+def test_decode_attention_lengths_heads(hq, hkv, tq, cpu_path):
     torch.manual_seed(hq * 100 + hkv * 10 + tq)
     b, t_max, d = 3, 700, 64
     q = torch.randn(b, hq, tq, d)
@@ -64,18 +83,18 @@ def test_decode_attention_lengths_heads(hq, hkv, tq):
     lengths = torch.tensor([700, 301, tq], dtype=torch.int32)
     m = decode_mask(lengths, tq, t_max)
     ref = gqa.reference_attention(q, k, v, mask=m)
-    out = decode_attention(q, poison_invisible(k, m), poison_invisible(v, m), lengths)
+    out = decode_attention(q, poison_invisible(k, m), poison_invisible(v, m), lengths, causal=True)
     check(out, ref, q, k, v, m)
 
 
 @pytest.mark.parametrize(
     "causal,window,chunk",
-    [(True, 100, None), (True, None, 128), (True, 200, 256), (False, None, 128), (False, 50, None)],
+    [(True, 100, None), (True, None, 128), (True, 200, 256), (False, None, 128), (False, 50, None), (False, None, None)],
 )
 @pytest.mark.parametrize("tq", [1, 7])
-def test_decode_attention_masks_skip_invisible_keys(causal, window, chunk, tq):
+def test_decode_attention_masks_skip_invisible_keys(causal, window, chunk, tq, cpu_path):
     torch.manual_seed(tq)
-    b, hq, hkv, t_max, d = 2, 8, 2, 900, 64
+    b, hq, hkv, t_max, d = 2, 8, 2, 900, 48  # head_dim 48: not a multiple of the kernel's 64-wide tiles
     q = torch.randn(b, hq, tq, d)
     k, v = torch.randn(b, hkv, t_max, d), torch.randn(b, hkv, t_max, d)
     lengths = torch.tensor([900, 517], dtype=torch.int32)
@@ -88,9 +107,30 @@ def test_decode_attention_masks_skip_invisible_keys(causal, window, chunk, tq):
     check(out, ref, q, k, v, m)
 
 
+def test_causal_defaults_to_false_like_gqa_attention(cpu_path):
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 8, 4, 32), torch.randn(1, 2, 300, 32), torch.randn(1, 2, 300, 32)
+    plain = decode_attention(q, k, v)
+    torch.testing.assert_close(plain, gqa.attention(q, k, v, backend="grouped"), atol=1e-5, rtol=1e-5)
+    causal = decode_attention(q, k, v, causal=True)
+    torch.testing.assert_close(causal, gqa.attention(q, k, v, mask=masks.causal(), backend="grouped"))
+    assert not torch.allclose(plain, causal)  # Tq = 4: the first three tokens see fewer keys
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8, 64])
+def test_split_count_does_not_change_the_result(num_splits, cpu_path):
+    torch.manual_seed(num_splits)
+    q = torch.randn(3, 12, 2, 64)
+    k, v = torch.randn(3, 3, 1000, 64), torch.randn(3, 3, 1000, 64)
+    lengths = torch.tensor([1000, 2, 513], dtype=torch.int32)
+    m = decode_mask(lengths, 2, 1000)
+    out = decode_attention(q, k, v, lengths, causal=True, num_splits=num_splits)
+    check(out, gqa.reference_attention(q, k, v, mask=m), q, k, v, m)
+
+
 @pytest.mark.parametrize("hq,hkv", [(8, 2), (12, 3), (8, 1)])
 @pytest.mark.parametrize("page_size,window", [(16, None), (32, 40), (64, None)])
-def test_paged_decode_attention(hq, hkv, page_size, window):
+def test_paged_decode_attention(hq, hkv, page_size, window, cpu_path):
     torch.manual_seed(page_size + hkv)
     b, tq, d, max_pages = 3, 3, 64, 20
     n_pages = b * max_pages + 5
@@ -102,16 +142,20 @@ def test_paged_decode_attention(hq, hkv, page_size, window):
     k, v = gather_pages(k_pages, block_table), gather_pages(v_pages, block_table)  # (B, Hkv, T, D)
     m = decode_mask(lengths, tq, k.shape[2], window=window)
     ref = gqa.reference_attention(q, k, v, mask=m)
-    # Pages no sequence owns hold NaN.
+    # Pages no sequence owns hold NaN, and so do the slots past each length in its last page.
     unused = torch.ones(n_pages, dtype=torch.bool)
     unused[block_table.long().flatten()] = False
     k_pages[unused] = float("nan")
     v_pages[unused] = float("nan")
-    out = paged_decode_attention(q, k_pages, v_pages, block_table, lengths, window=window)
+    for i, n in enumerate(lengths.tolist()):
+        last = block_table[i, (n - 1) // page_size]
+        k_pages[last, :, (n - 1) % page_size + 1 :] = float("nan")
+        v_pages[last, :, (n - 1) % page_size + 1 :] = float("nan")
+    out = paged_decode_attention(q, k_pages, v_pages, block_table, lengths, causal=True, window=window)
     check(out, ref, q, k, v, m)
 
 
-def test_bf16_computes_in_fp32():
+def test_bf16_computes_in_fp32(cpu_path):
     torch.manual_seed(0)
     b, hq, hkv, tq, t_max, d = 2, 8, 2, 4, 1024, 128
     q = torch.randn(b, hq, tq, d, dtype=torch.bfloat16)
@@ -120,9 +164,26 @@ def test_bf16_computes_in_fp32():
     lengths = torch.tensor([1024, 800], dtype=torch.int32)
     m = decode_mask(lengths, tq, t_max)
     ref = gqa.reference_attention(q, k, v, mask=m)
-    out = decode_attention(q, k, v, lengths)
+    out = decode_attention(q, k, v, lengths, causal=True)
     assert out.dtype == torch.bfloat16
-    check(out, ref, q, k, v, m)
+    check(out, ref, q, k, v, m, factor=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
+def test_other_dtypes(dtype, cpu_path):
+    """fp16 runs in fp32; fp64 in fp64 (the torch path), so its error is at fp64's level."""
+    torch.manual_seed(1)
+    q = torch.randn(2, 8, 2, 32, dtype=dtype)
+    k, v = torch.randn(2, 2, 400, 32, dtype=dtype), torch.randn(2, 2, 400, 32, dtype=dtype)
+    lengths = torch.tensor([400, 150], dtype=torch.int32)
+    m = decode_mask(lengths, 2, 400)
+    out = decode_attention(q, k, v, lengths, causal=True)
+    assert out.dtype == dtype
+    ref = gqa.reference_attention(q, k, v, mask=m)
+    if dtype == torch.float64:
+        assert (out - ref).abs().max().item() < 1e-12
+    else:
+        check(out, ref, q, k, v, m, factor=2.0)
 
 
 @pytest.mark.parametrize(
@@ -139,7 +200,7 @@ def test_bf16_computes_in_fp32():
     ids=["none", "causal", "window", "chunked", "padding", "custom", "tensor"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gqa_attention_routes_cpu_decode_to_kernel(mask, dtype):
+def test_gqa_attention_routes_cpu_decode_to_kernel(mask, dtype, cpu_path):
     torch.manual_seed(1)
     n = kernels.CPU_MIN_KEYS + 100
     q = torch.randn(2, 12, 3, 64, dtype=dtype)
@@ -147,6 +208,10 @@ def test_gqa_attention_routes_cpu_decode_to_kernel(mask, dtype):
     if mask == "tensor":
         mask = torch.rand(2, 12, 3, n) > 0.3
     assert gqa.select_backend(q, k, v, mask) == "kernel"
+    structural = not isinstance(mask, torch.Tensor) and "custom" not in repr(getattr(mask, "masks", ""))
+    if isinstance(mask, masks.Mask) and any(isinstance(p, masks.Custom) for p in mask.parts()):
+        structural = False
+    assert kernels.cpu_path(dtype, mask) == ("fused" if cpu_path == "fused" and structural else "torch")
     ref = gqa.reference_attention(q, k, v, mask=mask)
     out = gqa.attention(q, k, v, mask=mask)
     bool_mask = masks.as_bool_mask(mask, batch=2, n_heads=12, q_len=3, k_len=n, device="cpu")
@@ -154,23 +219,64 @@ def test_gqa_attention_routes_cpu_decode_to_kernel(mask, dtype):
     check(out, ref, q, k, v, bool_mask)
 
 
-def test_dispatch_keeps_other_inputs_off_the_kernel():
+def test_dispatch_thresholds(cpu_path):
     q, k = torch.randn(1, 8, 1, 64), torch.randn(1, 2, kernels.CPU_MIN_KEYS, 64)
     assert kernels.supports(q, k, k)
     assert not kernels.supports(torch.randn(1, 8, 17, 64), k, k)  # a prefill block
-    assert not kernels.supports(q, k[:, :, : kernels.CPU_MIN_KEYS - 1], k[:, :, : kernels.CPU_MIN_KEYS - 1])
     assert not kernels.supports(q.half(), k.half(), k.half())
     assert not kernels.supports(q.requires_grad_(), k, k)
     assert gqa.select_backend(q.detach(), k, k, return_weights=True) == "grouped"
+    q = q.detach()
+    below_fused = k[:, :, : kernels.FUSED_MIN_KEYS - 1]
+    at_fused = k[:, :, : kernels.FUSED_MIN_KEYS]
+    assert not kernels.supports(q, below_fused, below_fused)
+    # From FUSED_MIN_KEYS keys the fused kernel pays off; the torch fallback only from CPU_MIN_KEYS.
+    assert kernels.supports(q, at_fused, at_fused) == (cpu_path == "fused")
+    below_torch = k[:, :, : kernels.CPU_MIN_KEYS - 1]
+    assert kernels.supports(q, below_torch, below_torch) == (cpu_path == "fused")
 
 
-def test_fully_masked_rows_give_zeros():
+def test_fully_masked_rows_give_zeros(cpu_path):
     q, k, v = torch.randn(1, 8, 2, 32), torch.randn(1, 2, 600, 32), torch.randn(1, 2, 600, 32)
     mask = torch.zeros(1, 1, 2, 600, dtype=torch.bool)
     mask[:, :, 1, :10] = True
     out = gqa.attention(q, k, v, mask=mask, backend="kernel")
     assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0]))
     torch.testing.assert_close(out[:, :, 1:].double(), gqa.reference_attention(q, k, v, mask=mask)[:, :, 1:])
+    # A sequence whose padding length is 0 sees no key at all: zeros, on the structural (fused) path too.
+    out = gqa.attention(q, k, v, mask=masks.key_padding(torch.tensor([0])), backend="kernel")
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_in_padded_keys_does_not_leak(dtype, cpu_path):
+    """Keys masked out by padding may hold anything (uninitialised cache slots): NaN there must not
+    reach the output through 0 * NaN, on every backend."""
+    torch.manual_seed(2)
+    n = kernels.CPU_MIN_KEYS + 10
+    q = torch.randn(2, 8, 1, 32, dtype=dtype)
+    k, v = torch.randn(2, 2, n, 32, dtype=dtype), torch.randn(2, 2, n, 32, dtype=dtype)
+    lengths = torch.tensor([n, 700])
+    k[1, :, 700:] = float("nan")
+    v[1, :, 700:] = float("nan")
+    mask = masks.key_padding(lengths)
+    ref = gqa.reference_attention(q, k.nan_to_num(), v.nan_to_num(), mask=mask)
+    for backend in ("kernel", "grouped", "sdpa"):
+        out = gqa.attention(q, k, v, mask=mask, backend=backend)
+        assert torch.isfinite(out).all(), backend
+        torch.testing.assert_close(out.double(), ref, atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0)
+    out = decode_attention(q, k, v, lengths.to(torch.int32))
+    assert torch.isfinite(out).all()
+
+
+def test_batch_of_zero_gives_an_empty_result(cpu_path):
+    q, k = torch.randn(0, 8, 1, 32), torch.randn(0, 2, 100, 32)
+    assert decode_attention(q, k, k).shape == (0, 8, 1, 32)
+    assert gqa.attention(q, k, k).shape == (0, 8, 1, 32)
+    table = torch.zeros(0, 4, dtype=torch.int32)
+    pages = torch.randn(4, 2, 16, 32)
+    out = paged_decode_attention(q, pages, pages, table, torch.zeros(0, dtype=torch.int32))
+    assert out.shape == (0, 8, 1, 32)
 
 
 @pytest.mark.parametrize(
@@ -179,11 +285,16 @@ def test_fully_masked_rows_give_zeros():
         (lambda q, k, L: decode_attention(q, k, k, L.float()), "integer tensor"),
         (lambda q, k, L: decode_attention(q, k, k, L[:1]), r"1-D int tensor \[B=2\]"),
         (lambda q, k, L: decode_attention(q, k, k, torch.tensor([1, 500])), "every length must be >= Tq"),
+        (lambda q, k, L: decode_attention(q, k, k, torch.tensor([-3, 500])), "every length must be >= Tq"),
         (lambda q, k, L: decode_attention(q, k, k, torch.tensor([2000, 500])), "exceeds the cache"),
-        (lambda q, k, L: decode_attention(q[:, :7], k, k, L), "not divisible"),
+        (lambda q, k, L: decode_attention(q[:, :7], k, k, L), "not a positive multiple"),
         (lambda q, k, L: decode_attention(q.repeat(1, 1, 9, 1), k, k, torch.tensor([600, 600])), "1..16 query tokens"),
         (lambda q, k, L: decode_attention(q, k, k, L, window=0), "window must be an integer >= 1"),
-        (lambda q, k, L: decode_attention(q, k, k.double(), L), "share one floating dtype"),
+        (lambda q, k, L: decode_attention(q, k, k.double(), L), "dtypes differ"),
+        (lambda q, k, L: decode_attention(q[..., :0], k[..., :0], k[..., :0], L), "head_dim is 0"),
+        (lambda q, k, L: decode_attention(q, k, k, L, scale=0.0), "scale must be a finite number > 0"),
+        (lambda q, k, L: decode_attention(q, k, k, L, scale=-1.0), "scale must be a finite number > 0"),
+        (lambda q, k, L: decode_attention(q, k, k, L, scale=float("nan")), "scale must be a finite number > 0"),
         (lambda q, k, L: paged_decode_attention(q, k, k, torch.tensor([[0], [5]]), L), "page ids outside"),
         (lambda q, k, L: paged_decode_attention(q, k, k, torch.zeros(2, 1).float(), L), "int32 page ids"),
     ],
@@ -191,6 +302,110 @@ def test_fully_masked_rows_give_zeros():
 def test_bad_input_one_line_errors(call, match):
     q, k = torch.randn(2, 8, 2, 32), torch.randn(2, 2, 1000, 32)
     lengths = torch.tensor([1000, 500], dtype=torch.int32)
-    with pytest.raises((ValueError, TypeError), match=match) as info:
+    with pytest.raises(GQAUserError, match=match) as info:
         call(q, k, lengths)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad_id", [-1, 99])
+def test_invalid_page_ids_are_refused_on_cpu_even_unchecked(bad_id, cpu_path):
+    """check_pages=False skips a device sync on CUDA; on CPU the check is free and always runs, so a
+    page id of -1 can never read the last page (Python's negative indexing)."""
+    pages = torch.randn(4, 2, 16, 32)
+    q = torch.randn(1, 8, 1, 32)
+    table = torch.tensor([[0, bad_id]], dtype=torch.int32)
+    with pytest.raises(GQAUserError, match="page ids outside"):
+        paged_decode_attention(q, pages, pages, table, torch.tensor([20], dtype=torch.int32), check_pages=False)
+    # An invalid id past the sequence's last page is never read, so it is fine.
+    out = paged_decode_attention(q, pages, pages, table, torch.tensor([16], dtype=torch.int32), check_pages=False)
+    torch.testing.assert_close(out, decode_attention(q, pages[:1], pages[:1]), atol=1e-5, rtol=1e-5)
+
+
+# --- the build: fallback, lock, cache ---------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAVE_COMPILER, reason="needs a compiler to show the fused path runs")
+def test_fused_kernel_really_runs(monkeypatch):
+    assert cpu_fused.available(), cpu_fused.status()
+    calls = []
+    real = cpu_fused.fused_decode
+    monkeypatch.setattr(cpu_fused, "fused_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k = torch.randn(1, 8, 1, 32), torch.randn(1, 2, 300, 32)
+    decode_attention(q, k, k)
+    assert calls and cpu_fused.status().startswith("fused C++ kernel loaded")
+
+
+def test_failed_build_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path):
+    """A machine without a working compiler: the build fails for real (CXX points nowhere, a fresh
+    cache), a RuntimeWarning says so once, and decode runs the torch path with the same results."""
+    monkeypatch.setattr(cpu_fused, "_state", {"op": None, "reason": None, "tried": False})
+    monkeypatch.setenv("GQA_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.delenv("GQA_CPU_KERNEL", raising=False)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 1, 32), torch.randn(2, 2, 500, 32), torch.randn(2, 2, 500, 32)
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        out = decode_attention(q, k, v)
+    assert not cpu_fused.available()
+    assert cpu_fused.status().startswith("torch fallback:")
+    assert kernels.cpu_path(torch.float32) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process, not per call
+        decode_attention(q, k, v)
+    m = torch.ones(1, 1, 1, 500, dtype=torch.bool)
+    check(out, gqa.reference_attention(q, k, v), q, k, v, m, factor=2.0)
+
+
+def test_env_turns_the_fused_kernel_off_without_a_warning(monkeypatch):
+    monkeypatch.setattr(cpu_fused, "_state", {"op": None, "reason": None, "tried": False})
+    monkeypatch.setenv("GQA_CPU_KERNEL", "torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not cpu_fused.available()
+    assert "GQA_CPU_KERNEL=torch" in cpu_fused.status()
+
+
+def test_build_lock_excludes_a_second_builder(tmp_path):
+    """Parallel test workers and processes build one at a time: while one holds the lock, another
+    process cannot take it (flock, released by the OS if the holder dies)."""
+    lock = tmp_path / "k.lock"
+    probe = (
+        "import fcntl, sys\n"
+        f"f = open({str(lock)!r}, 'a+')\n"
+        "try:\n    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)\n"
+    )
+    with cpu_fused._exclusive(lock):
+        assert subprocess.run([sys.executable, "-c", probe]).returncode == 3
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
+
+
+def test_stale_torch_baton_is_cleared_before_building(monkeypatch, tmp_path):
+    """torch's build baton is a plain file a killed build leaves behind (the next build would wait on it
+    forever); under our lock it is removed first."""
+    monkeypatch.setenv("GQA_KERNEL_CACHE", str(tmp_path))
+    build_dir = cpu_fused.cache_dir()
+    build_dir.mkdir(parents=True)
+    (build_dir / "lock").write_text("")
+    seen = {}
+
+    def fake_load(**kw):
+        seen["baton"] = (build_dir / "lock").exists()
+        seen["dir"] = kw["build_directory"]
+        raise RuntimeError("stop here")
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    with pytest.raises(RuntimeError, match="stop here"):
+        cpu_fused._build()
+    assert seen == {"baton": False, "dir": str(build_dir)}
+
+
+def test_cache_dir_depends_on_the_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("GQA_KERNEL_CACHE", str(tmp_path))
+    first = cpu_fused.cache_dir()
+    assert first.parent == tmp_path and first.name.startswith("cpu_decode-")
+    src = tmp_path / "other.cpp"
+    src.write_text("// another kernel\n")
+    monkeypatch.setattr(cpu_fused, "SOURCE", src)
+    assert cpu_fused.cache_dir() != first

@@ -1,4 +1,8 @@
-"""CPU decode path: the grouped layout with the KV sequence split across threads.
+"""CPU decode fallback (torch ops): the grouped layout with the KV sequence split across threads.
+
+The fused C++ kernel of :mod:`gqa.kernels.cpu_fused` replaces this path wherever it builds; this one
+runs where no compiler is present, for masks the fused kernel does not take (arbitrary bool tensors,
+custom functions), and for fp64 (computed in fp64).
 
 For a decode step (Tq small) the grouped path's two matmuls are badly shaped for CPU BLAS: ``q @ K^T``
 with g*Tq rows and ``P @ V`` with a reduction over all S keys run on one or two threads at a fraction
@@ -8,7 +12,7 @@ threads), the softmax runs in fp32 over the whole visible range, and ``P @ V`` i
 partial sums are added at the end. Each K and V byte is still read once per KV head: query head h
 uses KV head h // g and no copy of K/V is made.
 
-bf16 caches are computed in fp32: K and V are widened CONVERT_BYTES at a time into a reused fp32
+bf16 caches are computed in fp32 (fp64 in fp64): K and V are widened CONVERT_BYTES at a time into a reused fp32
 buffer that stays in cache, so DRAM still sees each bf16 byte once and the scores are never rounded
 to bf16 (rounding them tripled the error of SDPA in bf16).
 
@@ -94,13 +98,14 @@ def _uniform(q, k, v, kv_lens, q_pos0, scale, causal, window, chunk, extra_mask)
         return torch.zeros_like(q)
     k_vis, v_vis = k[:, :, lo:hi], v[:, :, lo:hi]  # (B, Hkv, N, D) views
 
-    # (B, Hkv, g*Tq, D): head h = j*g + i -> row i*Tq + t of KV head j; fp32, scale folded in
-    qg = q.reshape(b, hkv, g * tq, d).float() * scale
-    widen = k.dtype != torch.float32
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # (B, Hkv, g*Tq, D): head h = j*g + i -> row i*Tq + t of KV head j; fp32 (fp64), scale folded in
+    qg = q.reshape(b, hkv, g * tq, d).to(acc) * scale
+    widen = k.dtype != acc
     if widen:  # bf16: widen a few MiB at a time into a reused fp32 buffer (cache-resident)
         step = min(n, max(256, CONVERT_BYTES // (4 * b * hkv * d)))  # keys per widening step
-        buf = torch.empty(b, hkv, step, d)
-        scores = torch.empty(b, hkv, n, g * tq)
+        buf = torch.empty(b, hkv, step, d, dtype=acc)
+        scores = torch.empty(b, hkv, n, g * tq, dtype=acc)
         for s in range(0, n, step):
             c = min(step, n - s)
             scores[:, :, s : s + c] = torch.matmul(buf[:, :, :c].copy_(k_vis[:, :, s : s + c]), qg.transpose(-1, -2))
@@ -111,19 +116,26 @@ def _uniform(q, k, v, kv_lens, q_pos0, scale, causal, window, chunk, extra_mask)
         # The common decode step: every key in range is visible to every row. Fewer ops matter on
         # CPU: each is a parallel region whose threads must all be scheduled.
         probs = torch.softmax(scores, dim=2)  # (B, Hkv, N, g*Tq)
+        dead = None
     else:
-        probs = _masked_softmax(
+        probs, allowed = _masked_softmax(
             scores.view(b, hkv, n, g, tq), lo, hi, kv_lens, q_pos0, causal, window, chunk, extra_mask
         )
         probs = probs.view(b, hkv, n, g * tq)  # (B, Hkv, N, g*Tq) fp32
+        # Keys no row may see get V = 0: their probability is 0, but 0 * NaN (an unused slot) is NaN.
+        dead = ~allowed.flatten(3).any(dim=3)  # (B, Hkv|1, N)
+        dead = dead[..., None] if bool(dead.any()) else None  # (B, Hkv|1, N, 1)
 
     if not widen:
-        out = _chunked_pv(probs, v_vis)
+        out = _chunked_pv(probs, v_vis if dead is None else v_vis.masked_fill(dead, 0.0))
     else:
-        out = torch.zeros(b, hkv, g * tq, d)
+        out = torch.zeros(b, hkv, g * tq, d, dtype=acc)
         for s in range(0, n, step):
             c = min(step, n - s)
-            out += _chunked_pv(probs[:, :, s : s + c], buf[:, :, :c].copy_(v_vis[:, :, s : s + c]))
+            v_c = buf[:, :, :c].copy_(v_vis[:, :, s : s + c])
+            if dead is not None:
+                v_c.masked_fill_(dead[:, :, s : s + c], 0.0)
+            out += _chunked_pv(probs[:, :, s : s + c], v_c)
     return out.view(b, hq, tq, d).to(q.dtype)  # (B, Hq, Tq, D)
 
 
@@ -136,8 +148,8 @@ def _all_visible(lo, hi, kv_len, q_pos0, tq, causal, window, chunk) -> bool:
 
 
 def _masked_softmax(scores, lo, hi, kv_lens, q_pos0, causal, window, chunk, extra_mask):
-    """fp32 softmax over keys (dim 2) of scores [B, Hkv, N, g, Tq] for keys lo..hi-1; rows with no
-    visible key give zeros."""
+    """Softmax over keys (dim 2) of scores [B, Hkv, N, g, Tq] for keys lo..hi-1, in their dtype; rows with
+    no visible key give zeros. Returns (probs, allowed [B, Hkv|1, N, g|1, Tq|1] bool)."""
     b, hkv, n, g, tq = scores.shape
     keys = torch.arange(lo, hi).view(1, n, 1)  # absolute key positions
     q_pos = (q_pos0.view(b, 1) + torch.arange(tq).view(1, tq)).view(b, 1, tq)  # (B, 1, Tq)
@@ -159,7 +171,8 @@ def _masked_softmax(scores, lo, hi, kv_lens, q_pos0, causal, window, chunk, extr
     row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
     probs = scores.sub_(row_max).exp_()
     denom = probs.sum(dim=2, keepdim=True)
-    return probs.div_(torch.where(denom == 0, torch.ones_like(denom), denom))  # no visible key -> 0
+    probs = probs.div_(torch.where(denom == 0, torch.ones_like(denom), denom))  # no visible key -> 0
+    return probs, allowed
 
 
 def _chunked_pv(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

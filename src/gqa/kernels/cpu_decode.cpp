@@ -1,0 +1,386 @@
+// Fused split-KV GQA decode attention for CPU (fp32 and bf16 caches, fp32 arithmetic).
+//
+// One work item = (sequence b, KV head j, KV split s). Its rows are the g query heads of KV head j
+// times the Tq query tokens (row r = i * Tq + t is query head h = j * g + i, the h // g mapping), so
+// each K and V row is loaded once per KV head and used by all g * Tq rows while it sits in L1.
+// Keys are streamed BLOCK_N at a time with an online softmax (base-2 exponentials, running max and
+// sum per row); the splits of one (b, j) are merged afterwards by their log-sum-exp. Every mask the
+// kernel takes (key lengths, bottom-right causal, sliding window, chunk) leaves each query token a
+// contiguous key range [lo_t, hi_t), so nothing outside a work item's range is ever read.
+//
+// Keys are addressed through a block table: a contiguous cache [B, Hkv, T, D] is the special case of
+// one page of T slots per sequence (no table), a paged cache is [num_pages, Hkv, page_size, D].
+//
+// Built at first use by gqa.kernels.cpu_fused (torch.utils.cpp_extension, -O3 -march=native): the
+// inner loops are written as fixed-width lanes so the compiler vectorises them without -ffast-math
+// (which would break the -inf / NaN semantics the masks rely on).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t BLOCK_N = 32;  // keys per online-softmax step (scores of a block stay in L1)
+constexpr int64_t LANES = 16;    // independent partial sums per dot product (one or two vectors)
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+inline float bf16_to_float(uint16_t x) {
+  uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// 2^x for x <= 0 (x = score - running max): exact 2^floor(x) times a degree-6 polynomial of the
+// fraction. Below -126 it returns 2^-126 instead of a denormal; that is far
+// below fp32's resolution of a sum holding the max element's 1.0. Masked entries are zeroed by the
+// caller, never passed as -inf.
+inline float exp2_neg(float x) {
+  x = x < -126.0f ? -126.0f : x;
+  const float xi = std::floor(x);
+  const float f = x - xi;
+  // Weighted least-squares fit of 2^f on [0, 1) (relative error 2e-9 in exact arithmetic; fp32
+  // evaluation adds about one ulp).
+  float p = 2.1690609004042206e-4f;
+  p = p * f + 1.2443081555382725e-3f;
+  p = p * f + 9.678472549593772e-3f;
+  p = p * f + 5.548352472616894e-2f;
+  p = p * f + 2.402297958138493e-1f;
+  p = p * f + 6.931469870574901e-1f;
+  p = p * f + 1.0000000018154942f;
+  const int32_t bits = (static_cast<int32_t>(xi) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// 16 floats; GCC and Clang lower it to one AVX-512, two AVX2 or four SSE registers per -march.
+typedef float vf16 __attribute__((vector_size(64), aligned(4)));
+
+inline vf16 loadv(const float* p) {
+  vf16 x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+
+inline void storev(float* p, vf16 x) { std::memcpy(p, &x, sizeof(x)); }
+
+typedef float vf8 __attribute__((vector_size(32), aligned(4)));
+typedef float vf4 __attribute__((vector_size(16), aligned(4)));
+
+inline float hsum(vf16 x) {  // halves added in registers (extracts), not through memory lane by lane
+  vf8 lo, hi;
+  std::memcpy(&lo, &x, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&x) + sizeof(lo), sizeof(hi));
+  const vf8 s8 = lo + hi;
+  vf4 a, b;
+  std::memcpy(&a, &s8, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof(a), sizeof(b));
+  const vf4 s4 = a + b;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+#if defined(__AVX512F__)
+constexpr int KEY_TILE = 4;  // keys per score tile: ROW_TILE x KEY_TILE accumulators in registers
+constexpr int DIM_TILE = 4;  // 16-float chunks of the output per P @ V tile
+#else
+constexpr int KEY_TILE = 2;  // 16 vector registers (AVX2): smaller tiles avoid spills
+constexpr int DIM_TILE = 2;
+#endif
+constexpr int ROW_TILE = 4;
+
+// s[r * BLOCK_N + c] = q_r . k_c for NR rows and NK keys: each K chunk and each q chunk is loaded
+// once per tile, NR * NK independent accumulators keep the FMA units busy.
+template <int NR, int NK>
+inline void score_tile(const float* __restrict q, const float* const* k, int64_t d, float* s) {
+  vf16 a[NR][NK] = {};
+  int64_t i = 0;
+  for (; i + LANES <= d; i += LANES) {
+    vf16 kk[NK];
+    for (int c = 0; c < NK; ++c) kk[c] = loadv(k[c] + i);
+    for (int r = 0; r < NR; ++r) {
+      const vf16 x = loadv(q + r * d + i);
+      for (int c = 0; c < NK; ++c) a[r][c] += x * kk[c];
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    for (int c = 0; c < NK; ++c) {
+      float t = hsum(a[r][c]);
+      for (int64_t e = i; e < d; ++e) t += q[r * d + e] * k[c][e];
+      s[r * BLOCK_N + c] = t;
+    }
+  }
+}
+
+template <int NR>
+inline void score_rows(const float* q, const float* const* k, int64_t d, int64_t bn, float* s) {
+  int64_t c = 0;
+  for (; c + KEY_TILE <= bn; c += KEY_TILE) score_tile<NR, KEY_TILE>(q, k + c, d, s + c);
+  for (; c < bn; ++c) score_tile<NR, 1>(q, k + c, d, s + c);
+}
+
+// acc_r += sum_c p[r, c] * v_c for NR rows: DIM_TILE chunks of each accumulator row stay in registers
+// over the block's keys and each V chunk is loaded once for all NR rows. A key some row masks out
+// (p == 0 exactly then) takes the careful path, so 0 * NaN in unused slots never reaches the output.
+template <int NR>
+inline void pv_rows(float* acc, const float* p, const float* const* v, int64_t d, int64_t bn) {
+  int64_t i = 0;
+  for (; i + DIM_TILE * LANES <= d; i += DIM_TILE * LANES) {
+    vf16 x[NR][DIM_TILE];
+    for (int r = 0; r < NR; ++r)
+      for (int u = 0; u < DIM_TILE; ++u) x[r][u] = loadv(acc + r * d + i + u * LANES);
+    for (int64_t c = 0; c < bn; ++c) {
+      vf16 vv[DIM_TILE];
+      for (int u = 0; u < DIM_TILE; ++u) vv[u] = loadv(v[c] + i + u * LANES);
+      bool all = true;
+      for (int r = 0; r < NR; ++r) all = all && p[r * BLOCK_N + c] != 0.0f;
+      if (all) {
+        for (int r = 0; r < NR; ++r) {
+          const float w = p[r * BLOCK_N + c];
+          for (int u = 0; u < DIM_TILE; ++u) x[r][u] += w * vv[u];
+        }
+      } else {
+        for (int r = 0; r < NR; ++r) {
+          const float w = p[r * BLOCK_N + c];
+          if (w == 0.0f) continue;
+          for (int u = 0; u < DIM_TILE; ++u) x[r][u] += w * vv[u];
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int u = 0; u < DIM_TILE; ++u) storev(acc + r * d + i + u * LANES, x[r][u]);
+  }
+  for (; i < d; ++i) {
+    for (int r = 0; r < NR; ++r) {
+      float x = acc[r * d + i];
+      for (int64_t c = 0; c < bn; ++c) {
+        const float w = p[r * BLOCK_N + c];
+        if (w != 0.0f) x += w * v[c][i];
+      }
+      acc[r * d + i] = x;
+    }
+  }
+}
+
+template <typename T>
+struct Rows {
+  // Where key n of sequence b, KV head j lives. Contiguous: page = b, slot = n (no table).
+  const T* base;
+  int64_t stride_page, stride_head, stride_slot;
+  int64_t page_size, num_pages;
+  const int32_t* table;  // [B, table_stride] or nullptr
+  int64_t table_stride;
+
+  inline const T* row(int64_t b, int64_t j, int64_t n) const {
+    int64_t page = b, slot = n;
+    if (table != nullptr) {
+      page = table[b * table_stride + n / page_size];
+      slot = n % page_size;
+      TORCH_CHECK(page >= 0 && page < num_pages, "gqa cpu decode: page id ", page, " outside 0..", num_pages - 1);
+    }
+    return base + page * stride_page + j * stride_head + slot * stride_slot;
+  }
+};
+
+template <typename T>
+inline const float* as_float_row(const T* src, float* buf, int64_t d) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < d; ++i) buf[i] = bf16_to_float(s[i]);
+    return buf;
+  }
+}
+
+template <typename T>
+void decode_kernel(
+    const float* q,  // [B, Hq, Tq, D] contiguous, pre-scaled by scale * log2(e)
+    const Rows<T>& K, const Rows<T>& V,
+    const int32_t* kv_lens, const int32_t* q_pos0,
+    int64_t B, int64_t Hq, int64_t Hkv, int64_t Tq, int64_t D,
+    bool causal, int64_t window, int64_t chunk, int64_t n_splits,
+    float* part_out,  // [B, Hkv, S, R, D]
+    float* part_lse   // [B, Hkv, S, R], log2 domain
+) {
+  const int64_t g = Hq / Hkv;
+  const int64_t R = g * Tq;
+  at::parallel_for(0, B * Hkv * n_splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(R * D), m(R), l(R), sc(R * BLOCK_N), kbuf(BLOCK_N * D), vbuf(BLOCK_N * D);
+    std::vector<int64_t> lo_t(Tq), hi_t(Tq);
+    std::vector<const float*> krow(BLOCK_N), vrow(BLOCK_N);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (Hkv * n_splits);
+      const int64_t j = (item / n_splits) % Hkv;
+      const int64_t s = item % n_splits;
+      float* o = part_out + item * R * D;
+      float* lse = part_lse + item * R;
+
+      // Each query token's visible keys [lo_t, hi_t); the item covers its split of their union.
+      int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
+      for (int64_t t = 0; t < Tq; ++t) {
+        const int64_t pos = static_cast<int64_t>(q_pos0[b]) + t;
+        int64_t a = 0, z = kv_lens[b];
+        if (causal) z = std::min(z, pos + 1);
+        if (window > 0) a = std::max(a, pos - window + 1);
+        if (chunk > 0) {
+          a = std::max(a, (pos / chunk) * chunk);
+          z = std::min(z, (pos / chunk + 1) * chunk);
+        }
+        lo_t[t] = a;
+        hi_t[t] = std::max(a, z);
+        if (hi_t[t] > lo_t[t]) {
+          lo = std::min(lo, lo_t[t]);
+          hi = std::max(hi, hi_t[t]);
+        }
+      }
+      int64_t start = hi, stop = hi;
+      if (hi > lo) {
+        int64_t per = (hi - lo + n_splits - 1) / n_splits;
+        per = (per + BLOCK_N - 1) / BLOCK_N * BLOCK_N;
+        start = std::min(hi, lo + s * per);
+        stop = std::min(hi, start + per);
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(m.begin(), m.end(), NEG_INF);
+      std::fill(l.begin(), l.end(), 0.0f);
+      const float* qrows = q + (b * Hq + j * g) * Tq * D;  // rows r = i * Tq + t, contiguous
+
+      for (int64_t n0 = start; n0 < stop; n0 += BLOCK_N) {
+        const int64_t bn = std::min(BLOCK_N, stop - n0);
+        for (int64_t c = 0; c < bn; ++c) krow[c] = as_float_row(K.row(b, j, n0 + c), kbuf.data() + c * D, D);
+        int64_t r0 = 0;
+        for (; r0 + ROW_TILE <= R; r0 += ROW_TILE)
+          score_rows<ROW_TILE>(qrows + r0 * D, krow.data(), D, bn, sc.data() + r0 * BLOCK_N);
+        for (; r0 < R; ++r0) score_rows<1>(qrows + r0 * D, krow.data(), D, bn, sc.data() + r0 * BLOCK_N);
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t t = r % Tq;
+          const int64_t a = std::max(lo_t[t] - n0, int64_t(0)), z = std::min(hi_t[t] - n0, bn);
+          float* sr = sc.data() + r * BLOCK_N;
+          if (a >= z) {  // no visible key of this block for this row
+            for (int64_t c = 0; c < bn; ++c) sr[c] = 0.0f;
+            continue;
+          }
+          float bmax = NEG_INF;
+          for (int64_t c = a; c < z; ++c) bmax = std::max(bmax, sr[c]);
+          const float m_new = std::max(m[r], bmax);
+          if (m_new > m[r]) {  // rescale what this row has accumulated so far
+            const float alpha = m[r] == NEG_INF ? 0.0f : exp2_neg(m[r] - m_new);
+            l[r] *= alpha;
+            float* ar = acc.data() + r * D;
+            for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
+            m[r] = m_new;
+          }
+          for (int64_t c = 0; c < bn; ++c) {  // vectorised (no reduction in this loop)
+            const float p = exp2_neg(sr[c] - m_new);
+            sr[c] = (c >= a && c < z) ? p : 0.0f;
+          }
+          float sum = 0.0f;
+          for (int64_t c = a; c < z; ++c) sum += sr[c];
+          l[r] += sum;
+        }
+        for (int64_t c = 0; c < bn; ++c) vrow[c] = as_float_row(V.row(b, j, n0 + c), vbuf.data() + c * D, D);
+        for (r0 = 0; r0 + ROW_TILE <= R; r0 += ROW_TILE)
+          pv_rows<ROW_TILE>(acc.data() + r0 * D, sc.data() + r0 * BLOCK_N, vrow.data(), D, bn);
+        for (; r0 < R; ++r0) pv_rows<1>(acc.data() + r0 * D, sc.data() + r0 * BLOCK_N, vrow.data(), D, bn);
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const bool empty = l[r] == 0.0f;
+        const float inv = empty ? 0.0f : 1.0f / l[r];
+        for (int64_t d = 0; d < D; ++d) o[r * D + d] = acc[r * D + d] * inv;
+        lse[r] = empty ? NEG_INF : m[r] + std::log2(l[r]);
+      }
+    }
+  });
+}
+
+// Merge the splits of each (b, j) by log-sum-exp and write out [B, Hq, Tq, D] (fp32).
+void merge_splits(const float* part_out, const float* part_lse, float* out, int64_t B, int64_t Hkv, int64_t R,
+                  int64_t D, int64_t n_splits) {
+  at::parallel_for(0, B * Hkv * R, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bj = row / R, r = row % R;
+      float* dst = out + row * D;  // rows of (b, j) are contiguous in [B, Hq, Tq, D]
+      float mx = NEG_INF;
+      for (int64_t s = 0; s < n_splits; ++s) mx = std::max(mx, part_lse[(bj * n_splits + s) * R + r]);
+      for (int64_t d = 0; d < D; ++d) dst[d] = 0.0f;
+      if (mx == NEG_INF) continue;  // no visible key: zeros
+      float total = 0.0f;
+      for (int64_t s = 0; s < n_splits; ++s) {
+        const float ls = part_lse[(bj * n_splits + s) * R + r];
+        if (ls == NEG_INF) continue;
+        const float w = std::exp2(ls - mx);
+        total += w;
+        const float* src = part_out + ((bj * n_splits + s) * R + r) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] += w * src[d];
+      }
+      const float inv = 1.0f / total;
+      for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
+    }
+  });
+}
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& x, const at::Tensor& table) {
+  Rows<T> r;
+  r.base = reinterpret_cast<const T*>(x.data_ptr());
+  r.stride_page = x.stride(0);
+  r.stride_head = x.stride(1);
+  r.stride_slot = x.stride(2);
+  r.num_pages = x.size(0);
+  r.page_size = x.size(2);
+  r.table = table.numel() ? table.data_ptr<int32_t>() : nullptr;
+  r.table_stride = table.numel() ? table.stride(0) : 0;
+  return r;
+}
+
+// q [B, Hq, Tq, D] fp32 contiguous, pre-scaled by scale * log2(e); k, v [B | num_pages, Hkv, T | page_size, D]
+// fp32 or bf16 with unit stride in D; block_table [B, max_pages] int32 contiguous (or empty: contiguous cache);
+// kv_lens, q_pos0 [B] int32; window / chunk 0 = none. Returns [B, Hq, Tq, D] fp32.
+at::Tensor decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_table,
+                  const at::Tensor& kv_lens, const at::Tensor& q_pos0, bool causal, int64_t window, int64_t chunk,
+                  int64_t n_splits) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "gqa cpu decode: q, k, v must be 4-D");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous(), "gqa cpu decode: q must be contiguous fp32");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "gqa cpu decode: k and v dtypes differ");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "gqa cpu decode: k and v need unit stride in head_dim");
+  TORCH_CHECK(kv_lens.scalar_type() == at::kInt && q_pos0.scalar_type() == at::kInt, "gqa cpu decode: int32 lengths");
+  TORCH_CHECK(kv_lens.is_contiguous() && q_pos0.is_contiguous(), "gqa cpu decode: contiguous lengths");
+  TORCH_CHECK(block_table.numel() == 0 || (block_table.scalar_type() == at::kInt && block_table.stride(1) == 1),
+              "gqa cpu decode: block_table must be int32 with unit stride");
+  TORCH_CHECK(n_splits >= 1, "gqa cpu decode: n_splits >= 1");
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && k.size(3) == D && v.sizes() == k.sizes(), "gqa cpu decode: shapes");
+  const int64_t R = (Hq / Hkv) * Tq;
+  auto opts = q.options();
+  at::Tensor part_out = at::empty({B * Hkv * n_splits * R * D}, opts);
+  at::Tensor part_lse = at::empty({B * Hkv * n_splits * R}, opts);
+  at::Tensor out = at::empty({B, Hq, Tq, D}, opts);
+  if (out.numel() == 0) return out;
+  if (k.scalar_type() == at::kFloat) {
+    decode_kernel<float>(q.data_ptr<float>(), rows_of<float>(k, block_table), rows_of<float>(v, block_table),
+                         kv_lens.data_ptr<int32_t>(), q_pos0.data_ptr<int32_t>(), B, Hq, Hkv, Tq, D, causal, window,
+                         chunk, n_splits, part_out.data_ptr<float>(), part_lse.data_ptr<float>());
+  } else {
+    TORCH_CHECK(k.scalar_type() == at::kBFloat16, "gqa cpu decode: k and v must be fp32 or bf16");
+    decode_kernel<at::BFloat16>(q.data_ptr<float>(), rows_of<at::BFloat16>(k, block_table),
+                                rows_of<at::BFloat16>(v, block_table), kv_lens.data_ptr<int32_t>(),
+                                q_pos0.data_ptr<int32_t>(), B, Hq, Hkv, Tq, D, causal, window, chunk, n_splits,
+                                part_out.data_ptr<float>(), part_lse.data_ptr<float>());
+  }
+  merge_splits(part_out.data_ptr<float>(), part_lse.data_ptr<float>(), out.data_ptr<float>(), B, Hkv, R, D, n_splits);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gqa_cpu_decode, m) { m.def("decode", &decode); }

@@ -1,0 +1,213 @@
+"""The fused CPU decode kernel (``cpu_decode.cpp``): built on first use, with a visible fallback.
+
+The C++ source ships inside the package and is compiled the first time a CPU decode step needs it,
+with ``torch.utils.cpp_extension.load`` (g++ or clang++ and ninja; ``-O3 -march=native -fopenmp``),
+into a per-machine cache directory::
+
+    $GQA_KERNEL_CACHE (default $XDG_CACHE_HOME/gqa/kernels, i.e. ~/.cache/gqa/kernels)
+        cpu_decode-<hash of source, flags, torch version and CPU>/
+
+An exclusive ``fcntl`` lock on ``<that directory>.lock`` serialises concurrent builds (parallel test
+workers, several processes); the kernel calls no Python, so it needs no Python headers either.
+Where the build cannot run (no compiler, no ninja, a read-only cache) :func:`available` is False,
+:func:`status` says why, a ``RuntimeWarning`` says so once per process, and :mod:`gqa.kernels`
+runs the torch split-KV path of :mod:`gqa.kernels.cpu` instead. ``GQA_CPU_KERNEL=torch`` turns the
+fused kernel off on purpose (no warning).
+
+Query head h uses KV head ``h // g``; the query tokens are the last Tq of each sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import platform
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "status", "fused_decode", "FUSED_DTYPES", "SOURCE"]
+
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+#: Cache dtypes the kernel reads directly (arithmetic is always fp32).
+FUSED_DTYPES = (torch.float32, torch.bfloat16)
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-DNDEBUG"]
+LDFLAGS = ["-fopenmp"]
+#: Keys per split below which splitting the sequence further costs more than it balances.
+MIN_KEYS_PER_SPLIT = 512
+LOG2E = 1.4426950408889634
+
+_state: dict = {"op": None, "reason": None, "tried": False}
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and flags (a cache shared by two machines must
+    not hand one the other's instructions)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines) or platform.processor()
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def cache_dir() -> Path:
+    """The build directory for this source, compiler flags, torch version and CPU."""
+    root = os.environ.get("GQA_KERNEL_CACHE")
+    if root is None:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gqa" / "kernels"
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode()):
+        key.update(part)
+    key.update(_cpu_signature().encode())
+    key.update(sys.version.encode())
+    return Path(root) / f"cpu_decode-{key.hexdigest()[:16]}"
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """An flock held while building: released by the OS even if the holder is killed."""
+    import fcntl
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """torch's builder runs ``ninja`` from PATH; the pip ``ninja`` package puts it in the venv's bin,
+    which is not on PATH when the venv's python is run without activating it."""
+    old = os.environ.get("PATH", "")
+    try:
+        if shutil.which("ninja") is None:
+            with contextlib.suppress(ImportError):
+                import ninja
+
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + old
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    build_dir = cache_dir()
+    with _exclusive(build_dir.with_suffix(".lock")):
+        build_dir.mkdir(parents=True, exist_ok=True)
+        # torch's own build baton is a plain file: a build killed midway leaves it behind and the next
+        # build would wait on it forever. Our flock is held, so no other gqa build is running.
+        with contextlib.suppress(FileNotFoundError):
+            (build_dir / "lock").unlink()
+        if not (build_dir / "gqa_cpu_decode.so").exists():
+            print("gqa: building the fused CPU decode kernel (once per machine, about a minute)...", file=sys.stderr)
+        with _ninja_on_path():
+            cpp_extension.load(
+                name="gqa_cpu_decode",
+                sources=[str(SOURCE)],
+                extra_cflags=CFLAGS,
+                extra_ldflags=LDFLAGS,
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=False,
+            )
+    return torch.ops.gqa_cpu_decode.decode
+
+
+def _load():
+    if _state["tried"]:
+        return _state["op"]
+    _state["tried"] = True
+    choice = os.environ.get("GQA_CPU_KERNEL", "auto").lower()
+    if choice in ("torch", "0", "off", "none"):
+        _state["reason"] = f"turned off by GQA_CPU_KERNEL={choice}"
+        return None
+    try:
+        _state["op"] = _build()
+    except Exception as e:  # noqa: BLE001 - any build failure means the fallback, stated loudly below
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        _state["reason"] = f"{type(e).__name__}: {lines[-1][:200] if lines else ''}"
+        warnings.warn(
+            f"gqa: the fused CPU decode kernel could not be built ({_state['reason']}); CPU decode runs the "
+            "slower torch path. Install a C++ compiler (g++) and ninja, or set GQA_CPU_KERNEL=torch to "
+            "silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _state["op"]
+
+
+def available() -> bool:
+    """Whether the fused kernel is built and loaded (builds it on the first call)."""
+    return _load() is not None
+
+
+def status() -> str:
+    """One line: the fused kernel is in use, or why not."""
+    if available():
+        return f"fused C++ kernel loaded from {cache_dir()}"
+    return f"torch fallback: {_state['reason']}"
+
+
+def default_splits(batch: int, n_kv_heads: int, max_keys: int) -> int:
+    """KV splits per (sequence, KV head): enough work items for every thread (4 each, for balance on a
+    shared machine), never under ``MIN_KEYS_PER_SPLIT`` keys per split."""
+    want = math.ceil(4 * torch.get_num_threads() / max(1, batch * n_kv_heads))
+    return max(1, min(want, max_keys // MIN_KEYS_PER_SPLIT))
+
+
+def fused_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_lens: torch.Tensor,
+    q_pos0: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    window: int | None,
+    chunk: int | None,
+    block_table: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Run the fused kernel (call :func:`available` first).
+
+    q ``[B, Hq, Tq, D]``; k/v ``[B, Hkv, T, D]`` (views of a larger cache are fine) or, with
+    ``block_table`` ``[B, max_pages]`` int, pages ``[num_pages, Hkv, page_size, D]``; fp32 or bf16.
+    ``kv_lens`` ``[B]``: keys ``0 .. kv_lens[b]-1`` exist; ``q_pos0`` ``[B]``: position of query token 0.
+    ``causal``/``window``/``chunk`` as in :mod:`gqa.masks`. Page ids must be valid (checked by the
+    caller; the kernel also refuses an id outside the pages). Returns ``[B, Hq, Tq, D]`` in q's dtype;
+    rows with no visible key are zeros.
+    """
+    op = _load()
+    if op is None:
+        raise RuntimeError(f"the fused CPU decode kernel is not available ({_state['reason']})")
+    if k.dtype not in FUSED_DTYPES or v.dtype != k.dtype:
+        raise RuntimeError(f"the fused CPU decode kernel reads fp32 or bf16 caches, got {k.dtype}")
+    b, hq, tq, d = q.shape
+    qs = (q.float() * (scale * LOG2E)).contiguous()  # (B, Hq, Tq, D) fp32, scale and log2(e) folded in
+    k = k if k.stride(3) == 1 else k.contiguous()
+    v = v if v.stride(3) == 1 else v.contiguous()
+    table = torch.empty(0, 0, dtype=torch.int32) if block_table is None else block_table.to(torch.int32).contiguous()
+    kv_lens = kv_lens.to(torch.int32).contiguous()
+    q_pos0 = q_pos0.to(torch.int32).contiguous()
+    if num_splits is None:
+        max_keys = int(kv_lens.max()) if kv_lens.numel() else 0
+        if window is not None:
+            max_keys = min(max_keys, window + tq - 1)
+        if chunk is not None:
+            max_keys = min(max_keys, chunk + tq - 1)
+        num_splits = default_splits(b, k.shape[1], max_keys)
+    causal = bool(causal) or window is not None  # a sliding window is causal (gqa.masks.sliding_window)
+    out = op(qs, k, v, table, kv_lens, q_pos0, causal, int(window or 0), int(chunk or 0), int(num_splits))
+    return out.to(q.dtype)  # (B, Hq, Tq, D)
