@@ -143,3 +143,29 @@ def test_bad_distill_options_are_one_line(source, tmp_path, args, message):
     assert r.exit_code == 2, r.output
     assert message in r.output and len(r.output.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_decilm_and_gguf_exports_without_calibration(source, tmp_path):
+    """Exports that need the model in memory take the calibrated path's loader; with no --calib they
+    merge contiguous groups by the mean, like the streaming path."""
+    from gqa.convert import convert
+    from gqa.model.gguf import load_gguf
+
+    stream = convert(source / "model", tmp_path / "hf", kv_heads=2, progress=False)
+    deci = convert(source / "model", tmp_path / "deci", kv_heads=2, export="decilm", progress=False)
+    gguf = convert(
+        source / "model",
+        tmp_path / "gguf",
+        kv_heads_per_layer=[4, 2, 1],
+        export="gguf",
+        dtype="float32",
+        progress=False,
+    )
+    assert stream.path == "streaming" and deci.path == gguf.path == "calibrated" and not deci.align
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        want = load_hf(tmp_path / "hf")(ids)
+        torch.testing.assert_close(load_decilm(tmp_path / "deci")(ids), want, rtol=1e-5, atol=1e-5)
+        model = load_gguf(tmp_path / "gguf" / "model.gguf")
+    assert model.config.kv_heads_per_layer == [4, 2, 1]
+    assert json.loads((tmp_path / "gguf" / "conversion_report.json").read_text())["export"] == "gguf"

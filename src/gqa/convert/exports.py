@@ -27,13 +27,13 @@ __all__ = ["EXPORTS", "Export", "export_for", "GGUF_NAME"]
 GGUF_NAME = "model.gguf"
 
 
-def _write_hf(model, folder: Path, dtype: torch.dtype | None, side_files_from: Path | None) -> None:
+def _write_hf(model, folder: Path, dtype: torch.dtype | None, side_files_from: Path | None, src: Path) -> None:
     from gqa.model import save_hf
 
     save_hf(model, folder, dtype=dtype, side_files_from=side_files_from, overwrite=True)
 
 
-def _write_decilm(model, folder: Path, dtype: torch.dtype | None, side_files_from: Path | None) -> None:
+def _write_decilm(model, folder: Path, dtype: torch.dtype | None, side_files_from: Path | None, src: Path) -> None:
     from gqa.model.decilm import export_decilm
 
     export_decilm(model, folder, dtype=dtype, side_files_from=side_files_from, overwrite=True)
@@ -43,22 +43,27 @@ def _gguf_available() -> bool:
     return importlib.util.find_spec("gqa.model.gguf") is not None
 
 
-def _write_gguf(model, folder: Path, dtype: torch.dtype | None, side_files_from: Path | None) -> None:
+def _write_gguf(model, folder: Path, dtype: torch.dtype | None, side_files_from: Path | None, src: Path) -> None:
     from gqa.model.gguf import export_gguf
 
     folder.mkdir(parents=True, exist_ok=True)
-    tok = side_files_from if side_files_from is not None and (side_files_from / "tokenizer.json").is_file() else None
+    if src.suffix.lower() == ".gguf":  # the source's own tokenizer fields, copied exactly
+        tok = src
+    elif side_files_from is not None and (side_files_from / "tokenizer.json").is_file():
+        tok = side_files_from
+    else:
+        tok = None
     export_gguf(model, folder / GGUF_NAME, tokenizer_dir=tok, dtype=dtype or torch.float16)
 
 
 @dataclass(frozen=True)
 class Export:
-    """An output layout: its name, its writer ``(model, folder, dtype, side_files_from)``, and whether
+    """An output layout: its name, its writer ``(model, folder, dtype, side_files_from, src)``, and whether
     the streaming path writes it directly."""
 
     name: str
     help: str
-    write: Callable[[object, Path, torch.dtype | None, Path | None], None]
+    write: Callable[[object, Path, torch.dtype | None, Path | None, Path], None]
     streaming: bool = False
     available: Callable[[], bool] = lambda: True
 

@@ -144,7 +144,7 @@ def convert_calibrated(
         if src.suffix.lower() == ".gguf":  # the tokenizer lives inside the GGUF file: save it to go along
             _tokenizer(src).save_pretrained(tok_dir)
             side = Path(tok_dir)
-        export.write(new, folder, written, side)
+        export.write(new, folder, written, side, src)
     for name in ("auto_map",):  # never point a loader at code that was not copied
         _drop_config_key(folder / "config.json", name)
     d_head = cfg.resolved_head_dim
