@@ -63,6 +63,12 @@ def test_per_layer_heads_and_report(source, tmp_path):
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["kv_heads_after"] == [4, 2, 1]
     assert report["layer_errors"][0] == 0.0  # nothing merged in layer 0: exact
+    # the report states the dtype actually written (the source's float32 here), not an assumed one
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        written = f.get_tensor("model.layers.1.self_attn.k_proj.weight").dtype
+    assert report["kv_cache_dtype"] == report["output_dtype"] == str(written).removeprefix("torch.") == "float32"
     assert (out / "tokenizer.json").is_file()
 
 
@@ -169,3 +175,18 @@ def test_decilm_and_gguf_exports_without_calibration(source, tmp_path):
         model = load_gguf(tmp_path / "gguf" / "model.gguf")
     assert model.config.kv_heads_per_layer == [4, 2, 1]
     assert json.loads((tmp_path / "gguf" / "conversion_report.json").read_text())["export"] == "gguf"
+
+
+def test_calibrated_output_dtype_is_what_the_report_says(source, tmp_path):
+    from safetensors import safe_open
+
+    from gqa.convert import convert
+
+    rep = convert(
+        source / "model", tmp_path / "bf16", kv_heads=2, calib=str(source / "calib.txt"), calib_tokens=256,
+        dtype="bfloat16", progress=False,
+    )  # fmt: skip
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.k_proj.weight").dtype == torch.bfloat16
+    assert rep.kv_cache_dtype == rep.output_dtype == "bfloat16"
+    assert rep.kv_cache_bytes_per_token_after == 2 * 3 * 2 * 16 * 2  # K and V x layers x heads x D x bytes
