@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gqa.errors import GQAUserError
+
 __all__ = [
     "Mask",
     "Causal",
@@ -114,7 +116,7 @@ class SlidingWindow(Mask):
 
     def __post_init__(self):
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
-            raise ValueError(f"sliding window must be an integer >= 1, got {self.window!r}; pass e.g. 4096")
+            raise GQAUserError(f"sliding window must be an integer >= 1, got {self.window!r}; pass e.g. 4096")
 
     def materialize(self, q_len, k_len, *, device=None, q_positions=None):
         q_pos, k_pos = _positions(q_len, k_len, device, q_positions)
@@ -131,7 +133,7 @@ class Chunked(Mask):
 
     def __post_init__(self):
         if not isinstance(self.chunk, int) or isinstance(self.chunk, bool) or self.chunk < 1:
-            raise ValueError(f"chunk size must be an integer >= 1, got {self.chunk!r}; pass e.g. 8192")
+            raise GQAUserError(f"chunk size must be an integer >= 1, got {self.chunk!r}; pass e.g. 8192")
 
     def materialize(self, q_len, k_len, *, device=None, q_positions=None):
         q_pos, k_pos = _positions(q_len, k_len, device, q_positions)
@@ -149,22 +151,28 @@ class KeyPadding(Mask):
 
     def __init__(self, lengths: torch.Tensor | None = None, *, valid: torch.Tensor | None = None):
         if (lengths is None) == (valid is None):
-            raise ValueError("key_padding needs exactly one of lengths=[B] ints or valid=[B, Tk] bools")
+            raise GQAUserError("key_padding needs exactly one of lengths=[B] ints or valid=[B, Tk] bools")
         if lengths is not None:
             lengths = torch.as_tensor(lengths)
             if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-                raise ValueError(
+                raise GQAUserError(
                     f"key_padding lengths must be a 1-D integer tensor [B], got {tuple(lengths.shape)} {lengths.dtype}"
                 )
+            if lengths.numel() and int(lengths.min()) < 0:
+                raise GQAUserError(
+                    f"key_padding lengths must be >= 0 (keys 0 .. length-1 are real), got {lengths.tolist()[:8]}"
+                )
         if valid is not None and (valid.dtype != torch.bool or valid.dim() != 2):
-            raise ValueError(f"key_padding valid must be a bool tensor [B, Tk], got {tuple(valid.shape)} {valid.dtype}")
+            raise GQAUserError(
+                f"key_padding valid must be a bool tensor [B, Tk], got {tuple(valid.shape)} {valid.dtype}"
+            )
         self.lengths = lengths
         self.valid = valid
 
     def materialize(self, q_len, k_len, *, device=None, q_positions=None):
         if self.valid is not None:
             if self.valid.shape[1] != k_len:
-                raise ValueError(
+                raise GQAUserError(
                     f"key_padding valid has {self.valid.shape[1]} keys but attention has {k_len}; "
                     "pass a [B, Tk] mask that matches the keys"
                 )
@@ -180,9 +188,9 @@ class Custom(Mask):
 
     def __init__(self, mask: torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
         if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
-            raise TypeError(f"custom mask must be a bool tensor (True = attend), got {mask.dtype}; use mask.bool()")
+            raise GQAUserError(f"custom mask must be a bool tensor (True = attend), got {mask.dtype}; use mask.bool()")
         if not isinstance(mask, torch.Tensor) and not callable(mask):
-            raise TypeError(f"custom mask must be a bool tensor or a callable, got {type(mask).__name__}")
+            raise GQAUserError(f"custom mask must be a bool tensor or a callable, got {type(mask).__name__}")
         self.mask = mask
 
     def materialize(self, q_len, k_len, *, device=None, q_positions=None):
@@ -191,7 +199,7 @@ class Custom(Mask):
         q_pos, k_pos = _positions(q_len, k_len, device, q_positions)
         out = self.mask(q_pos, k_pos)
         if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
-            raise TypeError("custom mask function must return a bool tensor")
+            raise GQAUserError("custom mask function must return a bool tensor")
         return out
 
 
@@ -232,7 +240,7 @@ def _as_mask(m) -> Mask:
         return m
     if isinstance(m, torch.Tensor):
         return Custom(m)
-    raise TypeError(f"cannot compose a mask with {type(m).__name__}; use a gqa.masks mask or a bool tensor")
+    raise GQAUserError(f"cannot compose a mask with {type(m).__name__}; use a gqa.masks mask or a bool tensor")
 
 
 def causal() -> Causal:
@@ -278,7 +286,7 @@ def as_bool_mask(
         return None
     if isinstance(mask, torch.Tensor):
         if mask.dtype != torch.bool:
-            raise TypeError(
+            raise GQAUserError(
                 f"mask must be a bool tensor (True = attend) or a gqa.masks mask, got dtype {mask.dtype}; "
                 "convert an additive float mask with mask == 0"
             )
@@ -286,10 +294,10 @@ def as_bool_mask(
     elif isinstance(mask, Mask):
         m = mask.materialize(q_len, k_len, device=device, q_positions=q_positions)
     else:
-        raise TypeError(f"mask must be a bool tensor or a gqa.masks mask, got {type(mask).__name__}")
+        raise GQAUserError(f"mask must be a bool tensor or a gqa.masks mask, got {type(mask).__name__}")
     m = m.to(device)  # no-op when already there
     if m.dim() > 4:
-        raise ValueError(
+        raise GQAUserError(
             f"mask has {m.dim()} dims; it must broadcast to [B, Hq, Tq, Tk] = [{batch}, {n_heads}, {q_len}, {k_len}]"
         )
     while m.dim() < 4:
@@ -297,7 +305,7 @@ def as_bool_mask(
     want = (batch, n_heads, q_len, k_len)
     for have, need in zip(m.shape, want, strict=True):
         if have not in (1, need):
-            raise ValueError(
+            raise GQAUserError(
                 f"mask shape {tuple(m.shape)} does not broadcast to [B, Hq, Tq, Tk] = {list(want)}; "
                 "give each dim either its full size or 1"
             )

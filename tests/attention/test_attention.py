@@ -7,6 +7,7 @@ import torch
 
 import gqa
 from gqa import masks
+from gqa.errors import GQAUserError
 from gqa.functional import SDPA_MIN_CPU_QUERIES, select_backend
 from gqa.reference import reference_attention
 from helpers import HEAD_CONFIGS, HEAD_IDS, assert_matches_reference
@@ -131,10 +132,24 @@ def test_kv_never_repeated(monkeypatch):
             gqa.attention(q, k, v, mask=mask, backend=backend)
 
 
-def test_grouped_path_reads_kv_without_copy():
-    # q is reshaped to [B, Hkv, g*Tq, D] as a view: no copy of q either.
-    q, _, _ = _qkv(8, 2, 5)
-    assert q.reshape(B, 2, 4 * 5, D).data_ptr() == q.data_ptr()
+def test_grouped_path_multiplies_the_stored_kv_heads(monkeypatch):
+    """The grouped path's two matmuls take K and V as stored (Hkv heads, same memory: no copy, no
+    repeat) and fold the g query heads of each group into the rows of q."""
+    q, k, v = _qkv(8, 2, 5)
+    seen = []
+    real = torch.matmul
+
+    def spy(a, b, *args, **kw):
+        seen.append((tuple(a.shape), tuple(b.shape), b.data_ptr()))
+        return real(a, b, *args, **kw)
+
+    monkeypatch.setattr(torch, "matmul", spy)
+    out = gqa.attention(q, k, v, mask=masks.causal(), backend="grouped")
+    assert len(seen) == 2
+    (qk_a, qk_b, qk_ptr), (pv_a, pv_b, pv_ptr) = seen
+    assert qk_a == (B, 2, 4 * 5, D) and qk_b == (B, 2, D, TK) and qk_ptr == k.data_ptr()
+    assert pv_a == (B, 2, 4 * 5, TK) and pv_b == (B, 2, TK, D) and pv_ptr == v.data_ptr()
+    assert_matches_reference(out, q, k, v, masks.causal())
 
 
 class TestBackendSelection:
@@ -147,9 +162,15 @@ class TestBackendSelection:
         assert select_backend(q, k, v, None) == "sdpa"
         assert select_backend(q, k, v, masks.causal()) == "sdpa"  # Tq == Tk: top-left == bottom-right
 
-    def test_cpu_decode_uses_grouped(self):
-        q, k, v = _qkv(8, 2, 1, tk=64)
-        assert select_backend(q, k, v, masks.causal()) in ("grouped", "kernel")
+    def test_short_cpu_decode_uses_grouped(self):
+        # Below the kernels' thresholds the grouped matmul is as fast (see gqa.kernels.FUSED_MIN_KEYS).
+        from gqa import kernels
+
+        q, k, v = _qkv(8, 2, 1, tk=kernels.FUSED_MIN_KEYS - 1)
+        assert select_backend(q, k, v, masks.causal()) == "grouped"
+        q, k, v = _qkv(8, 2, 1, tk=kernels.CPU_MIN_KEYS)  # every CPU path (fused or torch) takes this one
+        assert select_backend(q, k, v, masks.causal()) == "kernel"
+        assert select_backend(q.double(), k.double(), v.double(), masks.causal()) == "grouped"
 
     def test_masks_never_go_to_sdpa(self):
         # SDPA with an explicit mask falls back to a math path that copies K/V.
@@ -176,3 +197,34 @@ def test_long_query_blocks_are_sliced(monkeypatch):
     sliced = gqa.attention(q, k, v, mask=mask, backend="grouped")
     torch.testing.assert_close(sliced, whole, atol=0, rtol=0)
     assert_matches_reference(sliced, q, k, v, mask)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, float("nan"), float("inf"), "0.1", True])
+def test_bad_scale_is_a_user_error(scale):
+    q, k, v = _qkv(8, 2, 3)
+    for backend in ("auto", "grouped", "sdpa"):
+        with pytest.raises(GQAUserError, match="scale"):
+            gqa.attention(q, k, v, scale=scale, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "grouped", "sdpa"])
+def test_empty_batch_or_queries_give_an_empty_result(backend):
+    for b, tq in ((0, 3), (2, 0)):
+        q, k, v = _qkv(8, 2, tq, b=b)
+        out = gqa.attention(q, k, v, mask=masks.causal(), backend=backend)
+        assert out.shape == (b, 8, tq, D) and out.dtype == q.dtype
+    out, w = gqa.attention(*_qkv(8, 2, 3, b=0), return_weights=True)
+    assert out.shape == (0, 8, 3, D) and w.shape == (0, 8, 3, TK)
+
+
+def test_zero_head_dim_is_a_user_error():
+    q, k, v = _qkv(8, 2, 3, d=0)
+    with pytest.raises(GQAUserError, match="head_dim is 0"):
+        gqa.attention(q, k, v)
+
+
+def test_no_keys_gives_zero_rows():
+    q, k, v = _qkv(8, 2, 3, tk=0)
+    for backend in ("auto", "grouped"):
+        out = gqa.attention(q, k, v, backend=backend)
+        assert out.shape == (B, 8, 3, D) and torch.equal(out, torch.zeros_like(out))

@@ -89,7 +89,14 @@ def test_decode_attention_lengths_heads(hq, hkv, tq, cpu_path):
 
 @pytest.mark.parametrize(
     "causal,window,chunk",
-    [(True, 100, None), (True, None, 128), (True, 200, 256), (False, None, 128), (False, 50, None), (False, None, None)],
+    [
+        (True, 100, None),
+        (True, None, 128),
+        (True, 200, 256),
+        (False, None, 128),
+        (False, 50, None),
+        (False, None, None),
+    ],
 )
 @pytest.mark.parametrize("tq", [1, 7])
 def test_decode_attention_masks_skip_invisible_keys(causal, window, chunk, tq, cpu_path):

@@ -102,6 +102,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> bo
         return False
     if q.device.type != "cpu":
         return True
+    if q.dtype not in _CPU_DTYPES:
+        return False  # fp16/fp64 on CPU: the kernels would compute on a widened copy; grouped does too
     return k.shape[2] >= (FUSED_MIN_KEYS if _fused_ok(q.dtype, plan) else CPU_MIN_KEYS)
 
 
@@ -114,7 +116,7 @@ def _can_run(q, k, v, mask) -> _MaskPlan | None:
     if plan is None:
         return None
     if q.device.type == "cpu":
-        return plan if q.dtype in _CPU_DTYPES else None
+        return plan  # any float dtype: fp16 computes in fp32, fp64 in fp64
     if _triton_ready(q.device) and q.dtype in _CUDA_DTYPES and q.shape[3] <= TRITON_MAX_HEAD_DIM and not plan.rest:
         return plan
     return None
@@ -133,8 +135,9 @@ def attention(q, k, v, *, mask=None, scale=None):
     q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``; query token t sits at ``Tk - Tq + t`` (bottom-right).
     Query head h uses KV head ``h // g``. Runs for 1 <= Tq <= min(16, Tk) without autograd: on CUDA
     (Triton) for fp16/bf16/fp32, head_dim <= 256 and masks made of causal, sliding-window, chunked and
-    key-padding-lengths parts; on CPU for fp32/bf16 and any mask (the fused kernel for the mask parts
-    above, the torch split-KV path for any other). Raises GQAUserError otherwise.
+    key-padding-lengths parts; on CPU for any float dtype and any mask (the fused kernel for fp32/bf16
+    and the mask parts above, the torch split-KV path for any other; fp16 computes in fp32, fp64 in
+    fp64). Raises GQAUserError otherwise.
     """
     plan = _can_run(q, k, v, mask)
     if plan is None:
@@ -152,6 +155,8 @@ def attention(q, k, v, *, mask=None, scale=None):
     q_pos0 = torch.full((b,), tk - tq, dtype=torch.int32, device=q.device)
     kw = dict(scale=scale, causal=plan.causal, window=plan.window, chunk=plan.chunk)
     if q.device.type == "cpu":
+        if q.dtype == torch.float16 and _fused_ok(torch.float32, plan):  # fp16: the fp32 kernel, widened K/V
+            return cpu_fused.fused_decode(q, k.float(), v.float(), kv_lens, q_pos0, **kw).to(q.dtype)
         if _fused_ok(q.dtype, plan):
             return cpu_fused.fused_decode(q, k, v, kv_lens, q_pos0, **kw)
         from gqa.kernels.cpu import split_kv_decode_cpu
