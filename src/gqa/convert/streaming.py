@@ -185,10 +185,9 @@ def _safetensors_source(folder: Path) -> Source:
 
 
 def _gguf_source(path: Path) -> Source:
-    try:
-        import gguf
-    except ImportError:
-        raise GQAUserError("GGUF input needs the gguf package: pip install 'gqa[gguf]'") from None
+    from gqa.optional import require
+
+    gguf = require("gguf")  # a one-line error naming the install command when it is missing
     try:  # parse the header and tensor table ourselves first: a clear error for a truncated file
         gguf.GGUFReader(str(path))
     except Exception as e:
