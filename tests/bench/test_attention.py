@@ -116,3 +116,43 @@ def test_cli_bad_input_is_one_line(args, match, tmp_path):
     assert result.exit_code == 2
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and match in lines[0], result.output
+
+
+def test_cpu_decode_cli_writes_results_with_provenance_and_goals(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "CPU_DECODE_CASES", (("tiny B=2 S=1k", 2, 1024),))
+    threads_before = torch.get_num_threads()
+    result = runner.invoke(
+        app, ["bench", "cpu-decode", "--rounds", "2", "--threads", "1", "--out", str(tmp_path), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == threads_before  # restored
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 3 and all(f.startswith("cpu-decode-") for f in files), files
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    prov = data["provenance"]
+    for key in ("date", "command", "git_commit", "machine", "versions", "loadavg_before", "loadavg_after", "compiler"):
+        assert prov[key] not in (None, "", []), key
+    assert prov["dtype"] == "float32,bfloat16" and prov["torch_threads"] == 1
+    assert [(r["dtype"], r["case"]) for r in data["rows"]] == [
+        ("float32", "tiny B=2 S=1k"),
+        ("bfloat16", "tiny B=2 S=1k"),
+    ]
+    for row in data["rows"]:
+        assert row["read_gbps"] > 0 and row["copy_gbps"] > 0
+        assert {"gqa torch split-KV (previous path)", "grouped matmul", "sdpa enable_gqa"} <= set(row["peers"])
+        for name, m in row["peers"].items():
+            assert m["best_s"] <= m["median_s"] and m["gbps"] > 0, name
+            # every peer computed the same attention (bf16: the grouped matmul rounds P to bf16)
+            assert m["max_abs_diff_to_grouped_matmul"] < (2e-2 if row["dtype"] == "bfloat16" else 1e-4), name
+        if "gqa fused C++" in row["peers"]:
+            assert set(row["goals_met"]) == {"of_read_bw", "x_grouped_matmul", "x_sdpa_enable_gqa"}
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert "## Goals" in md and "load average" in md
+
+
+def test_cpu_decode_bad_input_is_one_line(tmp_path):
+    for args, match in ((["--dtypes", "float16"], "unknown dtype"), (["--rounds", "0"], "--rounds must be >= 1")):
+        result = runner.invoke(app, ["bench", "cpu-decode", *args, "--out", str(tmp_path)])
+        assert result.exit_code == 2
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and match in lines[0], result.output

@@ -28,14 +28,25 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from gqa.errors import GQAUserError
 from gqa.provenance import cpu_name, git_commit
 
-__all__ = ["Case", "cases_for", "run_attention_bench", "write_results", "MODES"]
+__all__ = [
+    "Case",
+    "cases_for",
+    "run_attention_bench",
+    "write_results",
+    "MODES",
+    "run_cpu_decode_bench",
+    "write_cpu_decode_results",
+    "CPU_DECODE_CASES",
+]
 
 MODES = ("quick", "default", "full")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,7 +87,7 @@ def cases_for(mode: str, device: str) -> list[Case]:
     that runs in a few minutes on two cores; ``quick`` is a smoke test.
     """
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        raise GQAUserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     variants = (("GQA", 8), ("MQA", 1), ("MHA", 32))
     if mode == "quick":
         return [_case("GQA", 8, 1, 4096), _case("GQA", 8, 1, 8192, window=4096)]
@@ -268,16 +279,16 @@ def run_attention_bench(
     import gqa
 
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+        raise GQAUserError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
     if device not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; choose cpu or cuda")
+        raise GQAUserError(f"unknown device {device!r}; choose cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda needs a CUDA GPU and a CUDA build of torch; this machine has none")
+        raise GQAUserError("--device cuda needs a CUDA GPU and a CUDA build of torch; this machine has none")
     dev = torch.device(device)
     torch_dtype = _DTYPES[dtype]
     if threads is not None:
         if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
+            raise GQAUserError(f"--threads must be >= 1, got {threads}")
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -521,7 +532,7 @@ def write_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
     then rename)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"--out {out_dir} is a file; pass a directory")
+        raise GQAUserError(f"--out {out_dir} is a file; pass a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     p = results["provenance"]
     stem = f"{machine_slug(p)}-{p['date'][:10]}"
@@ -558,3 +569,268 @@ def summary_rows(results: dict) -> list[tuple]:
             )
         )
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The CPU decode comparison (issue 11): the fused kernel against the machine's read bandwidth and
+# the torch alternatives, fp32 and bf16, in one run.
+
+#: (name, batch, cached tokens) at 32 query / 8 KV heads, head_dim 128 (a Llama-3-8B-like layer).
+CPU_DECODE_CASES = (("B=1 S=32k", 1, 32768), ("B=4 S=8k", 4, 8192))
+#: The issue's goals (measurements, not tests): fused GB/s over read bandwidth, speedups over peers.
+CPU_DECODE_GOALS = {"of_read_bw": 0.60, "x_grouped_matmul": 1.3, "x_sdpa_enable_gqa": 2.0}
+CPU_DECODE_PEERS = (
+    "gqa fused C++",
+    "gqa torch split-KV (previous path)",
+    "grouped matmul",
+    "sdpa enable_gqa",
+)
+
+
+def _cpu_decode_peers(q, k, v) -> dict:
+    """name -> zero-argument callable: one decode step (the query at the last position, every key visible)."""
+    from gqa.kernels import cpu_fused
+    from gqa.kernels.cpu import split_kv_decode_cpu
+
+    b, hq, _, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = hq // hkv
+    lens = torch.full((b,), s, dtype=torch.int32)
+    scale = d**-0.5
+
+    def fused():
+        return cpu_fused.fused_decode(q, k, v, lens, lens - 1, scale=scale, causal=True, window=None, chunk=None)
+
+    def previous():
+        return split_kv_decode_cpu(q, k, v, lens, lens - 1, scale=scale, causal=True, window=None, chunk=None)
+
+    def grouped_matmul():  # the three lines of torch the issue measures against
+        scores = (q.view(b, hkv, g, d) @ k.transpose(-1, -2)) * scale  # (B, Hkv, g, S)
+        return (torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v).view(b, hq, 1, d)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    peers = dict(zip(CPU_DECODE_PEERS, (fused, previous, grouped_matmul, sdpa), strict=True))
+    if not cpu_fused.available():
+        del peers["gqa fused C++"]
+    return peers
+
+
+def _time_once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_cpu_decode_bench(
+    *,
+    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    cases: tuple | None = None,
+    rounds: int = 7,
+    threads: int | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict:
+    """Time one decode step of every peer, fp32 and bf16, at the issue's cases, against a streaming read
+    (``sum``) and copy of as many bytes, all in one run.
+
+    The peers run round-robin ``rounds`` times (one call each per round), so a burst of load on a shared
+    machine hits them alike; GB/s comes from each peer's best round (best-of), and the medians are kept
+    too. The KV cache of each case (>= 128 MiB) is several times the last-level cache, so every call
+    reads from memory. Threads: ``threads`` or torch's default, restored afterwards.
+    """
+    import subprocess
+
+    from tqdm import tqdm
+
+    from gqa.kernels import cpu_fused
+    from gqa.provenance import provenance as base_provenance
+
+    for name in dtypes:
+        if name not in ("float32", "bfloat16"):
+            raise GQAUserError(f"unknown dtype {name!r} for the CPU decode benchmark; choose float32 and/or bfloat16")
+    if rounds < 1:
+        raise GQAUserError(f"--rounds must be >= 1, got {rounds}")
+    if threads is not None and threads < 1:
+        raise GQAUserError(f"--threads must be >= 1, got {threads}")
+    cases = CPU_DECODE_CASES if cases is None else cases
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        fused_status = cpu_fused.status()  # builds the kernel first, outside any timing
+        load_before = os.getloadavg()
+        rows = []
+        bar = tqdm(total=len(dtypes) * len(cases), desc="bench cpu-decode", disable=not progress, file=sys.stderr)
+        for dtype_name in dtypes:
+            dtype = _DTYPES[dtype_name]
+            for case_name, batch, seq in cases:
+                bar.set_postfix_str(f"{dtype_name} {case_name}")
+                gen = torch.Generator().manual_seed(0)
+                q = torch.randn(batch, 32, 1, 128, generator=gen).to(dtype)
+                k = torch.randn(batch, 8, seq, 128, generator=gen).to(dtype)
+                v = torch.randn(batch, 8, seq, 128, generator=gen).to(dtype)
+                kv_bytes = 2 * k.numel() * k.element_size()
+                src = torch.randn(kv_bytes // 4, generator=gen)  # as many bytes as the KV cache, fp32
+                dst = torch.empty_like(src)
+                peers = _cpu_decode_peers(q, k, v)
+                yardstick = peers["grouped matmul"]().float()
+                errors = {name: float((fn().float() - yardstick).abs().max()) for name, fn in peers.items()}
+                timed = {"read (sum)": src.sum, "copy": partial(dst.copy_, src), **peers}
+                times: dict[str, list[float]] = {name: [] for name in timed}
+                for _ in range(rounds):
+                    for name, fn in timed.items():
+                        times[name].append(_time_once(fn))
+                best = {name: min(ts) for name, ts in times.items()}
+                read_gbps = kv_bytes / best["read (sum)"] / 1e9
+                row = {
+                    "dtype": dtype_name,
+                    "case": case_name,
+                    "batch": batch,
+                    "seq": seq,
+                    "n_heads": 32,
+                    "n_kv_heads": 8,
+                    "head_dim": 128,
+                    "kv_bytes": kv_bytes,
+                    "read_gbps": read_gbps,
+                    "copy_gbps": 2 * kv_bytes / best["copy"] / 1e9,
+                    "peers": {},
+                }
+                for name in peers:
+                    row["peers"][name] = {
+                        "best_s": best[name],
+                        "median_s": sorted(times[name])[len(times[name]) // 2],
+                        "gbps": kv_bytes / best[name] / 1e9,
+                        "of_read_bw": kv_bytes / best[name] / 1e9 / read_gbps,
+                        "max_abs_diff_to_grouped_matmul": errors[name],
+                    }
+                fused = row["peers"].get("gqa fused C++")
+                if fused:
+                    ratios = {
+                        "of_read_bw": fused["of_read_bw"],
+                        "x_grouped_matmul": best["grouped matmul"] / best["gqa fused C++"],
+                        "x_sdpa_enable_gqa": best["sdpa enable_gqa"] / best["gqa fused C++"],
+                        "x_previous_path": best["gqa torch split-KV (previous path)"] / best["gqa fused C++"],
+                    }
+                    row["fused_ratios"] = ratios
+                    row["goals_met"] = {key: ratios[key] >= goal for key, goal in CPU_DECODE_GOALS.items()}
+                rows.append(row)
+                del q, k, v, src, dst, peers, timed, yardstick
+                bar.update(1)
+        bar.close()
+        prov = base_provenance(command=command, dtype=",".join(dtypes))
+        try:
+            compiler = subprocess.run(["c++", "--version"], capture_output=True, text=True, timeout=10).stdout
+            compiler = compiler.splitlines()[0] if compiler else "unknown"
+        except (OSError, subprocess.SubprocessError):
+            compiler = "none found"
+        prov |= {
+            "cpu": cpu_name(),
+            "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_before": list(load_before),
+            "loadavg_after": list(os.getloadavg()),
+            "fused_kernel": fused_status,
+            "compiler": compiler,
+            "cflags": " ".join(cpu_fused.CFLAGS),
+            "rounds": rounds,
+        }
+        return {"provenance": prov, "goals": dict(CPU_DECODE_GOALS), "rows": rows}
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def cpu_decode_markdown(results: dict) -> str:
+    from gqa.provenance import provenance_markdown
+
+    p = results["provenance"]
+    goals = results["goals"]
+    lines = [
+        "# CPU decode attention: the fused C++ kernel against the read bandwidth and torch",
+        "",
+        provenance_markdown(p).rstrip(),
+        f"- CPU: {p['cpu']}, {p['cpu_cores']} cores, torch threads {p['torch_threads']}; compiler: {p['compiler']} "
+        f"(`{p['cflags']}`); fused kernel: {p['fused_kernel']}",
+        f"- load average (1/5/15 min) before: {', '.join(f'{x:.2f}' for x in p['loadavg_before'])}; after: "
+        f"{', '.join(f'{x:.2f}' for x in p['loadavg_after'])} (on {p['cpu_cores']} cores, shared with other work)",
+        f"- method: one decode step (Tq = 1, 32 q / 8 KV heads, D = 128); every peer and a streaming read "
+        f"(`sum`) and copy of as many bytes run round-robin {p['rounds']} times; GB/s = KV bytes / best "
+        "round. KV caches are >= 128 MiB, several times the last-level cache.",
+        f"- goals (issue 11, measurements): fused >= {goals['of_read_bw']:.0%} of read bandwidth, >= "
+        f"{goals['x_grouped_matmul']}x the grouped matmul, >= {goals['x_sdpa_enable_gqa']}x SDPA enable_gqa",
+        "",
+        "| dtype | case | read GB/s | implementation | best | median | GB/s | of read BW | fused speedup |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["rows"]:
+        fused = r["peers"].get("gqa fused C++")
+        for name, m in r["peers"].items():
+            speedup = f"{m['best_s'] / fused['best_s']:.2f}x" if fused and name != "gqa fused C++" else ""
+            lines.append(
+                f"| {r['dtype']} | {r['case']} | {r['read_gbps']:.1f} | {name} | {_fmt_time(m['best_s'])} | "
+                f"{_fmt_time(m['median_s'])} | {m['gbps']:.1f} | {m['of_read_bw']:.0%} | {speedup} |"
+            )
+    lines += ["", "## Goals", "", "| dtype | case | of read BW | x grouped matmul | x SDPA enable_gqa | x previous |"]
+    lines.append("|---|---|---:|---:|---:|---:|")
+    for r in results["rows"]:
+        if "fused_ratios" not in r:
+            lines.append(f"| {r['dtype']} | {r['case']} | fused kernel not available | | | |")
+            continue
+        f, met = r["fused_ratios"], r["goals_met"]
+        cells = [
+            f"{f['of_read_bw']:.0%}",
+            f"{f['x_grouped_matmul']:.2f}x",
+            f"{f['x_sdpa_enable_gqa']:.2f}x",
+        ]
+        cells = [f"{c} {'(met)' if met[key] else '(NOT met)'}" for c, key in zip(cells, CPU_DECODE_GOALS, strict=True)]
+        lines.append(f"| {r['dtype']} | {r['case']} | {' | '.join(cells)} | {f['x_previous_path']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def cpu_decode_plot(results: dict, path: Path) -> None:
+    """Grouped bars: GB/s of each implementation per (dtype, case), the read bandwidth as a marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    names = [n for n in CPU_DECODE_PEERS if any(n in r["peers"] for r in rows)]
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    width = 0.8 / (len(names) + 1)
+    xs = range(len(rows))
+    ax.bar([x for x in xs], [r["read_gbps"] for r in rows], width, color="lightgrey", label="read bandwidth (sum)")
+    for i, name in enumerate(names, start=1):
+        vals = [r["peers"][name]["gbps"] if name in r["peers"] else 0.0 for r in rows]
+        ax.bar([x + i * width for x in xs], vals, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in xs], [f"{r['dtype']}\n{r['case']}" for r in rows])
+    ax.set_ylabel("GB/s of KV cache read (best round)")
+    p = results["provenance"]
+    ax.set_title(
+        f"CPU decode attention, 32 q / 8 KV heads, D = 128 — {p['cpu']}, {p['torch_threads']} threads, "
+        f"load {p['loadavg_before'][0]:.1f} -> {p['loadavg_after'][0]:.1f}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_cpu_decode_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
+    """``cpu-decode-<machine>-<date>.{json,md,png}`` under ``out_dir`` (each written to a temp file, then renamed)."""
+    from gqa.atomic import atomic_file, write_json_atomic, write_text_atomic
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GQAUserError(f"--out {out_dir} is a file; pass a directory")
+    p = results["provenance"]
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{p['cpu']}-{p['cpu_cores']}c".lower()).strip("-")
+    stem = f"cpu-decode-{slug}-{p['date'][:10]}"
+    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png")}
+    write_json_atomic(paths["json"], results)
+    write_text_atomic(paths["md"], cpu_decode_markdown(results))
+    with atomic_file(paths["png"]) as tmp:
+        cpu_decode_plot(results, tmp)
+    return paths

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from gqa.cli.common import console, user_errors
+from gqa.errors import GQAUserError
 
 bench_app = typer.Typer(
     name="bench",
@@ -45,9 +46,9 @@ def attention(
     from gqa.bench.attention import run_attention_bench, summary_rows, write_results
 
     if quick and full:
-        raise ValueError("pass at most one of --quick and --full")
+        raise GQAUserError("pass at most one of --quick and --full")
     if max_iters < 1 or (min_time is not None and min_time < 0):
-        raise ValueError("--max-iters must be >= 1 and --min-time >= 0")
+        raise GQAUserError("--max-iters must be >= 1 and --min-time >= 0")
     mode = "quick" if quick else "full" if full else "default"
     command = f"gqa bench attention --device {device} --dtype {dtype}" + (f" --{mode}" if mode != "default" else "")
     command += "" if flex else " --no-flex"
@@ -81,6 +82,50 @@ def attention(
         table.add_column(col, justify="left" if col in ("case", "fastest peer") else "right")
     for name, peer, ratio, gbps, frac in summary_rows(results):
         table.add_row(name, peer, f"{ratio:.2f}x", f"{gbps:.1f}", f"{frac:.0%}")
+    console.print(table)
+    console.print(f"results: {paths['md']}, {paths['json']}, {paths['png']}")
+
+
+@bench_app.command("cpu-decode")
+@user_errors
+def cpu_decode(
+    dtypes: str = typer.Option("float32,bfloat16", help="Comma-separated: float32 and/or bfloat16."),
+    rounds: int = typer.Option(7, help="Round-robin rounds over the peers; GB/s from each peer's best round."),
+    threads: int | None = typer.Option(None, help="CPU threads (default: torch's)."),
+    out: Annotated[Path, typer.Option(help="Directory for the results (.json, .md, .png).")] = Path(DEFAULT_RESULTS),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+) -> None:
+    """CPU decode attention (issue 11): the fused C++ kernel vs read bandwidth, grouped matmul, SDPA, previous path."""
+    from gqa.bench.attention import run_cpu_decode_bench, write_cpu_decode_results
+
+    names = tuple(d.strip() for d in dtypes.split(",") if d.strip())
+    command = f"gqa bench cpu-decode --dtypes {','.join(names)} --rounds {rounds}"
+    command += (f" --threads {threads}" if threads is not None else "") + f" --out {out}"
+    results = run_cpu_decode_bench(dtypes=names, rounds=rounds, threads=threads, progress=not as_json, command=command)
+    paths = write_cpu_decode_results(results, out)
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title="CPU decode attention: the fused kernel's ratios (goals: >= 60% read BW, 1.3x, 2x)")
+    for col in ("dtype", "case", "fused GB/s", "of read BW", "x grouped matmul", "x SDPA", "x previous"):
+        table.add_column(col, justify="left" if col in ("dtype", "case") else "right")
+    for r in results["rows"]:
+        f = r.get("fused_ratios")
+        if f is None:
+            table.add_row(r["dtype"], r["case"], "fused kernel not available", "", "", "", "")
+            continue
+        fused = r["peers"]["gqa fused C++"]
+        table.add_row(
+            r["dtype"],
+            r["case"],
+            f"{fused['gbps']:.1f}",
+            f"{f['of_read_bw']:.0%}",
+            f"{f['x_grouped_matmul']:.2f}x",
+            f"{f['x_sdpa_enable_gqa']:.2f}x",
+            f"{f['x_previous_path']:.2f}x",
+        )
     console.print(table)
     console.print(f"results: {paths['md']}, {paths['json']}, {paths['png']}")
 
