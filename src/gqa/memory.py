@@ -13,26 +13,36 @@ Reads transformers ``config.json`` files (nested ``text_config`` too), model fol
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+
+from gqa.errors import GQAUserError
+from gqa.model.config import LIMITS, check_int, check_kv_heads
+from gqa.units import element_size
+from gqa.units import kv_bytes_per_token as _kv_bytes
 
 __all__ = ["KVShape", "DTYPE_BYTES", "load_kv_shape", "kv_shape_from_dict", "kv_bytes_per_token", "memory_report"]
 
 GiB = 2**30
 KiB = 2**10
 
-#: Bytes per cached element for the dtypes a KV cache is commonly kept in.
-DTYPE_BYTES = {
-    "float32": 4,
-    "fp32": 4,
-    "float16": 2,
-    "fp16": 2,
-    "bfloat16": 2,
-    "bf16": 2,
-    "float8": 1,
-    "fp8": 1,
-    "int8": 1,
+#: Element types a KV cache is commonly kept in -> torch dtype (sizes come from :mod:`gqa.units`).
+KV_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float8": torch.float8_e4m3fn,
+    "fp8": torch.float8_e4m3fn,
+    "int8": torch.int8,
 }
+#: Bytes per cached element, by name (kept for callers of the old name).
+DTYPE_BYTES = {name: element_size(dt) for name, dt in KV_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -61,86 +71,150 @@ class KVShape:
         return "per layer " + ",".join(str(h) for h in heads)
 
 
-def _dtype_bytes(dtype: str) -> int:
-    key = str(dtype).replace("torch.", "").lower()
-    if key not in DTYPE_BYTES:
-        raise ValueError(f"unknown KV dtype {dtype!r}; choose one of {', '.join(sorted(DTYPE_BYTES))}")
-    return DTYPE_BYTES[key]
+def _kv_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).strip().removeprefix("torch.").lower()
+    if key not in KV_DTYPES:
+        raise GQAUserError(f"unknown KV dtype {dtype!r}; choose one of {', '.join(KV_DTYPES)}")
+    return KV_DTYPES[key]
 
 
 def kv_bytes_per_token(shape: KVShape, dtype: str = "bfloat16") -> int:
     """KV bytes one token of one sequence takes: sum over layers of 2 x Hkv x head_dim x element size."""
-    elem = _dtype_bytes(dtype)
-    return sum(2 * h * shape.head_dim * elem for h in shape.kv_heads_per_layer)
+    return _kv_bytes(shape.kv_heads_per_layer, shape.head_dim, _kv_dtype(dtype))
+
+
+def _get(cfg: dict, key: str):
+    if cfg.get(key) is None:
+        raise GQAUserError(
+            f"config has no {key!r}; give a transformers decoder config with num_attention_heads, "
+            "num_hidden_layers and hidden_size"
+        )
+    return cfg[key]
+
+
+def _positive(cfg: dict, key: str, limit_name: str, *, optional: bool = False):
+    val = cfg.get(key)
+    if val is None and optional:
+        return None
+    return check_int(limit_name, _get(cfg, key) if val is None else val, field=key)
 
 
 def kv_shape_from_dict(cfg: dict, name: str = "model") -> KVShape:
-    """A transformers ``config.json`` dict (or a gqa ``GQAConfig`` dict) -> :class:`KVShape`."""
+    """A transformers ``config.json`` dict (or a gqa ``GQAConfig`` dict) -> :class:`KVShape`.
+
+    Every integer is validated (positive, bounded, KV heads dividing the query heads) by
+    :func:`gqa.model.config.check_int` before anything is enumerated; bad values are one-line
+    :class:`GQAUserError` naming the field.
+    """
+    if not isinstance(cfg, dict):
+        raise GQAUserError(f"a config is a JSON object, got a {type(cfg).__name__}; pass the model's config.json")
     if "n_heads" in cfg and "d_model" in cfg:  # gqa's own GQAConfig
-        n_heads, layers = int(cfg["n_heads"]), int(cfg["n_layers"])
-        kv = cfg.get("n_kv_heads", n_heads)
-        heads = list(kv) if isinstance(kv, list) else [int(kv)] * layers
-        head_dim = cfg.get("head_dim") or cfg["d_model"] // n_heads
-        return KVShape(name, n_heads, tuple(heads), int(head_dim), cfg.get("max_seq_len"))
+        from gqa.model.config import GQAConfig
+
+        c = GQAConfig.from_dict(cfg)
+        return KVShape(name, c.n_heads, tuple(c.kv_heads_per_layer), c.resolved_head_dim, c.max_seq_len)
     if "num_attention_heads" not in cfg and isinstance(cfg.get("text_config"), dict):
         cfg = cfg["text_config"]  # multimodal configs nest the language model's
-    try:
-        n_heads = int(cfg["num_attention_heads"])
-        layers = int(cfg["num_hidden_layers"])
-        hidden = int(cfg["hidden_size"])
-    except KeyError as e:
-        raise ValueError(
-            f"config has no {e.args[0]!r}; give a transformers decoder config with num_attention_heads, "
-            "num_hidden_layers and hidden_size"
-        ) from None
-    head_dim = int(cfg.get("head_dim") or hidden // n_heads)
-    n_kv = int(cfg.get("num_key_value_heads") or n_heads)
-    heads = [n_kv] * layers
-    if isinstance(cfg.get("num_key_value_heads"), list):  # some configs list one entry per layer
-        heads = [int(h) for h in cfg["num_key_value_heads"]]
-    per_layer = cfg.get("per_layer_config")
-    if isinstance(per_layer, dict):
-        heads = [
-            int(per_layer.get(str(i), per_layer.get(i, {})).get("num_key_value_heads", heads[i])) for i in range(layers)
-        ]
+    n_heads = _positive(cfg, "num_attention_heads", "n_heads")
+    layers = _positive(cfg, "num_hidden_layers", "n_layers")
+    head_dim = _positive(cfg, "head_dim", "head_dim", optional=True)
+    if head_dim is None:
+        hidden = _positive(cfg, "hidden_size", "d_model")
+        if hidden % n_heads:
+            raise GQAUserError(
+                f"hidden_size={hidden} is not divisible by num_attention_heads={n_heads} and there is no head_dim; "
+                "fix the config"
+            )
+        head_dim = hidden // n_heads
+    kv_field = cfg.get("num_key_value_heads")
+    if isinstance(kv_field, list):  # some configs list one entry per layer
+        if len(kv_field) != layers:
+            raise GQAUserError(
+                f"num_key_value_heads lists {len(kv_field)} layers but num_hidden_layers is {layers}; fix the config"
+            )
+        heads = [check_int("n_kv_heads", h, minimum=0, field="num_key_value_heads") for h in kv_field]
+    else:
+        n_kv = n_heads if kv_field is None else check_int("n_kv_heads", kv_field, field="num_key_value_heads")
+        heads = [n_kv] * layers
+    if cfg.get("per_layer_config") is not None:
+        from gqa.model.hf import per_layer_kv_heads
+
+        heads = per_layer_kv_heads(cfg, layers, heads[0])
     blocks = cfg.get("block_configs")
-    if isinstance(blocks, list) and blocks:  # DeciLM / Nemotron-NAS
-        heads = []
-        for block in blocks:
-            attn = block.get("attention", {})
-            if attn.get("no_op") or attn.get("replace_with_linear"):
-                heads.append(0)  # no attention in this block, so no cache
-            else:
-                heads.append(n_heads // int(attn.get("n_heads_in_group") or 1))
-    if len(heads) != layers:
-        raise ValueError(f"config lists KV heads for {len(heads)} layers but num_hidden_layers is {layers}")
-    max_ctx = cfg.get("max_position_embeddings") or cfg.get("seq_length")
-    return KVShape(name, n_heads, tuple(heads), head_dim, int(max_ctx) if max_ctx else None)
+    if blocks is not None:  # DeciLM / Nemotron-NAS
+        heads = _decilm_heads(blocks, n_heads, layers)
+    check_kv_heads(n_heads, heads, field="num_key_value_heads", allow_zero=True)
+    max_ctx = cfg.get("max_position_embeddings")
+    if max_ctx is None:
+        max_ctx = cfg.get("seq_length")
+    if max_ctx is not None:
+        max_ctx = check_int("max_seq_len", max_ctx, field="max_position_embeddings")
+    return KVShape(name, n_heads, tuple(heads), head_dim, max_ctx)
+
+
+def _decilm_heads(blocks, n_heads: int, layers: int) -> list[int]:
+    if not isinstance(blocks, list) or len(blocks) != layers:
+        got = len(blocks) if isinstance(blocks, list) else type(blocks).__name__
+        raise GQAUserError(f"block_configs must list one block per layer ({layers}), got {got}; fix the config")
+    heads = []
+    for i, block in enumerate(blocks):
+        attn = block.get("attention", {}) if isinstance(block, dict) else None
+        if not isinstance(attn, dict):
+            raise GQAUserError(f"block_configs[{i}].attention must be an object; fix the config")
+        if attn.get("no_op") or attn.get("replace_with_linear"):
+            heads.append(0)  # no attention in this block, so no cache
+            continue
+        group = attn.get("n_heads_in_group")
+        group = 1 if group is None else check_int("n_heads", group, field=f"block_configs[{i}].n_heads_in_group")
+        if n_heads % group:
+            raise GQAUserError(
+                f"block_configs[{i}].n_heads_in_group={group} does not divide the {n_heads} query heads; fix the config"
+            )
+        heads.append(n_heads // group)
+    return heads
 
 
 def _kv_shape_from_gguf(path: Path) -> KVShape:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise GQAUserError("GGUF files need the gguf package; install it with: pip install 'gqa[gguf]'") from None
+    try:
+        reader = GGUFReader(str(path))
+        fields = reader.fields
+        arch = bytes(fields["general.architecture"].parts[-1]).decode()
+    except Exception as e:  # gguf raises ValueError/KeyError/struct/numpy errors for cut or garbled files
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise GQAUserError(f"cannot read {path.name} as GGUF ({reason}); the file is truncated or not GGUF") from None
 
     def field(key):
-        f = reader.fields.get(key)
-        if f is None:
+        f = fields.get(key)
+        if f is None or not f.data:
             return None
-        val = f.parts[f.data[0]]
+        val = f.parts[f.data[0]] if len(f.data) == 1 else [f.parts[i][0] for i in f.data]
+        if isinstance(val, list):
+            return [v.item() for v in val]
         return val.tolist() if len(val) > 1 else val[0].item()
 
-    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    n_heads = field(f"{arch}.attention.head_count")
-    layers = field(f"{arch}.block_count")
-    hidden = field(f"{arch}.embedding_length")
-    if n_heads is None or layers is None or hidden is None:
-        raise ValueError(f"{path} lacks {arch}.attention.head_count / block_count metadata; is it a decoder model?")
-    kv = field(f"{arch}.attention.head_count_kv") or n_heads
-    heads = [int(h) for h in kv] if isinstance(kv, list) else [int(kv)] * int(layers)
-    head_dim = field(f"{arch}.attention.key_length") or int(hidden) // int(n_heads)
-    ctx = field(f"{arch}.context_length")
-    return KVShape(path.name, int(n_heads), tuple(heads), int(head_dim), int(ctx) if ctx else None)
+    cfg = {
+        "num_attention_heads": field(f"{arch}.attention.head_count"),
+        "num_hidden_layers": field(f"{arch}.block_count"),
+        "hidden_size": field(f"{arch}.embedding_length"),
+        "head_dim": field(f"{arch}.attention.key_length"),
+        "max_position_embeddings": field(f"{arch}.context_length"),
+    }
+    if cfg["num_attention_heads"] is None or cfg["num_hidden_layers"] is None:
+        raise GQAUserError(
+            f"{path.name} lacks {arch}.attention.head_count / block_count metadata; is it a decoder model?"
+        )
+    kv = field(f"{arch}.attention.head_count_kv")
+    if kv is not None:
+        cfg["num_key_value_heads"] = kv
+    if isinstance(cfg["num_attention_heads"], list):  # per-layer query heads: sized by the largest
+        cfg["num_attention_heads"] = max(cfg["num_attention_heads"])
+    return kv_shape_from_dict({k: v for k, v in cfg.items() if v is not None}, path.name)
 
 
 def load_kv_shape(source: str | Path | dict) -> KVShape:
@@ -149,12 +223,12 @@ def load_kv_shape(source: str | Path | dict) -> KVShape:
         return kv_shape_from_dict(source)
     path = Path(source).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass a config.json, a model folder or a .gguf file")
+        raise GQAUserError(f"{path} does not exist; pass a config.json, a model folder or a .gguf file")
     if path.is_dir():
         for name in ("config.json", "gqa_config.json"):
             if (path / name).is_file():
                 return kv_shape_from_dict(_read_json(path / name), path.name)
-        raise FileNotFoundError(f"{path} has no config.json; pass a model folder or the config file itself")
+        raise GQAUserError(f"{path} has no config.json; pass a model folder or the config file itself")
     if path.suffix == ".gguf":
         return _kv_shape_from_gguf(path)
     return kv_shape_from_dict(_read_json(path), path.parent.name if path.name == "config.json" else path.stem)
@@ -162,17 +236,21 @@ def load_kv_shape(source: str | Path | dict) -> KVShape:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a JSON config ({str(e).splitlines()[0]})") from None
+        raise GQAUserError(
+            f"{path} is not a JSON config ({str(e).splitlines()[0]}); pass the model's config.json"
+        ) from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a config object")
+        raise GQAUserError(
+            f"{path} holds a JSON {type(data).__name__}, not a config object; pass the model's config.json"
+        )
     return data
 
 
 def _gqa_kv_heads(n_heads: int, target_group: int = 4) -> int:
     """KV heads of the GQA variant: the divisor of n_heads closest to a group size of 4."""
-    divisors = [d for d in range(1, n_heads + 1) if n_heads % d == 0]
+    divisors = [d for d in range(1, min(n_heads, LIMITS["n_heads"]) + 1) if n_heads % d == 0]
     return min(divisors, key=lambda d: (abs(n_heads // d - target_group), -d))
 
 
@@ -199,14 +277,18 @@ def memory_report(
     ``max_batch`` / ``max_context``. The model's own row is ``model``.
     """
     shape = source if isinstance(source, KVShape) else load_kv_shape(source)
-    elem = _dtype_bytes(dtype)
+    elem = element_size(_kv_dtype(dtype))
     if context is None:
         context = shape.max_context or 4096
-    for name, val in (("context", context), ("batch", batch)):
-        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-            raise ValueError(f"{name} must be a positive integer, got {val!r}")
-    if budget_gib is not None and not (isinstance(budget_gib, (int, float)) and budget_gib > 0):
-        raise ValueError(f"budget must be a positive number of GiB, got {budget_gib!r}")
+    context = check_int("context", context, limit=2**40, field="context")
+    batch = check_int("batch", batch, limit=2**40, field="batch")
+    if budget_gib is not None and not (
+        isinstance(budget_gib, (int, float))
+        and not isinstance(budget_gib, bool)
+        and math.isfinite(budget_gib)
+        and 0 < budget_gib <= 2**40
+    ):
+        raise GQAUserError(f"budget must be a positive, finite number of GiB, got {budget_gib!r}; fix --budget")
     hq = shape.n_heads
     variants = [("model", shape)]
     variants += [
@@ -234,7 +316,7 @@ def memory_report(
     model_row = rows[0]
     if budget is not None and model_row["max_batch"] == 0:
         need = model_row["kv_bytes_per_sequence"] / GiB
-        raise ValueError(
+        raise GQAUserError(
             f"a budget of {budget_gib} GiB is too small for one sequence of {context} tokens "
             f"({need:.3g} GiB in {dtype}); raise --budget or lower --context"
         )

@@ -1,4 +1,4 @@
-"""Every bad input of the core API raises a one-line error that names the fix."""
+"""Every bad input of the core API raises a one-line GQAUserError that names the fix."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 import gqa
 from gqa import GQAConfig, GroupedQueryAttention, KVCache
+from gqa.errors import GQAUserError
 
 
 def _one_line(excinfo):
@@ -20,45 +21,45 @@ def qkv(b=2, hq=8, hkv=2, tq=3, tk=5, d=8, **over):
 
 
 CASES = {
-    "heads-not-divisible": (lambda: gqa.attention(*qkv(hq=8, hkv=3)), ValueError, "divisible"),
-    "q-rank": (lambda: gqa.attention(torch.randn(8, 3, 8), *qkv()[1:]), ValueError, "4 dims"),
-    "k-rank": (lambda: gqa.attention(qkv()[0], torch.randn(2, 5, 8), qkv()[2]), ValueError, "4 dims"),
-    "batch": (lambda: gqa.attention(torch.randn(3, 8, 3, 8), *qkv()[1:]), ValueError, "batch"),
-    "head-dim": (lambda: gqa.attention(torch.randn(2, 8, 3, 16), *qkv()[1:]), ValueError, "head_dim"),
-    "dtype": (lambda: gqa.attention(qkv()[0].double(), *qkv()[1:]), TypeError, "dtype"),
-    "int-dtype": (lambda: gqa.attention(*(t.long() for t in qkv())), TypeError, "floating"),
-    "device": (lambda: gqa.attention(qkv()[0].to("meta"), *qkv()[1:]), ValueError, "device"),
-    "kv-length": (lambda: gqa.attention(qkv()[0], qkv()[1], torch.randn(2, 2, 6, 8)), ValueError, "lengths"),
-    "kv-heads": (lambda: gqa.attention(qkv()[0], qkv()[1], torch.randn(2, 4, 5, 8)), ValueError, "share"),
-    "backend": (lambda: gqa.attention(*qkv(), backend="flash9"), ValueError, "backend"),
-    "window": (lambda: gqa.masks.sliding_window(0), ValueError, ">= 1"),
-    "chunk": (lambda: gqa.masks.chunked(0), ValueError, ">= 1"),
+    "heads-not-divisible": (lambda: gqa.attention(*qkv(hq=8, hkv=3)), GQAUserError, "divisors"),
+    "q-rank": (lambda: gqa.attention(torch.randn(8, 3, 8), *qkv()[1:]), GQAUserError, "4 dims"),
+    "k-rank": (lambda: gqa.attention(qkv()[0], torch.randn(2, 5, 8), qkv()[2]), GQAUserError, "4 dims"),
+    "batch": (lambda: gqa.attention(torch.randn(3, 8, 3, 8), *qkv()[1:]), GQAUserError, "batch"),
+    "head-dim": (lambda: gqa.attention(torch.randn(2, 8, 3, 16), *qkv()[1:]), GQAUserError, "head_dim"),
+    "dtype": (lambda: gqa.attention(qkv()[0].double(), *qkv()[1:]), GQAUserError, "dtype"),
+    "int-dtype": (lambda: gqa.attention(*(t.long() for t in qkv())), GQAUserError, "floating"),
+    "device": (lambda: gqa.attention(qkv()[0].to("meta"), *qkv()[1:]), GQAUserError, "device"),
+    "kv-length": (lambda: gqa.attention(qkv()[0], qkv()[1], torch.randn(2, 2, 6, 8)), GQAUserError, "lengths"),
+    "kv-heads": (lambda: gqa.attention(qkv()[0], qkv()[1], torch.randn(2, 4, 5, 8)), GQAUserError, "share"),
+    "backend": (lambda: gqa.attention(*qkv(), backend="flash9"), GQAUserError, "backend"),
+    "window": (lambda: gqa.masks.sliding_window(0), GQAUserError, ">= 1"),
+    "chunk": (lambda: gqa.masks.chunked(0), GQAUserError, ">= 1"),
     "mask-shape": (
         lambda: gqa.attention(*qkv(), mask=torch.ones(2, 8, 3, 9, dtype=torch.bool)),
-        ValueError,
+        GQAUserError,
         "broadcast",
     ),
-    "mask-dtype": (lambda: gqa.attention(*qkv(), mask=torch.ones(2, 8, 3, 5)), TypeError, "bool"),
-    "layer-heads": (lambda: GroupedQueryAttention(64, 8, 3), ValueError, "divisible"),
-    "config-heads": (lambda: GQAConfig(d_model=64, n_heads=8, n_kv_heads=3, n_layers=2), ValueError, "divide"),
+    "mask-dtype": (lambda: gqa.attention(*qkv(), mask=torch.ones(2, 8, 3, 5)), GQAUserError, "bool"),
+    "layer-heads": (lambda: GroupedQueryAttention(64, 8, 3), GQAUserError, "divisible"),
+    "config-heads": (lambda: GQAConfig(d_model=64, n_heads=8, n_kv_heads=3, n_layers=2), GQAUserError, "divide"),
     "config-list-length": (
         lambda: GQAConfig(d_model=64, n_heads=8, n_kv_heads=[4, 2], n_layers=3),
-        ValueError,
+        GQAUserError,
         "one entry per layer",
     ),
     "config-list-value": (
         lambda: GQAConfig(d_model=64, n_heads=8, n_kv_heads=[4, 3], n_layers=2),
-        ValueError,
+        GQAUserError,
         "divide",
     ),
     "cache-overflow": (
         lambda: KVCache(1, 2, 4, 8).update(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)),
-        ValueError,
+        GQAUserError,
         "beyond the cache",
     ),
     "cache-heads": (
         lambda: KVCache(1, 2, 4, 8).update(torch.randn(1, 8, 1, 8), torch.randn(1, 8, 1, 8)),
-        ValueError,
+        GQAUserError,
         "n_kv_heads",
     ),
 }
@@ -76,5 +77,5 @@ def test_layer_positions_beyond_cache():
     layer = GroupedQueryAttention(32, 4, 2)
     cache = KVCache(1, 2, 4, 8)
     layer(torch.randn(1, 3, 32), cache=cache)
-    with pytest.raises(ValueError, match="beyond the cache"):
+    with pytest.raises(GQAUserError, match="beyond the cache"):
         layer(torch.randn(1, 2, 32), cache=cache)

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from gqa import GQAConfig
 from gqa.cache import PagedKVCache
 from gqa.cli import app
+from gqa.errors import GQAUserError
 from gqa.memory import kv_bytes_per_token, load_kv_shape, memory_report
 
 KiB, GiB = 2**10, 2**30
@@ -93,9 +94,9 @@ def test_per_layer_kv_heads_without_weights(tmp_path):
 
 
 def test_bad_sources(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(GQAUserError, match="does not exist"):
         memory_report(tmp_path / "missing.json")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(GQAUserError, match="config.json"):
         memory_report(tmp_path)
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a JSON config"):

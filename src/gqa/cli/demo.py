@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from gqa.cli.common import console, user_errors
+from gqa.errors import GQAUserError
 
 
 def register(app: typer.Typer) -> None:
@@ -21,7 +22,7 @@ def register(app: typer.Typer) -> None:
         from gqa.demo import run_demo
 
         if not 0 < fraction <= 1:
-            raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
+            raise GQAUserError(f"--fraction must be in (0, 1], got {fraction}; pick e.g. --fraction 0.05")
         run_demo(
             fraction=fraction, eval_tokens=eval_tokens, plot=plot or None, work_dir=work_dir, seed=seed, console=console
         )

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from gqa.cli.common import console, user_errors
+from gqa.errors import GQAUserError
 
 
 def register(app: typer.Typer) -> None:
@@ -30,12 +31,20 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Evaluate a model: perplexity, tokens evaluated, and KL to --teacher."""
         from gqa.data import encode, load_text
-        from gqa.evaluate import evaluate_lm, load_model, load_model_tokenizer
+        from gqa.evaluate import evaluate_lm
+        from gqa.model.loading import load_model, load_model_tokenizer, model_context
 
-        tok = load_model_tokenizer(model, tokenizer)
-        ids = encode(tok, load_text(data, default_split="validation"))
+        # Models first: their configs are validated (one line each) before text is read or tokenized.
         student = load_model(model)
         teacher_model = load_model(teacher) if teacher is not None else None
+        for m, role in ((student, "MODEL"), (teacher_model, "--teacher")):
+            ctx = model_context(m) if m is not None else None
+            if ctx is not None and seq_len > ctx:
+                raise GQAUserError(
+                    f"--seq-len {seq_len} is past {role}'s context of {ctx} tokens; use --seq-len {ctx} or less"
+                )
+        tok = load_model_tokenizer(model, tokenizer)
+        ids = encode(tok, load_text(data, default_split="validation"))
         res = evaluate_lm(
             student,
             ids,

@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from gqa.data.tokenizer import encode
+from gqa.errors import GQAUserError
+from gqa.model.loading import model_context
+from gqa.progress import progress as progress_bar
 
 __all__ = ["EvalResult", "evaluate_lm", "perplexity", "kl_to_teacher", "model_logits", "as_token_ids"]
 
@@ -49,14 +51,14 @@ def as_token_ids(data, tokenizer=None) -> torch.Tensor:
     """Text (needs ``tokenizer``), a list of ids or a 1-D tensor -> int64 ids [N] on CPU."""
     if isinstance(data, str):
         if tokenizer is None:
-            raise ValueError("got text but no tokenizer; pass tokenizer= (the model's own) or token ids")
+            raise GQAUserError("got text but no tokenizer; pass tokenizer= (the model's own) or token ids")
         ids = encode(tokenizer, data)
     else:
         ids = torch.as_tensor(data, dtype=torch.long).cpu()
     if ids.dim() != 1:
-        raise ValueError(f"token ids must be 1-D [N], got shape {tuple(ids.shape)}; flatten them first")
+        raise GQAUserError(f"token ids must be 1-D [N], got shape {tuple(ids.shape)}; flatten them first")
     if ids.numel() < 2:
-        raise ValueError(f"need at least 2 tokens to score one prediction, got {ids.numel()}; give more text")
+        raise GQAUserError(f"need at least 2 tokens to score one prediction, got {ids.numel()}; give more text")
     return ids
 
 
@@ -102,15 +104,23 @@ def evaluate_lm(
     max_tokens: score at most this many tokens (the first ones), e.g. to bound CPU time.
     """
     if seq_len < 1 or batch_size < 1:
-        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+        raise GQAUserError(
+            f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}; fix --seq-len/--batch-size"
+        )
+    for m, role in ((model, "the model"), (teacher, "the teacher")):
+        ctx = model_context(m) if m is not None else None
+        if ctx is not None and seq_len > ctx:
+            raise GQAUserError(
+                f"--seq-len {seq_len} is longer than {role}'s context of {ctx} tokens; use --seq-len {ctx} or less"
+            )
     ids = as_token_ids(data, tokenizer)
     if max_tokens is not None:
         if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+            raise GQAUserError(f"max_tokens must be >= 1, got {max_tokens}; fix --max-tokens")
         ids = ids[: max_tokens + 1]
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and int(ids.max()) >= vocab:
-        raise ValueError(
+        raise GQAUserError(
             f"token id {int(ids.max())} is outside the model's vocabulary ({vocab}); use its own tokenizer"
         )
     was_training = model.training
@@ -119,7 +129,7 @@ def evaluate_lm(
         teacher.eval()
     device = _device_of(model)
     nll_sum, kl_sum, count = 0.0, 0.0, 0
-    bar = tqdm(total=ids.numel() - 1, unit="tok", unit_scale=True, desc="eval", disable=not progress, leave=False)
+    bar = progress_bar(total=ids.numel() - 1, unit="tok", unit_scale=True, desc="eval", enabled=progress, leave=False)
     try:
         for inputs, targets in _windows(ids, seq_len, batch_size):
             inputs, targets = inputs.to(device), targets.to(device)
@@ -128,7 +138,7 @@ def evaluate_lm(
             if teacher is not None:
                 t_logits = model_logits(teacher, inputs.to(_device_of(teacher))).float().to(device)
                 if t_logits.shape[-1] != logp.shape[-1]:
-                    raise ValueError(
+                    raise GQAUserError(
                         f"teacher vocabulary ({t_logits.shape[-1]}) differs from the model's ({logp.shape[-1]}); "
                         "use the original model the student was converted from"
                     )

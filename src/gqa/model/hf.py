@@ -148,7 +148,7 @@ def config_from_hf(cfg: dict) -> GQAConfig:
     kv_default = cfg.get("num_key_value_heads")
     kv_default = n_heads if kv_default is None else kv_default
     n_kv: int | list[int] = check_int("n_kv_heads", kv_default, field="num_key_value_heads")
-    if cfg.get("per_layer_config"):
+    if cfg.get("per_layer_config") is not None:
         n_kv = per_layer_kv_heads(cfg, n_layers, n_kv)
     check_kv_heads(n_heads, n_kv if isinstance(n_kv, list) else [n_kv], field="num_key_value_heads")
     head_dim = cfg.get("head_dim")

@@ -190,7 +190,9 @@ def _load_transformers(folder: Path, *, dtype: torch.dtype):
             model, info = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, trust_remote_code=False, local_files_only=True, output_loading_info=True
             )
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except GQAUserError:
+            raise
+        except Exception as e:  # transformers fails in many ways on a malformed folder; all mean "fix the folder"
             raise GQAUserError(
                 f"transformers cannot load {folder} ({_first_line(e)}); check that it is a causal LM folder"
             ) from None
@@ -210,7 +212,9 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, prefer_gqa: bool):
             hf = AutoModelForCausalLM.from_pretrained(
                 path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=False, local_files_only=True
             )
-        except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError) as e:
+        except GQAUserError:
+            raise
+        except Exception as e:  # the GGUF reader raises many types for cut or garbled files
             raise GQAUserError(
                 f"cannot read {path} as a GGUF model ({_first_line(e)}); the file is truncated or not a GGUF model"
             ) from None
@@ -254,6 +258,9 @@ def load_model_tokenizer(path: str | Path, tokenizer: str | Path | None = None):
                 return AutoTokenizer.from_pretrained(src, trust_remote_code=False, local_files_only=True)
         except GQAUserError:
             raise
-        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
-            raise GQAUserError(f"cannot load a tokenizer from {src} ({_first_line(e)}); pass --tokenizer") from None
+        except Exception as e:  # transformers reads config.json too, and fails in many ways on malformed ones
+            raise GQAUserError(
+                f"cannot load a tokenizer from {src} ({type(e).__name__}: {_first_line(e)}); "
+                "fix its config.json / tokenizer files or pass --tokenizer"
+            ) from None
     raise GQAUserError(f"{src} has no tokenizer files; pass --tokenizer with the model's tokenizer folder")
