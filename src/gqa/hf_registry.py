@@ -83,9 +83,9 @@ def _make_wrapper():
 
             folder = Path(pretrained_model_name_or_path)
             if not (folder / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"{folder} has no config.json; per-layer gqa checkpoints load from a local folder"
-                )
+                from gqa.errors import GQAUserError
+
+                raise GQAUserError(f"{folder} has no config.json; per-layer gqa checkpoints load from a local folder")
             if isinstance(dtype, str) and dtype != "auto":
                 dtype = getattr(torch, dtype)
             model = load_hf(folder, dtype=dtype if isinstance(dtype, torch.dtype) else None)

@@ -188,7 +188,12 @@ def _load_transformers(folder: Path, *, dtype: torch.dtype):
 
         try:
             model, info = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, trust_remote_code=False, local_files_only=True, output_loading_info=True
+                folder,
+                dtype=dtype,
+                trust_remote_code=False,
+                local_files_only=True,
+                use_safetensors=True,  # never unpickle pytorch_model.bin
+                output_loading_info=True,
             )
         except GQAUserError:
             raise
