@@ -53,6 +53,21 @@ def run_side(src: Path, out: Path, bench_args: list[str], log) -> dict:
     return json.loads((out / "run.json").read_text())
 
 
+def vs_transformers(runs: list[dict]) -> dict[tuple, float]:
+    """Per (variant, batch): the best over the runs of gqa tok/s / transformers tok/s measured in the same
+    run (the two are interleaved run by run, so this ratio is what the machine load moves least)."""
+    out: dict[tuple, float] = {}
+    for res in runs:
+        hf = {
+            (r["variant"], r["batch"]): r["decode_tokens_per_s"] for r in res["decode"] if r["impl"] == "transformers"
+        }
+        for r in res["decode"]:
+            key = (r["variant"], r["batch"])
+            if r["impl"] == "gqa" and key in hf:
+                out[key] = max(out.get(key, 0.0), r["decode_tokens_per_s"] / hf[key])
+    return out
+
+
 def best_of(runs: list[dict]) -> dict:
     """Per (impl, variant, batch): the best decode tok/s over the runs; fixed budget: best tokens/s."""
     decode: dict[tuple, dict] = {}
@@ -77,6 +92,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"), help="results folder")
     parser.add_argument("--name", default="generate-cpu-before-after", help="results file stem")
     parser.add_argument("--force", action="store_true", help="replace results of the same name")
+    parser.add_argument("--from-json", type=Path, help="re-summarize the runs stored in an earlier results JSON")
     parser.add_argument("bench_args", nargs="*", help="after --: options for gqa bench generate")
     args = parser.parse_args()
     if args.rounds < 1:
@@ -84,6 +100,24 @@ def main() -> None:
     paths = [args.out / f"{args.name}{s}" for s in (".json", ".md", ".png")]
     if any(p.exists() for p in paths) and not args.force:
         parser.error(f"{paths[0]} exists; pass --force to replace it or choose another --name")
+    sys.path.insert(0, str(REPO / "src"))
+    from gqa.provenance import provenance
+
+    if args.from_json is not None:
+        prev = json.loads(args.from_json.read_text())
+        result = summarize(prev["runs"], {k: prev[k] for k in _CARRIED})
+        prov = dict(prev["provenance"])  # fill fields older files lack from the data they stored
+        prov.setdefault("bench_torch_threads", prev["runs"]["after"][0]["torch_threads"])
+        if prov.get("load_average") and prov["load_average"].get("before") is None:
+            prov["load_average"] = {
+                **prov["load_average"],
+                "before": [round(x, 2) for x in prev["load_average_before"]],
+            }
+        result["provenance"] = prov
+        write(result, args.out, args.name)
+        for p in paths:
+            print(f"wrote {p}")
+        return
     commits = {
         side: _git("rev-parse", "--short", ref) for side, ref in (("before", args.before), ("after", args.after))
     }
@@ -105,12 +139,44 @@ def main() -> None:
             for side in order:
                 log(f"round {r + 1}/{args.rounds}: {side} ({commits[side]})")
                 runs[side].append(run_side(srcs[side], tmp / f"{side}-{r}", args.bench_args, log))
-    elapsed = time.perf_counter() - t_start
-
-    sys.path.insert(0, str(REPO / "src"))
-    from gqa.provenance import provenance
-
     command = shlex.join(["python", "benchmarks/generate_before_after.py", *sys.argv[1:]])
+    first = runs["after"][0]
+    meta = {
+        "commits": commits,
+        "src_commits_between": between,
+        "rounds": args.rounds,
+        "bench_args": args.bench_args,
+        "model": first["model"],
+        "load_average_before": load_before,
+        "load_average_after": list(os.getloadavg()),
+        "elapsed_seconds": time.perf_counter() - t_start,
+        "log": log_lines,
+    }
+    result = summarize(runs, meta)
+    result["provenance"] = {
+        **provenance(command, first["dtype"], load_before=load_before, bench_torch_threads=first["torch_threads"]),
+        "git_commit": f"{commits['after']} (after side)",
+    }
+    write(result, args.out, args.name)
+    for p in paths:
+        print(f"wrote {p}")
+
+
+_CARRIED = (
+    "commits",
+    "src_commits_between",
+    "rounds",
+    "bench_args",
+    "model",
+    "load_average_before",
+    "load_average_after",
+    "elapsed_seconds",
+    "log",
+)
+
+
+def summarize(runs: dict[str, list[dict]], meta: dict) -> dict:
+    """The before/after table from the raw runs of each side (``meta``: the run's description)."""
     best = {side: best_of(rs) for side, rs in runs.items()}
     rows = []
     for (impl, variant, batch), after in best["after"]["decode"].items():
@@ -128,6 +194,13 @@ def main() -> None:
                 "ratio": after["decode_tokens_per_s"] / before["decode_tokens_per_s"],
             }
         )
+    rel = {side: vs_transformers(rs) for side, rs in runs.items()}
+    for row in rows:
+        key = (row["variant"], row["batch"])
+        if row["impl"] == "gqa" and key in rel["before"] and key in rel["after"]:
+            row["before_vs_transformers"] = rel["before"][key]
+            row["after_vs_transformers"] = rel["after"][key]
+            row["normalized_ratio"] = rel["after"][key] / rel["before"][key]
     budget_rows = [
         {
             "variant": v,
@@ -139,25 +212,7 @@ def main() -> None:
         for v, a in best["after"]["fixed_budget"].items()
         if v in best["before"]["fixed_budget"]
     ]
-    first = runs["after"][0]
-    result = {
-        "provenance": {**provenance(command, first["dtype"]), "git_commit": f"{commits['after']} (after side)"},
-        "commits": commits,
-        "src_commits_between": between,
-        "rounds": args.rounds,
-        "bench_args": args.bench_args,
-        "model": first["model"],
-        "load_average_before": load_before,
-        "load_average_after": list(os.getloadavg()),
-        "elapsed_seconds": elapsed,
-        "decode": rows,
-        "fixed_budget": budget_rows,
-        "runs": runs,
-        "log": log_lines,
-    }
-    write(result, args.out, args.name)
-    for p in paths:
-        print(f"wrote {p}")
+    return {**meta, "decode": rows, "fixed_budget": budget_rows, "runs": runs}
 
 
 def _geomean(xs: list[float]) -> float:
@@ -185,7 +240,9 @@ def write(res: dict, out: Path, name: str) -> None:
         b = [p["batch"] for p in pts]
         ax.plot(b, [p["before_tokens_per_s"] for p in pts], "--x", color=colors[v], label=f"{v} before")
         ax.plot(b, [p["after_tokens_per_s"] for p in pts], "-o", color=colors[v], label=f"{v} after")
-        ax2.plot(b, [p["ratio"] for p in pts], "-o", color=colors[v], label=f"gqa {v}")
+        ax2.plot(b, [p["ratio"] for p in pts], "--", color=colors[v], alpha=0.5, label=f"gqa {v} (raw)")
+        if all("normalized_ratio" in p for p in pts):
+            ax2.plot(b, [p["normalized_ratio"] for p in pts], "-o", color=colors[v], label=f"gqa {v} / transformers")
         hf = [hf_rows[(v, p["batch"])]["ratio"] for p in pts if (v, p["batch"]) in hf_rows]
         if len(hf) == len(b):
             ax2.plot(b, hf, ":", color=colors[v], alpha=0.6, label=f"transformers {v} (load control)")
@@ -201,11 +258,12 @@ def write(res: dict, out: Path, name: str) -> None:
     ax.legend(fontsize=7)
     ax2.axhline(1.0, color="black", lw=0.8)
     ax2.set_ylabel("after / before")
-    ax2.set_title("speed ratio (dotted: transformers, same code both sides)")
+    ax2.set_title("after/before (solid: relative to transformers in the same run)")
     ax2.legend(fontsize=7)
     fig.suptitle(
         f"{res['model']} · before {res['commits']['before']} vs after {res['commits']['after']} · "
-        f"{res['provenance']['machine']}",
+        f"{res['provenance']['machine'].split(';')[0]}; bench torch threads "
+        f"{res['provenance'].get('bench_torch_threads', '?')}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -214,6 +272,7 @@ def write(res: dict, out: Path, name: str) -> None:
 
     g_gqa = _geomean([r["ratio"] for r in gqa_rows])
     g_hf = _geomean([r["ratio"] for r in hf_rows.values()])
+    g_norm = _geomean([r["normalized_ratio"] for r in gqa_rows if "normalized_ratio" in r])
     lines = [
         f"# Decode speed before and after: {res['model']}",
         "",
@@ -222,29 +281,41 @@ def write(res: dict, out: Path, name: str) -> None:
         f"- `gqa bench generate {shlex.join(res['bench_args'])}` on each side, {res['rounds']} rounds, sides "
         "alternating (before/after, then after/before, ...), each side from a clean `git archive` of its commit; "
         "every number is the best over the rounds",
-        f"- load average (1, 5, 15 min) before: {[round(x, 2) for x in res['load_average_before']]}, after: "
-        f"{[round(x, 2) for x in res['load_average_after']]} on {os.cpu_count()} logical CPUs; total "
-        f"{res['elapsed_seconds'] / 60:.1f} min",
+        f"- total run time {res['elapsed_seconds'] / 60:.1f} min; each bench run used "
+        f"{res['provenance'].get('bench_torch_threads', '?')} torch thread(s); a load average above the CPU count "
+        "means other jobs competed for the cores",
         "",
         "Commits touching `src/` between the two sides:",
         "",
         *[f"- {c}" for c in res["src_commits_between"]],
         "",
-        f"**Geometric mean after/before: gqa {g_gqa:.3f}x; transformers {g_hf:.3f}x** (transformers runs the same "
-        "code on both sides, so its ratio is what the load alone moved).",
+        f"**Geometric mean after/before: gqa {g_gqa:.3f}x; transformers {g_hf:.3f}x; gqa relative to transformers "
+        f"in the same run {g_norm:.3f}x.** transformers runs the same code on both sides, so its after/before is what "
+        "the load alone moved; the last column divides it out: (gqa/transformers after) / (gqa/transformers before), "
+        "each the best over the rounds of the ratio measured within one run.",
         "",
-        "| variant | KV heads | batch | gqa before tok/s | gqa after tok/s | after/before | transformers after/before |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | KV heads | batch | gqa before tok/s | gqa after tok/s | after/before | transformers after/before "
+        "| gqa/transformers before | after | normalized after/before |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in gqa_rows:
         hf = hf_rows.get((r["variant"], r["batch"]))
+        norm = (
+            f"{r['before_vs_transformers']:.2f}x | {r['after_vs_transformers']:.2f}x | {r['normalized_ratio']:.2f}x |"
+            if "normalized_ratio" in r
+            else "- | - | - |"
+        )
         lines.append(
             f"| {r['variant']} | {r['kv_heads']} | {r['batch']} | {r['before_tokens_per_s']:.0f} | "
-            f"{r['after_tokens_per_s']:.0f} | {r['ratio']:.2f}x | " + (f"{hf['ratio']:.2f}x |" if hf else "- |")
+            f"{r['after_tokens_per_s']:.0f} | {r['ratio']:.2f}x | "
+            + (f"{hf['ratio']:.2f}x | " if hf else "- | ")
+            + norm
         )
     lines += [
         "",
         "## Continuous batching in a fixed KV budget (paged cache)",
+        "",
+        "The scheduler's run has no transformers counterpart, so these ratios carry the load's noise unchanged.",
         "",
         "| variant | max concurrent sequences | before tokens/s | after tokens/s | after/before |",
         "|---|---|---|---|---|",
