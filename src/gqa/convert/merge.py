@@ -32,11 +32,12 @@ __all__ = ["MERGES", "MergeMethod", "PoolFn", "merge_method", "mean_pool", "merg
 PoolFn = Callable[[torch.Tensor, str, torch.Generator], torch.Tensor]
 
 
-def mean_pool(heads: torch.Tensor) -> torch.Tensor:
-    """``[r, ...]`` -> ``[...]`` float64 mean of r heads; a single head comes back unchanged (exact)."""
-    if heads.shape[0] == 1:
-        return heads[0]
-    return heads.to(torch.float64).mean(dim=0)
+def mean_pool(heads: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Mean over the r heads along ``dim`` (``[r, ...]`` -> ``[...]`` for dim 0), computed in float64 so
+    it is rounded once, to the caller's dtype; a single head comes back unchanged (exact)."""
+    if heads.shape[dim] == 1:
+        return heads.select(dim, 0)
+    return heads.to(torch.float64).mean(dim=dim)
 
 
 def _mean(heads: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
@@ -109,5 +110,15 @@ def merge_heads(
         raise GQAUserError(f"dim 0 of size {tensor.shape[0]} is not a whole number of heads of {head_dim}")
     generator = generator or torch.Generator().manual_seed(0)
     heads = tensor.reshape(tensor.shape[0] // head_dim, head_dim, *tensor.shape[1:])  # (Hkv, D, ...)
+    r = len(groups[0])
+    if m.name in ("mean", "first") and all(len(g) == r for g in groups):
+        # All groups at once (a 7B K projection is 64 groups x 128 rows): one gather, one reduction.
+        order = [h for g in groups for h in g]
+        if order == list(range(heads.shape[0])):
+            stacked = heads.view(len(groups), r, *heads.shape[1:])  # (N, r, D, ...): contiguous groups, no copy
+        else:
+            stacked = heads[order].view(len(groups), r, *heads.shape[1:])  # (N, r, D, ...)
+        merged = mean_pool(stacked, dim=1) if m.name == "mean" else stacked[:, 0]  # (N, D, ...)
+        return merged.to(tensor.dtype).reshape(len(groups) * head_dim, *tensor.shape[1:])  # (N*D, ...)
     merged = [m.pool(heads[group], kind, generator).to(tensor.dtype) for group in groups]  # N x (D, ...)
     return torch.cat(merged, dim=0)  # (N*D, ...)
