@@ -24,7 +24,9 @@ def register(app: typer.Typer) -> None:
         tokenizer: Annotated[
             Path | None, typer.Option(help="Tokenizer folder or .gguf (default: MODEL's own).")
         ] = None,
-        seq_len: int = typer.Option(256, help="Tokens of context per window."),
+        seq_len: int = typer.Option(
+            None, help="Tokens of context per window (default: 256, or the model's context if shorter)."
+        ),
         batch_size: int = typer.Option(8, help="Windows per forward pass."),
         max_tokens: int = typer.Option(None, help="Score at most this many tokens."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
@@ -39,7 +41,7 @@ def register(app: typer.Typer) -> None:
         teacher_model = load_model(teacher) if teacher is not None else None
         for m, role in ((student, "MODEL"), (teacher_model, "--teacher")):
             ctx = model_context(m) if m is not None else None
-            if ctx is not None and seq_len > ctx:
+            if ctx is not None and seq_len is not None and seq_len > ctx:
                 raise GQAUserError(
                     f"--seq-len {seq_len} is past {role}'s context of {ctx} tokens; use --seq-len {ctx} or less"
                 )

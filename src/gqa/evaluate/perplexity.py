@@ -90,7 +90,7 @@ def evaluate_lm(
     *,
     tokenizer=None,
     teacher=None,
-    seq_len: int = 256,
+    seq_len: int | None = None,
     batch_size: int = 8,
     max_tokens: int | None = None,
     progress: bool = False,
@@ -100,19 +100,22 @@ def evaluate_lm(
     model / teacher: a :class:`gqa.GQAForCausalLM` or a transformers causal LM (e.g. from
         ``AutoModelForCausalLM.from_pretrained(folder)``); the teacher must share the vocabulary.
     data: text (tokenized with ``tokenizer``), or token ids (list or 1-D tensor [N]).
-    seq_len: tokens of context per window; batch_size: windows per forward pass.
+    seq_len: tokens of context per window (default: 256, or the model's context if shorter; longer than the
+        model's context is an error); batch_size: windows per forward pass.
     max_tokens: score at most this many tokens (the first ones), e.g. to bound CPU time.
     """
+    contexts = [
+        (ctx, role) for m, role in ((model, "the model"), (teacher, "the teacher")) if (ctx := model_context(m))
+    ]
+    if seq_len is None:  # the default window: 256 tokens, or the shortest context if that is shorter
+        seq_len = min([256, *(ctx for ctx, _ in contexts)])
     if seq_len < 1 or batch_size < 1:
         raise GQAUserError(
             f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}; fix --seq-len/--batch-size"
         )
-    for m, role in ((model, "the model"), (teacher, "the teacher")):
-        ctx = model_context(m) if m is not None else None
-        if ctx is not None and seq_len > ctx:
-            raise GQAUserError(
-                f"--seq-len {seq_len} is longer than {role}'s context of {ctx} tokens; use --seq-len {ctx} or less"
-            )
+    for ctx, role in contexts:
+        if seq_len > ctx:
+            raise GQAUserError(f"seq_len {seq_len} is longer than {role}'s context of {ctx} tokens; use {ctx} or less")
     ids = as_token_ids(data, tokenizer)
     if max_tokens is not None:
         if max_tokens < 1:
@@ -160,7 +163,7 @@ def perplexity(
     data,
     *,
     tokenizer=None,
-    seq_len: int = 256,
+    seq_len: int | None = None,
     batch_size: int = 8,
     max_tokens: int | None = None,
     progress: bool = False,
@@ -182,7 +185,14 @@ def perplexity(
 
 
 def kl_to_teacher(
-    model, teacher, data, *, tokenizer=None, seq_len: int = 256, batch_size: int = 8, max_tokens: int | None = None
+    model,
+    teacher,
+    data,
+    *,
+    tokenizer=None,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
 ) -> float:
     """Mean per-token KL(teacher || model) in nats over ``data``: how far the model's next-token
     distribution is from the teacher's (0 for an identical model)."""
