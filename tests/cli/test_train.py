@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gqa import GQAConfig, GQAForCausalLM, save_hf
+from gqa import GQAConfig, GQAForCausalLM, load_hf, save_hf
 from gqa.cli import app
 from gqa.data import save_tokenizer, train_bpe_tokenizer
 from gqa.data.shakespeare import shakespeare_plays
@@ -46,11 +46,15 @@ def test_uptrain_then_eval_with_teacher(workdir):
     summary = json.loads((out / "training.json").read_text())
     assert summary["steps"] == 4 and summary["distilled"]
     data = str(workdir / "train.txt")
-    res = runner.invoke(app, ["eval", str(out), "--data", data, "--teacher", str(workdir / "mha"), "--json"])
+    res = runner.invoke(
+        app, ["eval", str(out), "--data", data, "--teacher", str(workdir / "mha"), "--seq-len", "32", "--json"]
+    )
     assert res.exit_code == 0, res.output
     got = json.loads(res.output)
     assert got["tokens"] > 1000 and got["perplexity"] > 1 and got["kl"] > 0
-    before = json.loads(runner.invoke(app, ["eval", str(workdir / "mqa"), "--data", data, "--json"]).output)
+    before = json.loads(
+        runner.invoke(app, ["eval", str(workdir / "mqa"), "--data", data, "--seq-len", "32", "--json"]).output
+    )
     assert got["tokens"] == before["tokens"]
 
 
@@ -101,7 +105,7 @@ def test_eval_bad_input(workdir, tmp_path):
     res = runner.invoke(app, ["eval", str(tmp_path / "missing")])
     assert res.exit_code == 2 and "does not exist" in res.output
     (tmp_path / "empty.txt").write_text("")
-    res = runner.invoke(app, ["eval", str(workdir / "mha"), "--data", str(tmp_path / "empty.txt")])
+    res = runner.invoke(app, ["eval", str(workdir / "mha"), "--data", str(tmp_path / "empty.txt"), "--seq-len", "32"])
     assert res.exit_code == 2 and "empty" in res.output
 
 
@@ -115,3 +119,43 @@ def test_pretrain_tiny_run(tmp_path):
     summary = json.loads((out / "training.json").read_text())
     assert summary["kind"] == "pretrain" and summary["tokens"] == 3 * 2 * 32
     assert (out / "tokenizer.json").is_file()
+
+
+def test_uptrain_time_budget_attention_only_with_holdout(workdir, tmp_path):
+    """The project's recipe on the command line: distil end to end from the original, attention only, for a
+    time budget, evaluating on a held-out slice of --data and keeping the best weights."""
+    out = tmp_path / "budget"
+    args = ["uptrain", str(workdir / "mqa"), str(out), "--data", str(workdir / "train.txt"), "--val-data", "holdout"]
+    args += ["--seq-len", "32", "--batch-size", "4", "--teacher", str(workdir / "mha"), "--alpha", "1"]
+    args += ["--train", "attention", "--max-minutes", "0.02", "--eval-every", "2"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "stopped at the 0.02-minute budget" in res.output
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["stopped_by_time"] and summary["train_config"]["train_params"] == "attention"
+    assert summary["validation"]["tokens"] > 0
+    trained, start = load_hf(out).state_dict(), load_hf(workdir / "mqa").state_dict()
+    moved = {k for k in start if not torch.equal(trained[k], start[k])}
+    assert moved and all(".attn." in k for k in moved)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--tokens", "64", "--train", "mlp"], "--train must be one of"),
+        (["--max-minutes", "0"], "--max-minutes must be a positive number"),
+        (["--max-minutes", "nan"], "--max-minutes must be a positive number"),
+    ],
+)
+def test_uptrain_budget_options_bad_input(workdir, extra, message):
+    res = _uptrain(workdir, workdir / "bad-budget", *extra)
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not (workdir / "bad-budget").exists()
+
+
+def test_uptrain_refuses_out_inside_the_model(workdir):
+    before = sorted(p.name for p in (workdir / "mqa").iterdir())
+    res = _uptrain(workdir, workdir / "mqa" / "sub", "--tokens", "64")
+    assert res.exit_code == 2 and "overlaps MODEL" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in (workdir / "mqa").iterdir()) == before

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from gqa.data.english import is_english_spec, load_english
 from gqa.data.shakespeare import SPLIT_NAMES, shakespeare_splits
+from gqa.errors import GQAUserError
 
 __all__ = ["load_text", "load_jsonl", "load_folder", "DOC_SEPARATOR", "FOLDER_SUFFIXES"]
 
@@ -39,11 +40,13 @@ def load_jsonl(path: str | Path, field: str = "text") -> list[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(
+                raise GQAUserError(
                     f"{path}:{lineno} is not valid JSON ({e.msg}); write one JSON object per line"
                 ) from None
             if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                raise ValueError(f'{path}:{lineno} has no string "{field}" field; write {{"{field}": "..."}} per line')
+                raise GQAUserError(
+                    f'{path}:{lineno} has no string "{field}" field; write {{"{field}": "..."}} per line'
+                )
             docs.append(obj[field])
     return docs
 
@@ -54,7 +57,7 @@ def _read_file(path: Path) -> list[str]:
     try:
         return [path.read_text(encoding="utf-8")]
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text; convert it with iconv or pass a .txt/.jsonl file") from None
+        raise GQAUserError(f"{path} is not UTF-8 text; convert it with iconv or pass a .txt/.jsonl file") from None
 
 
 def load_folder(folder: str | Path) -> list[str]:
@@ -62,7 +65,7 @@ def load_folder(folder: str | Path) -> list[str]:
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in FOLDER_SUFFIXES)
     if not files:
-        raise ValueError(f"{folder} holds no {', '.join(FOLDER_SUFFIXES)} files; point --data at text files")
+        raise GQAUserError(f"{folder} holds no {', '.join(FOLDER_SUFFIXES)} files; point --data at text files")
     return [doc for p in files for doc in _read_file(p)]
 
 
@@ -76,7 +79,7 @@ def load_text(spec: str | Path, *, default_split: str = "train") -> str:
     if s == "shakespeare" or s.startswith("shakespeare:"):
         split = s.partition(":")[2] or default_split
         if split not in SPLIT_NAMES:
-            raise ValueError(f"unknown Shakespeare split {split!r}; use one of {', '.join(SPLIT_NAMES)}")
+            raise GQAUserError(f"unknown Shakespeare split {split!r}; use one of {', '.join(SPLIT_NAMES)}")
         return shakespeare_splits()[split]
     if is_english_spec(s):
         return load_english(s, default_split=default_split)
@@ -89,5 +92,5 @@ def load_text(spec: str | Path, *, default_split: str = "train") -> str:
         raise FileNotFoundError(f"data {s!r} is neither a file, a folder nor shakespeare[:split]; check the path")
     text = DOC_SEPARATOR.join(d for d in docs if d.strip())
     if not text.strip():
-        raise ValueError(f"data {s!r} is empty; give a file or folder with text in it")
+        raise GQAUserError(f"data {s!r} is empty; give a file or folder with text in it")
     return text

