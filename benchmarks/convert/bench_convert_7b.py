@@ -192,7 +192,9 @@ def main() -> None:
 
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     prov = provenance(
-        command="python benchmarks/convert/bench_convert_7b.py " + " ".join(sys.argv[1:]), dtype="float16"
+        command="python benchmarks/convert/bench_convert_7b.py " + " ".join(sys.argv[1:]),
+        dtype="float16",
+        load_before=load["start"],
     )
     prov["git_commit"] = commit  # the code that ran, stamped before the run
     prov["memory_gib"] = round(mem_gib, 1)
