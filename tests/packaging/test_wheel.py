@@ -39,8 +39,11 @@ def test_entry_point(wheel):
 
 
 def test_dependencies_and_extras(wheel):
+    import gqa
+
     meta = email.message_from_string(_dist_file(wheel, "METADATA"))
     assert meta["Name"] == "gqa" and meta["License-Expression"] == "Apache-2.0"
+    assert meta["Version"] == gqa.__version__  # one source for the version
     assert meta["Requires-Python"] == ">=3.10"
     requires = [r.replace(" ", "") for r in meta.get_all("Requires-Dist")]
     base = {r.split(">")[0].split("=")[0] for r in requires if "extra==" not in r}
