@@ -290,3 +290,21 @@ def test_tied_embeddings_stay_tied_after_loading(tmp_path):
     hf.save_pretrained(tmp_path / "t")
     model = load_hf(tmp_path / "t")
     assert model.lm_head.weight is model.embed.weight
+
+
+def test_side_files_never_carry_code(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["x.Tok", None]}, "a": 1}))
+    (src / "tokenization_x.py").write_text("raise SystemExit\n")
+    (src / "generation_config.json").write_text("{}")
+    cfg = GQAConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=16)
+    out = save_hf(GQAForCausalLM(cfg), tmp_path / "out", side_files_from=src)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer_config.json",
+    ]
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ __all__ = [
     "load_hf",
     "save_hf",
     "write_model_folder",
+    "copy_side_files",
     "from_transformers",
     "read_safetensors_folder",
 ]
@@ -49,6 +48,33 @@ SIDE_FILES = (
     "chat_template.jinja",
     "training.json",  # pre-training token count, read by `gqa uptrain --fraction`
 )
+
+
+def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer/generation files of :data:`SIDE_FILES` from ``src`` to ``dst``; returns the names copied.
+
+    Never code: ``*.py`` files are not side files, and an ``auto_map`` (which would make transformers load
+    code from the folder) is dropped from ``tokenizer_config.json``.
+    """
+    src, dst = Path(src), Path(dst)
+    copied = []
+    for name in SIDE_FILES:
+        f = src / name
+        if not f.is_file():
+            continue
+        if name == "tokenizer_config.json":
+            try:
+                data = json.loads(f.read_text(encoding="utf-8"))
+            except (ValueError, OSError):
+                data = None
+            if isinstance(data, dict) and "auto_map" in data:
+                data.pop("auto_map")
+                (dst / name).write_text(json.dumps(data, indent=2) + "\n")
+                copied.append(name)
+                continue
+        shutil.copy2(f, dst / name)
+        copied.append(name)
+    return copied
 
 
 def _rope_theta(cfg: dict) -> float:
@@ -461,12 +487,12 @@ def write_model_folder(
     Shared by :func:`save_hf` and the DeciLM export: the folder is built under a temporary name beside
     ``folder`` and renamed at the end, so a failure leaves nothing half-written.
     """
+    from gqa.atomic import atomic_dir
+
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} exists; choose another path or pass overwrite=True")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
         state = model.state_dict()
         tensors = {}
         for ours, hf in weight_map(model.config).items():
@@ -476,14 +502,5 @@ def write_model_folder(
         hf_config = {**hf_config, "torch_dtype": str(dtype or next(model.parameters()).dtype).replace("torch.", "")}
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if side_files_from is not None:
-            for name in SIDE_FILES:
-                src = Path(side_files_from) / name
-                if src.is_file():
-                    shutil.copy2(src, tmp / name)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            copy_side_files(side_files_from, tmp)
     return folder
