@@ -5,6 +5,7 @@ scripts/check_wheel.sh (a step of .ci/run)."""
 from __future__ import annotations
 
 import email
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,9 +19,15 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
     out = tmp_path_factory.mktemp("dist")
+    # Build from a clean copy of what the build reads: an in-tree build reuses build/lib, where files deleted
+    # from src/ would linger and end up in the wheel.
+    src = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, src / name)
+    shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc"))
     # --no-build-isolation: build with this environment's setuptools (no index access, seconds not minutes)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(src)],
         check=True, capture_output=True, text=True, timeout=600,
     )
     (path,) = out.glob("gqa-*.whl")
