@@ -128,8 +128,9 @@ class GQAConfig:
 
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """KV-cache bytes per token of one sequence: sum over layers of 2 x Hkv x D x element size."""
-        elem = torch.empty((), dtype=dtype).element_size()
-        return sum(2 * h * self.resolved_head_dim * elem for h in self.kv_heads_per_layer)
+        from gqa.units import kv_bytes_per_token
+
+        return kv_bytes_per_token(self.kv_heads_per_layer, self.resolved_head_dim, dtype)
 
     def num_parameters(self) -> int:
         d, hd, f = self.d_model, self.resolved_head_dim, self.ffn_dim
