@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -29,7 +30,8 @@
 
 namespace {
 
-constexpr int64_t BLOCK_N = 32;  // keys per online-softmax step (scores of a block stay in L1)
+constexpr int64_t BLOCK_N = 32;  // keys per online-softmax step (scores of a block stay in L1; a multiple of 16)
+constexpr int64_t PREFETCH_BLOCKS = 2;  // how many blocks ahead K/V rows are requested (into L2)
 constexpr int64_t LANES = 16;    // independent partial sums per dot product (one or two vectors)
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
@@ -89,6 +91,29 @@ inline float hsum(vf16 x) {  // halves added in registers (extracts), not throug
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
+typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
+
+// exp2_neg on 16 lanes with vector operations only (the scalar version's floor and bit cast keep the
+// compiler from vectorising a loop over it).
+inline vf16 exp2_neg_v(vf16 x) {
+  const vf16 lowest = vf16{} - 126.0f;
+  x = x < lowest ? lowest : x;
+  vi16 xi = __builtin_convertvector(x, vi16);    // truncates toward zero
+  xi += (__builtin_convertvector(xi, vf16) > x);  // floor: -1 where truncation rounded up (x < 0)
+  const vf16 f = x - __builtin_convertvector(xi, vf16);
+  vf16 p = vf16{} + 2.1690609004042206e-4f;
+  p = p * f + 1.2443081555382725e-3f;
+  p = p * f + 9.678472549593772e-3f;
+  p = p * f + 5.548352472616894e-2f;
+  p = p * f + 2.402297958138493e-1f;
+  p = p * f + 6.931469870574901e-1f;
+  p = p * f + 1.0000000018154942f;
+  const vi16 bits = (xi + 127) << 23;
+  vf16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
 #if defined(__AVX512F__)
 constexpr int KEY_TILE = 4;  // keys per score tile: ROW_TILE x KEY_TILE accumulators in registers
 constexpr int DIM_TILE = 4;  // 16-float chunks of the output per P @ V tile
@@ -132,7 +157,7 @@ inline void score_rows(const float* q, const float* const* k, int64_t d, int64_t
 // over the block's keys and each V chunk is loaded once for all NR rows. A key some row masks out
 // (p == 0 exactly then) takes the careful path, so 0 * NaN in unused slots never reaches the output.
 template <int NR>
-inline void pv_rows(float* acc, const float* p, const float* const* v, int64_t d, int64_t bn) {
+inline void pv_rows(float* acc, const float* p, const float* const* v, int64_t d, int64_t bn, bool full) {
   int64_t i = 0;
   for (; i + DIM_TILE * LANES <= d; i += DIM_TILE * LANES) {
     vf16 x[NR][DIM_TILE];
@@ -141,8 +166,11 @@ inline void pv_rows(float* acc, const float* p, const float* const* v, int64_t d
     for (int64_t c = 0; c < bn; ++c) {
       vf16 vv[DIM_TILE];
       for (int u = 0; u < DIM_TILE; ++u) vv[u] = loadv(v[c] + i + u * LANES);
-      bool all = true;
-      for (int r = 0; r < NR; ++r) all = all && p[r * BLOCK_N + c] != 0.0f;
+      bool all = full;
+      if (!all) {
+        all = true;
+        for (int r = 0; r < NR; ++r) all = all && p[r * BLOCK_N + c] != 0.0f;
+      }
       if (all) {
         for (int r = 0; r < NR; ++r) {
           const float w = p[r * BLOCK_N + c];
@@ -214,11 +242,16 @@ void decode_kernel(
 ) {
   const int64_t g = Hq / Hkv;
   const int64_t R = g * Tq;
-  at::parallel_for(0, B * Hkv * n_splits, 1, [&](int64_t begin, int64_t end) {
+  // Work items are handed out one at a time from a shared counter rather than in fixed shares: on a
+  // machine shared with other work one thread may be descheduled, and the others then take its items.
+  const int64_t n_items = B * Hkv * n_splits;
+  std::atomic<int64_t> next_item{0};
+  const int64_t n_workers = std::min<int64_t>(at::get_num_threads(), n_items);
+  at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
     std::vector<float> acc(R * D), m(R), l(R), sc(R * BLOCK_N), kbuf(BLOCK_N * D), vbuf(BLOCK_N * D);
     std::vector<int64_t> lo_t(Tq), hi_t(Tq);
     std::vector<const float*> krow(BLOCK_N), vrow(BLOCK_N);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = next_item.fetch_add(1); item < n_items; item = next_item.fetch_add(1)) {
       const int64_t b = item / (Hkv * n_splits);
       const int64_t j = (item / n_splits) % Hkv;
       const int64_t s = item % n_splits;
@@ -257,21 +290,33 @@ void decode_kernel(
 
       for (int64_t n0 = start; n0 < stop; n0 += BLOCK_N) {
         const int64_t bn = std::min(BLOCK_N, stop - n0);
+        // Request the next block's K and V rows now so their loads overlap this block's arithmetic
+        // (the hardware prefetchers alone left the core waiting on memory half of the time).
+        for (int64_t c = n0 + PREFETCH_BLOCKS * BLOCK_N; c < std::min(n0 + (PREFETCH_BLOCKS + 1) * BLOCK_N, stop); ++c) {
+          const char* kp = reinterpret_cast<const char*>(K.row(b, j, c));
+          const char* vp = reinterpret_cast<const char*>(V.row(b, j, c));
+          for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64) {
+            __builtin_prefetch(kp + off, 0, 1);
+            __builtin_prefetch(vp + off, 0, 1);
+          }
+        }
         for (int64_t c = 0; c < bn; ++c) krow[c] = as_float_row(K.row(b, j, n0 + c), kbuf.data() + c * D, D);
         int64_t r0 = 0;
         for (; r0 + ROW_TILE <= R; r0 += ROW_TILE)
           score_rows<ROW_TILE>(qrows + r0 * D, krow.data(), D, bn, sc.data() + r0 * BLOCK_N);
         for (; r0 < R; ++r0) score_rows<1>(qrows + r0 * D, krow.data(), D, bn, sc.data() + r0 * BLOCK_N);
+        bool full = true;  // every row sees every key of this block: P @ V needs no per-key check
         for (int64_t r = 0; r < R; ++r) {
           const int64_t t = r % Tq;
           const int64_t a = std::max(lo_t[t] - n0, int64_t(0)), z = std::min(hi_t[t] - n0, bn);
           float* sr = sc.data() + r * BLOCK_N;
+          full = full && a == 0 && z == bn;
           if (a >= z) {  // no visible key of this block for this row
             for (int64_t c = 0; c < bn; ++c) sr[c] = 0.0f;
             continue;
           }
           float bmax = NEG_INF;
-          for (int64_t c = a; c < z; ++c) bmax = std::max(bmax, sr[c]);
+          for (int64_t c = a; c < z; ++c) bmax = sr[c] > bmax ? sr[c] : bmax;
           const float m_new = std::max(m[r], bmax);
           if (m_new > m[r]) {  // rescale what this row has accumulated so far
             const float alpha = m[r] == NEG_INF ? 0.0f : exp2_neg(m[r] - m_new);
@@ -280,18 +325,17 @@ void decode_kernel(
             for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
             m[r] = m_new;
           }
-          for (int64_t c = 0; c < bn; ++c) {  // vectorised (no reduction in this loop)
-            const float p = exp2_neg(sr[c] - m_new);
-            sr[c] = (c >= a && c < z) ? p : 0.0f;
-          }
-          float sum = 0.0f;
-          for (int64_t c = a; c < z; ++c) sum += sr[c];
-          l[r] += sum;
+          float ex[BLOCK_N];
+          for (int64_t c = 0; c < BLOCK_N; c += LANES) storev(ex + c, exp2_neg_v(loadv(sr + c) - m_new));
+          for (int64_t c = 0; c < BLOCK_N; ++c) sr[c] = (c >= a && c < z) ? ex[c] : 0.0f;  // masked, past bn: 0
+          vf16 part = {};
+          for (int64_t c = 0; c + LANES <= BLOCK_N; c += LANES) part += loadv(sr + c);
+          l[r] += hsum(part);
         }
         for (int64_t c = 0; c < bn; ++c) vrow[c] = as_float_row(V.row(b, j, n0 + c), vbuf.data() + c * D, D);
         for (r0 = 0; r0 + ROW_TILE <= R; r0 += ROW_TILE)
-          pv_rows<ROW_TILE>(acc.data() + r0 * D, sc.data() + r0 * BLOCK_N, vrow.data(), D, bn);
-        for (; r0 < R; ++r0) pv_rows<1>(acc.data() + r0 * D, sc.data() + r0 * BLOCK_N, vrow.data(), D, bn);
+          pv_rows<ROW_TILE>(acc.data() + r0 * D, sc.data() + r0 * BLOCK_N, vrow.data(), D, bn, full);
+        for (; r0 < R; ++r0) pv_rows<1>(acc.data() + r0 * D, sc.data() + r0 * BLOCK_N, vrow.data(), D, bn, full);
       }
       for (int64_t r = 0; r < R; ++r) {
         const bool empty = l[r] == 0.0f;

@@ -160,9 +160,10 @@ def status() -> str:
 
 
 def default_splits(batch: int, n_kv_heads: int, max_keys: int) -> int:
-    """KV splits per (sequence, KV head): enough work items for every thread (4 each, for balance on a
-    shared machine), never under ``MIN_KEYS_PER_SPLIT`` keys per split."""
-    want = math.ceil(4 * torch.get_num_threads() / max(1, batch * n_kv_heads))
+    """KV splits per (sequence, KV head): about 8 work items per thread (handed out dynamically, so a
+    descheduled thread's share moves to the others on a shared machine), never under
+    ``MIN_KEYS_PER_SPLIT`` keys per split."""
+    want = math.ceil(8 * torch.get_num_threads() / max(1, batch * n_kv_heads))
     return max(1, min(want, max_keys // MIN_KEYS_PER_SPLIT))
 
 
