@@ -12,8 +12,9 @@ if not torch.cuda.is_available():
 print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__)
 EOF
 
-# Without TRITON_INTERPRET the test module builds the kernels for the GPU and runs every case there.
-env -u TRITON_INTERPRET python -m pytest -q tests/test_kernels_triton.py tests/test_kernels_cpu.py
+# Without TRITON_INTERPRET the test module builds the kernels for the GPU and runs every case there;
+# CI=true makes a missing triton an error instead of a skip.
+env -u TRITON_INTERPRET CI=true python -m pytest -q tests/kernels/test_triton.py tests/kernels/test_cpu.py
 
 # The full case list (GQA/MQA/MHA, B=1 S=4k..128k, B=32 S=4k, 4k sliding window).
 gqa bench attention --device cuda --dtype bfloat16 --full --max-memory-gb 40
