@@ -123,6 +123,13 @@ def test_eval_refuses_bad_configs_and_mismatched_weights(model_copy, work, chang
     assert tree_hash(model_copy) == before and list(work.iterdir()) == []
 
 
+def test_generate_refuses_absurd_layer_counts_before_allocating(model_copy, work):
+    _edit_config(model_copy, num_hidden_layers=1e9)
+    res = gqa_cli(["generate", model_copy, "-p", "x", "--max-new-tokens", "2"], work, timeout=120)
+    assert_one_line_refusal(res, "num_hidden_layers")
+    assert list(work.iterdir()) == []
+
+
 def test_eval_refuses_config_json_that_is_a_list(model_copy, work):
     (model_copy / "config.json").write_text("[1, 2, 3]")
     assert_one_line_refusal(gqa_cli(["eval", model_copy], work), "JSON list")
