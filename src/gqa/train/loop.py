@@ -395,6 +395,7 @@ def _run(
         enabled=progress and info.is_main,
     )
     t0 = time.perf_counter()
+    cpu0 = time.process_time()  # this process's CPU time: what a time budget bought on a shared machine
     last_loss = float("nan")
     done = start
     stopped_by_time = False
@@ -460,6 +461,7 @@ def _run(
                 "tokens_per_s": config.tokens_per_step / step_seconds,
                 "train_seconds": train_seconds,
                 "elapsed_s": prior_elapsed + time.perf_counter() - t0,
+                "cpu_seconds": time.process_time() - cpu0,  # this session's CPU time (all threads)
             }
             out_of_time = bool(budget_s) and train_seconds >= budget_s
             last = done == config.steps or out_of_time
