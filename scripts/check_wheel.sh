@@ -8,14 +8,18 @@
 # Usage: bash scripts/check_wheel.sh [python]   (default: .venv/bin/python, which builds the wheel)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repo=$(pwd)
 build_py="${1:-.venv/bin/python}"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 fail() { echo "check_wheel: FAIL: $*" >&2; exit 1; }
 
-"$build_py" -m pip wheel -q --no-deps --no-build-isolation -w "$work/dist" "$repo"
+# Build from a clean copy of what the build reads (an in-tree build reuses build/lib, where files deleted
+# from src/ would linger and end up in the wheel).
+mkdir "$work/source"
+cp pyproject.toml README.md LICENSE "$work/source/"
+"$build_py" -c 'import shutil, sys; shutil.copytree("src", sys.argv[1], ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc"))' "$work/source/src"
+"$build_py" -m pip wheel -q --no-deps --no-build-isolation -w "$work/dist" "$work/source"
 wheel=$(ls "$work"/dist/gqa-*.whl)
 torch_version=$("$build_py" -c 'import torch; print(torch.__version__.split("+")[0])')
 
