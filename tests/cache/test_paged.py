@@ -163,4 +163,7 @@ def test_paged_batch_is_single_use_and_needs_reserved_pages():
             model(torch.tensor([[4]]), cache=batch)
         with pytest.raises(GQAUserError, match="reserve"):
             model(torch.tensor([[4, 5]]), cache=cache.batch(["a"]))  # 5 tokens in 1 reserved page
+        cache.reserve("a", 1)
+        with pytest.raises(GQAUserError, match="Hkv=2"):  # a refused write leaves the length alone
+            cache.batch(["a"])[0].update(torch.randn(1, 5, 1, 8), torch.randn(1, 5, 1, 8))
     assert cache.length("a") == 3

@@ -301,17 +301,19 @@ class PagedBatch:
             raise GQAUserError(
                 f"layer {layer} already wrote through this paged batch; take cache.batch(seqs) for each forward"
             )
-        if self._new_tokens is None:
+        first = self._new_tokens is None
+        if first:
             self._slots = self.cache._slots(self.block_table, self.start, t)  # shared by every layer
             self._lengths = self.start + t  # (B,) int32
-            self.cache.advance(self.seqs, t)
-            self._new_tokens = t
         elif t != self._new_tokens:
             raise GQAUserError(
                 f"layers of one forward wrote {self._new_tokens} and {t} tokens; write the same tokens in every layer"
             )
-        self._written.add(layer)
         self.cache._store(layer, k_new, v_new, *self._slots)
+        if first:  # only once the first write succeeded, so a refused write leaves the lengths as they were
+            self.cache.advance(self.seqs, t)
+            self._new_tokens = t
+        self._written.add(layer)
         return PagedKV(self.cache.k_pages[layer], self.cache.v_pages[layer], self.block_table, self._lengths)
 
 
