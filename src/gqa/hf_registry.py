@@ -24,7 +24,6 @@ KV cache and is the fast path. Model folders are plain data: nothing here runs c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -190,10 +189,15 @@ def register() -> None:
 
 
 def read_per_layer_heads(folder: str | Path) -> list[int] | None:
-    """The per-layer KV heads a folder's config.json declares, or None when it has none."""
-    cfg = json.loads((Path(folder) / "config.json").read_text())
-    per_layer = cfg.get("per_layer_config")
-    if not per_layer:
+    """The per-layer KV heads a folder's config.json declares, or None when it has none (values validated)."""
+    from gqa.model.config import check_int
+    from gqa.model.hf import per_layer_kv_heads
+    from gqa.model.loading import read_config_json
+
+    cfg = read_config_json(Path(folder) / "config.json")
+    if cfg.get("per_layer_config") is None:
         return None
-    default = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    return [int(per_layer.get(str(i), {}).get("num_key_value_heads", default)) for i in range(cfg["num_hidden_layers"])]
+    n_layers = check_int("n_layers", cfg.get("num_hidden_layers"), field="num_hidden_layers")
+    default = cfg.get("num_key_value_heads")
+    default = cfg.get("num_attention_heads") if default is None else default
+    return per_layer_kv_heads(cfg, n_layers, check_int("n_kv_heads", default, field="num_key_value_heads"))

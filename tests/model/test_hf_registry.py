@@ -109,3 +109,12 @@ def test_per_layer_loader_refuses_trust_remote_code(tmp_path):
     save_hf(per_layer_model(), tmp_path / "out")
     with pytest.raises(GQAUserError, match="never runs code"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+
+
+def test_read_per_layer_heads(tmp_path):
+    from gqa.hf_registry import read_per_layer_heads
+
+    save_hf(per_layer_model(), tmp_path / "v")
+    assert read_per_layer_heads(tmp_path / "v") == [4, 2, 1]
+    save_hf(GQAForCausalLM(GQAConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)), tmp_path / "u")
+    assert read_per_layer_heads(tmp_path / "u") is None
