@@ -46,6 +46,11 @@ def uniform(tmp_path_factory):
 
 def test_uniform_metadata_and_shapes(uniform):
     m, _, path = uniform
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not the private temp file's 0600
     f, t = _fields(path)
     assert f["general.architecture"] == "llama"
     assert f["llama.block_count"] == 3 and f["llama.embedding_length"] == 64
