@@ -114,6 +114,23 @@ inline vf16 exp2_neg_v(vf16 x) {
   return p * scale;
 }
 
+// 16 elements of a K or V row as fp32: fp32 loads as is, bf16 is widened in registers (a bf16 is the
+// top half of an fp32), so a bf16 cache is never copied to an fp32 buffer.
+inline vf16 load16(const float* p) { return loadv(p); }
+
+inline vf16 load16(const at::BFloat16* p) {
+  typedef uint16_t vu16 __attribute__((vector_size(32), aligned(2)));
+  vu16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const vi16 w = __builtin_convertvector(h, vi16) << 16;
+  vf16 f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+inline float load1(const float* p) { return *p; }
+inline float load1(const at::BFloat16* p) { return static_cast<float>(*p); }
+
 #if defined(__AVX512F__)
 constexpr int KEY_TILE = 4;  // keys per score tile: ROW_TILE x KEY_TILE accumulators in registers
 constexpr int DIM_TILE = 4;  // 16-float chunks of the output per P @ V tile
@@ -125,13 +142,13 @@ constexpr int ROW_TILE = 4;
 
 // s[r * BLOCK_N + c] = q_r . k_c for NR rows and NK keys: each K chunk and each q chunk is loaded
 // once per tile, NR * NK independent accumulators keep the FMA units busy.
-template <int NR, int NK>
-inline void score_tile(const float* __restrict q, const float* const* k, int64_t d, float* s) {
+template <int NR, int NK, typename T>
+inline void score_tile(const float* __restrict q, const T* const* k, int64_t d, float* s) {
   vf16 a[NR][NK] = {};
   int64_t i = 0;
   for (; i + LANES <= d; i += LANES) {
     vf16 kk[NK];
-    for (int c = 0; c < NK; ++c) kk[c] = loadv(k[c] + i);
+    for (int c = 0; c < NK; ++c) kk[c] = load16(k[c] + i);
     for (int r = 0; r < NR; ++r) {
       const vf16 x = loadv(q + r * d + i);
       for (int c = 0; c < NK; ++c) a[r][c] += x * kk[c];
@@ -140,14 +157,14 @@ inline void score_tile(const float* __restrict q, const float* const* k, int64_t
   for (int r = 0; r < NR; ++r) {
     for (int c = 0; c < NK; ++c) {
       float t = hsum(a[r][c]);
-      for (int64_t e = i; e < d; ++e) t += q[r * d + e] * k[c][e];
+      for (int64_t e = i; e < d; ++e) t += q[r * d + e] * load1(k[c] + e);
       s[r * BLOCK_N + c] = t;
     }
   }
 }
 
-template <int NR>
-inline void score_rows(const float* q, const float* const* k, int64_t d, int64_t bn, float* s) {
+template <int NR, typename T>
+inline void score_rows(const float* q, const T* const* k, int64_t d, int64_t bn, float* s) {
   int64_t c = 0;
   for (; c + KEY_TILE <= bn; c += KEY_TILE) score_tile<NR, KEY_TILE>(q, k + c, d, s + c);
   for (; c < bn; ++c) score_tile<NR, 1>(q, k + c, d, s + c);
@@ -156,8 +173,8 @@ inline void score_rows(const float* q, const float* const* k, int64_t d, int64_t
 // acc_r += sum_c p[r, c] * v_c for NR rows: DIM_TILE chunks of each accumulator row stay in registers
 // over the block's keys and each V chunk is loaded once for all NR rows. A key some row masks out
 // (p == 0 exactly then) takes the careful path, so 0 * NaN in unused slots never reaches the output.
-template <int NR>
-inline void pv_rows(float* acc, const float* p, const float* const* v, int64_t d, int64_t bn, bool full) {
+template <int NR, typename T>
+inline void pv_rows(float* acc, const float* p, const T* const* v, int64_t d, int64_t bn, bool full) {
   int64_t i = 0;
   for (; i + DIM_TILE * LANES <= d; i += DIM_TILE * LANES) {
     vf16 x[NR][DIM_TILE];
@@ -165,7 +182,7 @@ inline void pv_rows(float* acc, const float* p, const float* const* v, int64_t d
       for (int u = 0; u < DIM_TILE; ++u) x[r][u] = loadv(acc + r * d + i + u * LANES);
     for (int64_t c = 0; c < bn; ++c) {
       vf16 vv[DIM_TILE];
-      for (int u = 0; u < DIM_TILE; ++u) vv[u] = loadv(v[c] + i + u * LANES);
+      for (int u = 0; u < DIM_TILE; ++u) vv[u] = load16(v[c] + i + u * LANES);
       bool all = full;
       if (!all) {
         all = true;
@@ -192,7 +209,7 @@ inline void pv_rows(float* acc, const float* p, const float* const* v, int64_t d
       float x = acc[r * d + i];
       for (int64_t c = 0; c < bn; ++c) {
         const float w = p[r * BLOCK_N + c];
-        if (w != 0.0f) x += w * v[c][i];
+        if (w != 0.0f) x += w * load1(v[c] + i);
       }
       acc[r * d + i] = x;
     }
@@ -220,17 +237,6 @@ struct Rows {
 };
 
 template <typename T>
-inline const float* as_float_row(const T* src, float* buf, int64_t d) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-    for (int64_t i = 0; i < d; ++i) buf[i] = bf16_to_float(s[i]);
-    return buf;
-  }
-}
-
-template <typename T>
 void decode_kernel(
     const float* q,  // [B, Hq, Tq, D] contiguous, pre-scaled by scale * log2(e)
     const Rows<T>& K, const Rows<T>& V,
@@ -248,9 +254,9 @@ void decode_kernel(
   std::atomic<int64_t> next_item{0};
   const int64_t n_workers = std::min<int64_t>(at::get_num_threads(), n_items);
   at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> acc(R * D), m(R), l(R), sc(R * BLOCK_N), kbuf(BLOCK_N * D), vbuf(BLOCK_N * D);
+    std::vector<float> acc(R * D), m(R), l(R), sc(R * BLOCK_N);
     std::vector<int64_t> lo_t(Tq), hi_t(Tq);
-    std::vector<const float*> krow(BLOCK_N), vrow(BLOCK_N);
+    std::vector<const T*> krow(BLOCK_N), vrow(BLOCK_N);
     for (int64_t item = next_item.fetch_add(1); item < n_items; item = next_item.fetch_add(1)) {
       const int64_t b = item / (Hkv * n_splits);
       const int64_t j = (item / n_splits) % Hkv;
@@ -300,7 +306,7 @@ void decode_kernel(
             __builtin_prefetch(vp + off, 0, 1);
           }
         }
-        for (int64_t c = 0; c < bn; ++c) krow[c] = as_float_row(K.row(b, j, n0 + c), kbuf.data() + c * D, D);
+        for (int64_t c = 0; c < bn; ++c) krow[c] = K.row(b, j, n0 + c);
         int64_t r0 = 0;
         for (; r0 + ROW_TILE <= R; r0 += ROW_TILE)
           score_rows<ROW_TILE>(qrows + r0 * D, krow.data(), D, bn, sc.data() + r0 * BLOCK_N);
@@ -332,7 +338,7 @@ void decode_kernel(
           for (int64_t c = 0; c + LANES <= BLOCK_N; c += LANES) part += loadv(sr + c);
           l[r] += hsum(part);
         }
-        for (int64_t c = 0; c < bn; ++c) vrow[c] = as_float_row(V.row(b, j, n0 + c), vbuf.data() + c * D, D);
+        for (int64_t c = 0; c < bn; ++c) vrow[c] = V.row(b, j, n0 + c);
         for (r0 = 0; r0 + ROW_TILE <= R; r0 += ROW_TILE)
           pv_rows<ROW_TILE>(acc.data() + r0 * D, sc.data() + r0 * BLOCK_N, vrow.data(), D, bn, full);
         for (; r0 < R; ++r0) pv_rows<1>(acc.data() + r0 * D, sc.data() + r0 * BLOCK_N, vrow.data(), D, bn, full);

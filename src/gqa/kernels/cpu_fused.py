@@ -136,7 +136,8 @@ def _load():
         _state["op"] = _build()
     except Exception as e:  # noqa: BLE001 - any build failure means the fallback, stated loudly below
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-        _state["reason"] = f"{type(e).__name__}: {lines[-1][:200] if lines else ''}"
+        first_error = next((ln for ln in lines if "error" in ln.lower() and "build stopped" not in ln), None)
+        _state["reason"] = f"{type(e).__name__}: {(first_error or (lines[-1] if lines else ''))[:200]}"
         warnings.warn(
             f"gqa: the fused CPU decode kernel could not be built ({_state['reason']}); CPU decode runs the "
             "slower torch path. Install a C++ compiler (g++) and ninja, or set GQA_CPU_KERNEL=torch to "
