@@ -301,3 +301,18 @@ def test_fuzz_config_values_for_eval_and_memory(tmp_path):
             os.chdir(cwd)
 
     run()
+
+
+def test_transformers_strict_config_validation_is_one_line(model_copy, tmp_path):
+    """A value only transformers validates (huggingface_hub strict dataclasses) still ends in one line."""
+    from typer.testing import CliRunner
+
+    from gqa.cli import app
+
+    _edit_config(model_copy, initializer_range="abc")
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question.")
+    res = CliRunner().invoke(app, ["eval", str(model_copy), "--data", str(text)])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "initializer_range" in lines[0] and lines[0].startswith("error: ")
