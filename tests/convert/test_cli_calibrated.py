@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from gqa import GQAConfig, GQAForCausalLM, load_hf, save_hf
@@ -190,3 +193,43 @@ def test_calibrated_output_dtype_is_what_the_report_says(source, tmp_path):
         assert f.get_tensor("model.layers.0.self_attn.k_proj.weight").dtype == torch.bfloat16
     assert rep.kv_cache_dtype == rep.output_dtype == "bfloat16"
     assert rep.kv_cache_bytes_per_token_after == 2 * 3 * 2 * 16 * 2  # K and V x layers x heads x D x bytes
+
+
+@pytest.mark.timeout(600)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    target=st.sampled_from([("kv_heads", 2), ("kv_heads", 8), ("kv_heads", 3), ("kv_heads_per_layer", "4,2,1"),
+                            ("kv_budget", 0.5), ("kv_budget", float("inf"))]),
+    grouping=st.sampled_from(["contiguous", "similarity", "random"]),
+    merge=st.sampled_from(["mean", "first", "random", "weighted", "lsq", "fit", "median"]),
+    calib=st.booleans(),
+    export=st.sampled_from(["hf", "decilm", "gguf", "onnx"]),
+    distill=st.sampled_from([None, "local"]),
+    dtype=st.sampled_from([None, "bfloat16", "int8"]),
+)  # fmt: skip
+def test_every_option_combination_works_or_is_one_line(source, target, grouping, merge, calib, export, distill, dtype):
+    """The routing promise of convert(): any combination either converts (OUT holds a report and a model)
+    or is refused with one GQAUserError line and nothing written; never another exception."""
+    import tempfile
+
+    from gqa.convert import convert
+    from gqa.errors import GQAUserError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        kwargs = dict(
+            {target[0]: target[1]}, grouping=grouping, merge=merge, export=export, distill=distill,
+            distill_steps=2, dtype=dtype, calib=str(source / "calib.txt") if calib else None,
+            calib_tokens=320, seq_len=32, progress=False,
+        )  # fmt: skip
+        try:
+            report = convert(source / "model", out, **kwargs)
+        except GQAUserError as e:
+            assert "\n" not in str(e) and str(e)
+            assert list(Path(tmp).iterdir()) == []
+            return
+        assert (out / "conversion_report.json").is_file()
+        assert report.export == export and report.path == (
+            "streaming" if export == "hf" and not calib else "calibrated"
+        )
+        assert (out / ("model.gguf" if export == "gguf" else "model.safetensors")).is_file()
