@@ -298,3 +298,20 @@ def test_error_curves_kl_and_layer_measures():
     # The model is restored after measuring: logits equal the untouched model's.
     fresh = tiny_model(seed=3)
     torch.testing.assert_close(model(ids), fresh(ids), rtol=0, atol=0)
+
+
+def test_expansion_in_the_calibrated_path_replicates_heads_exactly():
+    """Per-layer targets above a layer's KV heads replicate them (new head j = old head j // r), with or
+    without statistics; the function is unchanged (float64: only summation order differs)."""
+    model = tiny_model()  # 8 query heads, 4 KV heads
+    stats = stats_for(model)
+    new, results = reduce_kv_heads(model, [8, 2], stats, grouping="similarity", merge="fit", progress=False)
+    assert results[0].merge == "replicate" and results[0].error == 0.0
+    assert results[0].groups == [[0], [0], [1], [1], [2], [2], [3], [3]]
+    d = model.config.resolved_head_dim
+    k_old, k_new = model.layers[0].attn.k_proj.weight.view(4, d, -1), new.layers[0].attn.k_proj.weight.view(8, d, -1)
+    assert all(torch.equal(k_new[j], k_old[j // 2]) for j in range(8))
+    only_expanded, _ = reduce_kv_heads(model, [8, 4], None, grouping="contiguous", align=False, progress=False)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(_double(only_expanded)(ids), _double(model)(ids), rtol=0, atol=1e-12)
