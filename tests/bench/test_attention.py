@@ -57,8 +57,9 @@ def test_cli_writes_results_with_provenance(tiny_cases, tmp_path, monkeypatch):
     assert not [f for f in files if f.startswith(".")]  # no temp file left behind
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     prov = data["provenance"]
-    for key in ("cpu", "cpu_cores", "torch", "triton", "git_commit", "command", "date", "dtype", "loadavg_before"):
+    for key in ("cpu", "cpu_cores", "versions", "git_commit", "command", "date", "dtype", "load_average"):
         assert prov[key] not in (None, ""), key
+    assert prov["load_average"]["before"] and prov["load_average"]["after"]
     assert prov["command"].startswith("gqa bench attention --device cpu --dtype float32 --quick")
     assert data["bandwidth"]["before"]["copy_gbps"] > 0
     assert [c["name"] for c in data["cases"]] == [c.name for c in TINY]
@@ -130,8 +131,9 @@ def test_cpu_decode_cli_writes_results_with_provenance_and_goals(monkeypatch, tm
     assert len(files) == 3 and all(f.startswith("cpu-decode-") for f in files), files
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     prov = data["provenance"]
-    for key in ("date", "command", "git_commit", "machine", "versions", "loadavg_before", "loadavg_after", "compiler"):
+    for key in ("date", "command", "git_commit", "machine", "versions", "load_average", "compiler", "fused_kernel"):
         assert prov[key] not in (None, "", []), key
+    assert prov["load_average"]["before"] and prov["load_average"]["after"]
     assert prov["dtype"] == "float32,bfloat16" and prov["torch_threads"] == 1
     assert [(r["dtype"], r["case"]) for r in data["rows"]] == [
         ("float32", "tiny B=2 S=1k"),

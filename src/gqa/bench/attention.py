@@ -19,11 +19,9 @@ Results go to ``benchmarks/results/<machine>-<date>.{json,md,png}`` with provena
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -35,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from gqa.errors import GQAUserError
-from gqa.provenance import cpu_name, git_commit
+from gqa.provenance import cpu_name, load_average, provenance_markdown
 
 __all__ = [
     "Case",
@@ -309,7 +307,7 @@ def run_attention_bench(
         min_time = 0.3 if mode == "quick" else 1.0
     cases = cases_for(mode, device)
     timer = _Timer(dev, min_time, max_iters)
-    load_before = os.getloadavg()
+    load_before = load_average()
     bandwidth = measure_bandwidth(dev, 1024 * 2**20 if device == "cuda" else 256 * 2**20, timer)
 
     from tqdm import tqdm
@@ -393,32 +391,28 @@ def _case_dict(r: CaseResult, bw_before: dict, bw_after: dict) -> dict:
 # Provenance and output
 
 
-def provenance(device: str, dtype: str, mode: str, load_before: tuple, command: str | None = None) -> dict:
-    try:
-        import triton
+def provenance(device: str, dtype: str, mode: str, load_before, command: str | None = None) -> dict:
+    """The project's provenance schema (:func:`gqa.provenance.provenance`) plus this benchmark's keys."""
+    from gqa.provenance import provenance as base_provenance
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
-    return {
-        "machine": gpu or cpu_name(),
-        "cpu": cpu_name(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": gpu,
-        "device": device,
-        "dtype": dtype,
-        "mode": mode,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "git_commit": git_commit(),
-        "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_before": list(load_before),
-        "loadavg_after": list(os.getloadavg()),
-    }
+    return base_provenance(
+        command,
+        dtype,
+        load_before=list(load_before) if load_before is not None else None,
+        device=device,
+        mode=mode,
+        cpu=cpu_name(),
+        cpu_cores=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        gpu=gpu,
+    )
+
+
+def _load_text(p: dict) -> str:
+    load = p.get("load_average") or {}
+    fmt = lambda xs: "/".join(f"{x:.2f}" for x in xs) if xs else "not recorded"  # noqa: E731
+    return f"{fmt(load.get('before'))} -> {fmt(load.get('after'))} on {load.get('cpus')} CPUs"
 
 
 def machine_slug(prov: dict) -> str:
@@ -436,14 +430,9 @@ def to_markdown(results: dict) -> str:
     p = results["provenance"]
     bw = results["bandwidth"]
     lines = [
-        f"# Decode attention benchmark — {p['machine']} ({p['device']}, {p['dtype']})",
+        f"# Decode attention benchmark — {p['cpu'] if not p['gpu'] else p['gpu']} ({p['device']}, {p['dtype']})",
         "",
-        f"- date: {p['date']}; command: `{p['command']}`; mode: {p['mode']}",
-        f"- machine: {p['cpu']}, {p['cpu_cores']} cores, torch threads {p['torch_threads']}"
-        + (f"; GPU {p['gpu']}" if p["gpu"] else ""),
-        f"- versions: torch {p['torch']}, triton {p['triton']}, python {p['python']}; git {p['git_commit']}",
-        f"- load average (1/5/15 min) before: {', '.join(f'{x:.2f}' for x in p['loadavg_before'])}; "
-        f"after: {', '.join(f'{x:.2f}' for x in p['loadavg_after'])}",
+        provenance_markdown(p).rstrip(),
         f"- bandwidth measured in this run ({bw['before']['bytes'] / 2**20:.0f} MiB, cold): copy "
         f"{bw['before']['copy_gbps']:.1f} / {bw['after']['copy_gbps']:.1f} GB/s (before / after, read+write), "
         f"read {bw['before']['read_gbps']:.1f} / {bw['after']['read_gbps']:.1f} GB/s",
@@ -507,8 +496,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_yscale("log")
     p = results["provenance"]
     ax.set_title(
-        f"Decode attention (Tq = 1), {p['machine']}, {p['dtype']}, {p['torch_threads']} threads, "
-        f"load {p['loadavg_before'][0]:.1f}",
+        f"Decode attention (Tq = 1), {p['machine']}, {p['dtype']}, {p['torch_threads']} threads, load {_load_text(p)}",
         fontsize=9,
     )
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -660,7 +648,7 @@ def run_cpu_decode_bench(
         torch.set_num_threads(threads)
     try:
         fused_status = cpu_fused.status()  # builds the kernel first, outside any timing
-        load_before = os.getloadavg()
+        load_before = load_average()
         rows = []
         bar = tqdm(total=len(dtypes) * len(cases), desc="bench cpu-decode", disable=not progress, file=sys.stderr)
         for dtype_name in dtypes:
@@ -719,41 +707,36 @@ def run_cpu_decode_bench(
                 del q, k, v, src, dst, peers, timed, yardstick
                 bar.update(1)
         bar.close()
-        prov = base_provenance(command=command, dtype=",".join(dtypes))
         try:
             compiler = subprocess.run(["c++", "--version"], capture_output=True, text=True, timeout=10).stdout
             compiler = compiler.splitlines()[0] if compiler else "unknown"
         except (OSError, subprocess.SubprocessError):
             compiler = "none found"
-        prov |= {
-            "cpu": cpu_name(),
-            "cpu_cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "loadavg_before": list(load_before),
-            "loadavg_after": list(os.getloadavg()),
-            "fused_kernel": fused_status,
-            "compiler": compiler,
-            "cflags": " ".join(cpu_fused.CFLAGS),
-            "rounds": rounds,
-        }
+        prov = base_provenance(
+            command,
+            ",".join(dtypes),
+            load_before=load_before,
+            cpu=cpu_name(),
+            cpu_cores=os.cpu_count(),
+            torch_threads=torch.get_num_threads(),
+            fused_kernel=fused_status,
+            compiler=compiler,
+            cflags=" ".join(cpu_fused.CFLAGS),
+            rounds=rounds,
+        )
         return {"provenance": prov, "goals": dict(CPU_DECODE_GOALS), "rows": rows}
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def cpu_decode_markdown(results: dict) -> str:
-    from gqa.provenance import provenance_markdown
-
     p = results["provenance"]
     goals = results["goals"]
     lines = [
         "# CPU decode attention: the fused C++ kernel against the read bandwidth and torch",
         "",
         provenance_markdown(p).rstrip(),
-        f"- CPU: {p['cpu']}, {p['cpu_cores']} cores, torch threads {p['torch_threads']}; compiler: {p['compiler']} "
-        f"(`{p['cflags']}`); fused kernel: {p['fused_kernel']}",
-        f"- load average (1/5/15 min) before: {', '.join(f'{x:.2f}' for x in p['loadavg_before'])}; after: "
-        f"{', '.join(f'{x:.2f}' for x in p['loadavg_after'])} (on {p['cpu_cores']} cores, shared with other work)",
+        "- the machine's cores are shared with other work: see the load average above",
         f"- method: one decode step (Tq = 1, 32 q / 8 KV heads, D = 128); every peer and a streaming read "
         f"(`sum`) and copy of as many bytes run round-robin {p['rounds']} times; GB/s = KV bytes / best "
         "round. KV caches are >= 128 MiB, several times the last-level cache.",
@@ -808,8 +791,8 @@ def cpu_decode_plot(results: dict, path: Path) -> None:
     ax.set_ylabel("GB/s of KV cache read (best round)")
     p = results["provenance"]
     ax.set_title(
-        f"CPU decode attention, 32 q / 8 KV heads, D = 128 — {p['cpu']}, {p['torch_threads']} threads, "
-        f"load {p['loadavg_before'][0]:.1f} -> {p['loadavg_after'][0]:.1f}",
+        f"CPU decode attention, 32 q / 8 KV heads, D = 128 — {p['cpu']}, {p['torch_threads']} threads\n"
+        f"load {_load_text(p)}; {p['date'][:10]}",
         fontsize=9,
     )
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

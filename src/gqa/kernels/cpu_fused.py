@@ -156,7 +156,7 @@ def available() -> bool:
 def status() -> str:
     """One line: the fused kernel is in use, or why not."""
     if available():
-        return f"fused C++ kernel loaded from {cache_dir()}"
+        return f"fused C++ kernel loaded (build {cache_dir().name} in the kernel cache)"
     return f"torch fallback: {_state['reason']}"
 
 
