@@ -83,8 +83,8 @@ def check_decode_inputs(q, k, v, lengths, window, chunk, scale, kv_name: str) ->
 
 
 def check_block_table(block_table, lengths, batch: int, page_size: int, num_pages: int, check_pages: bool) -> None:
-    """Shape and dtype of the block table; and, when ``check_pages`` (always on CPU, where it costs no
-    device sync), that every page id a sequence uses is in ``0 .. num_pages - 1``."""
+    """Shape and dtype of the block table; and, when ``check_pages``, that every page id a sequence uses
+    is in ``0 .. num_pages - 1``."""
     if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != batch:
         raise GQAUserError(f"block_table must be an int tensor [B={batch}, max_pages_per_seq]")
     if block_table.dtype not in (torch.int32, torch.int64):
@@ -93,7 +93,7 @@ def check_block_table(block_table, lengths, batch: int, page_size: int, num_page
         raise GQAUserError(
             f"a length ({int(lengths.max())}) exceeds block_table's {block_table.shape[1]} pages x {page_size} slots"
         )
-    if check_pages or block_table.device.type == "cpu":
+    if check_pages:
         slots = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page_size
         ids = block_table[slots < lengths.to(block_table.device)[:, None]]  # page ids of pages in use
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_pages):

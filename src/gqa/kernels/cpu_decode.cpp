@@ -230,7 +230,8 @@ struct Rows {
     if (table != nullptr) {
       page = table[b * table_stride + n / page_size];
       slot = n % page_size;
-      TORCH_CHECK(page >= 0 && page < num_pages, "gqa cpu decode: page id ", page, " outside 0..", num_pages - 1);
+      TORCH_CHECK(page >= 0 && page < num_pages, "gqa cpu decode: page id ", page, " outside 0..", num_pages - 1,
+                  " for pages in use");
     }
     return base + page * stride_page + j * stride_head + slot * stride_slot;
   }

@@ -24,12 +24,15 @@ import hashlib
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import warnings
 from pathlib import Path
 
 import torch
+
+from gqa.errors import GQAUserError
 
 __all__ = ["available", "status", "fused_decode", "FUSED_DTYPES", "SOURCE"]
 
@@ -188,7 +191,7 @@ def fused_decode(
     ``block_table`` ``[B, max_pages]`` int, pages ``[num_pages, Hkv, page_size, D]``; fp32 or bf16.
     ``kv_lens`` ``[B]``: keys ``0 .. kv_lens[b]-1`` exist; ``q_pos0`` ``[B]``: position of query token 0.
     ``causal``/``window``/``chunk`` as in :mod:`gqa.masks`. Page ids must be valid (checked by the
-    caller; the kernel also refuses an id outside the pages). Returns ``[B, Hq, Tq, D]`` in q's dtype;
+    caller, or here: the kernel refuses any id it would read outside the pages, a GQAUserError). Returns ``[B, Hq, Tq, D]`` in q's dtype;
     rows with no visible key are zeros.
     """
     op = _load()
@@ -211,5 +214,14 @@ def fused_decode(
             max_keys = min(max_keys, chunk + tq - 1)
         num_splits = default_splits(b, k.shape[1], max_keys)
     causal = bool(causal) or window is not None  # a sliding window is causal (gqa.masks.sliding_window)
-    out = op(qs, k, v, table, kv_lens, q_pos0, causal, int(window or 0), int(chunk or 0), int(num_splits))
+    try:
+        out = op(qs, k, v, table, kv_lens, q_pos0, causal, int(window or 0), int(chunk or 0), int(num_splits))
+    except RuntimeError as e:  # the kernel checks every page id it reads (free there): a bad table is the user's
+        found = re.search(r"gqa cpu decode: page id (-?\d+) outside 0\.\.(-?\d+)", str(e))
+        if found is None:
+            raise
+        raise GQAUserError(
+            f"block_table holds page ids outside 0..{found.group(2)} for pages in use (got {found.group(1)}); "
+            "fix the table"
+        ) from None
     return out.to(q.dtype)  # (B, Hq, Tq, D)

@@ -244,16 +244,22 @@ def paged_decode_attention(
             last page are never read.
         lengths: ``[B]`` int tokens per sequence, new tokens included.
         scale, causal, window, chunk, num_splits: as in :func:`decode_attention` (causal default False).
-        check_pages: verify the page ids in use are in ``0 .. num_pages - 1`` (a GQAUserError otherwise).
-            On CUDA the check costs a device sync, and ``check_pages=False`` trusts the table: an
-            invalid id there is undefined behaviour (the kernel reads whatever memory it points at).
-            On CPU the check is free and always runs, whatever ``check_pages`` says.
+        check_pages: verify the page ids in use are in ``0 .. num_pages - 1`` up front (a GQAUserError
+            otherwise). On CUDA the check costs a device sync, and ``check_pages=False`` trusts the
+            table: an invalid id there is undefined behaviour (the kernel reads whatever memory it points
+            at). On CPU an invalid id is always a GQAUserError, whatever ``check_pages`` says: the fused
+            kernel checks each id as it reads it, and the torch fallback checks the table first.
 
     Returns:
         ``[B, Hq, Tq, D]`` in q's dtype. Query head h uses KV head ``h // g``.
     """
     check_decode_inputs(q, k_pages, v_pages, lengths, window, chunk, scale, "k_pages")
-    check_block_table(block_table, lengths, q.shape[0], k_pages.shape[2], k_pages.shape[0], check_pages)
+    # On CPU the fused kernel checks each page id as it reads it (free); the torch fallback gathers pages
+    # by indexing, where -1 would silently read the last page, so there the table is always checked.
+    cpu_unchecked_ok = q.device.type == "cpu" and q.dtype != torch.float64 and cpu_fused.available()
+    check_block_table(
+        block_table, lengths, q.shape[0], k_pages.shape[2], k_pages.shape[0], check_pages or not cpu_unchecked_ok
+    )
     return _run(q, k_pages, v_pages, lengths, block_table, scale, causal, window, chunk, num_splits)
 
 
