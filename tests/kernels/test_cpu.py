@@ -416,3 +416,16 @@ def test_cache_dir_depends_on_the_source(monkeypatch, tmp_path):
     src.write_text("// another kernel\n")
     monkeypatch.setattr(cpu_fused, "SOURCE", src)
     assert cpu_fused.cache_dir() != first
+
+
+def test_ninja_from_the_pip_package_is_found_without_an_activated_venv(monkeypatch):
+    """torch's builder runs `ninja` from PATH; a venv's python run without activation lacks the venv's bin
+    on PATH, so the build puts the pip package's ninja there for its duration only."""
+    import ninja  # a dependency of gqa (pyproject)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **kw: None)
+    monkeypatch.setenv("PATH", "/nonexistent-bin")
+    import os
+
+    with cpu_fused._ninja_on_path():
+        assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+    assert os.environ["PATH"] == "/nonexistent-bin"
