@@ -12,8 +12,9 @@ What is timed: decode steps at a given context. The prompt's keys/values are not
 caches are filled with the same random K/V of the right shape, which costs a decode step exactly what a
 real prompt's K/V would. gqa then runs the step ``gqa.generate`` runs (``model(next, cache=static cache,
 logits_to_keep=1)``, greedy), transformers runs ``generate`` with the pre-filled ``DynamicCache``. Decode
-tokens/s = batch x (new_tokens - 1) / (time from the first new token to the last), best of ``--repeats``,
-the two implementations interleaved run by run so both see the same machine load.
+tokens/s = batch x (new_tokens - 1) / (time from the first new token to the last), best of ``--repeats``;
+for each context and batch, every variant and both implementations are interleaved run by run so all see
+the same machine load (the KV-head ratios and the gqa/transformers ratios are measured side by side).
 
 Memory: KV-cache bytes read from each implementation's cache tensors after a run; peak RSS of the process
 (VmHWM) and the run's own growth over the RSS before it (the kernel's peak counter is reset before each run).
@@ -225,50 +226,47 @@ def main() -> None:
                         log(f"skip kv={h} S={s} B={b}: KV cache {kv / 2**30:.1f} GiB > --max-kv-gib {args.max_kv_gib}")
                         continue
                     plan.append((h, s, b))
-        with progress(total=len(plan), desc="smollm2 decode", unit="run") as bar:
-            for h, folder in folders.items():
-                model = load_hf(folder, dtype=torch.float32).eval()
-                hf = None
-                if not args.no_transformers:
-                    with quiet_loading():
-                        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-                for hh, s, b in plan:
-                    if hh != h:
-                        continue
-                    cache = fill_static_cache(model, b, s, args.new_tokens, seed=s + b)
-                    last = torch.randint(1, model.config.vocab_size, (b, 1), generator=torch.Generator().manual_seed(b))
-                    timers = {"gqa": lambda n, m=model, c=cache, x=last, s=s: gqa_decode_seconds(m, c, s, x, n)}
-                    hf_cache = None
-                    if hf is not None:
-                        hf_cache = hf_cache_from(cache, s, hf.config)
+        models, hfs = {}, {}
+        for h, folder in folders.items():  # every variant loaded at once: each context is timed all together
+            models[h] = load_hf(folder, dtype=torch.float32).eval()
+            if not args.no_transformers:
+                with quiet_loading():
+                    hfs[h] = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        configs = list(dict.fromkeys((s, b) for _, s, b in plan))
+        with progress(total=len(configs), desc="smollm2 decode", unit="context x batch") as bar:
+            for s, b in configs:
+                timers, caches, hf_caches = {}, {}, {}
+                last = torch.randint(1, 49152, (b, 1), generator=torch.Generator().manual_seed(b))
+                for h in (h for h, ss, bb in plan if (ss, bb) == (s, b)):
+                    model = models[h]
+                    caches[h] = cache = fill_static_cache(model, b, s, args.new_tokens, seed=s + b)
+                    timers[("gqa", h)] = lambda n, m=model, c=cache, x=last, s=s: gqa_decode_seconds(m, c, s, x, n)
+                    if h in hfs:
+                        hf_caches[h] = hf_cache = hf_cache_from(cache, s, hfs[h].config)
                         ids = torch.cat([torch.zeros(b, s, dtype=torch.long), last], dim=1)  # (B, S+1): S cached
-                        timers["transformers"] = lambda n, m=hf, c=hf_cache, i=ids, s=s: hf_decode_seconds(
+                        timers[("transformers", h)] = lambda n, m=hfs[h], c=hf_cache, i=ids, s=s: hf_decode_seconds(
                             m, c, s, i, n
                         )
-                    res = measure(timers, b, args.new_tokens, args.repeats)
-                    kv_bytes = {"gqa": cache.nbytes}
-                    if hf_cache is not None:
-                        kv_bytes["transformers"] = hf_cache_bytes(hf_cache)
-                    for impl, r in res.items():
-                        rows.append(
-                            {
-                                "impl": impl,
-                                "kv_heads": h,
-                                "context": s,
-                                "batch": b,
-                                "decode_tokens_per_s": r["decode_tokens_per_s"],
-                                "kv_cache_bytes": kv_bytes[impl],
-                                "peak_rss_bytes": r["peak_rss_kib"] * 1024,
-                                "run_rss_growth_bytes": r["run_growth_kib"] * 1024,
-                            }
-                        )
-                    msg = ", ".join(f"{k} {v['decode_tokens_per_s']:.1f} tok/s" for k, v in res.items())
-                    log(f"kv={h} S={s} B={b}: {msg}; load {os.getloadavg()[0]:.1f}")
-                    del cache, hf_cache, timers
-                    gc.collect()
-                    bar.update()
-                del model, hf
+                res = measure(timers, b, args.new_tokens, args.repeats)  # all variants and both impls interleaved
+                for (impl, h), r in res.items():
+                    kv = caches[h].nbytes if impl == "gqa" else hf_cache_bytes(hf_caches[h])
+                    rows.append(
+                        {
+                            "impl": impl,
+                            "kv_heads": h,
+                            "context": s,
+                            "batch": b,
+                            "decode_tokens_per_s": r["decode_tokens_per_s"],
+                            "kv_cache_bytes": kv,
+                            "peak_rss_bytes": r["peak_rss_kib"] * 1024,
+                            "run_rss_growth_bytes": r["run_growth_kib"] * 1024,
+                        }
+                    )
+                msg = ", ".join(f"{impl} kv{h} {v['decode_tokens_per_s']:.1f}" for (impl, h), v in res.items())
+                log(f"S={s} B={b} (tok/s): {msg}; load {os.getloadavg()[0]:.1f}")
+                del timers, caches, hf_caches
                 gc.collect()
+                bar.update()
     command = shlex.join(["python", "benchmarks/smollm2_decode.py", *sys.argv[1:]])
     result = {
         "provenance": provenance(command, "float32"),
@@ -342,7 +340,8 @@ def write(res: dict, out: Path, name: str) -> None:
         provenance_markdown(prov),
         f"- model: {res['model']}; variants made by `gqa convert` (1: mean of the 3 heads; 9: each head replicated)",
         f"- {res['new_tokens']} new tokens per run ({res['new_tokens'] - 1} timed decode steps), best of "
-        f"{res['repeats']}, gqa and transformers interleaved run by run; torch threads {res['torch_threads']}",
+        f"{res['repeats']}; per context and batch, all variants and both implementations interleaved run by run; "
+        f"torch threads {res['torch_threads']}",
         f"- load average (1, 5, 15 min) before: {[round(x, 2) for x in res['load_average_before']]}, after: "
         f"{[round(x, 2) for x in res['load_average_after']]} on {os.cpu_count()} logical CPUs (a load above the CPU "
         f"count means other jobs competed for the cores); run time {res['elapsed_seconds'] / 60:.1f} min",
