@@ -802,7 +802,7 @@ def cpu_decode_plot(results: dict, path: Path) -> None:
 
 
 def write_cpu_decode_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
-    """``cpu-decode-<machine>-<date>.{json,md,png}`` under ``out_dir`` (each written to a temp file, then renamed)."""
+    """``cpu-decode-<machine>-<date>-<HHMM UTC>.{json,md,png}`` under ``out_dir`` (each written to a temp file, then renamed)."""
     from gqa.atomic import atomic_file, write_json_atomic, write_text_atomic
 
     out_dir = Path(out_dir)
@@ -810,7 +810,7 @@ def write_cpu_decode_results(results: dict, out_dir: str | Path) -> dict[str, Pa
         raise GQAUserError(f"--out {out_dir} is a file; pass a directory")
     p = results["provenance"]
     slug = re.sub(r"[^a-z0-9]+", "-", f"{p['cpu']}-{p['cpu_cores']}c".lower()).strip("-")
-    stem = f"cpu-decode-{slug}-{p['date'][:10]}"
+    stem = f"cpu-decode-{slug}-{p['date'][:10]}-{p['date'][11:13]}{p['date'][14:16]}"  # -HHMM (UTC): runs of a day
     paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png")}
     write_json_atomic(paths["json"], results)
     write_text_atomic(paths["md"], cpu_decode_markdown(results))
