@@ -180,6 +180,25 @@ def test_decilm_and_gguf_exports_without_calibration(source, tmp_path):
     assert json.loads((tmp_path / "gguf" / "conversion_report.json").read_text())["export"] == "gguf"
 
 
+def test_gguf_export_refuses_a_source_without_tokenizer(source, tmp_path):
+    """A GGUF without a tokenizer cannot run in llama.cpp: refused in one line before any weight is read."""
+    import shutil
+
+    src = tmp_path / "no-tok"
+    shutil.copytree(source / "model", src)
+    (src / "tokenizer.json").unlink()
+    r = run(src, tmp_path / "out", "--kv-heads", 2, "--export", "gguf")
+    assert r.exit_code == 2, r.output
+    assert "tokenizer.json" in r.output and "--export hf" in r.output and len(r.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-tok"]
+    from gqa.convert.exports import EXPORTS
+    from gqa.errors import GQAUserError
+
+    with pytest.raises(GQAUserError, match="tokenizer.json"):  # the writer itself refuses too
+        EXPORTS["gguf"].write(None, tmp_path / "w", None, src, src)
+    assert not (tmp_path / "w").exists()
+
+
 def test_calibrated_output_dtype_is_what_the_report_says(source, tmp_path):
     from safetensors import safe_open
 

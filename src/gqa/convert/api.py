@@ -204,6 +204,7 @@ def convert(
     check_paths(src, out, force)
     if src.is_dir():
         _check_source_folder(src)
+    exp.check_source(src)
     clean_stale_partials(out)
 
     # --- run ---------------------------------------------------------------------------------------

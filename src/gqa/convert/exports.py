@@ -22,7 +22,7 @@ import torch
 
 from gqa.errors import GQAUserError
 
-__all__ = ["EXPORTS", "Export", "export_for", "GGUF_NAME"]
+__all__ = ["EXPORTS", "Export", "export_for", "GGUF_NAME", "gguf_tokenizer_source", "side_files_folder"]
 
 GGUF_NAME = "model.gguf"
 
@@ -43,29 +43,55 @@ def _gguf_available() -> bool:
     return importlib.util.find_spec("gqa.model.gguf") is not None
 
 
+def side_files_folder(src: Path) -> Path | None:
+    """The folder whose side files (tokenizer, generation config) go along with a conversion of ``src``:
+    the source folder, a ``checkpoint.pt``'s folder, or None for a GGUF file (its tokenizer is inside)."""
+    if src.is_dir():
+        return src
+    return src.parent if src.suffix == ".pt" else None
+
+
+def gguf_tokenizer_source(src: Path, side_files_from: Path | None) -> Path:
+    """Where the GGUF export takes its tokenizer: the source ``.gguf`` itself (its tokenizer fields are
+    copied exactly) or the folder holding ``tokenizer.json``.
+
+    A GGUF without a tokenizer cannot run in llama.cpp, so a source without one is refused (one line)
+    rather than written silently.
+    """
+    if src.suffix.lower() == ".gguf":
+        return src
+    if side_files_from is not None and (side_files_from / "tokenizer.json").is_file():
+        return side_files_from
+    where = side_files_from if side_files_from is not None else src
+    raise GQAUserError(
+        f"--export gguf needs the model's tokenizer.json (llama.cpp cannot run a GGUF without a tokenizer) and "
+        f"{where} has none; copy the model's tokenizer.json into {where} or use --export hf"
+    )
+
+
 def _write_gguf(model, folder: Path, dtype: torch.dtype | None, side_files_from: Path | None, src: Path) -> None:
     from gqa.model.gguf import export_gguf
 
+    tok = gguf_tokenizer_source(src, side_files_from)
     folder.mkdir(parents=True, exist_ok=True)
-    if src.suffix.lower() == ".gguf":  # the source's own tokenizer fields, copied exactly
-        tok = src
-    elif side_files_from is not None and (side_files_from / "tokenizer.json").is_file():
-        tok = side_files_from
-    else:
-        tok = None
     export_gguf(model, folder / GGUF_NAME, tokenizer_dir=tok, dtype=dtype or torch.float16)
+
+
+def _check_gguf_source(src: Path) -> None:
+    gguf_tokenizer_source(src, side_files_folder(src))
 
 
 @dataclass(frozen=True)
 class Export:
-    """An output layout: its name, its writer ``(model, folder, dtype, side_files_from, src)``, and whether
-    the streaming path writes it directly."""
+    """An output layout: its name, its writer ``(model, folder, dtype, side_files_from, src)``, whether
+    the streaming path writes it directly, and a check of the source run before any weight is read."""
 
     name: str
     help: str
     write: Callable[[object, Path, torch.dtype | None, Path | None, Path], None]
     streaming: bool = False
     available: Callable[[], bool] = lambda: True
+    check_source: Callable[[Path], None] = lambda src: None
 
 
 EXPORTS: dict[str, Export] = {
@@ -73,7 +99,13 @@ EXPORTS: dict[str, Export] = {
     for e in (
         Export("hf", "transformers folder", _write_hf, streaming=True),
         Export("decilm", "DeciLM / Nemotron-NAS block_configs folder", _write_decilm),
-        Export("gguf", f"GGUF file OUT/{GGUF_NAME}", _write_gguf, available=_gguf_available),
+        Export(
+            "gguf",
+            f"GGUF file OUT/{GGUF_NAME}",
+            _write_gguf,
+            available=_gguf_available,
+            check_source=_check_gguf_source,
+        ),
     )
 }
 

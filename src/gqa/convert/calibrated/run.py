@@ -19,6 +19,7 @@ import torch
 from gqa.convert.calibrated.budget import budget_heads, choose_kv_heads
 from gqa.convert.calibrated.reduce import error_curves, reduce_kv_heads
 from gqa.convert.calibrated.stats import calibration_ids, collect_statistics
+from gqa.convert.exports import side_files_folder
 from gqa.convert.groups import check_kv_heads
 from gqa.convert.report import ConversionReport
 from gqa.errors import GQAUserError
@@ -140,7 +141,7 @@ def convert_calibrated(
         ).to_dict()
     del model
     with tempfile.TemporaryDirectory() as tok_dir:
-        side = src if src.is_dir() else (src.parent if src.suffix == ".pt" else None)
+        side = side_files_folder(src)
         if src.suffix.lower() == ".gguf":  # the tokenizer lives inside the GGUF file: save it to go along
             _tokenizer(src).save_pretrained(tok_dir)
             side = Path(tok_dir)
