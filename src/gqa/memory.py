@@ -177,12 +177,11 @@ def _decilm_heads(blocks, n_heads: int, layers: int) -> list[int]:
 
 
 def _kv_shape_from_gguf(path: Path) -> KVShape:
+    from gqa.optional import require
+
+    gguf = require("gguf")
     try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise GQAUserError("GGUF files need the gguf package; install it with: pip install 'gqa[gguf]'") from None
-    try:
-        reader = GGUFReader(str(path))
+        reader = gguf.GGUFReader(str(path))
         fields = reader.fields
         arch = bytes(fields["general.architecture"].parts[-1]).decode()
     except Exception as e:  # gguf raises ValueError/KeyError/struct/numpy errors for cut or garbled files

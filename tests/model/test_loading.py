@@ -114,3 +114,43 @@ def test_damaged_checkpoint_is_one_line(tmp_path):
     (tmp_path / CHECKPOINT_NAME).write_bytes(b"garbage")
     with pytest.raises(GQAUserError, match="corrupt"):
         load_model(tmp_path / CHECKPOINT_NAME)
+
+
+def test_per_layer_gguf_loads_for_eval_and_generate(tmp_path):
+    """A per-layer GGUF (architecture ``deci``, which transformers cannot read) loads through gqa's own reader,
+    with its tokenizer, so ``gqa eval`` and ``gqa generate`` run on it and agree with the folder it came from."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from gqa.cli import app
+    from gqa.model import save_hf
+    from gqa.model.gguf import export_gguf
+
+    asset = Path(__file__).resolve().parents[2] / "src" / "gqa" / "assets" / "shakespeare-mha"  # BPE tokenizer
+    torch.manual_seed(0)
+    cfg = GQAConfig(
+        vocab_size=2048, d_model=64, n_layers=3, n_heads=4, n_kv_heads=[2, 1, 4], ffn_dim=96, max_seq_len=64,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    m = GQAForCausalLM(cfg).eval()
+    folder = save_hf(m, tmp_path / "folder", side_files_from=asset)
+    path = export_gguf(m, tmp_path / "var.gguf", tokenizer_dir=folder, dtype="f32")
+    loaded = load_model(path)
+    assert loaded.config.kv_heads_per_layer == [2, 1, 4]
+    ids = torch.tensor([[5, 900, 17, 2000, 33]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), m(ids), rtol=0, atol=0)  # f32 round trip is exact
+    text = "To be, or not to be: that is the question. 1599 <|endoftext|> Ophelia's"
+    assert load_model_tokenizer(path)(text)["input_ids"] == load_model_tokenizer(folder)(text)["input_ids"]
+
+    (tmp_path / "text.txt").write_text(text * 4)
+    runner = CliRunner()
+    scores = []
+    for model in (path, folder):
+        r = runner.invoke(app, ["eval", str(model), "--data", str(tmp_path / "text.txt"), "--seq-len", "32", "--json"])
+        assert r.exit_code == 0, r.output
+        scores.append(json.loads(r.output)["perplexity"])
+    assert scores[0] == pytest.approx(scores[1], rel=1e-5)
+    r = runner.invoke(app, ["generate", str(path), "-p", "To be", "--max-new-tokens", "4", "--json"])
+    assert r.exit_code == 0, r.output

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from gqa.errors import GQAUserError
+from gqa.optional import require
 
 __all__ = [
     "load_model",
@@ -141,8 +142,9 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, prefer_g
       is supported (llama, mistral, qwen2, qwen3) and ``prefer_gqa``, else ``AutoModelForCausalLM``
       (its own code only: ``trust_remote_code=False``);
     * a gqa training checkpoint (``checkpoint.pt``, or a folder of an unfinished run holding one);
-    * a ``.gguf`` file, read by transformers (needs the ``gguf`` package) and turned into a gqa model
-      when its family is supported.
+    * a ``.gguf`` file (needs the ``gguf`` package): ``deci`` files (per-layer KV heads, as
+      :func:`gqa.model.gguf.export_gguf` writes them) through gqa's own reader; others through
+      transformers, turned into a gqa model when the family is supported.
 
     Every user-fixable problem (missing path, bad config, weights that do not match it, a folder with
     code) raises :class:`GQAUserError` with one line.
@@ -205,11 +207,28 @@ def _load_transformers(folder: Path, *, dtype: torch.dtype):
     return model.eval()
 
 
+def _gguf_architecture(path: Path) -> str | None:
+    """``general.architecture`` of a GGUF file (read from its header; no tensor data is loaded)."""
+    gguf = require("gguf")
+    try:
+        field = gguf.GGUFReader(str(path)).fields.get("general.architecture")
+    except Exception as e:  # the reader raises assorted errors for truncated / foreign files
+        raise GQAUserError(
+            f"cannot read {path} as a GGUF model ({_first_line(e)}); the file is truncated or not a GGUF model"
+        ) from None
+    return None if field is None else str(field.contents())
+
+
 def _load_gguf(path: Path, *, dtype: torch.dtype, prefer_gqa: bool):
     from gqa.model.hf import SUPPORTED_MODEL_TYPES, from_transformers
     from gqa.progress import quiet_loading
 
-    _require_gguf()
+    if _gguf_architecture(path) == "deci":
+        # per-layer KV heads (what gqa's GGUF export writes for them): transformers has no reader for
+        # this architecture, gqa's own does
+        from gqa.model.gguf import load_gguf
+
+        return load_gguf(path, dtype=dtype)
     with quiet_loading():
         from transformers import AutoModelForCausalLM
 
@@ -226,13 +245,6 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, prefer_gqa: bool):
     if prefer_gqa and hf.config.model_type in SUPPORTED_MODEL_TYPES:
         return from_transformers(hf).to(dtype)
     return hf.eval()
-
-
-def _require_gguf() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("gguf") is None:
-        raise GQAUserError("GGUF files need the gguf package; install it with: pip install 'gqa[gguf]'")
 
 
 def _first_line(e: BaseException) -> str:
@@ -255,8 +267,12 @@ def load_model_tokenizer(path: str | Path, tokenizer: str | Path | None = None):
 
         try:
             if src.is_file() and src.suffix == ".gguf":
-                _require_gguf()
-                return AutoTokenizer.from_pretrained(
+                # transformers' Auto classes know no "deci" architecture (per-layer KV heads); the tokenizer
+                # fields are the same, so the generic fast tokenizer reads them
+                auto = AutoTokenizer
+                if _gguf_architecture(src) == "deci":
+                    from transformers import PreTrainedTokenizerFast as auto
+                return auto.from_pretrained(
                     src.parent, gguf_file=src.name, trust_remote_code=False, local_files_only=True
                 )
             if src.is_dir() and any((src / f).is_file() for f in _TOKENIZER_FILES):
