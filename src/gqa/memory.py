@@ -21,7 +21,7 @@ import torch
 
 from gqa.errors import GQAUserError
 from gqa.model.config import LIMITS, check_int, check_kv_heads
-from gqa.units import element_size
+from gqa.units import DTYPES, element_size
 from gqa.units import kv_bytes_per_token as _kv_bytes
 
 __all__ = ["KVShape", "DTYPE_BYTES", "load_kv_shape", "kv_shape_from_dict", "kv_bytes_per_token", "memory_report"]
@@ -29,14 +29,10 @@ __all__ = ["KVShape", "DTYPE_BYTES", "load_kv_shape", "kv_shape_from_dict", "kv_
 GiB = 2**30
 KiB = 2**10
 
-#: Element types a KV cache is commonly kept in -> torch dtype (sizes come from :mod:`gqa.units`).
+#: Element types a KV cache is kept in: gqa.units' 16/32-bit float names plus 8-bit caches
+#: (names and sizes come from :mod:`gqa.units`; only the 8-bit names are added here).
 KV_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
+    **{name: dt for name, dt in DTYPES.items() if dt in (torch.float32, torch.float16, torch.bfloat16)},
     "float8": torch.float8_e4m3fn,
     "fp8": torch.float8_e4m3fn,
     "int8": torch.int8,
@@ -76,7 +72,7 @@ def _kv_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     key = str(dtype).strip().removeprefix("torch.").lower()
     if key not in KV_DTYPES:
-        raise GQAUserError(f"unknown KV dtype {dtype!r}; choose one of {', '.join(KV_DTYPES)}")
+        raise GQAUserError(f"unknown KV dtype {dtype!r}; choose one of bfloat16, float16, float32, float8, int8")
     return KV_DTYPES[key]
 
 

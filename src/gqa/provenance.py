@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["provenance", "provenance_markdown", "load_average", "git_commit", "cpu_name"]
+__all__ = ["provenance", "provenance_markdown", "load_average", "git_commit", "cpu_name", "versions", "utc_date"]
 
 
 def git_commit(paths: list[str] | None = None) -> str:
@@ -48,7 +48,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _versions() -> dict:
+def utc_date() -> str:
+    """Now, in the one date format of results files: ISO 8601, UTC, to the second."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict:
+    """Versions of python, torch, gqa, transformers and triton (None when not installed)."""
     import importlib.metadata as md
 
     import gqa
@@ -87,13 +93,13 @@ def provenance(
     """
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU: {cpu_name()}"
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_date(),
         "command": command or " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
         "git_commit": git_commit(),
         "machine": f"{device}; {os.cpu_count()} logical CPUs visible, torch threads {torch.get_num_threads()}",
         "platform": platform.platform(),
         "dtype": dtype,
-        "versions": _versions(),
+        "versions": versions(),
         "load_average": {"before": load_before, "after": _load(), "cpus": os.cpu_count()},
         **extra,
     }

@@ -15,7 +15,6 @@ Head mapping before and after: query head h of layer i reads KV head h // (Hq //
 
 from __future__ import annotations
 
-import datetime
 import math
 import time
 from pathlib import Path
@@ -146,6 +145,7 @@ def convert(
         The :class:`ConversionReport`, also written to ``out/conversion_report.json``.
     """
     from gqa.atomic import atomic_dir, clean_stale_partials
+    from gqa.provenance import utc_date, versions
     from gqa.units import dtype_name, parse_dtype
 
     t0 = time.perf_counter()
@@ -238,8 +238,8 @@ def convert(
             )
         report.source, report.output = str(src), str(out)
         report.seconds = round(time.perf_counter() - t0, 3)
-        report.date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        report.versions = _versions()
+        report.date = utc_date()
+        report.versions = {k: v for k, v in versions().items() if v is not None}
         (tmp / REPORT_NAME).write_text(report.to_json())
     return report
 
@@ -295,18 +295,3 @@ def _streaming_report(src, tmp, kv_heads, per_layer, groups, merge, out_dtype, s
         parameters_removed=res.parameters_before - res.parameters_after,
         output_dtype=res.written_dtype,
     )
-
-
-def _versions() -> dict:
-    import platform
-
-    from gqa import __version__
-
-    versions = {"gqa": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import transformers
-
-        versions["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return versions

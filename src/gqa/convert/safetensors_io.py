@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from gqa.errors import GQAUserError
+from gqa.units import element_size
 
 __all__ = ["DTYPES", "DTYPE_NAMES", "TensorInfo", "read_header", "read_tensor", "SafetensorsWriter"]
 
@@ -136,7 +137,7 @@ def read_header(path: str | Path) -> tuple[list[TensorInfo], dict]:
     infos = []
     for name, entry in header.items():
         dtype, shape, begin, end = _entry(name, entry, bad, list(DTYPES))
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = element_size(dtype)
         if end - begin != math.prod(shape) * itemsize:
             raise GQAUserError(
                 f"{bad} (tensor {name!r} has {end - begin} bytes for shape {shape} of {DTYPE_NAMES[dtype]})"
@@ -180,7 +181,7 @@ class SafetensorsWriter:
         header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         for name, dtype, shape in specs:
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            nbytes = math.prod(shape) * element_size(dtype)
             header[name] = {
                 "dtype": DTYPE_NAMES[dtype],
                 "shape": list(shape),

@@ -11,8 +11,6 @@ tensors and plain containers only, never arbitrary pickled objects.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,16 +25,11 @@ CHECKPOINT_FORMAT = "gqa-train-checkpoint/1"
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
     """Write ``state`` (tensors, numbers, strings, dicts) to ``path`` atomically; a crash leaves the old one."""
+    from gqa.atomic import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -275,18 +275,8 @@ def export_gguf(
             writer.write_ti_data_to_file()
             for _, t in _gguf_tensors(model):
                 writer.write_tensor_data(_to_numpy(t, dtype, gguf)[0])
-        writer.close()
-        _ordinary_permissions(tmp)
+        writer.close()  # atomic_file gives the result ordinary permissions (not the temp file's 0600)
     return path
-
-
-def _ordinary_permissions(path: Path) -> None:
-    """The temporary file is created private (0600); give the result the permissions of any new file."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 # ------------------------------------------------------------------------------------------------
