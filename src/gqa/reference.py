@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from gqa.errors import GQAUserError
+from gqa.kernels.checks import check_scale
 from gqa.masks import Mask, as_bool_mask
 
 __all__ = ["reference_attention", "repeat_kv"]
@@ -36,8 +38,13 @@ def reference_attention(
     """
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
+    # Any mix of float dtypes is fine here (everything becomes float64); the rest fails as in gqa.attention.
+    if d == 0:
+        raise GQAUserError("head_dim is 0; q, k and v need head_dim >= 1")
+    if hq == 0 or hkv == 0 or hq % hkv:
+        raise GQAUserError(f"Hq={hq} query heads is not a positive multiple of Hkv={hkv} KV heads")
     g = hq // hkv
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scale = 1.0 / math.sqrt(d) if scale is None else check_scale(scale)
     q64, k64, v64 = q.double(), repeat_kv(k.double(), g), repeat_kv(v.double(), g)  # (B, Hq, Tk, D)
     scores = torch.einsum("bhqd,bhkd->bhqk", q64, k64) * scale  # (B, Hq, Tq, Tk)
     m = as_bool_mask(mask, batch=b, n_heads=hq, q_len=tq, k_len=tk, device=q.device)

@@ -221,6 +221,8 @@ def test_zero_head_dim_is_a_user_error():
     q, k, v = _qkv(8, 2, 3, d=0)
     with pytest.raises(GQAUserError, match="head_dim is 0"):
         gqa.attention(q, k, v)
+    with pytest.raises(GQAUserError, match="head_dim is 0"):
+        reference_attention(q, k, v)
 
 
 def test_no_keys_gives_zero_rows():
