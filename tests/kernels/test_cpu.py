@@ -422,6 +422,7 @@ def test_ninja_from_the_pip_package_is_found_without_an_activated_venv(monkeypat
     """torch's builder runs `ninja` from PATH; a venv's python run without activation lacks the venv's bin
     on PATH, so the build puts the pip package's ninja there for its duration only."""
     import ninja  # a dependency of gqa (pyproject)
+
     monkeypatch.setattr(shutil, "which", lambda name, *a, **kw: None)
     monkeypatch.setenv("PATH", "/nonexistent-bin")
     import os
