@@ -44,13 +44,14 @@ def run_side(src: Path, out: Path, bench_args: list[str], log) -> dict:
     """One `gqa bench generate` run with ``src`` first on the path; returns its JSON results."""
     env = {**os.environ, "PYTHONPATH": str(src), "GQA_PROGRESS": "0"}
     cmd = [sys.executable, "-m", "gqa.bench.generate", *bench_args, "--out", str(out), "--name", "run"]
-    log(f"$ PYTHONPATH={src} {shlex.join(cmd[1:])}")
+    scratch = str(out.parent)  # a temporary folder: named, not spelled out, in the results
+    log(f"$ PYTHONPATH={src} {shlex.join(cmd[1:])}".replace(scratch, "<scratch>"))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"bench failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     log(f"  done in {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.2f}")
-    return json.loads((out / "run.json").read_text())
+    return json.loads((out / "run.json").read_text().replace(scratch, "<scratch>"))
 
 
 def vs_transformers(runs: list[dict]) -> dict[tuple, float]:

@@ -166,6 +166,18 @@ def convert_variants(gguf: Path, work: Path, kv_heads: list[int], log) -> dict[i
     return folders
 
 
+def _command(argv: list[str]) -> str:
+    """The command line as run, with folder arguments named without this machine's paths."""
+    out, it = [], iter(argv)
+    for a in it:
+        out.append(a)
+        if a in ("--work", "--out"):
+            path = Path(next(it, "")).resolve()
+            repo = Path(__file__).resolve().parents[1]
+            out.append(str(path.relative_to(repo)) if path.is_relative_to(repo) else "<scratch folder>")
+    return shlex.join(["python", "benchmarks/smollm2_decode.py", *out])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kv-heads", default="3,1,9", help="KV-head variants (3 = as shipped)")
@@ -180,7 +192,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"), help="results folder")
     parser.add_argument("--name", default="smollm2-decode-cpu", help="results file stem")
     parser.add_argument("--force", action="store_true", help="replace results of the same name")
+    parser.add_argument("--from-json", type=Path, help="only rewrite the .md and .png from an earlier results JSON")
     args = parser.parse_args()
+    if args.from_json is not None:
+        write(json.loads(args.from_json.read_text()), args.out, args.name)
+        return
     kv_heads = [int(x) for x in args.kv_heads.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
@@ -267,9 +283,9 @@ def main() -> None:
                 del timers, caches, hf_caches
                 gc.collect()
                 bar.update()
-    command = shlex.join(["python", "benchmarks/smollm2_decode.py", *sys.argv[1:]])
+    command = _command(sys.argv[1:])
     result = {
-        "provenance": provenance(command, "float32"),
+        "provenance": provenance(command, "float32", load_before=load_before),
         "model": f"SmolLM2-135M-Instruct ({gguf.name}, dequantized to fp32)",
         "kv_heads": kv_heads,
         "contexts": contexts,
@@ -342,9 +358,8 @@ def write(res: dict, out: Path, name: str) -> None:
         f"- {res['new_tokens']} new tokens per run ({res['new_tokens'] - 1} timed decode steps), best of "
         f"{res['repeats']}; per context and batch, all variants and both implementations interleaved run by run; "
         f"torch threads {res['torch_threads']}",
-        f"- load average (1, 5, 15 min) before: {[round(x, 2) for x in res['load_average_before']]}, after: "
-        f"{[round(x, 2) for x in res['load_average_after']]} on {os.cpu_count()} logical CPUs (a load above the CPU "
-        f"count means other jobs competed for the cores); run time {res['elapsed_seconds'] / 60:.1f} min",
+        "- a load average above the CPU count means other jobs competed for the cores; run time "
+        f"{res['elapsed_seconds'] / 60:.1f} min",
         "- the prompt's K/V are random values of the right shape in both caches (no prefill): a decode step costs "
         "the same whatever the values; see the script's docstring",
         f"- {res['llama_cpp']}",
