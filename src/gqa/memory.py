@@ -12,7 +12,6 @@ Reads transformers ``config.json`` files (nested ``text_config`` too), model fol
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from gqa.errors import GQAUserError
 from gqa.model.config import LIMITS, check_int, check_kv_heads
+from gqa.model.files import read_json_object
 from gqa.units import DTYPES, element_size
 from gqa.units import kv_bytes_per_token as _kv_bytes
 
@@ -230,17 +230,7 @@ def load_kv_shape(source: str | Path | dict) -> KVShape:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GQAUserError(
-            f"{path} is not a JSON config ({str(e).splitlines()[0]}); pass the model's config.json"
-        ) from None
-    if not isinstance(data, dict):
-        raise GQAUserError(
-            f"{path} holds a JSON {type(data).__name__}, not a config object; pass the model's config.json"
-        )
-    return data
+    return read_json_object(path, fix="pass the model's config.json")
 
 
 def _gqa_kv_heads(n_heads: int, target_group: int = 4) -> int:

@@ -99,7 +99,7 @@ def test_bad_sources(tmp_path):
     with pytest.raises(GQAUserError, match="config.json"):
         memory_report(tmp_path)
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not a JSON config"):
+    with pytest.raises(ValueError, match="not valid JSON"):
         memory_report(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="num_attention_heads"):
         memory_report({"model_type": "gpt2"})

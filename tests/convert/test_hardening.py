@@ -96,8 +96,8 @@ def test_index_names_outside_src_are_refused(work, target):
     sub.mkdir()
     shutil.copy(work / "m" / "model.safetensors", sub / "model.safetensors")
     _index(work, target.format(root=work))
-    refused(work, convert_args(work), "not a bare file name inside SRC")
-    refused(work, convert_args(work, "--calib", str(work / "m" / "config.json")), "not a bare file name inside SRC")
+    refused(work, convert_args(work), "not a bare file name inside the model folder")
+    refused(work, convert_args(work, "--calib", str(work / "m" / "config.json")), "not a bare file name inside the model folder")
 
 
 def test_index_pointing_at_its_own_shard_with_dotdot_cannot_truncate_src(work):
@@ -116,14 +116,14 @@ def test_symlinked_shard_leading_out_of_src_is_refused(work, indexed):
     (work / "m" / "model.safetensors").symlink_to(elsewhere / "model.safetensors")
     if indexed:
         _index(work, "model.safetensors")
-    refused(work, convert_args(work), "outside SRC")
+    refused(work, convert_args(work), "outside the model folder")
 
 
 def test_symlinked_side_file_leading_out_of_src_is_refused(work):
     secret = work.parent / "secret.txt"
     secret.write_text("not yours")
     (work / "m" / "tokenizer.json").symlink_to(secret)
-    refused(work, convert_args(work), "outside SRC")
+    refused(work, convert_args(work), "outside the model folder")
 
 
 # ---- issue 12 item 3 (convert side): code in a model folder is never copied -------------------------

@@ -35,6 +35,7 @@ from gqa.convert.layouts import AttentionShape, Role, attention_shape, layout_fo
 from gqa.convert.merge import merge_heads
 from gqa.convert.safetensors_io import SafetensorsWriter, TensorInfo, read_header, read_tensor
 from gqa.errors import GQAUserError
+from gqa.model.files import read_json_object, safe_member
 from gqa.units import dtype_name
 
 __all__ = ["read_source_config", "convert_streaming", "StreamingResult", "safe_member", "INDEX_NAME"]
@@ -61,28 +62,7 @@ PER_LAYER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``, or a one-line error (not JSON, not an object)."""
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GQAUserError(f"{path} is not valid JSON ({e}); the file is truncated or corrupt") from None
-    if not isinstance(obj, dict):
-        raise GQAUserError(f"{path} holds a JSON {type(obj).__name__}, not an object; is it a transformers config?")
-    return obj
-
-
-def safe_member(folder: Path, name, what: str) -> Path:
-    """``folder / name`` for a bare file name that stays inside ``folder`` (symlinks resolved), else a
-    one-line error. Names come from files a model folder ships (the safetensors index), so they are
-    never trusted: no ``..``, no absolute path, no sub-folder, no symlink leading out."""
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
-        raise GQAUserError(f"{what} names {name!r}, which is not a bare file name inside SRC; re-save the checkpoint")
-    path = folder / name
-    real = path.resolve()
-    if not real.is_relative_to(folder.resolve()):
-        raise GQAUserError(
-            f"{what} {name!r} is a link to {real}, outside SRC {folder}; copy the real file into SRC first"
-        )
-    return path
+    return read_json_object(path, fix="the file is truncated or corrupt: restore it from the original checkpoint")
 
 
 def read_source_config(src: Path) -> dict | None:

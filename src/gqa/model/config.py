@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from gqa.errors import GQAUserError
+from gqa.model.files import read_json_object
 
 __all__ = ["GQAConfig", "LIMITS", "check_int", "check_kv_heads"]
 
@@ -165,8 +166,4 @@ class GQAConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> GQAConfig:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise GQAUserError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); fix the config file") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path, fix="fix the config file"))

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from gqa.errors import GQAUserError
 from gqa.model.config import GQAConfig, check_int, check_kv_heads
 from gqa.model.decoder import GQAForCausalLM
+from gqa.model.files import read_json_object, safe_member
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -320,20 +321,10 @@ def read_safetensors_folder(folder: Path) -> dict[str, tuple[Path, str]]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        try:
-            wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise GQAUserError(f"{index} is not a valid safetensors index ({e}); re-save the checkpoint") from None
+        wm = read_json_object(index, fix="re-save the checkpoint").get("weight_map")
         if not isinstance(wm, dict):
             raise GQAUserError(f"{index}: weight_map must be an object; re-save the checkpoint")
-        out = {}
-        for name, shard in wm.items():
-            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
-                raise GQAUserError(
-                    f"{index} maps {name!r} to {shard!r}; shard names must be plain file names inside the folder"
-                )
-            out[name] = (folder / shard, name)
-        return out
+        return {name: (safe_member(folder, shard, f"{index.name} weight_map"), name) for name, shard in wm.items()}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise GQAUserError(f"no *.safetensors files in {folder}; save the model with safe_serialization=True")
@@ -395,14 +386,13 @@ def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None, device=None
     are an error (never a partly random model). ``dtype`` None keeps the stored dtype (f32/f16/bf16/f64;
     any other stored dtype is an error).
     """
-    from gqa.model.loading import read_config_json
     from gqa.units import parse_dtype
 
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise GQAUserError(f"{folder} has no config.json; pass a transformers model folder")
-    config = config_from_hf(read_config_json(cfg_path))
+    config = config_from_hf(read_json_object(cfg_path))
     index = read_safetensors_folder(folder)
     wm = weight_map(config)
     _check_names(wm, index, config, folder)

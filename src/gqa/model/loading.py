@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from gqa.errors import GQAUserError
+from gqa.model.files import read_json_object
 from gqa.optional import require
 
 __all__ = [
@@ -34,22 +35,7 @@ _WHAT = "pass a transformers folder, a gqa checkpoint.pt or a .gguf file"
 
 def read_config_json(path: str | Path) -> dict:
     """A ``config.json`` read as a JSON object; anything else is a one-line :class:`GQAUserError`."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GQAUserError(f"{path} does not exist; {_WHAT}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GQAUserError(
-            f"{path} is not valid JSON ({str(e).splitlines()[0]}); restore the model's config.json"
-        ) from None
-    except OSError as e:
-        raise GQAUserError(f"cannot read {path} ({e.strerror or e}); check the path and its permissions") from None
-    if not isinstance(data, dict):
-        raise GQAUserError(
-            f"{path} holds a JSON {type(data).__name__}, not a config object; restore the model's config.json"
-        )
-    return data
+    return read_json_object(path, missing=_WHAT)
 
 
 def check_no_remote_code(folder: str | Path) -> None:
