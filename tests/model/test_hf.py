@@ -308,3 +308,25 @@ def test_side_files_never_carry_code(tmp_path):
     ]
     assert json.loads((out / "tokenizer_config.json").read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+
+
+@pytest.mark.parametrize("indexed", [True, False])
+def test_weights_linked_from_outside_the_folder_are_refused(tmp_path, indexed):
+    """A model folder must not make gqa read files elsewhere, through an index or a symlinked shard."""
+    import shutil
+
+    folder = _saved(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(folder / "model.safetensors", elsewhere / "model.safetensors")
+    (folder / "model.safetensors").symlink_to(elsewhere / "model.safetensors")
+    if indexed:
+        from safetensors import safe_open
+
+        with safe_open(str(elsewhere / "model.safetensors"), framework="pt") as sf:
+            names = list(sf.keys())
+        index = {"metadata": {}, "weight_map": {n: "model.safetensors" for n in names}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(GQAUserError, match="outside the model folder"):
+        load_hf(folder)
+

@@ -330,6 +330,7 @@ def read_safetensors_folder(folder: Path) -> dict[str, tuple[Path, str]]:
         raise GQAUserError(f"no *.safetensors files in {folder}; save the model with safe_serialization=True")
     out = {}
     for f in files:
+        safe_member(folder, f.name, "safetensors file")  # not a symlink leading out of the folder
         with _open_safetensors(f) as sf:
             for name in sf.keys():
                 out[name] = (f, name)
