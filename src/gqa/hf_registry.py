@@ -158,7 +158,9 @@ def _dispatcher(hf_class, wrapper):
                 config = AutoConfig.from_pretrained(pretrained_model_name_or_path, trust_remote_code=False)
             if is_per_layer_config(config):
                 return wrapper.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
-            return hf_class.from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+            return hf_class.from_pretrained(
+                pretrained_model_name_or_path, *args, config=config, trust_remote_code=False, **kwargs
+            )
 
         @classmethod
         def _from_config(cls, config, **kwargs):

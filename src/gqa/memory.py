@@ -173,16 +173,12 @@ def _decilm_heads(blocks, n_heads: int, layers: int) -> list[int]:
 
 
 def _kv_shape_from_gguf(path: Path) -> KVShape:
-    from gqa.optional import require
+    from gqa.model.files import read_gguf
 
-    gguf = require("gguf")
-    try:
-        reader = gguf.GGUFReader(str(path))
-        fields = reader.fields
-        arch = bytes(fields["general.architecture"].parts[-1]).decode()
-    except Exception as e:  # gguf raises ValueError/KeyError/struct/numpy errors for cut or garbled files
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise GQAUserError(f"cannot read {path.name} as GGUF ({reason}); the file is truncated or not GGUF") from None
+    fields = read_gguf(path).fields
+    if "general.architecture" not in fields:
+        raise GQAUserError(f"{path.name} has no general.architecture; the file is truncated or not a GGUF model")
+    arch = bytes(fields["general.architecture"].parts[-1]).decode()
 
     def field(key):
         f = fields.get(key)

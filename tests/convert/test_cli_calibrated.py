@@ -252,3 +252,26 @@ def test_every_option_combination_works_or_is_one_line(source, target, grouping,
             "streaming" if export == "hf" and not calib else "calibrated"
         )
         assert (out / ("model.gguf" if export == "gguf" else "model.safetensors")).is_file()
+
+
+def test_per_layer_gguf_source_converts(tmp_path):
+    """Sources with per-layer KV heads (a per_layer_config folder; a deci GGUF, which transformers cannot read)
+    convert through gqa's own readers, the GGUF to the same model as the folder it was exported from."""
+    from gqa.convert import convert
+    from gqa.model.gguf import export_gguf
+
+    asset = Path(__file__).resolve().parents[2] / "src" / "gqa" / "assets" / "shakespeare-mha"  # BPE tokenizer
+    torch.manual_seed(0)
+    cfg = GQAConfig(vocab_size=2048, d_model=64, n_layers=3, n_heads=4, n_kv_heads=[2, 1, 4], ffn_dim=96, max_seq_len=64)
+    m = GQAForCausalLM(cfg).eval()
+    folder = save_hf(m, tmp_path / "folder", side_files_from=asset)
+    export_gguf(m, tmp_path / "var.gguf", tokenizer_dir=folder, dtype="f32")
+    rep = convert(tmp_path / "var.gguf", tmp_path / "from-gguf", kv_heads=1, progress=False)
+    rep_folder = convert(folder, tmp_path / "from-folder", kv_heads=1, progress=False)
+    for r in (rep, rep_folder):
+        assert r.path == "calibrated" and r.kv_heads_before == [2, 1, 4] and r.kv_heads_after == [1, 1, 1]
+    ids = torch.tensor([[5, 900, 17, 2000, 33]])
+    with torch.no_grad():
+        got, want = load_hf(tmp_path / "from-gguf")(ids), load_hf(tmp_path / "from-folder")(ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "from-gguf" / "tokenizer.json").is_file()

@@ -194,17 +194,24 @@ def convert(
     ]
     if needs and calib is None:
         raise GQAUserError(f"--calib TEXT is needed for {', '.join(needs)}; pass calibration text (a file or folder)")
-    calibrated = calib is not None or not exp.streaming
-    if calibrated and merge == "random":
-        raise GQAUserError(
-            "--merge random re-initializes heads, so calibration and alignment do nothing for it; drop --calib"
-        )
-    if calibrated and groups is not None:
-        raise GQAUserError("explicit groups are a streaming-path option; drop calib / use export='hf', or drop groups")
     check_paths(src, out, force)
     if src.is_dir():
         _check_source_folder(src)
     exp.check_source(src)
+    # per-layer KV heads in the source (a per_layer_config folder, a "deci" GGUF): the streaming path reads
+    # one Hkv for every layer, so these load into memory through gqa's own readers (the calibrated path)
+    calibrated = calib is not None or not exp.streaming or _has_per_layer_heads(src)
+    if calibrated and merge == "random":
+        raise GQAUserError(
+            "--merge random re-initializes heads, so calibration and alignment do nothing for it; drop --calib"
+            if calib is not None
+            else "--merge random works on the streaming path only (--export hf, no --calib, uniform KV heads); "
+            "choose another --merge"
+        )
+    if calibrated and groups is not None:
+        raise GQAUserError(
+            "explicit groups are a streaming-path option (--export hf, no --calib, uniform KV heads); drop groups"
+        )
     clean_stale_partials(out)
 
     # --- run ---------------------------------------------------------------------------------------
@@ -242,6 +249,19 @@ def convert(
         report.versions = {k: v for k, v in versions().items() if v is not None}
         (tmp / REPORT_NAME).write_text(report.to_json())
     return report
+
+
+def _has_per_layer_heads(src: Path) -> bool:
+    """True when ``src`` (already checked to exist) declares a KV-head count per layer."""
+    if src.is_dir():
+        from gqa.hf_registry import read_per_layer_heads
+
+        return read_per_layer_heads(src) is not None
+    if src.suffix.lower() == ".gguf":
+        from gqa.model.loading import gguf_file_architecture
+
+        return gguf_file_architecture(src) == "deci"
+    return False
 
 
 def _check_source_folder(src: Path) -> None:

@@ -165,27 +165,24 @@ def _safetensors_source(folder: Path) -> Source:
 
 
 def _gguf_source(path: Path) -> Source:
-    from gqa.optional import require
+    from gqa.model.files import first_line, read_gguf
 
-    gguf = require("gguf")  # a one-line error naming the install command when it is missing
-    try:  # parse the header and tensor table ourselves first: a clear error for a truncated file
-        gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise GQAUserError(f"cannot read {path.name}: {e}; the file is truncated or not GGUF") from None
+    read_gguf(path)  # parse the header and tensor table ourselves first: a clear error for a truncated file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gqa.progress import quiet_loading
 
-    def first_line(e: Exception) -> str:
-        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
     with quiet_loading():
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, trust_remote_code=False, local_files_only=True
+            )
         except Exception as e:
             raise GQAUserError(f"transformers cannot load {path.name}: {first_line(e)}") from None
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(path.parent), gguf_file=path.name, trust_remote_code=False, local_files_only=True
+            )
         except Exception as e:
             raise GQAUserError(f"transformers cannot build the tokenizer of {path.name}: {first_line(e)}") from None
     config = model.config.to_dict()

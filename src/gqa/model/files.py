@@ -1,5 +1,5 @@
-"""Reading model folders safely: the one reader of JSON objects (``config.json``, index files) and the one
-check that a file name a folder lists (an index's shard, a side file) is a bare name inside that folder.
+"""Reading model files safely: the one reader of JSON objects (``config.json``, index files), of GGUF
+headers (:func:`read_gguf`), and the one check that a file name a folder lists (an index's shard, a side file) is a bare name inside that folder.
 
 Model folders are data from anywhere: a name such as ``../x``, an absolute path or a symlink leading out
 must never make gqa read, or write, a file elsewhere.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gqa.errors import GQAUserError
 
-__all__ = ["read_json_object", "safe_member"]
+__all__ = ["read_json_object", "safe_member", "read_gguf", "first_line"]
 
 
 def read_json_object(
@@ -52,3 +52,30 @@ def safe_member(folder: Path, name, what: str) -> Path:
             f"{what} {name!r} is a link to {real}, outside the model folder {folder}; copy the real file into it first"
         )
     return path
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type name when empty), cut to ``limit`` characters:
+    the reason quoted inside a one-line error."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
+def read_gguf(path: str | Path):
+    """A ``gguf.GGUFReader`` over ``path`` (memory-mapped: header and tensor table parsed, no tensor data read).
+
+    A missing ``gguf`` package is the one :mod:`gqa.optional` message; a truncated or foreign file is a
+    one-line :class:`GQAUserError`.
+    """
+    from gqa.optional import require
+
+    gguf = require("gguf")
+    path = Path(path)
+    try:
+        return gguf.GGUFReader(str(path))
+    except FileNotFoundError:
+        raise GQAUserError(f"{path} does not exist; pass a .gguf file") from None
+    except Exception as e:  # the reader raises ValueError/KeyError/struct/numpy errors for cut or garbled files
+        raise GQAUserError(
+            f"cannot read {path.name} as GGUF ({first_line(e, 120)}); the file is truncated or not GGUF"
+        ) from None

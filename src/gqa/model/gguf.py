@@ -33,11 +33,13 @@ import torch
 from gqa.errors import GQAUserError
 from gqa.model.config import GQAConfig
 from gqa.model.decoder import GQAForCausalLM
+from gqa.model.files import read_gguf
 
 __all__ = ["export_gguf", "load_gguf", "gguf_architecture", "GGUF_DTYPES"]
 
 # dtype names accepted by export_gguf -> (torch dtype, GGML type name, llama.cpp file type)
 GGUF_DTYPES = {"f32": (torch.float32, "F32", 0), "f16": (torch.float16, "F16", 1), "bf16": (torch.bfloat16, "BF16", 32)}
+
 
 def _gguf():
     from gqa.optional import require
@@ -138,10 +140,7 @@ def _copy_gguf_tokenizer(writer, src: Path, vocab_size: int, gguf) -> None:
     Exact where rebuilding from a transformers folder would not be: transformers' tokenizer made from a
     GGUF drops details such as SmolLM2's ``smollm`` pre-tokenizer (digits split one by one).
     """
-    try:
-        reader = gguf.GGUFReader(str(src))
-    except Exception as e:  # the reader raises assorted errors for truncated / foreign files
-        raise GQAUserError(f"cannot read {src.name}: {e}; the file is truncated or not GGUF") from None
+    reader = read_gguf(src)
     fields = {k: f for k, f in reader.fields.items() if k.startswith("tokenizer.")}
     if "tokenizer.ggml.tokens" not in fields:
         raise GQAUserError(f"{src.name} has no tokenizer to copy; pass a folder with tokenizer.json")
@@ -300,10 +299,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> GQAFor
     path = Path(path)
     if not path.is_file():
         raise GQAUserError(f"{path} does not exist; pass a .gguf file")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises assorted errors for truncated / foreign files
-        raise GQAUserError(f"cannot read {path.name}: {e}; the file is truncated or not GGUF") from None
+    reader = read_gguf(path)
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "deci"):
         raise GQAUserError(f"{path.name} has architecture {arch!r}; gqa reads llama and deci GGUF files")
@@ -349,7 +345,8 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> GQAFor
             raise GQAUserError(f"{path.name} lacks tensor {name}; it is not a complete {arch} model")
         t = tensors[name]
         arr = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy, shape (rows, cols) in PyTorch order
-        return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).to(dtype)  # the reader's arrays are read-only memmaps
+        # copy: the reader's arrays are read-only memmaps
+        return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).to(dtype)
 
     with torch.device("meta"):
         model = GQAForCausalLM(config)

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from gqa.errors import GQAUserError
-from gqa.model.files import read_json_object
-from gqa.optional import require
+from gqa.model.files import first_line, read_gguf, read_json_object
 
 __all__ = [
     "load_model",
@@ -27,6 +26,7 @@ __all__ = [
     "check_no_remote_code",
     "model_context",
     "load_checkpoint_model",
+    "gguf_file_architecture",
 ]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -187,21 +187,15 @@ def _load_transformers(folder: Path, *, dtype: torch.dtype):
             raise
         except Exception as e:  # transformers fails in many ways on a malformed folder; all mean "fix the folder"
             raise GQAUserError(
-                f"transformers cannot load {folder} ({_first_line(e)}); check that it is a causal LM folder"
+                f"transformers cannot load {folder} ({first_line(e)}); check that it is a causal LM folder"
             ) from None
     _refuse_mismatch(info, folder)
     return model.eval()
 
 
-def _gguf_architecture(path: Path) -> str | None:
+def gguf_file_architecture(path: Path) -> str | None:
     """``general.architecture`` of a GGUF file (read from its header; no tensor data is loaded)."""
-    gguf = require("gguf")
-    try:
-        field = gguf.GGUFReader(str(path)).fields.get("general.architecture")
-    except Exception as e:  # the reader raises assorted errors for truncated / foreign files
-        raise GQAUserError(
-            f"cannot read {path} as a GGUF model ({_first_line(e)}); the file is truncated or not a GGUF model"
-        ) from None
+    field = read_gguf(path).fields.get("general.architecture")
     return None if field is None else str(field.contents())
 
 
@@ -209,7 +203,7 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, prefer_gqa: bool):
     from gqa.model.hf import SUPPORTED_MODEL_TYPES, from_transformers
     from gqa.progress import quiet_loading
 
-    if _gguf_architecture(path) == "deci":
+    if gguf_file_architecture(path) == "deci":
         # per-layer KV heads (what gqa's GGUF export writes for them): transformers has no reader for
         # this architecture, gqa's own does
         from gqa.model.gguf import load_gguf
@@ -226,16 +220,11 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, prefer_gqa: bool):
             raise
         except Exception as e:  # the GGUF reader raises many types for cut or garbled files
             raise GQAUserError(
-                f"cannot read {path} as a GGUF model ({_first_line(e)}); the file is truncated or not a GGUF model"
+                f"cannot read {path} as a GGUF model ({first_line(e)}); the file is truncated or not a GGUF model"
             ) from None
     if prefer_gqa and hf.config.model_type in SUPPORTED_MODEL_TYPES:
         return from_transformers(hf).to(dtype)
     return hf.eval()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:160]
 
 
 def load_model_tokenizer(path: str | Path, tokenizer: str | Path | None = None):
@@ -256,7 +245,7 @@ def load_model_tokenizer(path: str | Path, tokenizer: str | Path | None = None):
                 # transformers' Auto classes know no "deci" architecture (per-layer KV heads); the tokenizer
                 # fields are the same, so the generic fast tokenizer reads them
                 auto = AutoTokenizer
-                if _gguf_architecture(src) == "deci":
+                if gguf_file_architecture(src) == "deci":
                     from transformers import PreTrainedTokenizerFast as auto
                 return auto.from_pretrained(
                     src.parent, gguf_file=src.name, trust_remote_code=False, local_files_only=True
@@ -267,7 +256,7 @@ def load_model_tokenizer(path: str | Path, tokenizer: str | Path | None = None):
             raise
         except Exception as e:  # transformers reads config.json too, and fails in many ways on malformed ones
             raise GQAUserError(
-                f"cannot load a tokenizer from {src} ({type(e).__name__}: {_first_line(e)}); "
+                f"cannot load a tokenizer from {src} ({type(e).__name__}: {first_line(e)}); "
                 "fix its config.json / tokenizer files or pass --tokenizer"
             ) from None
     raise GQAUserError(f"{src} has no tokenizer files; pass --tokenizer with the model's tokenizer folder")
