@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from gqa.errors import GQAUserError
+from gqa.model.files import first_line
 from gqa.units import element_size
 
 __all__ = ["DTYPES", "DTYPE_NAMES", "TensorInfo", "read_header", "read_tensor", "SafetensorsWriter"]
@@ -127,7 +128,7 @@ def read_header(path: str | Path) -> tuple[list[TensorInfo], dict]:
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise GQAUserError(f"{bad} (header is not JSON: {str(e).splitlines()[0]})") from None
+            raise GQAUserError(f"{bad} (header is not JSON: {first_line(e)})") from None
     if not isinstance(header, dict):
         raise GQAUserError(f"{bad} (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from gqa.errors import GQAUserError
+from gqa.model.files import first_line
 
 __all__ = ["CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint"]
 
@@ -42,9 +43,8 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, wrong file: all mean "cannot use this file"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GQAUserError(
-            f"checkpoint {path} is corrupt ({reason[:120]}); restore it or delete it to start over"
+            f"checkpoint {path} is corrupt ({first_line(e, 120)}); restore it or delete it to start over"
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise GQAUserError(f"{path} is not a gqa training checkpoint; restore it or delete it to start over")

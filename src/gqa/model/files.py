@@ -29,7 +29,7 @@ def read_json_object(
     except FileNotFoundError:
         raise GQAUserError(f"{path} does not exist; {missing or fix}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GQAUserError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); {fix}") from None
+        raise GQAUserError(f"{path} is not valid JSON ({first_line(e)}); {fix}") from None
     except OSError as e:
         raise GQAUserError(f"cannot read {path} ({e.strerror or e}); check the path and its permissions") from None
     if not isinstance(data, dict):

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from gqa.errors import GQAUserError
 from gqa.model.config import GQAConfig, check_int, check_kv_heads
 from gqa.model.decoder import GQAForCausalLM
-from gqa.model.files import read_json_object, safe_member
+from gqa.model.files import first_line, read_json_object, safe_member
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -308,8 +308,9 @@ def _open_safetensors(path: Path):
     except FileNotFoundError:
         raise GQAUserError(f"{path} is missing; restore the checkpoint's weight files") from None
     except Exception as e:  # safetensors raises its own error types for truncated or garbled headers
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise GQAUserError(f"cannot read {path.name} ({reason}); the file is truncated or not safetensors") from None
+        raise GQAUserError(
+            f"cannot read {path.name} ({first_line(e, 120)}); the file is truncated or not safetensors"
+        ) from None
 
 
 def read_safetensors_folder(folder: Path) -> dict[str, tuple[Path, str]]:

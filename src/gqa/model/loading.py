@@ -90,9 +90,7 @@ def load_checkpoint_model(path: str | Path, *, dtype: torch.dtype = torch.float3
     try:
         config = GQAConfig.from_dict(cfg)
     except (TypeError, ValueError) as e:
-        raise GQAUserError(
-            f"{path} holds a bad model config ({str(e).splitlines()[0]}); restore the checkpoint"
-        ) from None
+        raise GQAUserError(f"{path} holds a bad model config ({first_line(e)}); restore the checkpoint") from None
     model = GQAForCausalLM(config)  # config sizes are validated (bounded) by GQAConfig
     _check_state(model.state_dict(), weights, str(path))
     model.load_state_dict(weights, strict=True)
