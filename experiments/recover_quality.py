@@ -539,21 +539,21 @@ def _plot(data: dict, path: Path) -> None:
     }
     for ax, model in zip(axes, models, strict=False):
         orig = _original(data, model)
-        for (m, _target), rows in groups.items():
-            if m != model:
-                continue
-            for r in rows:
-                family = next((k for k in styles if r["method"].startswith(k)), None)
-                marker, color = styles.get(family, (".", "k"))
-                ratio = r["perplexity"] / orig["perplexity"]
-                ax.scatter(r["kv_bytes_per_token_bf16"], ratio, marker=marker, color=color, s=50, label=family)
-        if orig:
+        rows = [r for (m, _target), rs in groups.items() if m == model for r in rs]
+        use_kl = all(r.get("kl_to_original") is not None for r in rows)  # fidelity where perplexity is noise
+        for r in rows:
+            family = next((k for k in styles if r["method"].startswith(k)), None)
+            marker, color = styles.get(family, (".", "k"))
+            y = r["kl_to_original"] if use_kl else r["perplexity"] / orig["perplexity"]
+            ax.scatter(r["kv_bytes_per_token_bf16"], y, marker=marker, color=color, s=50, label=family)
+        if orig and not use_kl:
             ax.scatter(orig["kv_bytes_per_token_bf16"], 1.0, marker="D", color="k", label="original")
+            ax.axhline(1.0, color="k", lw=0.5)
         ax.set_yscale("log")
         ax.set_xlabel("KV cache bytes per token (bf16)")
-        ax.set_ylabel("perplexity / original (log)")
-        ax.set_title(f"{model}: English eval text", fontsize=10)
-        ax.axhline(1.0, color="k", lw=0.5)
+        ax.set_ylabel("KL to the original, nats/token (log)" if use_kl else "perplexity / original (log)")
+        what = "KL to the original" if use_kl else "perplexity ratio"
+        ax.set_title(f"{model}: {what} on English eval text (lower is better)", fontsize=9)
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles, strict=True))
         ax.legend(uniq.values(), uniq.keys(), fontsize=7)
