@@ -86,7 +86,9 @@ def _make_wrapper():
 
                 raise GQAUserError(f"{folder} has no config.json; per-layer gqa checkpoints load from a local folder")
             if isinstance(dtype, str) and dtype != "auto":
-                dtype = getattr(torch, dtype)
+                from gqa.units import parse_dtype
+
+                dtype = parse_dtype(dtype)
             model = load_hf(folder, dtype=dtype if isinstance(dtype, torch.dtype) else None)
             if config is None:
                 from transformers import AutoConfig

@@ -20,6 +20,7 @@ from gqa.errors import GQAUserError
 from gqa.model.config import GQAConfig, check_int, check_kv_heads
 from gqa.model.decoder import GQAForCausalLM
 from gqa.model.files import first_line, read_json_object, safe_member
+from gqa.units import dtype_name, parse_dtype
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -388,8 +389,6 @@ def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None, device=None
     are an error (never a partly random model). ``dtype`` None keeps the stored dtype (f32/f16/bf16/f64;
     any other stored dtype is an error).
     """
-    from gqa.units import parse_dtype
-
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -491,7 +490,7 @@ def write_model_folder(
             t = state[ours].detach()
             tensors[hf] = (t.to(dtype) if dtype else t).contiguous().cpu()
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf_config = {**hf_config, "torch_dtype": str(dtype or next(model.parameters()).dtype).replace("torch.", "")}
+        hf_config = {**hf_config, "torch_dtype": dtype_name(dtype or next(model.parameters()).dtype)}
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if side_files_from is not None:
             copy_side_files(side_files_from, tmp)
