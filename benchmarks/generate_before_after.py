@@ -140,7 +140,12 @@ def main() -> None:
             for side in order:
                 log(f"round {r + 1}/{args.rounds}: {side} ({commits[side]})")
                 runs[side].append(run_side(srcs[side], tmp / f"{side}-{r}", args.bench_args, log))
-    command = shlex.join(["python", "benchmarks/generate_before_after.py", *sys.argv[1:]])
+    argv = list(sys.argv[1:])
+    if "--out" in argv and argv.index("--out") + 1 < len(argv):  # name the folder without this machine's path
+        i = argv.index("--out") + 1
+        out_path = Path(argv[i]).resolve()
+        argv[i] = str(out_path.relative_to(REPO)) if out_path.is_relative_to(REPO) else "<scratch folder>"
+    command = shlex.join(["python", "benchmarks/generate_before_after.py", *argv])
     first = runs["after"][0]
     meta = {
         "commits": commits,
