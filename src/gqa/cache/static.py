@@ -20,24 +20,24 @@ class KVCache:
 
     def __init__(
         self,
-        batch: int,
+        batch_size: int,
         n_kv_heads: int,
-        max_len: int,
+        max_seq_len: int,
         head_dim: int,
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
-        for name, val in (("batch", batch), ("n_kv_heads", n_kv_heads), ("max_len", max_len), ("head_dim", head_dim)):
+        for name, val in (("batch_size", batch_size), ("n_kv_heads", n_kv_heads), ("max_seq_len", max_seq_len), ("head_dim", head_dim)):
             if not isinstance(val, int) or val < 1:
                 raise GQAUserError(f"KVCache {name} must be a positive integer, got {val!r}")
-        shape = (batch, n_kv_heads, max_len, head_dim)  # (B, Hkv, T_max, D)
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)  # (B, Hkv, T_max, D)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
 
     @property
-    def batch(self) -> int:
+    def batch_size(self) -> int:
         return self.k.shape[0]
 
     @property
@@ -45,7 +45,7 @@ class KVCache:
         return self.k.shape[1]
 
     @property
-    def max_len(self) -> int:
+    def max_seq_len(self) -> int:
         return self.k.shape[2]
 
     @property
@@ -79,16 +79,16 @@ class KVCache:
         t = k_new.shape[2]
         if k_new.shape != v_new.shape:
             raise GQAUserError(f"k_new {tuple(k_new.shape)} and v_new {tuple(v_new.shape)} differ; pass matching K/V")
-        if k_new.shape[0] != self.batch or k_new.shape[1] != self.n_kv_heads or k_new.shape[3] != self.head_dim:
+        if k_new.shape[0] != self.batch_size or k_new.shape[1] != self.n_kv_heads or k_new.shape[3] != self.head_dim:
             raise GQAUserError(
-                f"cache holds [B={self.batch}, Hkv={self.n_kv_heads}, T, D={self.head_dim}] but got "
+                f"cache holds [B={self.batch_size}, Hkv={self.n_kv_heads}, T, D={self.head_dim}] but got "
                 f"{tuple(k_new.shape)}; build the cache with the layer's n_kv_heads and head_dim"
             )
         end = start + t
-        if start < 0 or end > self.max_len:
+        if start < 0 or end > self.max_seq_len:
             raise GQAUserError(
-                f"positions {start}..{end - 1} are beyond the cache of {self.max_len} slots; "
-                "allocate a larger max_len or shorten the sequence"
+                f"positions {start}..{end - 1} are beyond the cache of {self.max_seq_len} slots; "
+                "allocate a larger max_seq_len or shorten the sequence"
             )
         self.k[:, :, start:end] = k_new
         self.v[:, :, start:end] = v_new
@@ -110,11 +110,11 @@ class ModelCache:
         self.layers = layers
 
     @classmethod
-    def for_config(cls, config, batch: int, max_len: int, *, dtype=torch.float32, device=None) -> ModelCache:
+    def for_config(cls, config, batch_size: int, max_seq_len: int, *, dtype=torch.float32, device=None) -> ModelCache:
         """Allocate a cache for a :class:`gqa.model.GQAConfig` model."""
         return cls(
             [
-                KVCache(batch, hkv, max_len, config.resolved_head_dim, dtype=dtype, device=device)
+                KVCache(batch_size, hkv, max_seq_len, config.resolved_head_dim, dtype=dtype, device=device)
                 for hkv in config.kv_heads_per_layer
             ]
         )
@@ -130,8 +130,8 @@ class ModelCache:
         return self.layers[0].length
 
     @property
-    def max_len(self) -> int:
-        return self.layers[0].max_len
+    def max_seq_len(self) -> int:
+        return self.layers[0].max_seq_len
 
     @property
     def nbytes(self) -> int:

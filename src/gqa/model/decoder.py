@@ -74,11 +74,11 @@ class GQAForCausalLM(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def make_cache(self, batch: int, max_len: int | None = None, *, dtype=None, device=None) -> ModelCache:
-        """A static KV cache for this model: one ``[B, Hkv_i, max_len, D]`` buffer pair per layer."""
+    def make_cache(self, batch_size: int, max_seq_len: int | None = None, *, dtype=None, device=None) -> ModelCache:
+        """A static KV cache for this model: one ``[B, Hkv_i, max_seq_len, D]`` buffer pair per layer."""
         p = next(self.parameters())
         return ModelCache.for_config(
-            self.config, batch, max_len or self.config.max_seq_len, dtype=dtype or p.dtype, device=device or p.device
+            self.config, batch_size, max_seq_len or self.config.max_seq_len, dtype=dtype or p.dtype, device=device or p.device
         )
 
     def build_mask(self, key_valid: torch.Tensor | None = None) -> masks.Mask:
