@@ -112,7 +112,10 @@ def register(app: typer.Typer) -> None:
             "--distill-inputs",
             help="Layer inputs for --distill: original (the source model's) or converted (the new model's own).",
         ),
-        export: str = typer.Option("hf", help="Output layout: hf (transformers), decilm (block_configs), gguf."),
+        export: str = typer.Option(
+            "hf",
+            help="Output layout: hf (transformers), decilm (block_configs), gguf (llama.cpp; needs SRC's tokenizer).",
+        ),
         dtype: str = typer.Option(None, help="Output dtype: float32, bfloat16 or float16 (default: as the source)."),
         seed: int = typer.Option(0, help="Seed for --merge random and --distill."),
         force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier gqa output."),
