@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from gqa.atomic import atomic_file
 from gqa.errors import GQAUserError
 from gqa.model import GQAForCausalLM, load_hf
 
@@ -87,11 +87,9 @@ def plot_perplexity_vs_kv(rows: list[DemoRow], path: str | Path, title: str) -> 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp)
+    with atomic_file(path) as tmp:  # the temp name keeps the suffix: it picks the image format
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

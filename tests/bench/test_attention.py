@@ -158,3 +158,35 @@ def test_cpu_decode_bad_input_is_one_line(tmp_path):
         assert result.exit_code == 2
         lines = [ln for ln in result.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and match in lines[0], result.output
+
+
+def test_recorded_results_are_replaced_only_with_force(tiny_cases, tmp_path, monkeypatch):
+    args = ["bench", "attention", "--quick", "--no-flex", "--min-time", "0", "--max-iters", "1", "--out", str(tmp_path)]
+    assert runner.invoke(app, args).exit_code == 0
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    ran = []
+    real_run = bench.run_attention_bench
+    monkeypatch.setattr(bench, "run_attention_bench", lambda **kw: ran.append(1) or real_run(**kw))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and not ran  # refused before the run, not after it
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "exists" in lines[0] and "--force" in lines[0], result.output
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    result = runner.invoke(app, [*args, "--force"])
+    assert result.exit_code == 0 and ran, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+
+
+def test_cpu_decode_results_are_replaced_only_with_force(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "CPU_DECODE_CASES", (("tiny B=1 S=1k", 1, 1024),))
+    results = bench.run_cpu_decode_bench(dtypes=("float32",), rounds=1, threads=1, progress=False)
+    paths = bench.write_cpu_decode_results(results, tmp_path)
+    with pytest.raises(bench.GQAUserError, match="pass --force"):
+        bench.write_cpu_decode_results(results, tmp_path)
+    assert bench.write_cpu_decode_results(results, tmp_path, force=True) == paths
+
+
+def test_default_out_is_git_ignored():
+    from gqa.cli import bench as cli_bench
+
+    assert cli_bench.DEFAULT_RESULTS == "results"  # /results/ in .gitignore; benchmarks/results/ is tracked

@@ -19,11 +19,9 @@ Results go to ``benchmarks/results/<machine>-<date>.{json,md,png}`` with provena
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -32,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gqa.atomic import atomic_file, write_json_atomic, write_text_atomic
 from gqa.errors import GQAUserError
 from gqa.provenance import cpu_name, load_average, provenance_markdown
 
@@ -310,13 +309,13 @@ def run_attention_bench(
     load_before = load_average()
     bandwidth = measure_bandwidth(dev, 1024 * 2**20 if device == "cuda" else 256 * 2**20, timer)
 
-    from tqdm import tqdm
+    from gqa.progress import progress as progress_bar
 
     results: list[CaseResult] = []
-    bar = tqdm(total=len(cases), desc="bench attention", unit="case", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=len(cases), desc="bench attention", unit="case", enabled=progress)
     elsize = torch.tensor([], dtype=torch_dtype).element_size()
     for case in cases:
-        bar.set_postfix_str(case.name)
+        bar.set_postfix(case=case.name)
         res = CaseResult(case, case.kv_bytes(elsize))
         results.append(res)
         g = case.n_heads // case.n_kv_heads
@@ -505,35 +504,76 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")  # keep the suffix: it picks the format
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _result_stem(
+    *, gpu: str | None, cpu: str, cpu_cores: int | None, date: str, dtype: str, device: str, threads: int, mode: str
+) -> str:
+    stem = f"{machine_slug({'gpu': gpu, 'cpu': cpu, 'cpu_cores': cpu_cores})}-{date[:10]}"
+    if dtype != "float32":
+        stem += f"-{dtype}"
+    if device == "cpu" and threads != os.cpu_count():
+        stem += f"-{threads}threads"
+    if mode != "default":
+        stem += f"-{mode}"
+    return stem
 
 
-def write_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``<machine>-<date>[-<dtype>][-<n>threads][-<mode>].{json,md,png}`` under ``out_dir`` (temp file,
-    then rename)."""
+def _refuse_taken(paths: dict[str, Path], force: bool) -> None:
+    taken = [p for p in paths.values() if p.exists()]
+    if taken and not force:
+        raise GQAUserError(f"{taken[0]} exists; choose another --out, or pass --force to replace the recorded results")
+
+
+def check_results_free(
+    out_dir: str | Path, *, device: str, dtype: str, mode: str, threads: int | None = None, force: bool = False
+) -> dict[str, Path]:
+    """The paths :func:`write_results` will write for a run started now with these options; raises
+    :class:`GQAUserError` if ``out_dir`` is a file, or if any path exists and ``force`` is off (recorded
+    results are replaced only on purpose). Call it before a long run."""
+    from gqa.provenance import utc_date
+
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise GQAUserError(f"--out {out_dir} is a file; pass a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    p = results["provenance"]
-    stem = f"{machine_slug(p)}-{p['date'][:10]}"
-    if p["dtype"] != "float32":
-        stem += f"-{p['dtype']}"
-    if p["device"] == "cpu" and p["torch_threads"] != os.cpu_count():
-        stem += f"-{p['torch_threads']}threads"
-    if p["mode"] != "default":
-        stem += f"-{p['mode']}"
+    gpu = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else None
+    stem = _result_stem(
+        gpu=gpu,
+        cpu=cpu_name(),
+        cpu_cores=os.cpu_count(),
+        date=utc_date(),
+        dtype=dtype,
+        device=device,
+        threads=threads if threads is not None else torch.get_num_threads(),
+        mode=mode,
+    )
     paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png")}
-    _atomic_write(paths["json"], lambda t: t.write_text(json.dumps(results, indent=2) + "\n"))
-    _atomic_write(paths["md"], lambda t: t.write_text(to_markdown(results)))
-    _atomic_write(paths["png"], lambda t: plot(results, t))
+    _refuse_taken(paths, force)
+    return paths
+
+
+def write_results(results: dict, out_dir: str | Path, *, force: bool = False) -> dict[str, Path]:
+    """Write ``<machine>-<date>[-<dtype>][-<n>threads][-<mode>].{json,md,png}`` under ``out_dir`` (temp file,
+    then rename). Existing results of the same name are replaced only with ``force``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GQAUserError(f"--out {out_dir} is a file; pass a directory")
+    p = results["provenance"]
+    stem = _result_stem(
+        gpu=p["gpu"],
+        cpu=p["cpu"],
+        cpu_cores=p["cpu_cores"],
+        date=p["date"],
+        dtype=p["dtype"],
+        device=p["device"],
+        threads=p["torch_threads"],
+        mode=p["mode"],
+    )
+    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png")}
+    _refuse_taken(paths, force)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(paths["json"], results)
+    write_text_atomic(paths["md"], to_markdown(results))
+    with atomic_file(paths["png"]) as tmp:  # the temp name keeps the suffix: it picks the image format
+        plot(results, tmp)
     return paths
 
 
@@ -630,9 +670,8 @@ def run_cpu_decode_bench(
     """
     import subprocess
 
-    from tqdm import tqdm
-
     from gqa.kernels import cpu_fused
+    from gqa.progress import progress as progress_bar
     from gqa.provenance import provenance as base_provenance
 
     for name in dtypes:
@@ -650,11 +689,11 @@ def run_cpu_decode_bench(
         fused_status = cpu_fused.status()  # builds the kernel first, outside any timing
         load_before = load_average()
         rows = []
-        bar = tqdm(total=len(dtypes) * len(cases), desc="bench cpu-decode", disable=not progress, file=sys.stderr)
+        bar = progress_bar(total=len(dtypes) * len(cases), desc="bench cpu-decode", unit="case", enabled=progress)
         for dtype_name in dtypes:
             dtype = _DTYPES[dtype_name]
             for case_name, batch, seq in cases:
-                bar.set_postfix_str(f"{dtype_name} {case_name}")
+                bar.set_postfix(case=f"{dtype_name} {case_name}")
                 gen = torch.Generator().manual_seed(0)
                 q = torch.randn(batch, 32, 1, 128, generator=gen).to(dtype)
                 k = torch.randn(batch, 8, seq, 128, generator=gen).to(dtype)
@@ -801,10 +840,9 @@ def cpu_decode_plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_cpu_decode_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
-    """``cpu-decode-<machine>-<date>-<HHMM UTC>.{json,md,png}`` under ``out_dir`` (each written to a temp file, then renamed)."""
-    from gqa.atomic import atomic_file, write_json_atomic, write_text_atomic
-
+def write_cpu_decode_results(results: dict, out_dir: str | Path, *, force: bool = False) -> dict[str, Path]:
+    """``cpu-decode-<machine>-<date>-<HHMM UTC>.{json,md,png}`` under ``out_dir`` (each written to a temp file, then
+    renamed). Existing results of the same name are replaced only with ``force``."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise GQAUserError(f"--out {out_dir} is a file; pass a directory")
@@ -812,6 +850,7 @@ def write_cpu_decode_results(results: dict, out_dir: str | Path) -> dict[str, Pa
     slug = re.sub(r"[^a-z0-9]+", "-", f"{p['cpu']}-{p['cpu_cores']}c".lower()).strip("-")
     stem = f"cpu-decode-{slug}-{p['date'][:10]}-{p['date'][11:13]}{p['date'][14:16]}"  # -HHMM (UTC): runs of a day
     paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png")}
+    _refuse_taken(paths, force)
     write_json_atomic(paths["json"], results)
     write_text_atomic(paths["md"], cpu_decode_markdown(results))
     with atomic_file(paths["png"]) as tmp:

@@ -114,7 +114,9 @@ def _to_transformers(model: GQAForCausalLM, folder: Path):
 
     save_hf(model, folder, overwrite=True)
     with quiet_loading():
-        return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            folder, trust_remote_code=False, local_files_only=True
+        ).eval()
 
 
 def _decode_seconds_gqa(model, ids, n: int) -> float:
@@ -628,13 +630,3 @@ def write_generate_results(
     lines += ["", f"![plot]({name}.png)", ""]
     paths.append(write_text_atomic(out_dir / f"{name}.md", "\n".join(lines)))
     return paths
-
-
-if __name__ == "__main__":  # `python -m gqa.bench.generate`, the same as `gqa bench generate`
-    import typer
-
-    from gqa.cli.generate import register_bench
-
-    _app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    register_bench(_app)
-    _app()

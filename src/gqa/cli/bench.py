@@ -14,13 +14,13 @@ from gqa.errors import GQAUserError
 
 bench_app = typer.Typer(
     name="bench",
-    help="Benchmarks; results with provenance under benchmarks/results/.",
+    help="Benchmarks; results with provenance (.json, .md, .png) in --out (default ./results).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
-DEFAULT_RESULTS = "benchmarks/results"
+DEFAULT_RESULTS = "results"  # git-ignored; recorded results in benchmarks/results/ are replaced only with --force
 
 
 def register(app: typer.Typer) -> None:
@@ -40,10 +40,11 @@ def attention(
     max_memory_gb: float = typer.Option(8.0, help="Skip cases whose cache (plus repeat_kv's copy) needs more."),
     threads: int | None = typer.Option(None, help="CPU threads for every implementation (default: torch's)."),
     out: Annotated[Path, typer.Option(help="Directory for the results (.json, .md, .png).")] = Path(DEFAULT_RESULTS),
+    force: bool = typer.Option(False, "--force", help="Replace results of the same name in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
 ) -> None:
     """Decode attention (Tq = 1) vs SDPA (each backend), repeat_kv + SDPA and FlexAttention."""
-    from gqa.bench.attention import run_attention_bench, summary_rows, write_results
+    from gqa.bench.attention import check_results_free, run_attention_bench, summary_rows, write_results
 
     if quick and full:
         raise GQAUserError("pass at most one of --quick and --full")
@@ -59,6 +60,8 @@ def attention(
     command += f" --max-iters {max_iters} --max-memory-gb {max_memory_gb:g} --out {out}" + (
         " --json" if as_json else ""
     )
+    # before the run, not after it
+    check_results_free(out, device=device, dtype=dtype, mode=mode, threads=threads, force=force)
     results = run_attention_bench(
         device=device,
         dtype=dtype,
@@ -71,7 +74,7 @@ def attention(
         command=command,
         threads=threads,
     )
-    paths = write_results(results, out)
+    paths = write_results(results, out, force=force)
     if as_json:
         print(json.dumps(results, indent=2))
         return
@@ -93,6 +96,7 @@ def cpu_decode(
     rounds: int = typer.Option(7, help="Round-robin rounds over the peers; GB/s from each peer's best round."),
     threads: int | None = typer.Option(None, help="CPU threads (default: torch's)."),
     out: Annotated[Path, typer.Option(help="Directory for the results (.json, .md, .png).")] = Path(DEFAULT_RESULTS),
+    force: bool = typer.Option(False, "--force", help="Replace results of the same name in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
 ) -> None:
     """CPU decode attention (issue 11): the fused C++ kernel vs read bandwidth, grouped matmul, SDPA, previous path."""
@@ -102,7 +106,7 @@ def cpu_decode(
     command = f"gqa bench cpu-decode --dtypes {','.join(names)} --rounds {rounds}"
     command += (f" --threads {threads}" if threads is not None else "") + f" --out {out}"
     results = run_cpu_decode_bench(dtypes=names, rounds=rounds, threads=threads, progress=not as_json, command=command)
-    paths = write_cpu_decode_results(results, out)
+    paths = write_cpu_decode_results(results, out, force=force)
     if as_json:
         print(json.dumps(results, indent=2))
         return
