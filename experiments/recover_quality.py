@@ -77,8 +77,7 @@ def save_row(row: dict) -> None:
 
 def load_pair(name: str):
     """(teacher model, tokenizer) for ``smollm2`` or ``shakespeare``."""
-    from gqa.evaluate import load_model, load_model_tokenizer
-    from gqa.evaluate.loading import smollm2_gguf_path
+    from gqa.model import load_model, load_model_tokenizer, smollm2_gguf_path
 
     src = smollm2_gguf_path() if name == "smollm2" else REPO / "src" / "gqa" / "assets" / "shakespeare-mha"
     return load_model(src, dtype=torch.float32).eval(), load_model_tokenizer(src), str(src.name)
@@ -124,7 +123,7 @@ def save_state(path: Path, model) -> None:
 
 def target_heads(teacher, target: str, stats, calib):
     """Per-layer KV heads for ``kv<N>`` or ``budget<f>`` (the budget chosen from measured KL curves)."""
-    from gqa.grouping import budget_heads, choose_kv_heads, error_curves
+    from gqa.convert.calibrated import budget_heads, choose_kv_heads, error_curves
 
     if target.startswith("kv"):
         return [int(target[2:])] * len(teacher.layers), None
@@ -195,7 +194,7 @@ def main() -> None:
 
     if "base" in stages:
         row("original", teacher, target_all=True)
-    from gqa.grouping import collect_statistics, reduce_kv_heads
+    from gqa.convert.calibrated import collect_statistics, reduce_kv_heads
 
     if "mean" in stages:
         per_layer = _per_layer_from_fit(scratch) or (
@@ -472,7 +471,27 @@ def write(data: dict, folder: Path) -> None:
     _plot(data, folder / "recover-quality.png")
 
 
-NOTES = """## Reading the numbers
+NOTES = """## Findings (2026-12-01, a shared and heavily loaded 2-core machine)
+
+- **SmolLM2-135M 3 -> 1, no end-to-end training: x2.21** of the original's perplexity with local distillation
+  (Q, K, V, O fitted per layer on the converted model's own inputs, 50 Adam steps per layer), from x12.07 after
+  similarity grouping + alignment + fit and x874 for the paper's mean-pool. Feeding the original model's
+  inputs instead gives x2.37. **The issue's goal (<= x1.2) is not reached**, and its floor (x1.41, measured on
+  another English text with 150 steps per layer from an x8.6 start) could not be re-measured here: under a
+  load of 7-10 the 50-step runs already took 19-36 wall-minutes (5.3 and 6.8 minutes of one core's CPU time).
+- **End-to-end distillation after it** (KL to the original, attention weights only): x1.97 after 2 minutes and
+  x1.79 after 5 (4 and 13 steps); the paper's recipe given the same minutes (mean-pool + LM uptraining) is at
+  x63 and x41. The goals x1.1 (10 minutes) and x1.05 (budget 1/2) are not reached: the SmolLM2 end-to-end runs
+  had a 5-minute budget (one run per recipe, snapshots at 2 and 5), and the 10-minute rows and the per-layer
+  budget of 1/2 for SmolLM2 were not run before the deadline.
+- **Shakespeare model** (8 -> 2 and 8 -> 1): local distillation of Q, K, V and O brings the KL to the original
+  from 0.25-0.30 (aligned + fit) to 0.013-0.018 nats/token (K and V alone: 0.06-0.10); converted inputs are
+  slightly better than original inputs (0.0130 vs 0.0135 for 8 -> 2, 0.0174 vs 0.0182 for 8 -> 1); a loss on
+  the block's output (MLP included) is no better (0.0141) and twice as slow. End-to-end distillation then
+  lowers the KL further within 5-10 minutes. The paper's recipe moves the model away from the original
+  (KL 1.3-2.3) while adapting it to English prose (see below).
+
+## Reading the numbers
 
 - **Texts.** Calibration and training: `english:calib` (= `english:train`); evaluation: the first 8,192
   tokens of `english:eval`, in windows of 256. Both come from `gqa.data.english`: the standard library's
@@ -490,8 +509,14 @@ NOTES = """## Reading the numbers
 - **Time budgets** are wall-clock minutes of training (evaluation excluded) on the shared 2-core machine, with
   one torch thread per run; the load average (runnable threads on 2 cores) was 9-15 during these runs, so a
   "minute" bought far less than a minute of a quiet 2-core machine. Each end-to-end row records the steps it
-  ran and the process's CPU seconds. The 2- and 5-minute rows are snapshots of the 10-minute run (one run per
-  recipe, cosine learning rate over the 10 minutes), not separate shorter runs.
+  ran and the process's CPU seconds. The 2- and 5-minute rows are snapshots of one run per recipe (cosine
+  learning rate over its whole budget: 10 minutes for the Shakespeare model, 5 for SmolLM2), not separate
+  shorter runs.
+- **Code.** The runs used this script and the library as committed in this area up to the commit below, run
+  from an exported copy of the tree (so other engineers' concurrent edits could not change the code mid-run);
+  the same command in the current tree reproduces the Shakespeare 8 -> 2 rows (mean: identical; aligned +
+  fit: perplexity to 6 digits; local distillation, qkvo / converted: perplexity identical, KL to 8 digits,
+  in 36 s at load 5 against 238 s at load 9.5).
 - **Settings.** Local distillation: Adam, cosine lr from 1e-3, batches of 8 x 256 tokens, a seeded 10% of the
   64 calibration sequences held out (early stopping, best state kept); SmolLM2: 50 steps per layer (load
   forced fewer than the 150 of the issue's measurement), Shakespeare model: 150. End-to-end distillation:
