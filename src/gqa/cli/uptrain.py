@@ -19,8 +19,8 @@ from gqa.errors import GQAUserError
 
 def load_trainable(path: Path):
     """A gqa model to train from a transformers folder, a gqa checkpoint or a GGUF file."""
-    from gqa.evaluate import load_model
     from gqa.model import GQAForCausalLM
+    from gqa.model.loading import load_model
 
     model = load_model(path)
     if not isinstance(model, GQAForCausalLM):
@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Uptrain a converted model for --tokens N, --fraction A of its pre-training, or --max-minutes M."""
         from gqa.data import encode, load_text
-        from gqa.evaluate import load_model, load_model_tokenizer
+        from gqa.model.loading import load_model, load_model_tokenizer
         from gqa.train.config import TRAIN_PARAMS
         from gqa.train.loop import check_not_inside, check_out_dir
         from gqa.train.uptrain import read_pretrain_tokens, uptrain_tokens

@@ -1,8 +1,8 @@
 """Training: the shared loop (AdamW, warm-up + cosine, accumulation, distillation, checkpoints with exact
 resume, DDP / FSDP2 under torchrun), pretraining from scratch and uptraining converted models."""
 
+from gqa.model.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from gqa.provenance import provenance, provenance_markdown
-from gqa.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from gqa.train.config import TrainConfig
 from gqa.train.loop import METRICS_NAME, SUMMARY_NAME, TrainResult, batch_offsets, train
 from gqa.train.pretrain import REFERENCE_CONFIG, REFERENCE_TRAIN, pretrain, shipped_model_path

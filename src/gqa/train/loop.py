@@ -25,12 +25,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from gqa.atomic import write_json_atomic
 from gqa.errors import GQAUserError
 from gqa.evaluate import EvalResult, evaluate_lm, model_logits
 from gqa.model import GQAConfig, GQAForCausalLM, save_hf
+from gqa.model.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from gqa.model.hf import SIDE_FILES
 from gqa.provenance import provenance
-from gqa.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from gqa.train.config import TrainConfig
 from gqa.train.distributed import DistInfo, all_reduce_sum, full_state, init_distributed, load_full_state, unwrap
 from gqa.train.distributed import wrap_model as _wrap
@@ -244,12 +245,6 @@ def _save_model_files(model: GQAForCausalLM, out_dir: Path, tokenizer_from: str 
             os.replace(f, out_dir / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def train(
@@ -531,7 +526,7 @@ def _run(
             to_save = GQAForCausalLM(GQAConfig.from_dict(model.config.to_dict()))
             to_save.load_state_dict(model_sd)
         _save_model_files(to_save, out_dir, tokenizer_from)
-        _write_json(
+        write_json_atomic(
             out_dir / SUMMARY_NAME,
             {
                 **(summary or {}),

@@ -15,6 +15,7 @@ import torch
 
 from gqa.data import encode, load_text, save_tokenizer, train_bpe_tokenizer
 from gqa.model import GQAConfig, GQAForCausalLM
+from gqa.model.assets import shipped_model_path
 from gqa.train.config import TrainConfig
 from gqa.train.loop import TrainResult, check_out_dir, train
 
@@ -46,14 +47,6 @@ REFERENCE_TRAIN = TrainConfig(
     eval_tokens=20_000,
     checkpoint_every=50,
 )
-
-
-def shipped_model_path() -> Path:
-    """The folder of the shipped Shakespeare MHA model (a transformers folder with its tokenizer)."""
-    path = Path(__file__).resolve().parents[1] / "assets" / "shakespeare-mha"
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall gqa or rebuild it with `gqa pretrain {path}`")
-    return path
 
 
 def pretrain(
