@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from gqa.convert import convert_checkpoint
+from gqa.convert import convert
 from gqa.data import encode, load_tokenizer, shakespeare_splits
 from gqa.demo import decode_tokens_per_s
 from gqa.evaluate import perplexity
@@ -56,7 +56,7 @@ class Setup:
     def convert(self, kv_heads: int, merge: str = "mean"):
         self._n += 1
         out = self.work / f"c{self._n}-kv{kv_heads}-{merge}"
-        convert_checkpoint(self.src, out, kv_heads, merge=merge, progress=False)
+        convert(self.src, out, kv_heads=kv_heads, merge=merge, progress=False)
         return load_hf(out, dtype=torch.float32)
 
     def run(self, kv_heads: int, merge: str = "mean", fraction: float = 0.05, distill: bool = False) -> dict:

@@ -18,12 +18,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from gqa.convert import convert_checkpoint
-from gqa.data import encode, shakespeare_splits
-from gqa.evaluate import load_model_tokenizer, perplexity
 from gqa.evaluate.loading import SMOLLM2_GGUF_NAME, smollm2_gguf_path
+
+from gqa.convert import convert
+from gqa.data import encode, shakespeare_splits
+from gqa.evaluate import perplexity
 from gqa.model import load_hf
+from gqa.model.loading import load_model_tokenizer
 from gqa.train import provenance, provenance_markdown, uptrain
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -43,8 +44,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gqa-smollm2-") as tmp:
         work = Path(tmp)
         kv3, kv1 = work / "kv3", work / "kv1"
-        convert_checkpoint(smollm2_gguf_path(), kv3, 3, progress=False, dtype="float32")  # same heads: the original
-        convert_checkpoint(kv3, kv1, 1, merge="mean", progress=False)
+        convert(smollm2_gguf_path(), kv3, kv_heads=3, progress=False, dtype="float32")  # same heads: the original
+        convert(kv3, kv1, kv_heads=1, merge="mean", progress=False)
         tok = load_model_tokenizer(kv3)
         splits = shakespeare_splits()
         val_ids = encode(tok, splits["validation"])
