@@ -18,7 +18,7 @@ from gqa.model.assets import shipped_model_path
 RUN = "import sys; from gqa.cli import main; sys.argv[0] = 'gqa'; main()"
 
 
-def gqa_cli(args: list[str], cwd: Path, *, stdin: str | None = None, timeout: float = 240):
+def gqa_cli(args: list[str], cwd: Path, *, stdin: str | None = None, timeout: float = 240, env: dict | None = None):
     return subprocess.run(
         [sys.executable, "-c", RUN, *map(str, args)],
         cwd=cwd,
@@ -26,7 +26,7 @@ def gqa_cli(args: list[str], cwd: Path, *, stdin: str | None = None, timeout: fl
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**_env(), "GQA_PROGRESS": "1"},
+        env={**_env(), "GQA_PROGRESS": "1", **(env or {})},
     )
 
 
@@ -127,6 +127,27 @@ def test_generate_refuses_absurd_layer_counts_before_allocating(model_copy, work
     _edit_config(model_copy, num_hidden_layers=1e9)
     res = gqa_cli(["generate", model_copy, "-p", "x", "--max-new-tokens", "2"], work, timeout=120)
     assert_one_line_refusal(res, "num_hidden_layers")
+    assert list(work.iterdir()) == []
+
+
+def test_generate_with_a_tiny_temperature_samples_the_argmax(work):
+    """Dividing the logits by 1e-45 made the maximum inf and softmax NaN ("probability tensor contains inf/nan")."""
+    args = ["generate", shipped_model_path(), "-p", "ROMEO:", "--max-new-tokens", "6", "--json"]
+    greedy = gqa_cli(args, work, timeout=120)
+    assert greedy.returncode == 0, greedy.stderr[-3000:]
+    for t in ("1e-45", "5e-324"):
+        res = gqa_cli([*args, "--temperature", t, "--seed", "1"], work, timeout=120)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert json.loads(res.stdout)["tokens"] == json.loads(greedy.stdout)["tokens"]
+    assert list(work.iterdir()) == []
+
+
+def test_device_cuda_without_a_gpu_is_one_line(work):
+    # CUDA_VISIBLE_DEVICES="" hides any GPU, so this runs the same on CPU-only and CUDA builds of torch.
+    # (`gqa generate` runs on the CPU and has no --device option; `gqa bench attention` is the inference
+    # command that takes one.)
+    res = gqa_cli(["bench", "attention", "--device", "cuda", "--out", "out"], work, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert_one_line_refusal(res, "--device cuda needs a CUDA GPU")
     assert list(work.iterdir()) == []
 
 

@@ -135,6 +135,10 @@ def test_filters_and_degenerate_sampling_equal_greedy():
     for params in (SamplingParams(1.0, top_k=1, seed=0), SamplingParams(0.7, top_p=1e-6, seed=0)):
         gens = [params.make_generator(i) for i in range(2)]
         assert torch.equal(sample(logits, params, gens), greedy)
+    # a tiny temperature is the argmax (it once made softmax NaN: the maximum divided by 1e-45 was inf)
+    for t in (1e-45, 1e-300, 5e-324):
+        picked = sample(logits.to(torch.bfloat16), SamplingParams(t, seed=0), None)
+        assert torch.equal(picked, greedy), t
     # high temperature visits more than one token
     many = sample(logits[:1].expand(200, -1), SamplingParams(5.0), None)
     assert len(set(many.tolist())) > 1

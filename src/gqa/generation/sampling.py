@@ -83,9 +83,15 @@ def sample(
     """
     if params.greedy:
         return logits.argmax(dim=-1)
-    scores = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    device = logits.device
+    # float64, and each row's maximum shifted to 0 before dividing (softmax does not change): a tiny
+    # temperature (down to 5e-324; fp32 rounds 1e-46 to 0) then sends the other logits to -inf instead of
+    # the maximum to inf, where softmax would give NaN.
+    logits = logits.double()
+    shifted = logits - logits.amax(dim=-1, keepdim=True)  # (B, V), <= 0
+    scores = filter_logits(shifted / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(scores, dim=-1).cpu()  # (B, V); generators are CPU generators
     if generators is None or all(g is None for g in generators):
-        return torch.multinomial(probs, 1).squeeze(-1).to(logits.device)
+        return torch.multinomial(probs, 1).squeeze(-1).to(device)
     rows = [torch.multinomial(probs[b], 1, generator=generators[b]) for b in range(probs.shape[0])]
-    return torch.cat(rows).to(logits.device)
+    return torch.cat(rows).to(device)
