@@ -37,17 +37,17 @@ def test_atomic_outputs_get_umask_permissions_not_private_ones(tmp_path):
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
 
 
-def test_atomic_dir_refuses_existing_and_replaces_with_overwrite(tmp_path):
+def test_atomic_dir_refuses_existing_and_replaces_with_force(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old").write_text("1")
     with pytest.raises(GQAUserError, match="exists"), atomic_dir(out):
         pass
-    with pytest.raises(KeyboardInterrupt), atomic_dir(out, overwrite=True) as d:
+    with pytest.raises(KeyboardInterrupt), atomic_dir(out, force=True) as d:
         (d / "new").write_text("2")
         raise KeyboardInterrupt
     assert [p.name for p in out.iterdir()] == ["old"]  # an interrupted build leaves OUT as it was
-    with atomic_dir(out, overwrite=True) as d:
+    with atomic_dir(out, force=True) as d:
         (d / "new").write_text("2")
     assert [p.name for p in out.iterdir()] == ["new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

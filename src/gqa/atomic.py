@@ -51,18 +51,18 @@ def write_json_atomic(path: str | Path, obj) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; on success it becomes ``path``.
 
-    With ``overwrite`` an existing ``path`` is replaced only after the new folder is complete (the
+    With ``force`` an existing ``path`` is replaced only after the new folder is complete (the
     caller decides whether that folder may be replaced). On any error, or a signal that raises, the
     temporary folder is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
+    if path.exists() and not force:
         from gqa.errors import GQAUserError
 
-        raise GQAUserError(f"{path} exists; choose another path or pass --force / overwrite=True")
+        raise GQAUserError(f"{path} exists; choose another path or pass --force / force=True")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:

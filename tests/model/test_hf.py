@@ -80,9 +80,9 @@ def test_save_load_round_trip_is_exact(tmp_path, family, tie):
 def test_save_refuses_to_overwrite_and_leaves_nothing(tmp_path):
     model = GQAForCausalLM(GQAConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=48))
     save_hf(model, tmp_path / "m")
-    with pytest.raises(FileExistsError, match="exists"):
+    with pytest.raises(GQAUserError, match="exists; choose another path or pass --force / force=True"):
         save_hf(model, tmp_path / "m")
-    save_hf(model, tmp_path / "m", overwrite=True)
+    save_hf(model, tmp_path / "m", force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 

@@ -112,7 +112,7 @@ def _to_transformers(model: GQAForCausalLM, folder: Path):
     from gqa.model import save_hf
     from gqa.progress import quiet_loading
 
-    save_hf(model, folder, overwrite=True)
+    save_hf(model, folder, force=True)
     with quiet_loading():
         return transformers.AutoModelForCausalLM.from_pretrained(
             folder, trust_remote_code=False, local_files_only=True

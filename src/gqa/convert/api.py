@@ -215,7 +215,7 @@ def convert(
     clean_stale_partials(out)
 
     # --- run ---------------------------------------------------------------------------------------
-    with atomic_dir(out, overwrite=force) as tmp:
+    with atomic_dir(out, force=force) as tmp:
         if calibrated:
             from gqa.convert.calibrated.run import convert_calibrated
 

@@ -30,13 +30,13 @@ GGUF_NAME = "model.gguf"
 def _write_hf(model, folder: Path, dtype: torch.dtype | None, side_files_from: Path | None, src: Path) -> None:
     from gqa.model import save_hf
 
-    save_hf(model, folder, dtype=dtype, side_files_from=side_files_from, overwrite=True)
+    save_hf(model, folder, dtype=dtype, side_files_from=side_files_from, force=True)
 
 
 def _write_decilm(model, folder: Path, dtype: torch.dtype | None, side_files_from: Path | None, src: Path) -> None:
     from gqa.model.decilm import export_decilm
 
-    export_decilm(model, folder, dtype=dtype, side_files_from=side_files_from, overwrite=True)
+    export_decilm(model, folder, dtype=dtype, side_files_from=side_files_from, force=True)
 
 
 def _gguf_available() -> bool:

@@ -115,14 +115,14 @@ def export_decilm(
     *,
     dtype: torch.dtype | None = None,
     side_files_from: str | Path | None = None,
-    overwrite: bool = False,
+    force: bool = False,
 ) -> Path:
     """Write ``model`` (a :class:`gqa.GQAForCausalLM`) as a DeciLM folder, atomically (temp + rename)."""
     folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise GQAUserError(f"{folder} exists; choose another path or pass overwrite=True")
+    if folder.exists() and not force:
+        raise GQAUserError(f"{folder} exists; choose another path or pass --force / force=True")
     cfg = decilm_config(model.config)  # validates before anything is written
-    return write_model_folder(model, folder, cfg, dtype=dtype, side_files_from=side_files_from, overwrite=overwrite)
+    return write_model_folder(model, folder, cfg, dtype=dtype, side_files_from=side_files_from, force=force)
 
 
 def load_decilm(folder: str | Path, *, dtype: torch.dtype | None = None):

@@ -207,7 +207,7 @@ def export_gguf(
     tokenizer_dir: str | Path | None = None,
     dtype: str | torch.dtype = "f16",
     name: str | None = None,
-    overwrite: bool = False,
+    force: bool = False,
 ) -> Path:
     """Write ``model`` as one GGUF file for llama.cpp (atomically: temp file, then rename).
 
@@ -221,7 +221,7 @@ def export_gguf(
         dtype: ``"f16"`` (default, what llama.cpp's converter writes), ``"bf16"`` or ``"f32"``
             (or the torch dtype); norm weights are always fp32.
         name: ``general.name`` (default: the file name without ``.gguf``).
-        overwrite: replace an existing file.
+        force: replace an existing file.
 
     Returns the path written. Uniform KV heads use architecture ``llama``, per-layer ones ``deci``.
     """
@@ -231,8 +231,8 @@ def export_gguf(
     path = Path(path)
     if path.suffix != ".gguf":
         raise GQAUserError(f"{path} should end in .gguf")
-    if path.exists() and not overwrite:
-        raise GQAUserError(f"{path} exists; choose another path or pass --force / overwrite=True")
+    if path.exists() and not force:
+        raise GQAUserError(f"{path} exists; choose another path or pass --force / force=True")
     if isinstance(dtype, torch.dtype):
         by_torch = {v[0]: k for k, v in GGUF_DTYPES.items()}
         if dtype not in by_torch:

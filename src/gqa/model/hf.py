@@ -452,7 +452,7 @@ def save_hf(
     *,
     dtype: torch.dtype | None = None,
     side_files_from: str | Path | None = None,
-    overwrite: bool = False,
+    force: bool = False,
 ) -> Path:
     """Write ``model`` as a transformers folder (config.json + model.safetensors), atomically.
 
@@ -460,7 +460,7 @@ def save_hf(
     ``side_files_from``: a folder whose tokenizer/generation files are copied along.
     """
     return write_model_folder(
-        model, folder, config_to_hf(model.config), dtype=dtype, side_files_from=side_files_from, overwrite=overwrite
+        model, folder, config_to_hf(model.config), dtype=dtype, side_files_from=side_files_from, force=force
     )
 
 
@@ -471,7 +471,7 @@ def write_model_folder(
     *,
     dtype: torch.dtype | None = None,
     side_files_from: str | Path | None = None,
-    overwrite: bool = False,
+    force: bool = False,
 ) -> Path:
     """Write ``model``'s weights under transformers names with ``hf_config`` as config.json, atomically.
 
@@ -481,9 +481,7 @@ def write_model_folder(
     from gqa.atomic import atomic_dir
 
     folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} exists; choose another path or pass overwrite=True")
-    with atomic_dir(folder, overwrite=overwrite) as tmp:
+    with atomic_dir(folder, force=force) as tmp:  # refuses an existing folder unless force
         state = model.state_dict()
         tensors = {}
         for ours, hf in weight_map(model.config).items():
