@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-from gqa.errors import GQAUserError
+from gqa.errors import GQAUserError, first_line
 
 __all__ = ["INSTALL", "MissingDependencyError", "require", "available", "install_hint", "missing_dependency_message"]
 
@@ -58,8 +58,7 @@ def missing_dependency_message(exc: BaseException) -> str | None:
     name = (exc.name or "").split(".")[0]
     if name in INSTALL:
         return install_hint(name)
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
+    first = first_line(exc, limit=1000)  # whole: it may be a pip command to print
     if "GGUF" in first and "install" in first.lower():  # transformers: "Loading a GGUF checkpoint ... requires ... GGUF"
         return install_hint("gguf")
     if "pip install" in first:

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-from gqa.errors import GQAUserError
-from gqa.model.files import first_line
+from gqa.errors import GQAUserError, first_line
 from gqa.units import element_size
 
 __all__ = ["DTYPES", "DTYPE_NAMES", "TensorInfo", "read_header", "read_tensor", "SafetensorsWriter"]

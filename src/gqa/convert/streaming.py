@@ -165,7 +165,8 @@ def _safetensors_source(folder: Path) -> Source:
 
 
 def _gguf_source(path: Path) -> Source:
-    from gqa.model.files import first_line, read_gguf
+    from gqa.errors import first_line
+    from gqa.model.files import read_gguf
 
     read_gguf(path)  # parse the header and tensor table ourselves first: a clear error for a truncated file
     from transformers import AutoModelForCausalLM, AutoTokenizer

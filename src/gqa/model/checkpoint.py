@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from gqa.errors import GQAUserError
-from gqa.model.files import first_line
+from gqa.errors import GQAUserError, first_line
 
 __all__ = ["CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint"]
 

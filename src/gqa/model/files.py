@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gqa.errors import GQAUserError
+from gqa.errors import GQAUserError, first_line
 
-__all__ = ["read_json_object", "safe_member", "read_gguf", "first_line"]
+__all__ = ["read_json_object", "safe_member", "read_gguf"]
 
 
 def read_json_object(
@@ -52,13 +52,6 @@ def safe_member(folder: Path, name, what: str) -> Path:
             f"{what} {name!r} is a link to {real}, outside the model folder {folder}; copy the real file into it first"
         )
     return path
-
-
-def first_line(e: BaseException, limit: int = 160) -> str:
-    """The first line of an exception's message (its type name when empty), cut to ``limit`` characters:
-    the reason quoted inside a one-line error."""
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 
 
 def read_gguf(path: str | Path):

@@ -16,10 +16,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gqa.errors import GQAUserError
+from gqa.errors import GQAUserError, first_line
 from gqa.model.config import GQAConfig, check_int, check_kv_heads
 from gqa.model.decoder import GQAForCausalLM
-from gqa.model.files import first_line, read_json_object, safe_member
+from gqa.model.files import read_json_object, safe_member
 from gqa.units import dtype_name, parse_dtype
 
 __all__ = [

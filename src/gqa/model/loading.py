@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from gqa.errors import GQAUserError
-from gqa.model.files import first_line, read_gguf, read_json_object
+from gqa.errors import GQAUserError, first_line
+from gqa.model.files import read_gguf, read_json_object
 
 __all__ = [
     "load_model",
