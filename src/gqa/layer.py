@@ -141,26 +141,6 @@ def attend(q: torch.Tensor, kv, mask: masks.Mask | torch.Tensor | None) -> torch
     return attention(q, k, v, mask=mask)
 
 
-def _kernel_mask(mask) -> dict | None:
-    """The paged decode kernel's ``causal``/``window``/``chunk`` arguments for ``mask``, or None when the
-    mask has parts the kernel does not take (the per-sequence path handles those)."""
-    plan: dict = {"causal": False, "window": None, "chunk": None}
-    if mask is None:
-        return plan
-    if not isinstance(mask, masks.Mask):
-        return None
-    for part in mask.parts():
-        if isinstance(part, masks.Causal):
-            plan["causal"] = True
-        elif isinstance(part, masks.SlidingWindow):
-            plan["window"] = part.window if plan["window"] is None else min(plan["window"], part.window)
-        elif isinstance(part, masks.Chunked) and plan["chunk"] in (None, part.chunk):
-            plan["chunk"] = part.chunk
-        else:
-            return None
-    return plan
-
-
 def paged_attention(
     q: torch.Tensor,
     kv: PagedKV,
@@ -189,7 +169,7 @@ def paged_attention(
             "padding and each sequence has its own key count; drop key_valid / the tensor mask"
         )
     tq = q.shape[2]
-    plan = _kernel_mask(mask)
+    plan = kernels.kernel_mask_args(mask)
     if plan is not None and tq <= kernels.MAX_QUERY_TOKENS:
         # The block table comes from the cache's own allocator, so the page-id check is skipped.
         return kernels.paged_decode_attention(

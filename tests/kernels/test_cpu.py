@@ -430,3 +430,20 @@ def test_ninja_from_the_pip_package_is_found_without_an_activated_venv(monkeypat
     with cpu_fused._ninja_on_path():
         assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
     assert os.environ["PATH"] == "/nonexistent-bin"
+
+
+def test_kernel_mask_args_takes_position_masks_and_refuses_the_rest():
+    from gqa import masks
+    from gqa.kernels import kernel_mask_args
+
+    assert kernel_mask_args(None) == {"causal": False, "window": None, "chunk": None}
+    assert kernel_mask_args(masks.causal()) == {"causal": True, "window": None, "chunk": None}
+    both = masks.causal() & masks.sliding_window(8) & masks.sliding_window(4) & masks.chunked(16)
+    assert kernel_mask_args(both) == {"causal": True, "window": 4, "chunk": 16}
+    for other in (
+        masks.causal() & masks.key_padding(torch.tensor([3, 5])),
+        masks.chunked(4) & masks.chunked(8),
+        masks.custom(lambda q, k: q >= k),
+        torch.ones(1, 1, 2, 2, dtype=torch.bool),
+    ):
+        assert kernel_mask_args(other) is None, other

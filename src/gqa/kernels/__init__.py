@@ -17,6 +17,8 @@ positions of each sequence, so token t of sequence b is at ``lengths[b] - Tq + t
   ``[B, max_pages_per_seq]`` int32 page ids (key n of sequence b lives in page
   ``block_table[b, n // page_size]``, slot ``n % page_size``), ``lengths`` ``[B]`` int32.
 * :func:`gather_pages`: a paged cache to a contiguous copy (for prefill over a paged cache).
+* :func:`kernel_mask_args`: a :mod:`gqa.masks` mask as the kernels' ``causal``/``window``/``chunk``
+  arguments, or None when they cannot take it (the paged attention layer uses it).
 
 ``causal`` defaults to False at every entry point, as ``gqa.attention(mask=None)`` and FlashAttention
 do; ``window`` (the last ``window`` keys, itself included) implies causal; ``chunk`` keeps keys in the
@@ -36,6 +38,7 @@ from gqa.kernels.dispatch import (
     cpu_path,
     decode_attention,
     gather_pages,
+    kernel_mask_args,
     paged_decode_attention,
     supports,
 )
@@ -46,6 +49,7 @@ __all__ = [
     "decode_attention",
     "paged_decode_attention",
     "gather_pages",
+    "kernel_mask_args",
     "cpu_path",
     "MAX_QUERY_TOKENS",
     "CPU_MIN_KEYS",

@@ -27,6 +27,7 @@ from gqa.kernels.checks import (
 from gqa.masks import Causal, Chunked, KeyPadding, Mask, SlidingWindow, as_bool_mask
 
 __all__ = [
+    "kernel_mask_args",
     "supports",
     "attention",
     "decode_attention",
@@ -84,6 +85,20 @@ def _plan(mask) -> _MaskPlan | None:
         else:
             plan.rest.append(part)
     return plan
+
+
+def kernel_mask_args(mask) -> dict | None:
+    """The decode kernels' ``causal`` / ``window`` / ``chunk`` keyword arguments for ``mask`` (a
+    :mod:`gqa.masks` mask or None), or None when the mask has parts they do not take as arguments (key
+    padding, tensors, custom functions, two different chunk sizes): the caller then takes a general path.
+
+    ``paged_decode_attention(..., **kernel_mask_args(mask))`` applies ``mask`` bottom-right over each
+    sequence's own keys.
+    """
+    plan = _plan(mask)
+    if plan is None or plan.rest or plan.lengths is not None:
+        return None
+    return {"causal": plan.causal, "window": plan.window, "chunk": plan.chunk}
 
 
 def _triton_ready(device: torch.device) -> bool:
