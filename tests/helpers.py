@@ -93,3 +93,23 @@ def logits(folder_or_model):
         model = AutoModelForCausalLM.from_pretrained(folder_or_model).eval()
     with torch.no_grad():
         return model(TOKENS).logits
+
+
+# --- a tiny gqa decoder with peaked, input-dependent logits (generation, scheduler and paged-cache tests) ---
+
+
+def tiny_gqa(n_kv=2, seed=0, *, max_seq_len: int = 96, **kw):
+    """A 2-layer :class:`gqa.GQAForCausalLM` (vocab 97, d_model 64, 8 query heads, ``n_kv`` KV heads) in eval
+    mode, weights drawn from N(0, 0.15) (norms left at 1) so that greedy decoding depends on the input."""
+    from gqa import GQAConfig, GQAForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GQAConfig(
+        vocab_size=97, d_model=64, n_layers=2, n_heads=8, n_kv_heads=n_kv, ffn_dim=96, max_seq_len=max_seq_len, **kw
+    )
+    model = GQAForCausalLM(cfg).eval()
+    with torch.no_grad():  # peaked, input-dependent logits
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.15)
+    return model

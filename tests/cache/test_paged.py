@@ -6,23 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gqa import GQAConfig, GQAForCausalLM, masks
+from gqa import masks
 from gqa.cache import OutOfPages, PageAllocator, PagedKV, PagedKVCache
 from gqa.errors import GQAUserError
 from gqa.kernels import gather_pages
 from gqa.layer import paged_attention
-from helpers import assert_matches_reference
-
-
-def tiny_model(n_kv=2, seed=0, **kw) -> GQAForCausalLM:
-    torch.manual_seed(seed)
-    cfg = GQAConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=8, n_kv_heads=n_kv, ffn_dim=96, max_seq_len=96, **kw)
-    model = GQAForCausalLM(cfg).eval()
-    with torch.no_grad():  # peaked, input-dependent logits
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.15)
-    return model
+from helpers import assert_matches_reference, tiny_gqa
 
 
 def test_allocator_is_all_or_nothing_and_reuses_freed_pages():
@@ -115,7 +104,7 @@ def test_paged_attention_refuses_padding_masks():
 
 @pytest.mark.parametrize("n_kv", [8, 2, 1, [1, 4]], ids=["MHA", "GQA", "MQA", "per-layer"])
 def test_paged_batch_forward_equals_static_cache_forward(n_kv):
-    model = tiny_model(n_kv, sliding_window=None)
+    model = tiny_gqa(n_kv, sliding_window=None)
     prompts = [torch.randint(0, 97, (1, n)) for n in (11, 3, 6)]
     cache = PagedKVCache.for_model(model, num_pages=32, page_size=4)
     statics = []
@@ -139,7 +128,7 @@ def test_paged_batch_forward_equals_static_cache_forward(n_kv):
 
 
 def test_paged_forward_with_sliding_window_equals_static():
-    model = tiny_model(2, sliding_window=4)
+    model = tiny_gqa(2, sliding_window=4)
     p = torch.randint(0, 97, (1, 9))
     cache = PagedKVCache.for_model(model, num_pages=8, page_size=4)
     cache.add_sequence(0)
@@ -152,7 +141,7 @@ def test_paged_forward_with_sliding_window_equals_static():
 
 
 def test_paged_batch_is_single_use_and_needs_reserved_pages():
-    model = tiny_model(2)
+    model = tiny_gqa(2)
     cache = PagedKVCache.for_model(model, num_pages=4, page_size=4)
     cache.add_sequence("a")
     cache.reserve("a", 3)

@@ -11,7 +11,8 @@ import transformers
 from typer.testing import CliRunner
 
 import gqa
-from gqa import GQAConfig, GQAForCausalLM
+import helpers
+from gqa import GQAForCausalLM
 from gqa.cli import app
 from gqa.generation import SamplingParams, filter_logits, sample
 from gqa.model import from_transformers
@@ -48,14 +49,7 @@ def tiny_hf(family: str = "llama", n_kv: int = 2, seed: int = 0, **extra):
 
 
 def tiny_gqa(n_kv=2, seed=0, **kw) -> GQAForCausalLM:
-    torch.manual_seed(seed)
-    cfg = GQAConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=8, n_kv_heads=n_kv, ffn_dim=96, max_seq_len=64, **kw)
-    model = GQAForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.15)
-    return model
+    return helpers.tiny_gqa(n_kv, seed, max_seq_len=64, **kw)  # 64: the CLI's context-limit test relies on it
 
 
 def hf_greedy(hf, prompts, n):

@@ -7,20 +7,8 @@ import pytest
 import torch
 
 import gqa
-from gqa import GQAConfig, GQAForCausalLM
 from gqa.generation import ContinuousBatcher
-
-
-def tiny_model(n_kv=2, seed=0, **kw) -> GQAForCausalLM:
-    torch.manual_seed(seed)
-    cfg = GQAConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=8, n_kv_heads=n_kv, ffn_dim=96, max_seq_len=96, **kw)
-    model = GQAForCausalLM(cfg).eval()
-    with torch.no_grad():  # peaked, input-dependent logits
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.15)
-    return model
-
+from helpers import tiny_gqa
 
 REQUESTS = [  # (prompt length, new tokens, step at which it arrives)
     (7, 12, 0),
@@ -35,7 +23,7 @@ REQUESTS = [  # (prompt length, new tokens, step at which it arrives)
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
 def test_interleaved_requests_equal_each_run_alone(sampled):
-    model = tiny_model(2)
+    model = tiny_gqa(2)
     torch.manual_seed(1)
     prompts = [torch.randint(0, 97, (n,)).tolist() for n, _, _ in REQUESTS]
     kw = dict(temperature=0.9, top_k=30, top_p=0.95) if sampled else {}
@@ -74,7 +62,7 @@ def test_interleaved_requests_equal_each_run_alone(sampled):
 
 
 def test_eos_frees_pages_and_errors():
-    model = tiny_model(2)
+    model = tiny_gqa(2)
     batcher = ContinuousBatcher(model, num_pages=4, page_size=4, eos_token_id=None)
     free = ContinuousBatcher(model, num_pages=8, page_size=4, eos_token_id=None)
     free.submit([1, 2, 3], 8)
