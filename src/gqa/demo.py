@@ -1,7 +1,7 @@
 """The demo behind ``gqa demo``: what GQA costs and buys, on the shipped Shakespeare MHA model.
 
 1. Evaluate the shipped MHA model (8 query heads, 8 KV heads) on the validation plays.
-2. Convert it to GQA-4, GQA-2 and MQA with :func:`gqa.convert.convert_checkpoint` (mean-pooled K/V
+2. Convert it to GQA-4, GQA-2 and MQA with :func:`gqa.convert.convert` (mean-pooled K/V
    heads, as in the GQA paper; query head h uses KV head h // g), and evaluate each.
 3. Uptrain each conversion briefly (by default 5% of the pre-training tokens, the paper's recipe).
 4. Print a table (KV heads, KV bytes per token, perplexity after conversion and after uptraining,
@@ -108,7 +108,7 @@ def run_demo(
 ) -> list[DemoRow]:
     """Convert the shipped MHA model to each of ``kv_heads``, uptrain each on ``fraction`` of its
     pre-training tokens, and report (see the module docstring). Returns one row per model."""
-    from gqa.convert import convert_checkpoint
+    from gqa.convert import convert
     from gqa.data import encode, load_tokenizer, shakespeare_splits
     from gqa.evaluate import perplexity
     from gqa.train import read_pretrain_tokens, shipped_model_path, uptrain
@@ -141,7 +141,7 @@ def run_demo(
         for h in kv_heads:
             name = "MQA" if h == 1 else f"GQA-{h}"
             conv = work / f"kv{h}"
-            convert_checkpoint(src, conv, h, merge="mean", progress=False)
+            convert(src, conv, kv_heads=h, merge="mean", progress=False)
             model = load_hf(conv, dtype=torch.float32)
             after_convert = ppl(model)
             console.print(

@@ -37,7 +37,3 @@ __all__ = [
     "layout_for",
 ]
 
-
-def convert_checkpoint(src, out, kv_heads: int, **kwargs) -> ConversionReport:
-    """Deprecated name kept until every caller moves to :func:`convert`: ``convert(src, out, kv_heads=...)``."""
-    return convert(src, out, kv_heads=kv_heads, **kwargs)
