@@ -84,3 +84,35 @@ def test_kv_bytes_per_token_matches_the_formula_on_known_models():
     assert kv_bytes_per_token([8] * 32, 128, "bfloat16") == 128 * 1024
     assert kv_bytes_per_token([4, 2, 1], 32, "float32") == 2 * 7 * 32 * 4
     assert element_size("fp16") == 2 and dtype_name(torch.bfloat16) == "bfloat16"
+
+
+def test_parse_device_accepts_cpu_and_refuses_what_this_machine_lacks_in_one_line():
+    from gqa.units import parse_device
+
+    assert parse_device("cpu") == torch.device("cpu") and parse_device(None) is None
+    with pytest.raises(GQAUserError, match="unknown device 'gpu0'"):
+        parse_device("gpu0")
+    with pytest.raises(GQAUserError, match="not supported"):
+        parse_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(GQAUserError, match="needs a CUDA GPU"):
+            parse_device("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_uptrain_on_cuda_without_a_gpu_is_one_line_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    from gqa.model.assets import shipped_model_path
+
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from gqa.cli import main; sys.argv[0] = 'gqa'; main()", "uptrain",
+         str(shipped_model_path()), str(out), "--data",
+         str(shipped_model_path() / "config.json"), "--tokens", "100", "--device", "cuda"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "needs a CUDA GPU" in proc.stderr
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []

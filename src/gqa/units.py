@@ -1,4 +1,5 @@
-"""Dtype names and byte sizes: the one place that parses a dtype name and computes KV bytes per token.
+"""Dtype and device names and byte sizes: the one place that parses a dtype or device name and computes
+KV bytes per token.
 
 KV bytes per token = 2 (K and V) x sum over layers of Hkv_i x head_dim x bytes per element.
 """
@@ -11,7 +12,7 @@ import torch
 
 from gqa.errors import GQAUserError
 
-__all__ = ["DTYPES", "parse_dtype", "dtype_name", "element_size", "kv_bytes_per_token"]
+__all__ = ["DTYPES", "parse_dtype", "dtype_name", "element_size", "kv_bytes_per_token", "parse_device"]
 
 #: Dtype names accepted everywhere (CLI options, configs, reports), with common aliases.
 DTYPES: dict[str, torch.dtype] = {
@@ -64,3 +65,25 @@ def element_size(dtype: torch.dtype | str) -> int:
 def kv_bytes_per_token(kv_heads_per_layer: Iterable[int], head_dim: int, dtype: torch.dtype | str) -> int:
     """KV-cache bytes one token of one sequence takes: 2 x sum(Hkv_i) x head_dim x element size."""
     return 2 * sum(int(h) for h in kv_heads_per_layer) * int(head_dim) * element_size(dtype)
+
+
+def parse_device(value: str | torch.device | None) -> torch.device | None:
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a torch device -> ``torch.device``; None stays None.
+
+    A malformed name, or a CUDA device on a machine (or torch build) without one, is a
+    :class:`GQAUserError` saying what to use instead, before anything is allocated on it.
+    """
+    if value is None:
+        return None
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise GQAUserError(f"unknown device {value!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GQAUserError(f"device {value!r} needs a CUDA GPU and a CUDA build of torch; this machine has none: use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise GQAUserError(f"device {value!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise GQAUserError(f"device {value!r} is not supported; use cpu, cuda or cuda:N")
+    return device

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gqa.units import parse_device
+
 __all__ = ["DistInfo", "init_distributed", "wrap_model", "unwrap", "full_state", "load_full_state", "all_reduce_sum"]
 
 
@@ -42,7 +44,7 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
+    device = parse_device(device)  # a CUDA device without a GPU is a one-line error, not a torch traceback
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local}")
     if device.type == "cuda":

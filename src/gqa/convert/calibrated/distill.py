@@ -309,7 +309,9 @@ def distill_local(
     from gqa.progress import progress as progress_bar
 
     ids = _check(teacher, student, calib_ids, params, inputs, loss, steps, lr, batch_size, holdout_fraction)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    from gqa.units import parse_device
+
+    device = parse_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t_start = time.perf_counter()
     n = ids.shape[0]
     n_hold = round(n * holdout_fraction)
