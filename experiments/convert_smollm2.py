@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from gqa.evaluate.loading import SMOLLM2_GGUF_NAME, smollm2_gguf_path
+from gqa.model.assets import SMOLLM2_GGUF_NAME, smollm2_gguf_path
 from gqa.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,12 +18,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from gqa.evaluate.loading import SMOLLM2_GGUF_NAME, smollm2_gguf_path
 
 from gqa.convert import convert
 from gqa.data import encode, shakespeare_splits
 from gqa.evaluate import perplexity
 from gqa.model import load_hf
+from gqa.model.assets import SMOLLM2_GGUF_NAME, smollm2_gguf_path
 from gqa.model.loading import load_model_tokenizer
 from gqa.train import provenance, provenance_markdown, uptrain
 
