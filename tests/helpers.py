@@ -3,8 +3,14 @@ baseline whose error sets each tolerance, and the fp64-reference assertion."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from gqa.masks import as_bool_mask
@@ -113,3 +119,51 @@ def tiny_gqa(n_kv=2, seed=0, *, max_seq_len: int = 96, **kw):
             if "norm" not in name:
                 p.normal_(0, 0.15)
     return model
+
+
+# --- fuzzing model folders (issue 12): config.json values and safetensors header edits ---
+
+CONFIG_KEYS = [
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_size",
+    "head_dim",
+    "model_type",
+    "attention_bias",
+    "per_layer_config",
+]
+JSON_VALUES = st.one_of(
+    st.integers(-(2**40), 2**40),
+    st.sampled_from([0, 1, 2, 4, 8, 16, 32, -1, 10**9, 10**12]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.none(),
+    st.booleans(),
+    st.lists(st.integers(-4, 64), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(-2, 9), max_size=2),
+)
+DTYPES = st.sampled_from(["F32", "F16", "BF16", "F64", "I8", "BOOL", "F8_E4M3", "Q4", "", "f32"])
+ENTRY_EDITS = st.one_of(
+    st.fixed_dictionaries({"dtype": DTYPES}),
+    st.fixed_dictionaries({"shape": st.lists(st.integers(-8, 70), max_size=3)}),
+    st.fixed_dictionaries({"data_offsets": st.lists(st.integers(-16, 2**20), min_size=0, max_size=3)}),
+    st.fixed_dictionaries({"shape": JSON_VALUES}),
+    st.fixed_dictionaries({"data_offsets": JSON_VALUES}),
+)
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
+
+
+def rewrite_header(path: Path, edit) -> None:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])

@@ -7,10 +7,8 @@ never a hang (pytest timeout), never a file written or changed outside OUT.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 
@@ -20,60 +18,14 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from gqa.cli import app
-from helpers import build, save
+from helpers import CONFIG_KEYS, ENTRY_EDITS, JSON_VALUES, build, digest, rewrite_header, save
 
 runner = CliRunner()
-CONFIG_KEYS = [
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "hidden_size",
-    "head_dim",
-    "model_type",
-    "attention_bias",
-    "per_layer_config",
-]
-JSON_VALUES = st.one_of(
-    st.integers(-(2**40), 2**40),
-    st.sampled_from([0, 1, 2, 4, 8, 16, 32, -1, 10**9, 10**12]),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=8),
-    st.none(),
-    st.booleans(),
-    st.lists(st.integers(-4, 64), max_size=3),
-    st.dictionaries(st.text(max_size=3), st.integers(-2, 9), max_size=2),
-)
-DTYPES = st.sampled_from(["F32", "F16", "BF16", "F64", "I8", "BOOL", "F8_E4M3", "Q4", "", "f32"])
-ENTRY_EDITS = st.one_of(
-    st.fixed_dictionaries({"dtype": DTYPES}),
-    st.fixed_dictionaries({"shape": st.lists(st.integers(-8, 70), max_size=3)}),
-    st.fixed_dictionaries({"data_offsets": st.lists(st.integers(-16, 2**20), min_size=0, max_size=3)}),
-    st.fixed_dictionaries({"shape": JSON_VALUES}),
-    st.fixed_dictionaries({"data_offsets": JSON_VALUES}),
-)
-
-
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz") / "m"
     save(build("llama", n_kv=4, layers=2), folder)
     return folder
-
-
-def digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
-    }
-
-
-def rewrite_header(path: Path, edit) -> None:
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    edit(header)
-    new = json.dumps(header).encode()
-    new += b" " * (-len(new) % 8)
-    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
 
 
 @pytest.mark.timeout(300)
