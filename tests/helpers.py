@@ -167,3 +167,24 @@ def rewrite_header(path: Path, edit) -> None:
     new = json.dumps(header).encode()
     new += b" " * (-len(new) % 8)
     path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def corrupt_copy(pristine: Path, src: Path, config_edits: dict, header_edits: list, entry_replacement) -> None:
+    """Copy the model folder ``pristine`` to ``src``, then merge ``config_edits`` into its config.json and
+    apply hypothesis' header edits to its model.safetensors (``(index, changes)`` pairs updating entries,
+    and optionally one entry replaced by an arbitrary JSON value)."""
+    import shutil
+
+    shutil.copytree(pristine, src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(cfg | config_edits))
+
+    def edit(header):
+        names = sorted(k for k in header if k != "__metadata__")
+        for i, change in header_edits:
+            header[names[i % len(names)]].update(change)
+        if entry_replacement is not None:
+            i, value = entry_replacement
+            header[names[i % len(names)]] = value
+
+    rewrite_header(src / "model.safetensors", edit)

@@ -8,7 +8,6 @@ never a hang (pytest timeout), never a file written or changed outside OUT.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from gqa.cli import app
-from helpers import CONFIG_KEYS, ENTRY_EDITS, JSON_VALUES, build, digest, rewrite_header, save
+from helpers import CONFIG_KEYS, ENTRY_EDITS, JSON_VALUES, build, corrupt_copy, digest, save
 
 runner = CliRunner()
 @pytest.fixture(scope="module")
@@ -40,19 +39,7 @@ def test_convert_never_crashes_or_writes_outside_out(pristine, config_edits, hea
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         src = root / "m"
-        shutil.copytree(pristine, src)
-        cfg = json.loads((src / "config.json").read_text())
-        (src / "config.json").write_text(json.dumps(cfg | config_edits))
-
-        def edit(header):
-            names = sorted(k for k in header if k != "__metadata__")
-            for i, change in header_edits:
-                header[names[i % len(names)]].update(change)
-            if entry_replacement is not None:
-                i, value = entry_replacement
-                header[names[i % len(names)]] = value
-
-        rewrite_header(src / "model.safetensors", edit)
+        corrupt_copy(pristine, src, config_edits, header_edits, entry_replacement)
         before = digest(root)
         r = runner.invoke(app, ["convert", str(src), str(root / "out"), "--kv-heads", kv_heads])
         if r.exit_code == 0:

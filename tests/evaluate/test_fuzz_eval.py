@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from typer.testing import CliRunner
 
 from gqa.cli import app
 from gqa.model.assets import shipped_model_path
-from helpers import CONFIG_KEYS, ENTRY_EDITS, JSON_VALUES, digest, rewrite_header
+from helpers import CONFIG_KEYS, ENTRY_EDITS, JSON_VALUES, corrupt_copy, digest
 
 runner = CliRunner()
 TEXT = "KING HENRY:\nOnce more unto the breach, dear friends, once more;\nOr close the wall up with our English dead.\n" * 8
@@ -38,20 +37,8 @@ def test_eval_never_crashes_or_writes(config_edits, header_edits, entry_replacem
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         src = root / "m"
-        shutil.copytree(shipped_model_path(), src)
+        corrupt_copy(shipped_model_path(), src, config_edits, header_edits, entry_replacement)
         (root / "text.txt").write_text(TEXT)
-        cfg = json.loads((src / "config.json").read_text())
-        (src / "config.json").write_text(json.dumps(cfg | config_edits))
-
-        def edit(header):
-            names = sorted(k for k in header if k != "__metadata__")
-            for i, change in header_edits:
-                header[names[i % len(names)]].update(change)
-            if entry_replacement is not None:
-                i, value = entry_replacement
-                header[names[i % len(names)]] = value
-
-        rewrite_header(src / "model.safetensors", edit)
         before = digest(root)
         r = runner.invoke(app, ["eval", str(src), "--data", str(root / "text.txt"), "--max-tokens", "64", "--json"])
         if r.exit_code == 0:
