@@ -97,6 +97,8 @@ def register(app: typer.Typer) -> None:
             if display is not None:
                 display.update(render())
                 display.stop()
+                if not console.is_terminal:  # off a terminal Live's last frame ends without a newline
+                    console.print()
         if live and single:
             sys.stdout.write("\n")
         if as_json:
