@@ -188,3 +188,25 @@ def corrupt_copy(pristine: Path, src: Path, config_edits: dict, header_edits: li
             header[names[i % len(names)]] = value
 
     rewrite_header(src / "model.safetensors", edit)
+
+
+def decode_mask(lengths, tq, t_max, causal=True, window=None, chunk=None):
+    """Bool [B, 1, Tq, T_max] of what each decode query may see: token t of sequence b sits at
+    lengths[b] - Tq + t (bottom-right) and sees keys < lengths[b], within the window / chunk."""
+    from gqa import masks
+
+    q_pos = lengths.long()[:, None] - tq + torch.arange(tq)[None, :]  # (B, Tq)
+    m = masks.key_padding(lengths.long())
+    if causal:
+        m = m & masks.causal()
+    if window is not None:
+        m = m & masks.sliding_window(window)
+    if chunk is not None:
+        m = m & masks.chunked(chunk)
+    return m.materialize(tq, t_max, q_positions=q_pos).expand(len(lengths), 1, tq, t_max)
+
+
+def poison_invisible(x, bool_mask):
+    """NaN in every key slot no query of that sequence may see: reading one would show in the output."""
+    never = ~bool_mask.any(dim=2)[:, :, :, None]  # (B, 1, T, 1)
+    return x.masked_fill(never.to(x.device), float("nan"))

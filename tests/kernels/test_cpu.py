@@ -22,6 +22,7 @@ from gqa import kernels, masks
 from gqa.errors import GQAUserError
 from gqa.kernels import cpu_fused, decode_attention, gather_pages, paged_decode_attention
 from gqa.reference import repeat_kv
+from helpers import decode_mask, poison_invisible
 
 HEAD_CONFIGS = [(8, 8), (8, 4), (8, 2), (8, 1), (9, 3), (12, 3)]
 HAVE_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
@@ -45,25 +46,6 @@ def torch_error(q, k, v, bool_mask, ref):
     out = F.scaled_dot_product_attention(q, repeat_kv(k, g), repeat_kv(v, g), attn_mask=bool_mask)
     rows = bool_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]).any(-1)
     return (out.double() - ref).abs()[rows].max().item()
-
-
-def decode_mask(lengths, tq, t_max, causal=True, window=None, chunk=None):
-    """Bool [B, 1, Tq, T_max]: token t of sequence b at lengths[b] - Tq + t, keys < lengths[b]."""
-    q_pos = lengths.long()[:, None] - tq + torch.arange(tq)[None, :]  # (B, Tq)
-    m = masks.key_padding(lengths.long())
-    if causal:
-        m = m & masks.causal()
-    if window is not None:
-        m = m & masks.sliding_window(window)
-    if chunk is not None:
-        m = m & masks.chunked(chunk)
-    return m.materialize(tq, t_max, q_positions=q_pos).expand(len(lengths), 1, tq, t_max)
-
-
-def poison_invisible(x, bool_mask):
-    """NaN in every key slot no query of that sequence may see: reading one would show in the output."""
-    never = ~bool_mask.any(dim=2)[:, :, :, None]  # (B, 1, T, 1)
-    return x.masked_fill(never, float("nan"))
 
 
 def check(out, ref, q, k, v, bool_mask, factor=3.0):

@@ -30,6 +30,7 @@ from gqa import masks  # noqa: E402
 from gqa.kernels import gather_pages  # noqa: E402
 from gqa.kernels import triton_decode as td  # noqa: E402
 from gqa.reference import repeat_kv  # noqa: E402
+from helpers import decode_mask, poison_invisible  # noqa: E402
 
 HEAD_CONFIGS = [(8, 8), (8, 4), (8, 2), (8, 1), (9, 3), (12, 3)]
 
@@ -50,25 +51,6 @@ def run_kernel(q, k, v, lengths, *, causal=True, window=None, chunk=None, block_
         block_table=block_table,
         num_splits=num_splits,
     )
-
-
-def decode_mask(lengths, tq, t_max, causal=True, window=None, chunk=None):
-    """Bool [B, 1, Tq, T_max] of what each query may see."""
-    q_pos = lengths.long()[:, None] - tq + torch.arange(tq)[None, :]  # (B, Tq)
-    m = masks.key_padding(lengths.long())
-    if causal:
-        m = m & masks.causal()
-    if window is not None:
-        m = m & masks.sliding_window(window)
-    if chunk is not None:
-        m = m & masks.chunked(chunk)
-    return m.materialize(tq, t_max, q_positions=q_pos).expand(len(lengths), 1, tq, t_max)
-
-
-def poison_invisible(x, bool_mask):
-    """NaN in every key slot no query of that sequence may see: reading one would show in the output."""
-    never = ~bool_mask.any(dim=2)[:, :, :, None]  # (B, 1, T, 1)
-    return x.masked_fill(never.to(x.device), float("nan"))
 
 
 def check(out, q, k, v, bool_mask, factor=None):
