@@ -233,17 +233,26 @@ def main() -> None:
         variants = DISTILL_VARIANTS[args.model]
         if args.variants:
             variants = [tuple(v.split("-")) for v in args.variants.split(",")]
-        for params, inputs, loss in variants:
+        for params, inputs, loss, *rest in variants:
+            weighting = rest[0] if rest else "energy"  # variants measured before per-token weighting existed
             student = student_from(teacher, fit_state)
             load0 = os.getloadavg()
             cpu0 = time.process_time()
             rep = distill_local(
-                teacher, student, calib, params=params, inputs=inputs, loss=loss, steps=args.distill_steps
+                teacher,
+                student,
+                calib,
+                params=params,
+                inputs=inputs,
+                loss=loss,
+                weighting=weighting,
+                steps=args.distill_steps,
             )
-            name = f"distill-{params}-{inputs}-{loss}"
+            name = f"distill-{params}-{inputs}-{loss}-{weighting}"
             save_state(scratch / f"{name}.pt", student)
+            weighted = ", per-token weights" if weighting == "token" else ""
             row(
-                f"+ local distillation ({params}, {inputs} inputs, {loss} loss)",
+                f"+ local distillation ({params}, {inputs} inputs, {loss} loss{weighted}, {args.distill_steps} steps)",
                 student,
                 seconds=rep.seconds,
                 load_before=[round(x, 2) for x in load0],

@@ -16,10 +16,20 @@ What is matched, for layer i (h = residual stream entering the layer, a = attn_n
 * ``loss="block"`` matches the whole block's output (attention + MLP, the residual stream leaving the
   layer) instead of the post-attention residual; only attention parameters move either way.
 
-Errors are reported relative to the energy of the teacher's residual stream at the layer,
-E||diff||^2 / E||h_i||^2 (the same currency as the conversion's per-layer errors), on a held-out slice
-of the calibration sequences that is never trained on; it drives early stopping and the best state of
-each layer is kept (so a layer never ends worse on held-out text than it started).
+How tokens are weighted (``weighting``):
+
+* ``"token"`` (default): each token's squared error is divided by the squared norm of the teacher's
+  residual stream at that token (the stream the student must reproduce), i.e. the mean per-token
+  relative error. Every consumer of the residual stream reads it through an RMSNorm, so this is the
+  error the next norm sees. Llama-family models carry *massive activations* (a few tokens, the first
+  one and some delimiters, whose residual norm is 10-100x the median, e.g. 24,000 vs 220 in SmolLM2's
+  layer 20): an unweighted mean spends most of its loss on those few tokens.
+* ``"energy"``: the plain mean squared error divided by the mean squared norm of the teacher's residual
+  stream entering the layer, E||diff||^2 / E||h_i||^2 (the currency of the conversion's per-layer errors).
+
+Errors are reported in the chosen weighting, on a held-out slice of the calibration sequences that is
+never trained on; it drives early stopping and the best state of each layer is kept (so a layer never
+ends worse on held-out text than it started).
 
 Memory does not grow with depth: only the current layer's inputs and targets are held (a few
 ``[N, T, d]`` float32 tensors on the host), and only the current layer's two blocks are moved to
@@ -41,16 +51,25 @@ import torch
 
 from gqa.errors import GQAUserError
 
-__all__ = ["DISTILL_PARAMS", "DISTILL_INPUTS", "DISTILL_LOSSES", "LayerDistillation", "DistillReport", "distill_local"]
+__all__ = [
+    "DISTILL_PARAMS",
+    "DISTILL_INPUTS",
+    "DISTILL_LOSSES",
+    "DISTILL_WEIGHTINGS",
+    "LayerDistillation",
+    "DistillReport",
+    "distill_local",
+]
 
 DISTILL_PARAMS = ("qkvo", "kv")
 DISTILL_INPUTS = ("original", "converted")
 DISTILL_LOSSES = ("attention", "block")
+DISTILL_WEIGHTINGS = ("token", "energy")
 
 
 @dataclass
 class LayerDistillation:
-    """One layer: held-out error before and after (relative to the residual energy), steps run, seconds."""
+    """One layer: held-out error before and after (in the run's weighting), steps run, seconds."""
 
     layer: int
     error_before: float
@@ -68,6 +87,7 @@ class DistillReport:
     params: str
     inputs: str
     loss: str
+    weighting: str
     steps: int
     lr: float
     batch_size: int
@@ -222,7 +242,11 @@ def _run_block(block, h: torch.Tensor, calls: _CallArgs, chunk: int, *, capture_
     return torch.cat(outs), torch.cat(a_in), torch.cat(a_out)
 
 
-def _check(teacher, student, calib_ids, params, inputs, loss, steps, lr, batch_size, holdout_fraction) -> torch.Tensor:
+def _check(
+    teacher, student, calib_ids, params, inputs, loss, weighting, steps, lr, batch_size, holdout_fraction
+) -> torch.Tensor:
+    if weighting not in DISTILL_WEIGHTINGS:
+        raise GQAUserError(f"unknown distill weighting {weighting!r}; use one of {', '.join(DISTILL_WEIGHTINGS)}")
     if params not in DISTILL_PARAMS:
         raise GQAUserError(f"unknown distill params {params!r}; use one of {', '.join(DISTILL_PARAMS)}")
     if inputs not in DISTILL_INPUTS:
@@ -278,6 +302,7 @@ def distill_local(
     params: str = "qkvo",
     inputs: str = "original",
     loss: str = "attention",
+    weighting: str = "token",
     steps: int = 150,
     lr: float = 1e-3,
     batch_size: int = 8,
@@ -298,6 +323,8 @@ def distill_local(
     inputs: ``"original"`` (the teacher's inputs to each layer) or ``"converted"`` (the student's own
         inputs after its earlier layers were distilled; targets then include the drift, see module doc).
     loss: ``"attention"`` (post-attention residual) or ``"block"`` (the block's output, MLP included).
+    weighting: ``"token"`` (per-token relative error) or ``"energy"`` (MSE over the mean residual
+        energy), see the module doc.
     steps, lr, batch_size: Adam steps per layer with a cosine learning rate from ``lr`` to 0, on
         batches of ``batch_size`` sequences.
     eval_every: steps between held-out evaluations (default steps // 10); training of a layer stops
@@ -308,7 +335,9 @@ def distill_local(
     """
     from gqa.progress import progress as progress_bar
 
-    ids = _check(teacher, student, calib_ids, params, inputs, loss, steps, lr, batch_size, holdout_fraction)
+    ids = _check(
+        teacher, student, calib_ids, params, inputs, loss, weighting, steps, lr, batch_size, holdout_fraction
+    )
     from gqa.units import parse_device
 
     device = parse_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -321,7 +350,7 @@ def distill_local(
     batch = min(batch_size, n_train)
     eval_every = eval_every or max(1, steps // 10)
     report = DistillReport(
-        params, inputs, loss, steps, float(lr), batch, ids.shape[1], n_train, n_hold, seed, str(device)
+        params, inputs, loss, weighting, steps, float(lr), batch, ids.shape[1], n_train, n_hold, seed, str(device)
     )
     was_training = (teacher.training, student.training)
     teacher.eval()
@@ -334,7 +363,7 @@ def distill_local(
         for i in range(len(teacher.layers)):
             result, h_t, h_s = _distill_layer(
                 i, teacher.layers[i], student.layers[i], h_t, h_s, calls, n_train, batch,
-                params=params, inputs=inputs, loss=loss, steps=steps, lr=lr, eval_every=eval_every,
+                params=params, inputs=inputs, loss=loss, weighting=weighting, steps=steps, lr=lr, eval_every=eval_every,
                 patience=patience, seed=seed, progress=progress, progress_bar=progress_bar,
                 n_layers=len(teacher.layers),
             )  # fmt: skip
@@ -349,7 +378,7 @@ def distill_local(
 
 
 def _distill_layer(
-    i, t_block, s_block, h_t, h_s, calls, n_train, batch, *, params, inputs, loss, steps, lr,
+    i, t_block, s_block, h_t, h_s, calls, n_train, batch, *, params, inputs, loss, weighting, steps, lr,
     eval_every, patience, seed, progress, progress_bar, n_layers,
 ):  # fmt: skip
     """Distil one layer; returns (LayerDistillation, teacher stream after it, student stream after it)."""
@@ -379,9 +408,16 @@ def _distill_layer(
                 args, kwargs = calls.block(x.shape[0])
                 return s_block(x, *args, **kwargs)
 
+        # Per-token weights [N, T]: 1 / ||teacher's residual stream||^2 at each token ("token"), or one
+        # constant 1 / E||h_i||^2 ("energy"); the loss is the weighted mean of per-token squared errors.
+        if weighting == "token":
+            stream = h_t_next if loss == "block" else h_t + o_t
+            weights = 1.0 / stream.pow(2).sum(-1).clamp_min(1e-30)
+            del stream
+        else:
+            energy = float(h_t[:n_train].double().pow(2).sum(-1).mean())
+            weights = torch.full(h_t.shape[:2], 1.0 / max(energy, 1e-30))
         del a_t, o_t
-        energy = float(h_t[:n_train].double().pow(2).sum(-1).mean())  # E||h||^2 (scale of the errors)
-        energy = max(energy, 1e-30)
 
         def error(lo: int, hi: int) -> float:
             if hi <= lo:
@@ -391,9 +427,10 @@ def _distill_layer(
                 for s in range(lo, hi, batch):
                     x = x_all[s : min(s + batch, hi)].to(device)
                     y = target[s : min(s + batch, hi)].to(device)
-                    total += float((forward(x) - y).double().pow(2).sum())
+                    w = weights[s : min(s + batch, hi)].to(device)
+                    total += float(((forward(x) - y).double().pow(2).sum(-1) * w).sum())
                     count += y.shape[0] * y.shape[1]
-            return total / count / energy
+            return total / count
 
         n_all = x_all.shape[0]
         holdout = (n_train, n_all) if n_all > n_train else (0, n_train)  # no holdout: score on training
@@ -414,9 +451,9 @@ def _distill_layer(
                 for group in optimizer.param_groups:
                     group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))  # cosine to 0
                 rows = torch.randint(0, n_train, (batch,), generator=gen)
-                x, y = x_all[rows].to(device), target[rows].to(device)
+                x, y, w = x_all[rows].to(device), target[rows].to(device), weights[rows].to(device)
                 diff = forward(x) - y  # (B, T, d)
-                step_loss = diff.pow(2).sum(-1).mean() / energy
+                step_loss = (diff.pow(2).sum(-1) * w).mean()
                 optimizer.zero_grad(set_to_none=True)
                 step_loss.backward()
                 optimizer.step()
