@@ -33,7 +33,13 @@ ends worse on held-out text than it started).
 
 Memory does not grow with depth: only the current layer's inputs and targets are held (a few
 ``[N, T, d]`` float32 tensors on the host), and only the current layer's two blocks are moved to
-``device`` (CUDA when present). Inputs are captured with forward hooks on the models' own modules and
+``device`` (CUDA when present), in float32 whatever the models' dtype (Adam on float32 masters; a
+bf16 / fp16 teacher computes exactly as its float32 copy would). Moving never converts a tensor in
+place (:func:`gqa.convert.calibrated.placement.placed`): each parameter points at a moved copy for
+the length of its layer and gets its own tensor back afterwards, the trained attention weights
+copied into the student's tensors. Tensors the student shares with the teacher
+(``reduce_kv_heads(share_unchanged=True)``) thus stay shared and unchanged, and the teacher is never
+modified. Inputs are captured with forward hooks on the models' own modules and
 every block / attention call replays the exact arguments the model's forward passed, so this module
 never re-implements a forward.
 
@@ -49,6 +55,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from gqa.convert.calibrated.placement import placed, upcast_forward
 from gqa.errors import GQAUserError
 
 __all__ = [
@@ -156,9 +163,10 @@ class _CallArgs:
                 seen.append((args[1:], kwargs))
                 raise _Stop
 
-            handle = self.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+            handle = self.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
             try:
-                self.model(self.ids[:b].to(next(self.model.parameters()).device))
+                with upcast_forward(self.model, torch.float32):
+                    self.model(self.ids[:b].to(next(self.model.parameters()).device))
             except _Stop:
                 pass
             finally:
@@ -198,12 +206,13 @@ def _layer0_inputs(model, ids: torch.Tensor, chunk: int) -> torch.Tensor:
         seen.append(args[0].detach())
         raise _Stop
 
-    handle = model.layers[0].register_forward_pre_hook(hook)
+    handle = model.layers[0].register_forward_pre_hook(hook, prepend=True)
     hidden = []
     try:
         for s in range(0, ids.shape[0], chunk):
             try:
-                model(ids[s : s + chunk].to(next(model.parameters()).device))
+                with upcast_forward(model, torch.float32):
+                    model(ids[s : s + chunk].to(next(model.parameters()).device))
             except _Stop:
                 pass
             hidden.append(seen.pop().float().cpu())
@@ -288,6 +297,17 @@ def _check(
     return ids.long()
 
 
+def _check_not_shared(teacher, student, params: str) -> None:
+    """Training writes the student's attention weights in place: they must not be the teacher's memory."""
+    teacher_memory = {p.untyped_storage().data_ptr() for p in teacher.parameters() if p.numel()}
+    for i, block in enumerate(student.layers):
+        if any(p.numel() and p.untyped_storage().data_ptr() in teacher_memory for p in _trainable(block.attn, params)):
+            raise GQAUserError(
+                f"the student's layer {i} attention weights are the teacher's own tensors; distil a converted "
+                "copy (reduce_kv_heads gives one), not a model that shares its attention with the teacher"
+            )
+
+
 def _trainable(attn, params: str) -> list[torch.nn.Parameter]:
     if params == "kv":
         return [p for m in (attn.k_proj, attn.v_proj) for p in m.parameters()]
@@ -338,6 +358,7 @@ def distill_local(
     ids = _check(
         teacher, student, calib_ids, params, inputs, loss, weighting, steps, lr, batch_size, holdout_fraction
     )
+    _check_not_shared(teacher, student, params)
     from gqa.units import parse_device
 
     device = parse_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -384,11 +405,10 @@ def _distill_layer(
     """Distil one layer; returns (LayerDistillation, teacher stream after it, student stream after it)."""
     t0 = time.perf_counter()
     device = calls.device
-    homes = (next(t_block.parameters()).device, next(s_block.parameters()).device)
-    s_dtype = next(s_block.parameters()).dtype
-    t_block.to(device)
-    s_block.to(device=device, dtype=torch.float32)  # Adam on fp32 masters whatever the checkpoint's dtype
-    try:
+    trainable = _trainable(s_block.attn, params)
+    # Both blocks in float32 on the device for this layer (Adam on fp32 masters whatever the checkpoint's
+    # dtype); on exit every tensor is the original again, the trained values copied into the student's own.
+    with placed(t_block, s_block, device=device, dtype=torch.float32, write_back=trainable):
         h_t_next, a_t, o_t = _run_block(t_block, h_t, calls, batch, capture_attn=True)
         if inputs == "converted":
             a_s = _run_block(s_block, h_s, calls, batch, capture_attn=True)[1]
@@ -434,7 +454,6 @@ def _distill_layer(
 
         n_all = x_all.shape[0]
         holdout = (n_train, n_all) if n_all > n_train else (0, n_train)  # no holdout: score on training
-        trainable = _trainable(s_block.attn, params)
         for p in s_block.parameters():
             p.requires_grad_(False)
         for p in trainable:
@@ -478,9 +497,6 @@ def _distill_layer(
             h_s_next = _run_block(s_block, h_s, calls, batch, capture_attn=False)[0]
         else:
             h_s_next = h_t_next
-    finally:
-        t_block.to(homes[0])
-        s_block.to(device=homes[1], dtype=s_dtype)
     result = LayerDistillation(
         layer=i,
         error_before=before,

@@ -9,6 +9,11 @@ are contiguous and query head h reads new KV head h // (Hq // N): a standard che
 
 Errors are *measured*: the layer's attention output on calibration inputs, converted vs original,
 as a fraction of the residual stream's energy at that layer (so layers are comparable).
+
+Memory (what lets a 7B model convert on a 24 GB host): with ``compute_dtype=torch.float32`` a bf16 /
+fp16 model stays in its own dtype and only the layer being reduced is upcast (the numbers are those of
+a float32 copy of the model); with ``share_unchanged=True`` the new model shares every tensor outside
+the attention modules with the input model instead of copying it.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from gqa.convert.calibrated.align import align_groups, aligned_distance
 from gqa.convert.calibrated.assign import balanced_groups
 from gqa.convert.calibrated.fitting import MERGE_CHOICES, merge_group
 from gqa.convert.calibrated.heads import HeadWeights, build_attention, split_heads
+from gqa.convert.calibrated.placement import placed, upcast_forward
 from gqa.convert.calibrated.stats import LayerStats, run_attention
 from gqa.convert.groups import Groups, contiguous_groups, expansion_groups, kv_head_options, query_order
 from gqa.errors import GQAUserError
@@ -140,11 +147,28 @@ def reduce_kv_heads(
     align: bool = True,
     merge: str = "mean",
     progress: bool = True,
+    share_unchanged: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    release_stats: bool = False,
 ):
     """A copy of ``model`` (a :class:`gqa.GQAForCausalLM`) with ``kv_heads`` KV heads per layer.
 
-    kv_heads: one count for every layer or a per-layer list; each must divide the layer's heads.
+    kv_heads: one count for every layer or a per-layer list; each must divide the layer's heads
+        (query head h reads new KV head h // (Hq // N)).
     stats: from :func:`gqa.convert.calibrated.collect_statistics` (needed unless contiguous + mean + no align).
+    share_unchanged: the new model's tensors outside the attention modules (embeddings, LM head, norms,
+        MLPs: everything the conversion does not change) are the input model's tensors: the same
+        storage held by separate ``nn.Parameter`` objects (same ``requires_grad``; tied weights stay
+        tied). No memory is spent on a second copy, but an in-place change to one model's shared
+        tensor (an optimizer step, ``copy_``, ``mul_``; replacing ``.data`` or the parameter is fine)
+        changes the other too: share only when neither model is trained that way afterwards (the
+        converter and :func:`gqa.convert.calibrated.distill.distill_local` never write them). Default
+        False: a full copy, safe to train. Attention modules are never copied: each is rebuilt.
+    compute_dtype: the dtype each layer is reduced in and the new attention modules are stored in
+        (default: the model's own). The converter passes float32 for a bf16 / fp16 model: only the
+        layer being reduced is upcast, and the result is that of converting a float32 copy.
+    release_stats: set ``stats[i]`` to None once layer i is reduced (the caller's list is emptied as
+        it goes), so statistics and new attention weights are never all held at once.
     Returns ``(new_model, [LayerResult per layer])``. The input model is not modified.
     """
     from gqa.progress import progress as progress_bar
@@ -155,21 +179,41 @@ def reduce_kv_heads(
         raise GQAUserError(f"kv_heads lists {len(per_layer)} layers; the model has {n_layers}")
     if stats is not None and len(stats) != n_layers:
         raise GQAUserError(f"stats cover {len(stats)} layers; the model has {n_layers}")
-    new_model = copy.deepcopy(model)
+    new_model = _copy_without_attention(model, share_unchanged)
     results = []
     for i in progress_bar(range(n_layers), desc=f"reduce ({grouping}, {merge})", unit="layer", enabled=progress):
-        attn, res = reduce_layer(
-            model.layers[i].attn,
-            per_layer[i],
-            stats[i] if stats is not None else None,
-            grouping=grouping,
-            align=align,
-            merge=merge,
-        )
+        with placed(model.layers[i].attn, dtype=compute_dtype):
+            attn, res = reduce_layer(
+                model.layers[i].attn,
+                per_layer[i],
+                stats[i] if stats is not None else None,
+                grouping=grouping,
+                align=align,
+                merge=merge,
+            )
         new_model.layers[i].attn = attn
+        if release_stats and stats is not None:
+            stats[i] = None
         results.append(res)
     new_model.config = dataclasses.replace(model.config, n_kv_heads=per_layer)
     return new_model.eval(), results
+
+
+def _copy_without_attention(model, share_unchanged: bool):
+    """``copy.deepcopy(model)`` whose attention modules are still the input's (the caller replaces every
+    one), and, with ``share_unchanged``, whose other parameters hold the input's tensors."""
+    memo: dict = {}
+    attention = [block.attn for block in model.layers]
+    for attn in attention:  # rebuilt by reduce_layer: copying them would only cost memory
+        memo[id(attn)] = attn
+    if share_unchanged:
+        in_attention = {id(p) for attn in attention for p in attn.parameters()}
+        for p in model.parameters():  # one entry per Parameter object: tied weights stay tied
+            if id(p) not in in_attention and id(p) not in memo:
+                memo[id(p)] = nn.Parameter(p.data, requires_grad=p.requires_grad)
+        for b in model.buffers():  # none outside attention in the gqa decoder; shared like the parameters
+            memo.setdefault(id(b), b)
+    return copy.deepcopy(model, memo)
 
 
 def error_curves(
@@ -181,6 +225,7 @@ def error_curves(
     merge: str = "mean",
     calib_ids: torch.Tensor | None = None,
     progress: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> list[dict[int, float]]:
     """Per layer, the measured error for every allowed KV-head count: ``[{heads: error}, ...]``.
 
@@ -188,31 +233,33 @@ def error_curves(
     the layer's attention-output error relative to its residual energy (:func:`layer_error`), or,
     with ``calib_ids`` [N, T], the mean KL(original || model with this layer reduced) per token on
     those sequences: the end-to-end effect, in one currency for every layer.
+    compute_dtype: as for :func:`reduce_kv_heads` (forward passes too run in it, a part at a time).
     """
     from gqa.progress import progress as progress_bar
 
     reference = None
     if calib_ids is not None:
-        with torch.no_grad():
+        with torch.no_grad(), upcast_forward(model, compute_dtype):
             reference = torch.log_softmax(model(calib_ids).double(), -1)  # (N, T, V)
     curves = []
     for i in progress_bar(range(len(model.layers)), desc="error curves", unit="layer", enabled=progress):
         attn = model.layers[i].attn
         curve = {}
-        for n in kv_head_options(attn.n_kv_heads):  # reductions only: a budget never adds heads
-            if n == attn.n_kv_heads:
-                curve[n] = 0.0
-                continue
-            new_attn, res = reduce_layer(attn, n, stats[i], grouping=grouping, align=align, merge=merge)
-            if reference is None:
-                curve[n] = float(res.error)
-                continue
-            model.layers[i].attn = new_attn
-            try:
-                with torch.no_grad():
-                    logp = torch.log_softmax(model(calib_ids).double(), -1)
-            finally:
-                model.layers[i].attn = attn
-            curve[n] = float((reference.exp() * (reference - logp)).sum(-1).mean())
+        with placed(attn, dtype=compute_dtype):
+            for n in kv_head_options(attn.n_kv_heads):  # reductions only: a budget never adds heads
+                if n == attn.n_kv_heads:
+                    curve[n] = 0.0
+                    continue
+                new_attn, res = reduce_layer(attn, n, stats[i], grouping=grouping, align=align, merge=merge)
+                if reference is None:
+                    curve[n] = float(res.error)
+                    continue
+                model.layers[i].attn = new_attn
+                try:
+                    with torch.no_grad(), upcast_forward(model, compute_dtype):
+                        logp = torch.log_softmax(model(calib_ids).double(), -1)
+                finally:
+                    model.layers[i].attn = attn
+                curve[n] = float((reference.exp() * (reference - logp)).sum(-1).mean())
         curves.append(curve)
     return curves

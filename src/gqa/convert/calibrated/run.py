@@ -1,11 +1,17 @@
 """The calibrated path of :func:`gqa.convert.convert`: load the model, calibrate, group, align, merge,
 distil, export.
 
-The model (a transformers Llama-family folder, a gqa ``checkpoint.pt`` or a GGUF file) is loaded in
-float32, run on calibration text through forward hooks (:mod:`gqa.convert.calibrated.stats`), reduced
-layer by layer (:mod:`gqa.convert.calibrated.reduce`), optionally distilled layer by layer
+The model (a transformers Llama-family folder, a gqa ``checkpoint.pt`` or a GGUF file) is run on
+calibration text through forward hooks (:mod:`gqa.convert.calibrated.stats`), reduced layer by layer
+(:mod:`gqa.convert.calibrated.reduce`), optionally distilled layer by layer
 (:mod:`gqa.convert.calibrated.distill`), and written by the export registry
-(:mod:`gqa.convert.exports`). Options were validated by :func:`gqa.convert.convert`; the output goes to
+(:mod:`gqa.convert.exports`).
+
+Memory: a folder stored wholly in bf16 or fp16 is held in that dtype (a 7B model: 13.5 GB, not 27),
+and every step computes in float32 one layer at a time (:mod:`gqa.convert.calibrated.placement`), so
+the numbers are exactly those of a float32 copy; other sources are held in float32. The converted
+model shares every tensor outside attention with the source model (only the rebuilt attention
+weights are new, in float32), and each layer's calibration statistics are dropped once it is reduced. Options were validated by :func:`gqa.convert.convert`; the output goes to
 the temporary folder it passes in. Query head h reads KV head h // (Hq // Hkv_layer) in the output.
 """
 
@@ -17,6 +23,7 @@ from pathlib import Path
 import torch
 
 from gqa.convert.calibrated.budget import budget_heads, choose_kv_heads
+from gqa.convert.calibrated.placement import upcast_forward
 from gqa.convert.calibrated.reduce import error_curves, reduce_kv_heads
 from gqa.convert.calibrated.stats import calibration_ids, collect_statistics
 from gqa.convert.exports import side_files_folder
@@ -24,7 +31,7 @@ from gqa.convert.groups import check_kv_heads
 from gqa.convert.report import ConversionReport
 from gqa.errors import GQAUserError
 
-__all__ = ["convert_calibrated", "source_dtype"]
+__all__ = ["convert_calibrated", "source_dtype", "held_dtype"]
 
 
 def source_dtype(src: Path) -> torch.dtype:
@@ -39,13 +46,31 @@ def source_dtype(src: Path) -> torch.dtype:
     return torch.float32
 
 
+def held_dtype(src: Path) -> torch.dtype:
+    """The dtype the calibrated path holds ``src``'s model in: the stored dtype of a folder whose
+    floating tensors are all bf16 or all fp16 (an exact load, half the memory of float32), else
+    float32 (GGUF, checkpoint.pt, float32 / float64 / mixed folders: as before)."""
+    if src.is_dir():
+        from gqa.convert.safetensors_io import read_header
+
+        stored = {
+            info.dtype
+            for f in sorted(src.glob("*.safetensors"))
+            for info in read_header(f)[0]
+            if info.dtype.is_floating_point
+        }
+        if len(stored) == 1 and stored <= {torch.bfloat16, torch.float16}:
+            return stored.pop()
+    return torch.float32
+
+
 def _load(src: Path):
-    """(model, tokenizer loader) for ``src``; a one-line error for anything that is not a gqa family."""
+    """The model at ``src`` in :func:`held_dtype`; a one-line error for anything that is not a gqa family."""
     from gqa.model import GQAForCausalLM, load_model
     from gqa.progress import quiet_loading
 
     with quiet_loading():
-        model = load_model(src, dtype=torch.float32)
+        model = load_model(src, dtype=held_dtype(src))
     if not isinstance(model, GQAForCausalLM):
         raise GQAUserError(
             f"{src} is not a llama/mistral/qwen2/qwen3 model; the calibrated path (--calib, --export decilm/gguf) "
@@ -115,16 +140,36 @@ def convert_calibrated(
         torch.manual_seed(seed)
         ids = calibration_ids(calib_text, _tokenizer(src), calib_tokens, seq_len)
         attention_sequences = 4 if merge in ("lsq", "fit") else 0
-        stats = collect_statistics(model, ids, attention_sequences=attention_sequences, progress=progress)
+        with upcast_forward(model, torch.float32):
+            stats = collect_statistics(model, ids, attention_sequences=attention_sequences, progress=progress)
     curves = None
     if per_layer is None:
         curves = error_curves(
-            model, stats, grouping=grouping, align=align, merge=merge, calib_ids=ids[:4], progress=progress
+            model,
+            stats,
+            grouping=grouping,
+            align=align,
+            merge=merge,
+            calib_ids=ids[:4],
+            progress=progress,
+            compute_dtype=torch.float32,
         )
         per_layer = choose_kv_heads(curves, max_heads)
+    # The new model shares every tensor outside attention with ``model``: nothing below writes into
+    # them (distillation trains only the new attention weights, the export reads).
     new, results = reduce_kv_heads(
-        model, per_layer, stats, grouping=grouping, align=align, merge=merge, progress=progress
+        model,
+        per_layer,
+        stats,
+        grouping=grouping,
+        align=align,
+        merge=merge,
+        progress=progress,
+        share_unchanged=True,
+        compute_dtype=torch.float32,
+        release_stats=True,
     )
+    del stats
     distill_report = None
     if distill is not None:
         from gqa.convert.calibrated.distill import distill_local
