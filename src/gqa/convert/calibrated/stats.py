@@ -214,7 +214,7 @@ def collect_statistics(
         att = attended[i] / attended_count[i] if attended[i] is not None else None
         out.append(
             LayerStats(
-                input_moment=moments[i] / n_tok,
+                input_moment=moments[i].div_(n_tok),  # in place: a 7B model's moments are ~4 GiB in all
                 residual_energy=energy[i] / n_tok,
                 samples=samples[i] if samples[i] is not None else torch.zeros(0, t, d),
                 offset_weights=off,
