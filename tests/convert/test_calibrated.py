@@ -271,6 +271,22 @@ def test_calibration_too_short_is_a_one_line_error():
     assert ids.shape == (4, 64)
 
 
+def test_calibration_text_is_the_prefix_of_the_whole_encoding():
+    """Only a prefix of a long text is encoded: the ids must equal the first tokens of encoding it all,
+    including a text that is denser in tokens than the prefix guess (it grows) and one just long enough."""
+    from gqa.data import encode, load_tokenizer
+    from gqa.model.assets import shipped_model_path
+
+    tok = load_tokenizer(shipped_model_path())
+    prose = " ".join(f"word{i % 97} and, {i}; the thing." for i in range(20_000))
+    dense = "".join(chr(0x4E00 + i % 500) for i in range(40_000))  # several tokens per character
+    for text in (prose, dense):
+        full = encode(tok, text)
+        for n in (256, 4096, (full.numel() // 64) * 64):
+            ids = calibration_ids(text, tok, n, 64)
+            assert torch.equal(ids.flatten(), full[: ids.numel()]), n
+
+
 def test_bad_requests_are_refused():
     model = tiny_model()
     with pytest.raises(ValueError, match="need calibration"):

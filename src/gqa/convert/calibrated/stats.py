@@ -72,7 +72,14 @@ def calibration_ids(text_or_ids, tokenizer, n_tokens: int, seq_len: int) -> torc
             raise GQAUserError("calibration text needs the model's tokenizer; pass a folder or GGUF that has one")
         from gqa.data import encode
 
-        ids = encode(tokenizer, text_or_ids)
+        # Encode a prefix long enough for n_tokens (plus a margin, so the last wanted tokens are not cut
+        # mid-word), growing it if the text is denser than guessed: a corpus may be far longer than needed.
+        chars = 8 * (n_tokens + 64)
+        while True:
+            ids = encode(tokenizer, text_or_ids[:chars])
+            if chars >= len(text_or_ids) or ids.numel() >= n_tokens + 64:
+                break
+            chars *= 2
     else:
         ids = torch.as_tensor(text_or_ids, dtype=torch.long).flatten()
     if ids.numel() < n_tokens:
