@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--distill-steps", type=int, default=150)
+    ap.add_argument("--distill-lr", type=float, default=None, help="default: distill_local's")
     ap.add_argument("--minutes", type=float, default=10.0, help="end-to-end budget (snapshots at 2, 5, 10)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--report", action="store_true", help="only rewrite the markdown and plot from the JSON")
@@ -247,12 +248,13 @@ def main() -> None:
                 loss=loss,
                 weighting=weighting,
                 steps=args.distill_steps,
+                **({"lr": args.distill_lr} if args.distill_lr else {}),
             )
-            name = f"distill-{params}-{inputs}-{loss}-{weighting}"
+            name = f"distill-{params}-{inputs}-{loss}-{weighting}-lr{rep.lr:g}-{rep.steps}"
             save_state(scratch / f"{name}.pt", student)
             weighted = ", per-token weights" if weighting == "token" else ""
             row(
-                f"+ local distillation ({params}, {inputs} inputs, {loss} loss{weighted}, {args.distill_steps} steps)",
+                f"+ local distillation ({params}, {inputs} inputs, {loss} loss{weighted}, {rep.steps} steps, lr {rep.lr:g})",
                 student,
                 seconds=rep.seconds,
                 load_before=[round(x, 2) for x in load0],

@@ -146,6 +146,8 @@ def main() -> None:
     ap.add_argument("--calib", default="english:calib")
     ap.add_argument("--calib-tokens", type=int, default=2048, help="8 sequences of 256: 7 train, 1 held out")
     ap.add_argument("--distill-steps", type=int, default=4)
+    ap.add_argument("--grouping", default=None, help="passed to gqa convert (default: its own)")
+    ap.add_argument("--merge", default=None, help="passed to gqa convert (default: its own)")
     ap.add_argument("--layers", type=int, default=32, help="fewer layers for a quick dry run (results not written)")
     ap.add_argument("--nice", type=int, default=0, help="niceness of the conversion child")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
@@ -161,6 +163,9 @@ def main() -> None:
         "convert", str(src), str(out), "--kv-heads", str(args.kv_heads), "--calib", args.calib,
         "--calib-tokens", str(args.calib_tokens), "--distill", "local", "--distill-steps", str(args.distill_steps),
     ]  # fmt: skip
+    for flag, value in (("--grouping", args.grouping), ("--merge", args.merge)):
+        if value is not None:
+            cli_args += [flag, value]
     shown = ["gqa", *cli_args]
     shown[2:4] = ["SRC", "OUT"]
     commit = git_commit(["src/gqa/convert"])  # the code that runs, even if HEAD moves while the benchmark does

@@ -125,7 +125,8 @@ def test_local_distillation_through_convert(source, tmp_path):
     rep = convert(source / "model", tmp_path / "a", distill="local", distill_steps=6, distill_params="kv", **common)
     assert rep.path == "calibrated"
     d = json.loads((tmp_path / "a" / "conversion_report.json").read_text())["distill"]
-    assert d == rep.distill and d["params"] == "kv" and d["inputs"] == "original" and len(d["layers"]) == 3
+    assert d == rep.distill and d["params"] == "kv" and d["inputs"] == "converted" and len(d["layers"]) == 3
+    assert d["lr"] == 3e-3 and d["weighting"] == "token"
     for layer in d["layers"]:
         assert layer["error_after"] <= layer["error_before"]
     convert(source / "model", tmp_path / "b", distill="local", distill_steps=6, distill_params="kv", **common)
@@ -142,6 +143,8 @@ def test_local_distillation_through_convert(source, tmp_path):
         (["--distill", "local", "--distill-params", "qk", "--calib", "{calib}"], "unknown --distill-params 'qk'"),
         (["--distill", "local", "--distill-inputs", "mixed", "--calib", "{calib}"], "unknown --distill-inputs"),
         (["--distill", "local", "--distill-steps", "0", "--calib", "{calib}"], "--distill-steps must be"),
+        (["--distill", "local", "--distill-lr", "0", "--calib", "{calib}"], "--distill-lr must be a positive"),
+        (["--distill", "local", "--distill-lr", "nan", "--calib", "{calib}"], "--distill-lr must be a positive"),
         (["--merge", "random", "--calib", "{calib}"], "drop --calib"),
     ],
 )

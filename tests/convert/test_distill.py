@@ -92,8 +92,9 @@ def test_distilled_layers_approach_the_originals(params, weighting):
     ids = calib()
     before_kl = kl(teacher, student, ids)
     report = distill_local(
-        teacher, student, ids, params=params, weighting=weighting, steps=40, lr=1e-2, batch_size=4, progress=False
-    )
+        teacher, student, ids, params=params, inputs="original", weighting=weighting, steps=40, lr=1e-2,
+        batch_size=4, progress=False,
+    )  # fmt: skip
     assert len(report.layers) == 2
     # Random teacher heads are far apart, so two KV heads cannot represent four exactly; the fit must
     # still remove a clear share of each layer's error on held-out sequences, and of the model's KL.

@@ -108,10 +108,12 @@ def register(app: typer.Typer) -> None:
             "qkvo", "--distill-params", help="What --distill fits: qkvo (Q, K, V and O) or kv (K and V only)."
         ),
         distill_inputs: str = typer.Option(
-            "original",
+            "converted",
             "--distill-inputs",
-            help="Layer inputs for --distill: original (the source model's) or converted (the new model's own).",
+            help="Layer inputs for --distill: converted (the new model's own, which also corrects the drift of "
+            "earlier layers) or original (the source model's).",
         ),
+        distill_lr: float = typer.Option(3e-3, "--distill-lr", help="Adam's peak learning rate for --distill."),
         export: str = typer.Option(
             "hf",
             help="Output layout: hf (transformers), decilm (block_configs), gguf (llama.cpp; needs SRC's tokenizer).",
@@ -145,6 +147,7 @@ def register(app: typer.Typer) -> None:
                 distill_steps=distill_steps,
                 distill_params=distill_params,
                 distill_inputs=distill_inputs,
+                distill_lr=distill_lr,
             )
         print_report(report, console)
         console.print(f"wrote {out} in {report.seconds:.1f} s")

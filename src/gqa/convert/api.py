@@ -106,7 +106,8 @@ def convert(
     distill: str | None = None,
     distill_steps: int = 150,
     distill_params: str = "qkvo",
-    distill_inputs: str = "original",
+    distill_inputs: str = "converted",
+    distill_lr: float = 3e-3,
     groups=None,
     fsync: bool = False,
 ) -> ConversionReport:
@@ -135,8 +136,9 @@ def convert(
         force: replace an existing ``out`` that is an earlier gqa output.
         distill: ``"local"``: after merging, fit each reduced attention block to the original's output
             on the calibration text, one layer at a time (needs ``calib``); ``distill_steps``,
-            ``distill_params`` (``kv`` or ``qkvo``) and ``distill_inputs`` (``original`` or
-            ``converted``) tune it.
+            ``distill_params`` (``kv`` or ``qkvo``), ``distill_inputs`` (``converted``: each layer sees
+            the converted model's own inputs and also corrects the drift of the layers before it, or
+            ``original``) and ``distill_lr`` (Adam's peak learning rate, cosine to 0) tune it.
         groups: library only: explicit groups ``[[0, 1], [2, 3]]`` for every layer, or one such list per
             layer (streaming path; see :mod:`gqa.convert.groups`).
         fsync: flush output files to disk before the rename (the benchmark uses it).
@@ -182,6 +184,8 @@ def convert(
         _int_option("--distill-steps", distill_steps)
         _choice("--distill-params", distill_params, DISTILL_PARAMS)
         _choice("--distill-inputs", distill_inputs, DISTILL_INPUTS)
+        if isinstance(distill_lr, bool) or not isinstance(distill_lr, (int, float)) or not 0 < distill_lr < math.inf:
+            raise GQAUserError(f"--distill-lr must be a positive number, got {distill_lr!r}; e.g. 3e-3")
     needs = [
         what
         for what, on in (
@@ -238,6 +242,7 @@ def convert(
                 distill_steps=distill_steps,
                 distill_params=distill_params,
                 distill_inputs=distill_inputs,
+                distill_lr=distill_lr,
             )
         else:
             report = _streaming_report(

@@ -265,7 +265,7 @@ def _check(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise GQAUserError(f"distill steps must be an integer >= 1, got {steps!r}; e.g. 150")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise GQAUserError(f"distill lr must be a positive number, got {lr!r}; e.g. 1e-3")
+        raise GQAUserError(f"distill lr must be a positive number, got {lr!r}; e.g. 3e-3")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise GQAUserError(f"distill batch size must be an integer >= 1, got {batch_size!r}; e.g. 8")
     if not (isinstance(holdout_fraction, (int, float)) and 0 <= holdout_fraction < 1):
@@ -320,11 +320,11 @@ def distill_local(
     calib_ids,
     *,
     params: str = "qkvo",
-    inputs: str = "original",
+    inputs: str = "converted",
     loss: str = "attention",
     weighting: str = "token",
     steps: int = 150,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     batch_size: int = 8,
     holdout_fraction: float = 0.1,
     eval_every: int | None = None,

@@ -107,6 +107,7 @@ def convert_calibrated(
     distill_steps: int,
     distill_params: str,
     distill_inputs: str,
+    distill_lr: float,
 ) -> ConversionReport:
     """Convert ``src`` into the temporary ``folder`` (see :func:`gqa.convert.convert` for the options)."""
     from gqa.units import dtype_name, kv_bytes_per_token
@@ -181,6 +182,7 @@ def convert_calibrated(
             params=distill_params,
             inputs=distill_inputs,
             steps=distill_steps,
+            lr=distill_lr,
             seed=seed,
             progress=progress,
         ).to_dict()
