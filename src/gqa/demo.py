@@ -35,6 +35,7 @@ from rich.table import Table
 from gqa.atomic import atomic_file
 from gqa.errors import GQAUserError
 from gqa.model import GQAForCausalLM, load_hf
+from gqa.units import dtype_name
 
 __all__ = [
     "DemoRow",
@@ -50,8 +51,8 @@ RECIPES = ("paper", "ours")
 RECIPE_LABELS = {"paper": "paper", "ours": "ours"}
 CALIB_SPEC = "shakespeare:train"  # calibration and training text: the training plays only
 # Local-distillation Adam steps per layer in the demo: `gqa convert --distill local` defaults to 150; the demo
-# uses fewer so that a new user's first run stays a few minutes on a CPU (on this model, 100 steps give most
-# of the gain of 150: see docs/results/recover-quality.md for the measured 150-step numbers).
+# uses fewer so that a new user's first run stays a few minutes on a CPU (100 steps were not measured against
+# 150 on this model; docs/results/recover-quality.md has the 150-step numbers).
 DEMO_DISTILL_STEPS = 100
 DEMO_CALIB_TOKENS = 16_384  # 64 sequences of 256 tokens, as in docs/results/recover-quality.md
 
@@ -330,7 +331,8 @@ def run_demo(
     speeds = measure_decode(speed_models)  # interleaved, best of 3: every model sees the same load
     for r in rows:
         r.decode_tokens_per_s = speeds[r.name]
-    console.print(demo_table(rows, recipes, eval_tokens))
+    p = next(mha.parameters())
+    console.print(demo_table(rows, recipes, eval_tokens, setting=f"{dtype_name(p.dtype)}, {p.device.type.upper()}"))
     _print_notes(console, rows, recipes, distill_steps, calib_tokens)
     if plot is not None:
         path = plot_perplexity_vs_kv(rows, plot, "Shakespeare MHA model converted to fewer KV heads")
@@ -338,13 +340,13 @@ def run_demo(
     return rows
 
 
-def demo_table(rows: list[DemoRow], recipes: tuple[str, ...], eval_tokens: int) -> Table:
+def demo_table(rows: list[DemoRow], recipes: tuple[str, ...], eval_tokens: int, *, setting: str) -> Table:
     """The demo's table: one row per shape and recipe (the recipes of a shape next to each other), perplexity
     and KL to the original after conversion and after uptraining; KV bytes and decode speed once per shape."""
     from rich import box
 
     table = Table(
-        title=f"Shakespeare MHA model -> GQA: {eval_tokens:,} validation tokens, fp32, CPU",
+        title=f"Shakespeare MHA model -> GQA: {eval_tokens:,} validation tokens, {setting}",
         box=box.SIMPLE_HEAD,
         padding=(0, 0),  # 9 columns in 80 characters (a log's default width): the box's spaces separate them
         show_edge=False,

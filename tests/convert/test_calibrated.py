@@ -287,6 +287,29 @@ def test_calibration_text_is_the_prefix_of_the_whole_encoding():
             assert torch.equal(ids.flatten(), full[: ids.numel()]), n
 
 
+def test_calibration_prefix_grows_for_text_with_many_characters_per_token(monkeypatch):
+    """A tokenizer whose tokens are ~21 characters long defeats the first prefix guess (8 characters
+    per token): the prefix doubles until it holds enough tokens, and the ids are still the prefix of
+    encoding the whole text."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    import gqa.data
+
+    words = [f"{i:03d}" + "x" * 17 for i in range(50)]  # 20 characters each, one token each
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    text = " ".join(words[i % 50] for i in range(3000))
+    full = gqa.data.encode(tok, text)
+    lengths = []
+    real_encode = gqa.data.encode
+    monkeypatch.setattr(gqa.data, "encode", lambda t, s: lengths.append(len(s)) or real_encode(t, s))
+    ids = calibration_ids(text, tok, 1024, 64)
+    assert len(lengths) >= 2 and lengths == sorted(lengths)  # grew at least once
+    assert torch.equal(ids.flatten(), full[:1024])
+
+
 def test_bad_requests_are_refused():
     model = tiny_model()
     with pytest.raises(ValueError, match="need calibration"):

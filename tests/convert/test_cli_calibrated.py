@@ -135,6 +135,32 @@ def test_local_distillation_through_convert(source, tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_distill_options_reach_the_report_through_the_cli(source, tmp_path):
+    out = tmp_path / "o"
+    r = run(source / "model", out, "--kv-heads", 1, "--calib", source / "calib.txt", "--calib-tokens", 2560,
+            "--distill", "local", "--distill-steps", 3, "--distill-lr", "1e-2",
+            "--distill-inputs", "original", "--distill-params", "kv")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    d = json.loads((out / "conversion_report.json").read_text())["distill"]
+    assert (d["lr"], d["inputs"], d["params"], d["steps"]) == (0.01, "original", "kv", 3)
+
+
+def test_attention_statistics_are_skipped_when_they_would_not_fit(source, tmp_path, monkeypatch):
+    """--merge fit on a host whose memory could not hold the attention statistics (a 7B model on 24 GB):
+    the merge fits on input moments, and the report says so."""
+    from gqa.convert import convert
+    from gqa.convert.calibrated import run as calibrated_run
+
+    common = dict(kv_heads=1, merge="fit", calib=str(source / "calib.txt"), calib_tokens=320, seq_len=32,
+                  progress=False)  # fmt: skip
+    full = convert(source / "model", tmp_path / "a", **common)
+    assert "note" not in full.calibration
+    monkeypatch.setattr(calibrated_run, "_available_memory", lambda: 1000)
+    small = convert(source / "model", tmp_path / "b", **common)
+    assert "attention statistics --merge fit uses would take" in small.calibration["note"]
+    assert small.layer_errors != full.layer_errors  # fitted without them: a different merge
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -265,7 +291,9 @@ def test_per_layer_gguf_source_converts(tmp_path):
 
     asset = Path(__file__).resolve().parents[2] / "src" / "gqa" / "assets" / "shakespeare-mha"  # BPE tokenizer
     torch.manual_seed(0)
-    cfg = GQAConfig(vocab_size=2048, d_model=64, n_layers=3, n_heads=4, n_kv_heads=[2, 1, 4], ffn_dim=96, max_seq_len=64)
+    cfg = GQAConfig(
+        vocab_size=2048, d_model=64, n_layers=3, n_heads=4, n_kv_heads=[2, 1, 4], ffn_dim=96, max_seq_len=64
+    )
     m = GQAForCausalLM(cfg).eval()
     folder = save_hf(m, tmp_path / "folder", side_files_from=asset)
     export_gguf(m, tmp_path / "var.gguf", tokenizer_dir=folder, dtype="f32")

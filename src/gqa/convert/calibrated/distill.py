@@ -355,9 +355,7 @@ def distill_local(
     """
     from gqa.progress import progress as progress_bar
 
-    ids = _check(
-        teacher, student, calib_ids, params, inputs, loss, weighting, steps, lr, batch_size, holdout_fraction
-    )
+    ids = _check(teacher, student, calib_ids, params, inputs, loss, weighting, steps, lr, batch_size, holdout_fraction)
     _check_not_shared(teacher, student, params)
     from gqa.units import parse_device
 

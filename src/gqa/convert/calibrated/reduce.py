@@ -13,7 +13,8 @@ as a fraction of the residual stream's energy at that layer (so layers are compa
 Memory (what lets a 7B model convert on a 24 GB host): with ``compute_dtype=torch.float32`` a bf16 /
 fp16 model stays in its own dtype and only the layer being reduced is upcast (the numbers are those of
 a float32 copy of the model); with ``share_unchanged=True`` the new model shares every tensor outside
-the attention modules with the input model instead of copying it.
+the attention modules with the input model instead of copying it. (The calibration statistics have
+their own budget: :func:`gqa.convert.calibrated.run._attention_sequences`.)
 """
 
 from __future__ import annotations

@@ -11,12 +11,15 @@ Memory: a folder stored wholly in bf16 or fp16 is held in that dtype (a 7B model
 and every step computes in float32 one layer at a time (:mod:`gqa.convert.calibrated.placement`), so
 the numbers are exactly those of a float32 copy; other sources are held in float32. The converted
 model shares every tensor outside attention with the source model (only the rebuilt attention
-weights are new, in float32), and each layer's calibration statistics are dropped once it is reduced. Options were validated by :func:`gqa.convert.convert`; the output goes to
-the temporary folder it passes in. Query head h reads KV head h // (Hq // Hkv_layer) in the output.
+weights are new, in float32), and each layer's calibration statistics are dropped once it is reduced.
+The one exception: ``--merge lsq|fit`` gathers attention statistics for every layer at once (see
+:func:`_attention_sequences`; a 7B model fits on input moments only when they would not fit in memory).
+Options were validated by :func:`gqa.convert.convert`; the output goes to the temporary folder it passes in. Query head h reads KV head h // (Hq // Hkv_layer) in the output.
 """
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -34,12 +37,20 @@ from gqa.errors import GQAUserError
 __all__ = ["convert_calibrated", "source_dtype", "held_dtype"]
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files the model in ``folder`` loads from: those its index lists, else every
+    ``*.safetensors`` (a stray file beside an index is not part of the model)."""
+    from gqa.model.hf import read_safetensors_folder
+
+    return sorted({f for f, _ in read_safetensors_folder(folder).values()})
+
+
 def source_dtype(src: Path) -> torch.dtype:
     """The float dtype the source stores its attention weights in (GGUF and checkpoint.pt: float32)."""
     if src.is_dir():
         from gqa.convert.safetensors_io import read_header
 
-        for f in sorted(src.glob("*.safetensors")):
+        for f in _weight_files(src):
             for info in read_header(f)[0]:
                 if info.dtype.is_floating_point and ".self_attn." in info.name:
                     return info.dtype
@@ -53,12 +64,7 @@ def held_dtype(src: Path) -> torch.dtype:
     if src.is_dir():
         from gqa.convert.safetensors_io import read_header
 
-        stored = {
-            info.dtype
-            for f in sorted(src.glob("*.safetensors"))
-            for info in read_header(f)[0]
-            if info.dtype.is_floating_point
-        }
+        stored = {info.dtype for f in _weight_files(src) for info in read_header(f)[0] if info.dtype.is_floating_point}
         if len(stored) == 1 and stored <= {torch.bfloat16, torch.float16}:
             return stored.pop()
     return torch.float32
@@ -77,6 +83,38 @@ def _load(src: Path):
             "needs one of those (other families convert with --kv-heads and no --calib)"
         )
     return model
+
+
+def _attention_sequences(merge: str, cfg, kv_heads: list[int]) -> tuple[int, str | None]:
+    """How many calibration sequences gather attention statistics, and why none when they do not fit.
+
+    ``lsq`` and ``fit`` use the attention-averaged input moments, ``[Hkv, d+1, d+1]`` float64 per layer
+    held for every layer at once: 137 GB for a Llama-2-7B (32 layers x 32 KV heads x 4097^2 x 8 bytes).
+    When they would take more than half the memory available, the merge fits on the plain input
+    moments instead (still calibrated, a little less accurate), and the report says so.
+    """
+    if merge not in ("lsq", "fit"):
+        return 0, None
+    need = sum(kv_heads) * (cfg.d_model + 1) ** 2 * 8
+    available = _available_memory()
+    if available is not None and need > available // 2:
+        return 0, (
+            f"the attention statistics --merge {merge} uses would take {need / 2**30:.1f} GiB "
+            f"(of {available / 2**30:.1f} GiB available); fitting on input moments only"
+        )
+    return 4, None
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to this process (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _tokenizer(src: Path):
@@ -136,11 +174,13 @@ def convert_calibrated(
         per_layer = list(kv_heads_per_layer)
     max_heads = budget_heads(kv_budget, before) if kv_budget is not None else None
     align = calib is not None
-    stats, ids = None, None
+    stats, ids, attention_note = None, None, None
     if calib is not None:
         torch.manual_seed(seed)
         ids = calibration_ids(calib_text, _tokenizer(src), calib_tokens, seq_len)
-        attention_sequences = 4 if merge in ("lsq", "fit") else 0
+        attention_sequences, attention_note = _attention_sequences(merge, cfg, before)
+        if attention_note and progress:
+            print(f"gqa convert: {attention_note}", file=sys.stderr)
         with upcast_forward(model, torch.float32):
             stats = collect_statistics(model, ids, attention_sequences=attention_sequences, progress=progress)
     curves = None
@@ -222,7 +262,14 @@ def convert_calibrated(
         parameters_after=n_after,
         parameters_removed=n_before - n_after,
         output_dtype=dtype_name(written),
-        calibration=None if calib is None else {"spec": str(calib), "tokens": calib_tokens, "seq_len": seq_len},
+        calibration=None
+        if calib is None
+        else {
+            "spec": str(calib),
+            "tokens": calib_tokens,
+            "seq_len": seq_len,
+            **({"note": attention_note} if attention_note else {}),
+        },
         kv_budget=kv_budget,
         layer_merges=[r.merge for r in results],
         layer_errors=[r.error for r in results],

@@ -73,7 +73,8 @@ def calibration_ids(text_or_ids, tokenizer, n_tokens: int, seq_len: int) -> torc
         from gqa.data import encode
 
         # Encode a prefix long enough for n_tokens (plus a margin, so the last wanted tokens are not cut
-        # mid-word), growing it if the text is denser than guessed: a corpus may be far longer than needed.
+        # mid-word), doubling it while the text has more characters per token than guessed: a corpus may
+        # be far longer than needed.
         chars = 8 * (n_tokens + 64)
         while True:
             ids = encode(tokenizer, text_or_ids[:chars])
