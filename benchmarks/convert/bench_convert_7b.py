@@ -157,6 +157,22 @@ def run_child(code: str, *args: str) -> tuple[float, float]:
     return wall, int(hwm.split()[1]) / 1024**2  # kB -> GiB
 
 
+SCRATCH_MARKER = ".gqa-benchmark-scratch"
+
+
+def fresh_scratch(scratch: Path) -> None:
+    """Create ``scratch`` empty, deleting an earlier run's (one holding :data:`SCRATCH_MARKER`); any
+    other existing folder is refused with a one-line error rather than deleted."""
+    if scratch.exists():
+        if not (scratch / SCRATCH_MARKER).is_file():
+            raise SystemExit(
+                f"--scratch {scratch} exists and was not made by this benchmark; give a new or empty path"
+            )
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True)
+    (scratch / SCRATCH_MARKER).write_text("made by a gqa benchmark; deleted by the next run\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/gqa-bench-7b"))
@@ -167,8 +183,7 @@ def main() -> None:
 
     scratch = args.scratch
     LLAMA2_7B["num_hidden_layers"] = args.layers
-    if scratch.exists():
-        shutil.rmtree(scratch)
+    fresh_scratch(scratch)
     src, copy_dst, out = scratch / "llama2-7b-random", scratch / "copy", scratch / f"kv{args.kv_heads}"
     commit = git_commit(["src/gqa/convert"])  # the code that runs, even if HEAD moves while the benchmark does
     try:

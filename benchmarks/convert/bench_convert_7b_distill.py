@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from bench_convert_7b import LLAMA2_7B, drop_cache, generate  # noqa: E402  (the checkpoint builder)
+from bench_convert_7b import LLAMA2_7B, drop_cache, fresh_scratch, generate  # noqa: E402  (the checkpoint builder)
 
 from gqa.provenance import git_commit, provenance, provenance_markdown  # noqa: E402
 
@@ -156,8 +156,7 @@ def main() -> None:
     LLAMA2_7B["num_hidden_layers"] = args.layers
     cfg = dict(LLAMA2_7B)
     scratch = args.scratch
-    if scratch.exists():
-        shutil.rmtree(scratch)
+    fresh_scratch(scratch)
     src, out = scratch / "llama2-7b-random", scratch / f"kv{args.kv_heads}-distill"
     cli_args = [
         "convert", str(src), str(out), "--kv-heads", str(args.kv_heads), "--calib", args.calib,
