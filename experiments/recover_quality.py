@@ -32,6 +32,8 @@ RESULTS = REPO / "docs" / "results"
 JSON_PATH = RESULTS / "recover-quality.json"
 SEQ_LEN = 256
 SNAPSHOT_MINUTES = (2.0, 5.0, 10.0)
+CALIB_TOKENS = 16384  # calibration (and distillation) tokens, unless --calib-tokens
+E2E_LR = 3e-4  # end-to-end distillation and the paper's uptraining, unless --e2e-lr
 TARGETS = {"smollm2": ("kv1", "budget0.5"), "shakespeare": ("kv2", "kv1")}
 # Local-distillation variants tried (params, inputs, loss); the best measured one feeds end-to-end training.
 DISTILL_VARIANTS = {
@@ -139,11 +141,12 @@ def main() -> None:
     ap.add_argument("--stages", default="base,mean,fit,distill,e2e,paper")
     ap.add_argument("--variants", default=None, help="distill variants to run, e.g. qkvo-converted-attention")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/gqa-recover"))
-    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--distill-steps", type=int, default=150)
     ap.add_argument("--distill-lr", type=float, default=None, help="default: distill_local's")
     ap.add_argument("--minutes", type=float, default=10.0, help="end-to-end budget (snapshots at 2, 5, 10)")
+    ap.add_argument("--e2e-lr", type=float, default=E2E_LR, help="peak lr of end-to-end distillation (ours)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--report", action="store_true", help="only rewrite the markdown and plot from the JSON")
     args = ap.parse_args()
@@ -153,7 +156,9 @@ def main() -> None:
     load_start = os.getloadavg()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    scratch = args.scratch / f"{args.model}-{args.target}"
+    # Another calibration size is another experiment: its own saved models and method names.
+    calib_tag = f" [{args.calib_tokens:,} calibration tokens]" if args.calib_tokens != CALIB_TOKENS else ""
+    scratch = args.scratch / (f"{args.model}-{args.target}" + (f"-calib{args.calib_tokens}" if calib_tag else ""))
     scratch.mkdir(parents=True, exist_ok=True)
     stages = args.stages.split(",")
     teacher, tok, source = load_pair(args.model)
@@ -168,6 +173,8 @@ def main() -> None:
     }
 
     def row(method: str, model, **extra) -> None:
+        if model is not teacher:
+            method += calib_tag
         t0 = time.perf_counter()
         load0 = os.getloadavg()
         # KL to the original as well where evaluation is cheap (the Shakespeare model): its perplexity on
@@ -356,7 +363,7 @@ def run_budget(args, scratch, teacher, student, train_ids, eval_ids, row, *, kin
     load0 = os.getloadavg()
     settings = dict(seq_len=SEQ_LEN, batch_size=4, seed=0, checkpoint_every=0, log_every=1)
     if kind == "ours":
-        settings.update(lr=3e-4, distill_alpha=1.0, train_params="attention")
+        settings.update(lr=args.e2e_lr, distill_alpha=1.0, train_params="attention")
     else:
         settings.update(lr=3e-4, train_params="all")
     uptrain(
@@ -376,8 +383,9 @@ def run_budget(args, scratch, teacher, student, train_ids, eval_ids, row, *, kin
         if snap is None:  # the run ended (time budget) before reaching the mark exactly: use the final state
             continue
         student.load_state_dict(snap["model"])
+        lr_tag = f" (lr {args.e2e_lr:g})" if args.e2e_lr != E2E_LR else ""  # rows before the option: 3e-4
         label = (
-            f"+ end-to-end distillation, {m:g} CPU-min"
+            f"+ end-to-end distillation{lr_tag}, {m:g} CPU-min"
             if kind == "ours"
             else f"paper: mean + uptraining, {m:g} CPU-min"
         )
@@ -437,10 +445,11 @@ def _original(data: dict, model: str) -> dict | None:
 
 
 def _cost(r: dict) -> str:
+    threads = f", {r['threads']} thread{'s' if r['threads'] > 1 else ''}" if r.get("threads") else ""
     if r.get("train_minutes") is not None:
-        return f"{r['train_minutes']:.1f} min training ({r['steps']} steps, {r['tokens']:,} tokens)"
+        return f"{r['train_minutes']:.1f} min training ({r['steps']} steps, {r['tokens']:,} tokens{threads})"
     if r.get("seconds") is not None:
-        return f"{r['seconds'] / 60:.1f} min"
+        return f"{r['seconds'] / 60:.1f} min{threads.replace(', ', ' (', 1) + ')' if threads else ''}"
     return ""
 
 
@@ -451,8 +460,9 @@ def write(data: dict, folder: Path) -> None:
         "",
         "Perplexity on English text that no conversion, calibration or training step ever saw",
         "(`english:eval`: Python language-reference topics and dependency READMEs held out by document, see",
-        "`gqa.data.english`), relative to the original model. Calibration (16,384 tokens) and end-to-end training",
-        "read `english:calib` only. KV bytes per token for a bf16 cache. Produced by `experiments/recover_quality.py`.",
+        "`gqa.data.english`), relative to the original model. Calibration (16,384 tokens unless a row says",
+        "otherwise) and end-to-end training read `english:calib` only. KV bytes per token for a bf16 cache.",
+        "Produced by `experiments/recover_quality.py`; a row's cost is wall time, with the torch threads it ran on.",
         "",
     ]
     for (model, target), rows in _groups(data).items():
