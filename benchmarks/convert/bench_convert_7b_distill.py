@@ -16,8 +16,8 @@ work (a float32 teacher plus a full float32 copy as the student, as before; and 
 sizes: teacher + unshared student), computed from the config.
 
 Results go to ``benchmarks/convert/results-7b-distill.json`` and ``docs/results/convert-7b-distill.md``
-(only for the full 32 layers; ``--layers N`` builds a shallower model for a dry run and prints the
-result). The scratch folder (~13.5 GB in, ~11.9 GB out) is deleted at the end unless ``--keep``.
+for the full 32 layers; ``--layers N`` builds a shallower model and appends its result to
+``benchmarks/convert/results-7b-distill-layers.json`` (runs at several depths give the memory per layer). The scratch folder (~13.5 GB in, ~11.9 GB out) is deleted at the end unless ``--keep``.
 
     python benchmarks/convert/bench_convert_7b_distill.py --scratch /tmp/gqa-bench-7b-distill
 """
@@ -226,7 +226,10 @@ def main() -> None:
         "distill_error_before_after": [distill.get("error_before_total"), distill.get("error_after_total")],
         "provenance": prov,
     }
-    if args.layers != 32:
+    if args.layers != 32:  # a shallower model: kept beside the others, to extrapolate memory per layer
+        partial = HERE / "results-7b-distill-layers.json"
+        runs = json.loads(partial.read_text()) if partial.is_file() else []
+        partial.write_text(json.dumps([*runs, result], indent=2) + "\n")
         print(json.dumps(result, indent=2))
         return
     (HERE / "results-7b-distill.json").write_text(json.dumps(result, indent=2) + "\n")
