@@ -12,9 +12,10 @@ and every step computes in float32 one layer at a time (:mod:`gqa.convert.calibr
 the numbers are exactly those of a float32 copy; other sources are held in float32. The converted
 model shares every tensor outside attention with the source model (only the rebuilt attention
 weights are new, in float32), and each layer's calibration statistics are dropped once it is reduced.
-The one exception: ``--merge lsq|fit`` gathers attention statistics for every layer at once (see
-:func:`_attention_sequences`; a 7B model fits on input moments only when they would not fit in memory).
-Options were validated by :func:`gqa.convert.convert`; the output goes to the temporary folder it passes in. Query head h reads KV head h // (Hq // Hkv_layer) in the output.
+The one exception: ``--merge lsq|fit`` gathers attention statistics for every layer at once; where
+they would not fit in memory (a 7B model) the merge fits on input moments only
+(:func:`_attention_sequences`). Options were validated by :func:`gqa.convert.convert`; the output goes
+to the temporary folder it passes in. Query head h reads KV head h // (Hq // Hkv_layer) in the output.
 """
 
 from __future__ import annotations
