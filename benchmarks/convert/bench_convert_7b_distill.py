@@ -221,7 +221,7 @@ def main() -> None:
         "peak_rss_sampled_gib": round(run["peak_rss_sampled_gib"], 3),
         "goal_peak_anon_rss_gib": GOAL_GIB,
         "fits": run["peak_anon_rss_gib"] <= GOAL_GIB,
-        "sizes_gib": {k: round(val / gib, 3) for k, val in sizes.items() if k.endswith("bytes")},
+        "sizes_gib": {k: round(val / gib, 3) for k, val in sizes.items() if "bytes" in k},
         "parameters": [sizes["parameters_source"], sizes["parameters_converted"]],
         "distill_error_before_after": [distill.get("error_before_total"), distill.get("error_after_total")],
         "provenance": prov,
