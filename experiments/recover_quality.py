@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--distill-steps", type=int, default=150)
     ap.add_argument("--distill-lr", type=float, default=None, help="default: distill_local's")
+    ap.add_argument("--no-solve-o", action="store_true", help="skip distill_local's least-squares o_proj")
     ap.add_argument("--minutes", type=float, default=10.0, help="end-to-end budget (snapshots at 2, 5, 10)")
     ap.add_argument("--e2e-lr", type=float, default=E2E_LR, help="peak lr of end-to-end distillation (ours)")
     ap.add_argument("--threads", type=int, default=2)
@@ -240,7 +241,7 @@ def main() -> None:
         fit_state = torch.load(scratch / "fit.pt", weights_only=True)
         variants = DISTILL_VARIANTS[args.model]
         if args.variants:
-            variants = [tuple(v.split("-")) for v in args.variants.split(",")]
+            variants = [tuple(v.split("-", 3)) for v in args.variants.split(",")]
         for params, inputs, loss, *rest in variants:
             weighting = rest[0] if rest else "energy"  # variants measured before per-token weighting existed
             student = student_from(teacher, fit_state)
@@ -254,12 +255,16 @@ def main() -> None:
                 inputs=inputs,
                 loss=loss,
                 weighting=weighting,
+                solve_o=not args.no_solve_o,
                 steps=args.distill_steps,
                 **({"lr": args.distill_lr} if args.distill_lr else {}),
             )
-            name = f"distill-{params}-{inputs}-{loss}-{weighting}-lr{rep.lr:g}-{rep.steps}"
+            name = f"distill-{params}-{inputs}-{loss}-{weighting}-lr{rep.lr:g}-{rep.steps}" + (
+                "-solve-o" if rep.solve_o else ""
+            )
             save_state(scratch / f"{name}.pt", student)
-            weighted = ", per-token weights" if weighting == "token" else ""
+            weighted = {"token": ", per-token weights", "token-max": ", per-token-max weights"}.get(weighting, "")
+            weighted += ", o_proj solved" if rep.solve_o else ""
             row(
                 f"+ local distillation ({params}, {inputs} inputs, {loss} loss{weighted}, {rep.steps} steps, lr {rep.lr:g})",
                 student,

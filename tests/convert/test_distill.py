@@ -84,7 +84,7 @@ def kl(teacher, student, ids) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-@pytest.mark.parametrize("weighting", ["token", "energy"])
+@pytest.mark.parametrize("weighting", ["token-max", "token", "energy"])
 @pytest.mark.parametrize("params", ["qkvo", "kv"])
 def test_distilled_layers_approach_the_originals(params, weighting):
     teacher = teacher_model()
@@ -101,6 +101,7 @@ def test_distilled_layers_approach_the_originals(params, weighting):
     # K and V alone have less freedom (their second layer plateaus near 0.91 of its error with per-token
     # weights, 0.87 without, however many steps).
     bound = 0.8 if params == "qkvo" else (0.9 if weighting == "energy" else 0.95)
+    assert report.solve_o == (params == "qkvo") and not any(layer.o_solved for layer in report.layers if params == "kv")
     for layer in report.layers:
         assert layer.error_after < bound * layer.error_before, layer
     assert kl(teacher, student, ids) < 0.8 * before_kl
@@ -114,12 +115,13 @@ def test_distilled_layers_approach_the_originals(params, weighting):
     assert d["error_after_total"] < d["error_before_total"] and d["layers"][0]["steps"] >= 1
 
 
-@pytest.mark.parametrize("weighting", ["token", "energy"])
+@pytest.mark.parametrize("weighting", ["token-max", "token", "energy"])
 def test_reported_error_is_the_layer_error_measured_independently(weighting):
     """Layer 0 sees identical inputs in both models, so its reported held-out error before distillation must
     equal, over the held-out sequences, computed here from plain forwards in float64:
     energy: E||attn_S - attn_T||^2 / E||h||^2 (h: the residual stream entering the layer, training slice);
-    token: E[ ||attn_S - attn_T||^2 / ||h + attn_T||^2 ] per token (the teacher's post-attention stream)."""
+    token: E[ ||attn_S - attn_T||^2 / ||h + attn_T||^2 ] per token (the teacher's post-attention stream);
+    token-max: as token, over max(||h + attn_T||^2, ||h||^2) (the student's input stream is h here)."""
     teacher = teacher_model().double()
     student = mean_pooled_student(teacher).double()
     ids = calib()
@@ -131,7 +133,11 @@ def test_reported_error_is_the_layer_error_measured_independently(weighting):
     if weighting == "energy":
         expected = float(sq_err.mean()) / residual_energy(teacher, train, 0)
     else:
-        expected = float((sq_err / (residual_stream(teacher, held, 0) + t_out).pow(2).sum(-1)).mean())
+        h = residual_stream(teacher, held, 0)
+        norm2 = (h + t_out).pow(2).sum(-1)
+        if weighting == "token-max":
+            norm2 = torch.maximum(norm2, h.pow(2).sum(-1))
+        expected = float((sq_err / norm2).mean())
     report = distill_local(
         teacher, student, ids, weighting=weighting, steps=1, holdout_fraction=0.25, batch_size=4, progress=False
     )
@@ -159,15 +165,52 @@ def test_early_stopping_keeps_the_best_state():
     student = mean_pooled_student(teacher)
     start = copy.deepcopy(student.state_dict())
     # An absurd learning rate makes every step worse on held-out text: stop after `patience` evaluations
-    # and keep the starting weights (the best seen).
+    # and keep the starting weights (the best seen). (The o_proj solve would then move them: off here.)
     report = distill_local(
-        teacher, student, calib(), steps=100, lr=50.0, eval_every=5, patience=2, batch_size=4, progress=False
-    )
+        teacher, student, calib(), steps=100, lr=50.0, eval_every=5, patience=2, batch_size=4, solve_o=False,
+        progress=False,
+    )  # fmt: skip
     for layer in report.layers:
         assert layer.stopped_early and layer.steps == 10
         assert layer.error_after == layer.error_before
     for name, value in student.state_dict().items():
         assert torch.equal(value, start[name]), name
+
+
+def test_solve_o_sets_o_proj_to_the_weighted_least_squares_optimum():
+    """With Q, K, V barely moved (one step at a tiny lr), layer 0's solved o_proj must reach the weighted
+    least-squares loss of an independent float64 lstsq over the training sequences (within the solver's small
+    ridge), and improve on the Adam-only result without ever making a layer's held-out error worse."""
+    teacher = teacher_model().double()
+    ids = calib()
+    kwargs = dict(inputs="original", steps=1, lr=1e-9, holdout_fraction=0.25, batch_size=4, progress=False)
+    plain = mean_pooled_student(teacher).double()
+    plain_report = distill_local(teacher, plain, ids, solve_o=False, **kwargs)
+    solved = mean_pooled_student(teacher).double()
+    report = distill_local(teacher, solved, ids, **kwargs)
+    assert report.solve_o and report.layers[0].o_solved
+    for a, b in zip(report.layers, plain_report.layers, strict=True):
+        assert a.error_after <= b.error_after
+    assert report.layers[0].error_after < 0.9 * plain_report.layers[0].error_after
+
+    order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(0))
+    train = ids[order][: ids.shape[0] - round(ids.shape[0] * 0.25)]
+    h = residual_stream(teacher, train, 0)
+    y = attention_outputs(teacher, train)[0]
+    w = 1.0 / torch.maximum((h + y).pow(2).sum(-1), h.pow(2).sum(-1))  # token-max, the default
+    z_seen = []
+    hook = plain.layers[0].attn.o_proj.register_forward_pre_hook(lambda m, a: z_seen.append(a[0].detach().double()))
+    with torch.no_grad():
+        plain(train)
+    hook.remove()
+    z, y, sw = z_seen[0].flatten(0, 1), y.flatten(0, 1), w.flatten().sqrt()[:, None]
+    best = torch.linalg.lstsq(z * sw, y * sw).solution  # (in, out)
+
+    def loss(weight):
+        return float((((z @ weight.detach().T.double() - y) ** 2).sum(-1) * w.flatten()).mean())
+
+    assert loss(solved.layers[0].attn.o_proj.weight) == pytest.approx(loss(best.T), rel=1e-3)
+    assert loss(plain.layers[0].attn.o_proj.weight) > 1.1 * loss(best.T)
 
 
 def test_seeded_and_reproducible():

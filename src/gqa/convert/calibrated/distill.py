@@ -18,14 +18,23 @@ What is matched, for layer i (h = residual stream entering the layer, a = attn_n
 
 How tokens are weighted (``weighting``):
 
-* ``"token"`` (default): each token's squared error is divided by the squared norm of the teacher's
+* ``"token"``: each token's squared error is divided by the squared norm of the teacher's
   residual stream at that token (the stream the student must reproduce), i.e. the mean per-token
   relative error. Every consumer of the residual stream reads it through an RMSNorm, so this is the
   error the next norm sees. Llama-family models carry *massive activations* (a few tokens, the first
   one and some delimiters, whose residual norm is 10-100x the median, e.g. 24,000 vs 220 in SmolLM2's
   layer 20): an unweighted mean spends most of its loss on those few tokens.
+* ``"token-max"`` (default): as ``"token"``, but divided by the larger of the teacher's stream and the
+  student's input stream at that token. With ``inputs="converted"`` the student's earlier layers can
+  create a massive activation the teacher does not have (seen in SmolLM2 after layer 11); the teacher's
+  norm there is ordinary, so ``"token"`` would weight that token's (large, mostly harmless: the next
+  RMSNorm divides it away) error heavily. Elsewhere the two weightings agree.
 * ``"energy"``: the plain mean squared error divided by the mean squared norm of the teacher's residual
   stream entering the layer, E||diff||^2 / E||h_i||^2 (the currency of the conversion's per-layer errors).
+
+Only Q and K enter the attention nonlinearly: with ``solve_o`` (default) each layer ends with o_proj
+set to its exact weighted least-squares optimum given the trained Q, K and V (Adam only approaches it
+in 150 steps), kept where the held-out error falls.
 
 Errors are reported in the chosen weighting, on a held-out slice of the calibration sequences that is
 never trained on; it drives early stopping and the best state of each layer is kept (so a layer never
@@ -71,7 +80,7 @@ __all__ = [
 DISTILL_PARAMS = ("qkvo", "kv")
 DISTILL_INPUTS = ("original", "converted")
 DISTILL_LOSSES = ("attention", "block")
-DISTILL_WEIGHTINGS = ("token", "energy")
+DISTILL_WEIGHTINGS = ("token", "energy", "token-max")
 
 
 @dataclass
@@ -85,6 +94,7 @@ class LayerDistillation:
     stopped_early: bool
     seconds: float
     train_error_before: float | None = None
+    o_solved: bool = False  # o_proj replaced by its least-squares optimum (``solve_o``)
 
 
 @dataclass
@@ -103,6 +113,7 @@ class DistillReport:
     holdout_sequences: int
     seed: int
     device: str
+    solve_o: bool = False
     seconds: float = 0.0
     layers: list[LayerDistillation] = field(default_factory=list)
 
@@ -322,7 +333,7 @@ def distill_local(
     params: str = "qkvo",
     inputs: str = "converted",
     loss: str = "attention",
-    weighting: str = "token",
+    weighting: str = "token-max",
     steps: int = 150,
     lr: float = 3e-3,
     batch_size: int = 8,
@@ -331,6 +342,7 @@ def distill_local(
     patience: int = 3,
     seed: int = 0,
     progress: bool = True,
+    solve_o: bool = True,
     device: str | torch.device | None = None,
 ) -> DistillReport:
     """Fit ``student``'s attention layer by layer to ``teacher``'s on calibration text (in place).
@@ -343,12 +355,16 @@ def distill_local(
     inputs: ``"original"`` (the teacher's inputs to each layer) or ``"converted"`` (the student's own
         inputs after its earlier layers were distilled; targets then include the drift, see module doc).
     loss: ``"attention"`` (post-attention residual) or ``"block"`` (the block's output, MLP included).
-    weighting: ``"token"`` (per-token relative error) or ``"energy"`` (MSE over the mean residual
-        energy), see the module doc.
+    weighting: ``"token-max"`` (per-token relative error, bounded by the student's own stream),
+        ``"token"`` (per-token relative error) or ``"energy"`` (MSE over the mean residual energy), see
+        the module doc.
     steps, lr, batch_size: Adam steps per layer with a cosine learning rate from ``lr`` to 0, on
         batches of ``batch_size`` sequences.
     eval_every: steps between held-out evaluations (default steps // 10); training of a layer stops
         after ``patience`` evaluations without improvement and its best state is kept.
+    solve_o: after Adam, set o_proj to its exact weighted least-squares optimum given the trained Q, K
+        and V (one linear solve per layer), kept only where the held-out error falls. Applies to
+        ``params="qkvo"`` with ``loss="attention"`` (with ``"block"`` the MLP makes it nonlinear).
     device: where each layer is trained (default: CUDA when available, else CPU). Only the current
         layer's blocks visit the device; both models are left where they were.
     Returns a :class:`DistillReport`. Same arguments and seed give the same student.
@@ -369,7 +385,8 @@ def distill_local(
     batch = min(batch_size, n_train)
     eval_every = eval_every or max(1, steps // 10)
     report = DistillReport(
-        params, inputs, loss, weighting, steps, float(lr), batch, ids.shape[1], n_train, n_hold, seed, str(device)
+        params, inputs, loss, weighting, steps, float(lr), batch, ids.shape[1], n_train, n_hold, seed, str(device),
+        solve_o=solve_o and loss == "attention" and params == "qkvo",
     )
     was_training = (teacher.training, student.training)
     teacher.eval()
@@ -383,7 +400,7 @@ def distill_local(
             result, h_t, h_s = _distill_layer(
                 i, teacher.layers[i], student.layers[i], h_t, h_s, calls, n_train, batch,
                 params=params, inputs=inputs, loss=loss, weighting=weighting, steps=steps, lr=lr, eval_every=eval_every,
-                patience=patience, seed=seed, progress=progress, progress_bar=progress_bar,
+                patience=patience, seed=seed, progress=progress, solve_o=solve_o, progress_bar=progress_bar,
                 n_layers=len(teacher.layers),
             )  # fmt: skip
             report.layers.append(result)
@@ -398,7 +415,7 @@ def distill_local(
 
 def _distill_layer(
     i, t_block, s_block, h_t, h_s, calls, n_train, batch, *, params, inputs, loss, weighting, steps, lr,
-    eval_every, patience, seed, progress, progress_bar, n_layers,
+    eval_every, patience, seed, progress, progress_bar, n_layers, solve_o,
 ):  # fmt: skip
     """Distil one layer; returns (LayerDistillation, teacher stream after it, student stream after it)."""
     t0 = time.perf_counter()
@@ -426,12 +443,16 @@ def _distill_layer(
                 args, kwargs = calls.block(x.shape[0])
                 return s_block(x, *args, **kwargs)
 
-        # Per-token weights [N, T]: 1 / ||teacher's residual stream||^2 at each token ("token"), or one
-        # constant 1 / E||h_i||^2 ("energy"); the loss is the weighted mean of per-token squared errors.
-        if weighting == "token":
+        # Per-token weights [N, T]: 1 / ||teacher's residual stream||^2 at each token ("token"), the larger of
+        # that and the student's input stream ("token-max"), or one constant 1 / E||h_i||^2 ("energy"); the
+        # loss is the weighted mean of per-token squared errors.
+        if weighting in ("token", "token-max"):
             stream = h_t_next if loss == "block" else h_t + o_t
-            weights = 1.0 / stream.pow(2).sum(-1).clamp_min(1e-30)
-            del stream
+            norm2 = stream.pow(2).sum(-1)
+            if weighting == "token-max":
+                norm2 = torch.maximum(norm2, h_s.pow(2).sum(-1))
+            weights = 1.0 / norm2.clamp_min(1e-30)
+            del stream, norm2
         else:
             energy = float(h_t[:n_train].double().pow(2).sum(-1).mean())
             weights = torch.full(h_t.shape[:2], 1.0 / max(energy, 1e-30))
@@ -491,6 +512,18 @@ def _distill_layer(
         _restore(trainable, best_state)
         for p in trainable:
             p.grad = None
+        o_solved = False
+        if solve_o and loss == "attention" and params == "qkvo":
+            # The attention output is linear in o_proj: after Adam, its exact weighted least-squares optimum
+            # (given the trained Q, K, V) is one solve away. Kept only if the held-out error improves.
+            o_params = list(s_block.attn.o_proj.parameters())
+            saved = _snapshot(o_params)
+            _solve_o_proj(s_block.attn.o_proj, forward, x_all, target, weights, n_train, batch, device)
+            err = error(*holdout)
+            if err < best_err:
+                best_err, o_solved = err, True
+            else:
+                _restore(o_params, saved)
         if inputs == "converted":
             h_s_next = _run_block(s_block, h_s, calls, batch, capture_attn=False)[0]
         else:
@@ -503,8 +536,40 @@ def _distill_layer(
         stopped_early=stopped,
         seconds=round(time.perf_counter() - t0, 2),
         train_error_before=train_before,
+        o_solved=o_solved,
     )
     return result, h_t_next, h_s_next
+
+
+@torch.no_grad()
+def _solve_o_proj(o_proj, forward, x_all, target, weights, n_train, batch, device, ridge=1e-4):
+    """Set ``o_proj`` to the weighted least-squares optimum given the rest of the attention (exact: the
+    output is linear in it): min_W sum_t w_t ||W z_t + b - (y_t)||^2 over the training sequences."""
+    seen = []
+    handle = o_proj.register_forward_hook(lambda _m, args, _o: seen.append(args[0].detach()))
+    has_bias = o_proj.bias is not None
+    k = o_proj.in_features + int(has_bias)
+    gram = torch.zeros(k, k, dtype=torch.float64, device=device)
+    cross = torch.zeros(k, o_proj.out_features, dtype=torch.float64, device=device)
+    try:
+        for s in range(0, n_train, batch):
+            x = x_all[s : min(s + batch, n_train)].to(device)
+            y = target[s : min(s + batch, n_train)].to(device)
+            w = weights[s : min(s + batch, n_train)].to(device)
+            forward(x)
+            z = seen.pop().flatten(0, 1).double()
+            if has_bias:
+                z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
+            wz = z * w.flatten().double()[:, None]
+            gram += wz.T @ z
+            cross += wz.T @ y.flatten(0, 1).double()
+    finally:
+        handle.remove()
+    gram += ridge * gram.diagonal().mean() * torch.eye(k, dtype=gram.dtype, device=device)
+    sol = torch.linalg.solve(gram, cross)  # (k, out)
+    o_proj.weight.copy_(sol[: o_proj.in_features].T.to(o_proj.weight.dtype))
+    if has_bias:
+        o_proj.bias.copy_(sol[-1].to(o_proj.bias.dtype))
 
 
 def _snapshot(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
