@@ -216,9 +216,9 @@ def attention(
         backend = select_backend(q, k, v, mask, return_weights)
     if return_weights and backend != "grouped":
         raise GQAUserError("return_weights=True needs the grouped backend; drop backend= or set backend='grouped'")
-    if b == 0 or tq == 0:  # nothing to attend from: an empty result (the mask is still checked)
+    if b == 0 or tq == 0 or tk == 0:  # nothing to attend from or to: zeros (the mask is still checked)
         as_bool_mask(mask, batch=b, n_heads=hq, q_len=tq, k_len=tk, device=q.device)
-        out = q.new_zeros(q.shape)  # (B, Hq, Tq, D) with B or Tq = 0
+        out = q.new_zeros(q.shape)  # (B, Hq, Tq, D); with Tk = 0 every row sees no key, so zeros
         return (
             (out, out.new_zeros(b, hq, tq, tk, dtype=torch.promote_types(q.dtype, torch.float32)))
             if (return_weights)

@@ -225,8 +225,18 @@ def test_zero_head_dim_is_a_user_error():
         reference_attention(q, k, v)
 
 
-def test_no_keys_gives_zero_rows():
+@pytest.mark.parametrize(
+    "mask",
+    [None, masks.causal(), masks.sliding_window(4), masks.key_padding(torch.zeros(B, dtype=torch.long)),
+     torch.ones(B, 8, 3, 0, dtype=torch.bool)],
+    ids=["none", "causal", "window", "padding", "bool"],
+)  # fmt: skip
+@pytest.mark.parametrize("backend", ["auto", "grouped", "sdpa"])
+def test_no_keys_gives_zero_rows(backend, mask):
+    """Zero keys with any mask: zeros, as the docstring promises (was an IndexError with a mask)."""
     q, k, v = _qkv(8, 2, 3, tk=0)
-    for backend in ("auto", "grouped"):
-        out = gqa.attention(q, k, v, backend=backend)
-        assert out.shape == (B, 8, 3, D) and torch.equal(out, torch.zeros_like(out))
+    out = gqa.attention(q, k, v, mask=mask, backend=backend)
+    assert out.shape == (B, 8, 3, D) and torch.equal(out, torch.zeros_like(out))
+    if backend == "grouped":
+        out, w = gqa.attention(q, k, v, mask=mask, backend=backend, return_weights=True)
+        assert w.shape == (B, 8, 3, 0) and torch.equal(out, torch.zeros_like(out))

@@ -310,6 +310,27 @@ def test_invalid_page_ids_are_refused_on_cpu_even_unchecked(bad_id, cpu_path):
     torch.testing.assert_close(out, decode_attention(q, pages[:1], pages[:1]), atol=1e-5, rtol=1e-5)
 
 
+def test_page_ids_past_int32_are_refused_not_wrapped(cpu_path):
+    """An int64 id of 2^32 + 3 narrowed to int32 is 3: with check_pages=False it read page 3."""
+    pages = torch.randn(4, 2, 16, 32)
+    q = torch.randn(1, 8, 1, 32)
+    table = torch.tensor([[0, 2**32 + 3]], dtype=torch.int64)
+    with pytest.raises(GQAUserError, match="page ids outside"):
+        paged_decode_attention(q, pages, pages, table, torch.tensor([20], dtype=torch.int32), check_pages=False)
+
+
+@pytest.mark.parametrize("length", [2**31, 2**40])
+def test_key_padding_lengths_past_int32_mean_every_key(length, cpu_path):
+    """A padding length >= Tk keeps every key, on the kernel path as on the others (narrowed to int32
+    it used to mask every key)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 1, 32), torch.randn(2, 2, 300, 32), torch.randn(2, 2, 300, 32)
+    mask = masks.key_padding(torch.tensor([length, 100], dtype=torch.int64))
+    out = gqa.attention(q, k, v, mask=mask, backend="kernel")
+    torch.testing.assert_close(out, gqa.attention(q, k, v, mask=mask, backend="grouped"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:1], gqa.attention(q[:1], k[:1], v[:1]), atol=1e-5, rtol=1e-5)
+
+
 # --- the build: fallback, lock, cache ---------------------------------------------------------------
 
 
@@ -429,3 +450,60 @@ def test_kernel_mask_args_takes_position_masks_and_refuses_the_rest():
         torch.ones(1, 1, 2, 2, dtype=torch.bool),
     ):
         assert kernel_mask_args(other) is None, other
+
+
+# --- the kernel cache: verified before loading ---------------------------------------------------------
+
+
+def test_empty_or_relative_cache_variable_never_means_the_current_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("GQA_KERNEL_CACHE", "")
+    assert cpu_fused.cache_dir().parent == tmp_path / "xdg" / "gqa" / "kernels"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GQA_KERNEL_CACHE", "rel")
+    assert cpu_fused.cache_dir().parent == tmp_path / "rel"  # absolute: status() names a real folder
+
+
+def test_only_a_library_matching_its_manifest_is_verified(tmp_path):
+    so = cpu_fused._library(tmp_path)
+    so.write_bytes(b"\x7fELF" + b"x" * 1000)
+    assert not cpu_fused._verified(tmp_path)  # no manifest: a build that never finished
+    (tmp_path / cpu_fused.MANIFEST).write_text(cpu_fused._digest(so) + "\n")
+    assert cpu_fused._verified(tmp_path)
+    so.write_bytes(so.read_bytes()[:500])  # truncated
+    assert not cpu_fused._verified(tmp_path)
+    (tmp_path / "obj.o").write_text("")
+    cpu_fused._discard_damaged(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not HAVE_COMPILER, reason="needs a built kernel to damage")
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_damaged_cached_kernel_is_never_loaded(damage, tmp_path):
+    """A truncated .so used to crash every CPU decode with SIGBUS (and ninja, seeing it newer than the
+    source, never rebuilt it). A copy of the real build is damaged; with no compiler to rebuild, decode
+    must say so, warn once, fall back to the torch path and give the right numbers."""
+    assert cpu_fused.available(), cpu_fused.status()
+    build = cpu_fused._state["dir"]  # where this process's kernel was built
+    copy = tmp_path / "cache" / build.name
+    shutil.copytree(build, copy, ignore=shutil.ignore_patterns("*.lock", "lock"))
+    so = cpu_fused._library(copy)
+    data = so.read_bytes()
+    so.write_bytes(data[: len(data) // 3] if damage == "truncate" else data[:4096] + b"\0" * (len(data) - 4096))
+    probe = (
+        "import torch, gqa\n"
+        "from gqa.kernels import decode_attention, cpu_fused\n"
+        "torch.manual_seed(0)\n"
+        "q, k, v = torch.randn(1, 8, 1, 32), torch.randn(1, 2, 600, 32), torch.randn(1, 2, 600, 32)\n"
+        "err = (decode_attention(q, k, v).double() - gqa.reference_attention(q, k, v)).abs().max().item()\n"
+        "print(cpu_fused.status()); assert err < 1e-4, err\n"
+    )
+    import os
+
+    env = dict(os.environ, GQA_KERNEL_CACHE=str(tmp_path / "cache"), CXX=str(tmp_path / "no-such-compiler"))
+    env.pop("GQA_CPU_KERNEL", None)
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "damaged or unverified; rebuilding it" in run.stderr and "could not be built" in run.stderr
+    assert run.stdout.startswith("torch fallback:")
+    assert not cpu_fused._library(copy).exists()  # never left to crash the next run

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from gqa.atomic import write_text_atomic
 from gqa.errors import GQAUserError
 
 __all__ = ["available", "status", "fused_decode", "FUSED_DTYPES", "SOURCE"]
@@ -44,6 +45,10 @@ LDFLAGS = ["-fopenmp"]
 #: Keys per split below which splitting the sequence further costs more than it balances.
 MIN_KEYS_PER_SPLIT = 512
 LOG2E = 1.4426950408889634
+#: Part of the cache key: bumped when what a build folder holds changes (2: a verified SHA-256 manifest).
+CACHE_LAYOUT = "2"
+#: The SHA-256 of the library a finished build wrote, checked before every load.
+MANIFEST = "gqa_cpu_decode.so.sha256"
 
 _state: dict = {"op": None, "reason": None, "tried": False}
 
@@ -61,15 +66,45 @@ def _cpu_signature() -> str:
 
 def cache_dir() -> Path:
     """The build directory for this source, compiler flags, torch version and CPU."""
-    root = os.environ.get("GQA_KERNEL_CACHE")
-    if root is None:
+    # An empty variable means unset (never the current folder); a relative one is made absolute now, so
+    # status() and later builds name the same folder wherever the process moves.
+    root = os.environ.get("GQA_KERNEL_CACHE") or ""
+    if not root:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gqa" / "kernels"
-    key = hashlib.sha256()
+    key = hashlib.sha256(CACHE_LAYOUT.encode())
     for part in (SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode()):
         key.update(part)
     key.update(_cpu_signature().encode())
     key.update(sys.version.encode())
-    return Path(root) / f"cpu_decode-{key.hexdigest()[:16]}"
+    return Path(root).absolute() / f"cpu_decode-{key.hexdigest()[:16]}"
+
+
+def _library(build_dir: Path) -> Path:
+    return build_dir / "gqa_cpu_decode.so"
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(build_dir: Path) -> bool:
+    """Whether the cached library is the one a finished build recorded (same SHA-256): a truncated or
+    overwritten ``.so`` would crash the process (SIGBUS) when loaded, and ninja, seeing it newer than the
+    source, would never rebuild it."""
+    so, manifest = _library(build_dir), build_dir / MANIFEST
+    try:
+        return so.is_file() and manifest.read_text().strip() == _digest(so)
+    except OSError:
+        return False
+
+
+def _discard_damaged(build_dir: Path) -> None:
+    """Empty a build folder whose library is not verified, so the build starts from nothing."""
+    if not _library(build_dir).exists():
+        return
+    print(f"gqa: the cached CPU decode kernel in {build_dir} is damaged or unverified; rebuilding it", file=sys.stderr)
+    for entry in build_dir.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 @contextlib.contextmanager
@@ -112,7 +147,10 @@ def _build():
         # build would wait on it forever. Our flock is held, so no other gqa build is running.
         with contextlib.suppress(FileNotFoundError):
             (build_dir / "lock").unlink()
-        if not (build_dir / "gqa_cpu_decode.so").exists():
+        verified = _verified(build_dir)
+        if not verified:
+            _discard_damaged(build_dir)
+        if not _library(build_dir).exists():
             print("gqa: building the fused CPU decode kernel (once per machine, about a minute)...", file=sys.stderr)
         with _ninja_on_path():
             cpp_extension.load(
@@ -124,6 +162,9 @@ def _build():
                 is_python_module=False,
                 verbose=False,
             )
+        if not verified:  # a build that loaded: record what it wrote
+            write_text_atomic(build_dir / MANIFEST, _digest(_library(build_dir)) + "\n")
+    _state["dir"] = build_dir
     return torch.ops.gqa_cpu_decode.decode
 
 
@@ -159,7 +200,7 @@ def available() -> bool:
 def status() -> str:
     """One line: the fused kernel is in use, or why not."""
     if available():
-        return f"fused C++ kernel loaded (build {cache_dir().name} in the kernel cache)"
+        return f"fused C++ kernel loaded (built in {_state.get('dir')})"
     return f"torch fallback: {_state['reason']}"
 
 

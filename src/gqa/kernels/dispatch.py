@@ -166,8 +166,9 @@ def attention(q, k, v, *, mask=None, scale=None):
     scale = 1.0 / math.sqrt(d) if scale is None else check_scale(scale)
     kv_lens = torch.full((b,), tk, dtype=torch.int32, device=q.device)
     if plan.lengths is not None:
-        lengths = plan.lengths.to(device=q.device, dtype=torch.int32).expand(b)
-        kv_lens = torch.minimum(kv_lens, lengths).clamp_(min=0)
+        # Clamp to 0..Tk before narrowing: a length >= 2^31 means every key, not a negative int32.
+        lengths = plan.lengths.to(device=q.device, dtype=torch.int64).clamp(0, tk).expand(b)
+        kv_lens = lengths.to(torch.int32)
     q_pos0 = torch.full((b,), tk - tq, dtype=torch.int32, device=q.device)
     kw = dict(scale=scale, causal=plan.causal, window=plan.window, chunk=plan.chunk)
     if q.device.type == "cpu":
@@ -273,10 +274,21 @@ def paged_decode_attention(
     # On CPU the fused kernel checks each page id as it reads it (free); the torch fallback gathers pages
     # by indexing, where -1 would silently read the last page, so there the table is always checked.
     cpu_unchecked_ok = q.device.type == "cpu" and q.dtype != torch.float64 and cpu_fused.available()
+    # The fused kernel checks ids after narrowing to int32, where 2^32 + 3 would read page 3: such tables
+    # get the full check.
+    wraps = isinstance(block_table, torch.Tensor) and _wraps_int32(block_table)
     check_block_table(
-        block_table, lengths, q.shape[0], k_pages.shape[2], k_pages.shape[0], check_pages or not cpu_unchecked_ok
-    )
+        block_table, lengths, q.shape[0], k_pages.shape[2], k_pages.shape[0],
+        check_pages or not cpu_unchecked_ok or wraps,
+    )  # fmt: skip
     return _run(q, k_pages, v_pages, lengths, block_table, scale, causal, window, chunk, num_splits)
+
+
+def _wraps_int32(table: torch.Tensor) -> bool:
+    """Whether an int64 table holds a value that narrowing to int32 would change."""
+    if table.dtype != torch.int64 or table.numel() == 0:
+        return False
+    return int(table.min()) < -(2**31) or int(table.max()) >= 2**31
 
 
 def gather_pages(pages: torch.Tensor, block_table: torch.Tensor, n_pages: int | None = None) -> torch.Tensor:
