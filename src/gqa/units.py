@@ -12,7 +12,7 @@ import torch
 
 from gqa.errors import GQAUserError
 
-__all__ = ["DTYPES", "parse_dtype", "dtype_name", "element_size", "kv_bytes_per_token", "parse_device"]
+__all__ = ["DTYPES", "parse_dtype", "dtype_name", "element_size", "kv_bytes_per_token", "parse_device", "check_seed", "derived_seed", "check_threads"]
 
 #: Dtype names accepted everywhere (CLI options, configs, reports), with common aliases.
 DTYPES: dict[str, torch.dtype] = {
@@ -87,3 +87,33 @@ def parse_device(value: str | torch.device | None) -> torch.device | None:
     elif device.type != "cpu":
         raise GQAUserError(f"device {value!r} is not supported; use cpu, cuda or cuda:N")
     return device
+
+
+#: Seeds are what a torch.Generator takes: 0 .. 2^64 - 1.
+SEED_LIMIT = 2**64
+
+
+def check_seed(seed, what: str = "seed") -> int:
+    """``seed`` if it is a whole number in 0 .. 2^64 - 1, else a one-line :class:`GQAUserError`."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise GQAUserError(f"{what} must be a whole number in 0 .. 2^64 - 1, got {seed!r}; pick a smaller seed")
+    return seed
+
+
+def derived_seed(seed: int, part: int) -> int:
+    """The seed of one part (a layer, a step, a sequence) of a run seeded with ``seed``: any seed torch
+    accepts gives one torch accepts (the same values as ``seed * 1_000_003 + part`` below 2^64)."""
+    return (seed * 1_000_003 + part) % SEED_LIMIT
+
+
+def check_threads(threads, what: str = "--threads") -> int | None:
+    """None (torch's choice) or a thread count in 1 .. 4 x the logical CPUs, else a one-line
+    :class:`GQAUserError`: past that only oversubscribes, and OpenMP crashes on absurd counts (100,000)."""
+    import os
+
+    if threads is None:
+        return None
+    limit = 4 * (os.cpu_count() or 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= limit:
+        raise GQAUserError(f"{what} must be a whole number in 1 .. {limit} (4 x this machine's CPUs), got {threads!r}")
+    return threads

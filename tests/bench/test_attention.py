@@ -106,7 +106,7 @@ def test_memory_cap_skips_and_says_why(tiny_cases, tmp_path):
         (["--dtype", "int8"], "unknown dtype"),
         (["--quick", "--full"], "at most one of --quick and --full"),
         (["--max-iters", "0"], "--max-iters must be >= 1"),
-        (["--threads", "0"], "--threads must be >= 1"),
+        (["--threads", "0"], "--threads must be a whole number in 1 .."),
     ],
 )
 def test_cli_bad_input_is_one_line(args, match, tmp_path):

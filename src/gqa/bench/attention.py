@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from gqa.atomic import atomic_file, write_json_atomic, write_text_atomic
 from gqa.errors import GQAUserError
 from gqa.provenance import cpu_name, load_average, provenance_markdown
+from gqa.units import check_threads
 
 __all__ = [
     "Case",
@@ -283,9 +284,7 @@ def run_attention_bench(
         raise GQAUserError("--device cuda needs a CUDA GPU and a CUDA build of torch; this machine has none")
     dev = torch.device(device)
     torch_dtype = _DTYPES[dtype]
-    if threads is not None:
-        if threads < 1:
-            raise GQAUserError(f"--threads must be >= 1, got {threads}")
+    if check_threads(threads) is not None:
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -679,8 +678,7 @@ def run_cpu_decode_bench(
             raise GQAUserError(f"unknown dtype {name!r} for the CPU decode benchmark; choose float32 and/or bfloat16")
     if rounds < 1:
         raise GQAUserError(f"--rounds must be >= 1, got {rounds}")
-    if threads is not None and threads < 1:
-        raise GQAUserError(f"--threads must be >= 1, got {threads}")
+    check_threads(threads)
     cases = CPU_DECODE_CASES if cases is None else cases
     previous_threads = torch.get_num_threads()
     if threads is not None:

@@ -26,6 +26,7 @@ import torch
 from gqa.errors import GQAUserError
 from gqa.generation import ContinuousBatcher, generate
 from gqa.model import GQAConfig, GQAForCausalLM
+from gqa.units import check_threads
 
 __all__ = [
     "kv_variant",
@@ -282,8 +283,7 @@ def run_generate_bench(
         raise GQAUserError("new_tokens must be >= 2 so there is a decode step to time; raise --new-tokens")
     if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
         raise GQAUserError(f"batch sizes must be positive integers, got {batch_sizes!r}")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise GQAUserError(f"threads must be a positive integer, got {threads!r}")
+    check_threads(threads)
     saved_threads = torch.get_num_threads()
     try:
         if threads is not None:

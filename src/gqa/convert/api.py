@@ -25,6 +25,7 @@ from gqa.convert.exports import export_for
 from gqa.convert.merge import merge_method
 from gqa.convert.report import REPORT_NAME, ConversionReport
 from gqa.errors import GQAUserError
+from gqa.units import check_seed
 
 __all__ = ["convert", "OUTPUT_DTYPES", "GROUPINGS", "DISTILL_PARAMS", "DISTILL_INPUTS", "check_paths"]
 
@@ -175,8 +176,7 @@ def convert(
     method = merge_method(merge)
     exp = export_for(export)
     out_dtype = parse_dtype(dtype, allowed=OUTPUT_DTYPES)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise GQAUserError(f"--seed must be a whole number >= 0, got {seed!r}")
+    check_seed(seed, "--seed")
     _int_option("--calib-tokens", calib_tokens)
     _int_option("seq_len", seq_len)
     if distill is not None:

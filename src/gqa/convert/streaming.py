@@ -36,7 +36,7 @@ from gqa.convert.merge import merge_heads
 from gqa.convert.safetensors_io import SafetensorsWriter, TensorInfo, read_header, read_tensor
 from gqa.errors import GQAUserError
 from gqa.model.files import read_json_object, safe_member
-from gqa.units import dtype_name
+from gqa.units import derived_seed, dtype_name
 
 __all__ = ["read_source_config", "convert_streaming", "StreamingResult", "safe_member", "INDEX_NAME"]
 
@@ -292,7 +292,7 @@ def _plan(
 
     def generator(name: str) -> torch.Generator:
         # Seeded per tensor name: the random merge does not depend on shard or tensor order.
-        return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.Generator().manual_seed(derived_seed(seed, zlib.crc32(name.encode())))
 
     def out_dtype_of(t: SourceTensor) -> torch.dtype:
         return out_dtype if (out_dtype is not None and t.dtype.is_floating_point) else t.dtype

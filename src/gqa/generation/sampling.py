@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from gqa.errors import GQAUserError
+from gqa.units import SEED_LIMIT, check_seed
 
 __all__ = ["SamplingParams", "sample", "filter_logits"]
 
@@ -38,8 +39,8 @@ class SamplingParams:
             raise GQAUserError(f"top_k must be an integer >= 0 (0 = no limit), got {k!r}")
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
             raise GQAUserError(f"top_p must be in (0, 1] (1 = no limit), got {p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
-            raise GQAUserError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        if self.seed is not None:
+            check_seed(self.seed)
 
     @property
     def greedy(self) -> bool:
@@ -50,7 +51,7 @@ class SamplingParams:
         if self.greedy or self.seed is None:
             return None
         gen = torch.Generator()
-        gen.manual_seed(self.seed + offset)
+        gen.manual_seed((self.seed + offset) % SEED_LIMIT)  # sequence i of a run seeded near 2^64 wraps
         return gen
 
 

@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from gqa.errors import GQAUserError
+from gqa.units import check_seed
 
 __all__ = ["TrainConfig", "TRAIN_PARAMS"]
 
@@ -47,6 +48,7 @@ class TrainConfig:
     keep_best: bool = True  # with periodic evaluation: the output holds the best-evaluated weights
 
     def __post_init__(self):
+        check_seed(self.seed, "--seed")
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "eval_tokens", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise GQAUserError(f"{name} must be >= 1, got {getattr(self, name)}")

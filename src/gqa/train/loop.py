@@ -12,6 +12,7 @@ run therefore takes exactly the same steps as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ from gqa.provenance import provenance
 from gqa.train.config import TrainConfig
 from gqa.train.distributed import DistInfo, all_reduce_sum, full_state, init_distributed, load_full_state, unwrap
 from gqa.train.distributed import wrap_model as _wrap
+from gqa.units import derived_seed
 
 __all__ = [
     "TrainResult",
@@ -70,7 +72,7 @@ class TrainResult:
 
 def batch_offsets(n_tokens: int, config: TrainConfig, step: int) -> torch.Tensor:
     """Start offsets [batch_size] of the windows of optimizer step ``step`` (same on every process)."""
-    g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    g = torch.Generator().manual_seed(derived_seed(config.seed, step))
     return torch.randint(0, n_tokens - config.seq_len, (config.batch_size,), generator=g)
 
 
@@ -319,6 +321,7 @@ def train(
                 for name in SIDE_FILES:
                     if (Path(tokenizer_from) / name).is_file():
                         shutil.copy2(Path(tokenizer_from) / name, out_dir / name)
+        fingerprints = run_inputs(train_ids, val_ids, teacher)
         # A run killed before its first checkpoint has none: --resume then restarts it from step 0.
         state = load_checkpoint(out_dir / CHECKPOINT_NAME) if resume and (out_dir / CHECKPOINT_NAME).is_file() else None
         if state is not None:
@@ -332,9 +335,10 @@ def train(
                 raise GQAUserError(
                     f"training settings differ from the checkpoint's ({', '.join(diff)}); resume with the same ones"
                 )
+            _check_same_inputs(state.get("inputs"), fingerprints, out_dir)
         restore_flags = set_trainable(model, config.train_params)
         result = _run(
-            model, train_ids, out_dir, config, info, state,
+            model, train_ids, out_dir, config, info, state, fingerprints,
             teacher=teacher, val_ids=val_ids, tokenizer_from=tokenizer_from, progress=progress,
             summary=summary, on_step_end=on_step_end, desc=desc,
         )  # fmt: skip
@@ -348,8 +352,39 @@ def train(
             _release_lock(lock, out_dir, finished)
 
 
+def run_inputs(train_ids: torch.Tensor, val_ids: torch.Tensor | None, teacher) -> dict:
+    """Fingerprints of what a run reads besides its settings: the training and validation token ids
+    [N] / [M], and the teacher's weights (names, shapes and float64 sums: cheap next to one training
+    step, and any other model differs). Stored in each checkpoint, so a resume on other inputs is refused."""
+
+    def ids(t):
+        return None if t is None else hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+
+    teacher_id = None
+    if teacher is not None:
+        h = hashlib.sha256()
+        with torch.no_grad():
+            for name, p in teacher.state_dict().items():
+                h.update(f"{name}{tuple(p.shape)}{p.dtype}{float(p.double().sum()) if p.numel() else 0.0!r}".encode())
+        teacher_id = h.hexdigest()[:16]
+    return {"train data": ids(train_ids), "validation data": ids(val_ids), "teacher": teacher_id}
+
+
+def _check_same_inputs(saved: dict | None, now: dict, out_dir: Path) -> None:
+    """Refuse a resume whose data or teacher differ from the checkpoint's (checkpoints from before
+    fingerprints existed carry none and are accepted)."""
+    if saved is None:
+        return
+    changed = [k for k, v in now.items() if saved.get(k) != v]
+    if changed:
+        raise GQAUserError(
+            f"the {' and the '.join(changed)} differ from those {out_dir} was trained on; resume with the same "
+            "--data, --val-data and --teacher, or start a new run in another OUT"
+        )
+
+
 def _run(
-    model, train_ids, out_dir, config, info, state, *, teacher, val_ids, tokenizer_from, progress, summary,
+    model, train_ids, out_dir, config, info, state, fingerprints, *, teacher, val_ids, tokenizer_from, progress, summary,
     on_step_end, desc,
 ):  # fmt: skip
     """The training loop proper (see :func:`train`); OUT is checked and locked by the caller."""
@@ -486,6 +521,7 @@ def _run(
                             "optimizer": optim_sd,
                             "model_config": model.config.to_dict(),
                             "train_config": config.to_dict(),
+                            "inputs": fingerprints,
                             "elapsed_s": record["elapsed_s"],
                             "train_seconds": train_seconds,
                             "best": best,

@@ -66,6 +66,7 @@ import torch
 
 from gqa.convert.calibrated.placement import placed, upcast_forward
 from gqa.errors import GQAUserError
+from gqa.units import derived_seed
 
 __all__ = [
     "DISTILL_PARAMS",
@@ -373,8 +374,9 @@ def distill_local(
 
     ids = _check(teacher, student, calib_ids, params, inputs, loss, weighting, steps, lr, batch_size, holdout_fraction)
     _check_not_shared(teacher, student, params)
-    from gqa.units import parse_device
+    from gqa.units import check_seed, parse_device
 
+    check_seed(seed)
     device = parse_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t_start = time.perf_counter()
     n = ids.shape[0]
@@ -482,7 +484,7 @@ def _distill_layer(
         best_err, best_state, since_best, done = before, _snapshot(trainable), 0, 0
         stopped = False
         optimizer = torch.optim.Adam(trainable, lr=lr)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        gen = torch.Generator().manual_seed(derived_seed(seed, i))
         bar = progress_bar(total=steps, desc=f"distill layer {i + 1}/{n_layers}", unit="step", enabled=progress)
         try:
             for step in range(steps):
