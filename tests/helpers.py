@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -210,3 +212,36 @@ def poison_invisible(x, bool_mask):
     """NaN in every key slot no query of that sequence may see: reading one would show in the output."""
     never = ~bool_mask.any(dim=2)[:, :, :, None]  # (B, 1, T, 1)
     return x.masked_fill(never.to(x.device), float("nan"))
+
+
+# --- running the real CLI in a fresh process ---
+
+RUN = "import sys; from gqa.cli import main; sys.argv[0] = 'gqa'; main()"
+
+
+def gqa_cli(args: list[str], cwd: Path, *, stdin: str | None = None, timeout: float = 240, env: dict | None = None):
+    return subprocess.run(
+        [sys.executable, "-c", RUN, *map(str, args)],
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**_env(), "GQA_PROGRESS": "1", **(env or {})},
+    )
+
+
+def _env() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+
+
+def assert_one_line_refusal(res, needle: str) -> str:
+    err = res.stderr.strip()
+    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+    return lines[0]

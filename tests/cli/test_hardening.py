@@ -14,26 +14,7 @@ from pathlib import Path
 import pytest
 
 from gqa.model.assets import shipped_model_path
-
-RUN = "import sys; from gqa.cli import main; sys.argv[0] = 'gqa'; main()"
-
-
-def gqa_cli(args: list[str], cwd: Path, *, stdin: str | None = None, timeout: float = 240, env: dict | None = None):
-    return subprocess.run(
-        [sys.executable, "-c", RUN, *map(str, args)],
-        cwd=cwd,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**_env(), "GQA_PROGRESS": "1", **(env or {})},
-    )
-
-
-def _env() -> dict:
-    import os
-
-    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+from helpers import assert_one_line_refusal, gqa_cli
 
 
 def tree_hash(path: Path) -> str:
@@ -43,16 +24,6 @@ def tree_hash(path: Path) -> str:
         if p.is_file():
             h.update(p.read_bytes())
     return h.hexdigest()
-
-
-def assert_one_line_refusal(res, needle: str) -> str:
-    err = res.stderr.strip()
-    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
-    assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture

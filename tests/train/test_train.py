@@ -122,6 +122,28 @@ def test_resume_after_a_kill_reaches_the_same_final_loss(tmp_path):
         assert torch.equal(t, full_w[name]), name
 
 
+def test_resume_on_other_data_or_teacher_is_refused(tmp_path):
+    """A resume used to accept other --data, another --teacher or none, and keep training without a word."""
+    ids = learnable_ids()
+    cfg = small_config(steps=4, checkpoint_every=2)
+    teacher = tiny_model(seed=7)
+    with pytest.raises(Killed):
+        train(tiny_model(), ids, tmp_path / "run", cfg, teacher=teacher, progress=False, on_step_end=_kill_at(3))
+    ckpt = (tmp_path / "run" / CHECKPOINT_NAME).read_bytes()
+    cases = [
+        (dict(train_ids=learnable_ids(seed=1), teacher=teacher), "train data differ"),
+        (dict(train_ids=ids, teacher=None), "teacher differ"),
+        (dict(train_ids=ids, teacher=tiny_model(seed=8)), "teacher differ"),
+        (dict(train_ids=ids, teacher=teacher, val_ids=ids[:500]), "validation data differ"),
+    ]
+    for kwargs, needle in cases:
+        with pytest.raises(GQAUserError, match=needle):
+            train(tiny_model(), out_dir=tmp_path / "run", config=cfg, resume=True, progress=False, **kwargs)
+        assert (tmp_path / "run" / CHECKPOINT_NAME).read_bytes() == ckpt  # refused before anything moved
+    res = train(tiny_model(), ids, tmp_path / "run", cfg, teacher=teacher, resume=True, progress=False)
+    assert res.steps == 4
+
+
 def test_corrupt_checkpoint_is_refused_and_kept(tmp_path):
     ids = learnable_ids()
     cfg = small_config(steps=4, checkpoint_every=2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import re
 import sys
 from collections.abc import Iterator
 
@@ -18,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from gqa.errors import GQAUserError
+from gqa.errors import GQAUserError, first_line
 
 __all__ = ["console", "err_console", "user_errors", "print_error", "user_message", "restore_global_state"]
 
@@ -57,12 +58,39 @@ def _user_os_error(e: BaseException) -> str | None:
     return f"{where}{e.strerror[:1].lower()}{e.strerror[1:]}; {hint}"
 
 
+# How the writers gqa uses report a full disk when they do not raise OSError(ENOSPC) themselves:
+# safetensors ("I/O error: No space left on device (os error 28)"), numpy's tofile under the gguf writer
+# ("98304 requested and 61880 written": a short write), torch.save ("unexpected pos" from its zip writer).
+_DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded")
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+_TORCH_WRITER = re.compile(r"inline_container\.cc.*(unexpected pos|failed writing)", re.S)
+
+
+def _failed_write(e: BaseException) -> str | None:
+    """The one-line message when ``e`` (or an exception it wraps) is a write a full disk stopped, else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+            t in text for t in _DISK_FULL_TEXT
+        ):
+            return "no space left on device while writing; free some disk space or write to another disk"
+        if _SHORT_WRITE.fullmatch(text.strip()) or _TORCH_WRITER.search(text):
+            return (
+                f"a file could not be written completely ({first_line(e, 80)}); the disk is probably full: "
+                "free some disk space or write to another disk"
+            )
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def user_message(e: BaseException) -> str | None:
     """``e`` as the one line the CLI prints, or None when ``e`` is a bug (it keeps its traceback)."""
     if isinstance(e, GQAUserError):
         text = " ".join(str(e).split())  # one line, whatever the message held
         return text or type(e).__name__
-    return _user_os_error(e)
+    return _failed_write(e) or _user_os_error(e)
 
 
 def print_error(message: str) -> None:
@@ -86,7 +114,7 @@ def user_errors(fn):
         try:
             with restore_global_state():
                 return fn(*args, **kwargs)
-        except (GQAUserError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - re-raised below unless the user can fix it
             msg = user_message(e)
             if msg is None:
                 raise

@@ -22,7 +22,11 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(
             "shakespeare:train", help="Training text: shakespeare[:split], a file, folder or .jsonl."
         ),
-        val_data: str = typer.Option("shakespeare:validation", help="Validation text ('' for none)."),
+        val_data: str = typer.Option(
+            None,
+            help="Validation text ('' for none). Default: the held-out split of a built-in --data, none for your own.",
+            show_default=False,
+        ),
         vocab_size: int = typer.Option(M.vocab_size, help="Byte-level BPE vocabulary size."),
         d_model: int = typer.Option(M.d_model, help="Model width."),
         n_layers: int = typer.Option(M.n_layers, help="Decoder blocks."),
@@ -65,7 +69,7 @@ def register(app: typer.Typer) -> None:
         res = run(
             out,
             data=data,
-            val_data=val_data or None,
+            val_data="auto" if val_data is None else (val_data or None),
             model_config=mcfg,
             train_config=tcfg,
             resume=resume,

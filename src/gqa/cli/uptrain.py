@@ -54,8 +54,11 @@ def register(app: typer.Typer) -> None:
         ),
         temperature: float = typer.Option(1.0, help="Distillation temperature."),
         val_data: str = typer.Option(
-            "shakespeare:validation",
-            help="Validation text ('' for none; 'holdout' for the last --holdout share of --data, never trained on).",
+            None,
+            help="Validation text ('' for none; 'holdout' for the last --holdout share of --data, never trained "
+            "on). Default: the held-out split of a built-in --data (shakespeare:validation, english:eval), "
+            "none for your own text.",
+            show_default=False,
         ),
         holdout: float = typer.Option(0.05, help="Share of --data held out when --val-data holdout."),
         tokenizer: Annotated[
@@ -77,6 +80,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Uptrain a converted model for --tokens N, --fraction A of its pre-training, or --max-minutes M."""
         from gqa.data import encode, load_text
+        from gqa.data.text import held_out_spec
         from gqa.model.loading import load_model, load_model_tokenizer
         from gqa.train.config import TRAIN_PARAMS
         from gqa.train.loop import check_not_inside, check_out_dir
@@ -96,6 +100,10 @@ def register(app: typer.Typer) -> None:
         check_not_inside(out, {"MODEL": model, "--teacher": teacher, "--tokenizer": tokenizer})
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone owns OUT
             check_out_dir(out, resume)
+        if val_data is None:
+            val_data = held_out_spec(data) or ""
+            if not val_data:
+                console.print(f"note: no validation text (pass --val-data holdout to hold out the tail of {data})")
         tok = load_model_tokenizer(model, tokenizer)
         train_ids = encode(tok, load_text(data))
         if val_data == "holdout":  # the tail of --data, never trained on

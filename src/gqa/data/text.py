@@ -23,7 +23,7 @@ from gqa.data.english import is_english_spec, load_english
 from gqa.data.shakespeare import SPLIT_NAMES, shakespeare_splits
 from gqa.errors import GQAUserError
 
-__all__ = ["load_text", "load_jsonl", "load_folder", "DOC_SEPARATOR", "FOLDER_SUFFIXES"]
+__all__ = ["load_text", "held_out_spec", "load_jsonl", "load_folder", "DOC_SEPARATOR", "FOLDER_SUFFIXES"]
 
 DOC_SEPARATOR = "\n\n"
 FOLDER_SUFFIXES = (".txt", ".md", ".jsonl")
@@ -69,6 +69,26 @@ def load_folder(folder: str | Path) -> list[str]:
     return [doc for p in files for doc in _read_file(p)]
 
 
+def held_out_spec(spec: str | Path) -> str | None:
+    """The held-out split that matches a built-in training spec (``shakespeare:validation`` for
+    ``shakespeare[:split]``, ``<source>:eval`` for ``english``/``pydoc``), or None for the user's own text:
+    validation never defaults to a corpus the user did not ask for."""
+    s = str(spec)
+    if s == "shakespeare" or s.startswith("shakespeare:"):
+        return "shakespeare:validation"
+    if is_english_spec(s):
+        return f"{s.partition(':')[0]}:eval"
+    return None
+
+
+def _check_not_shadowed(spec: str) -> None:
+    """A local file or folder named like a built-in corpus (``english``, ``shakespeare:train``) is ambiguous."""
+    if Path(spec).exists():
+        raise GQAUserError(
+            f"{spec!r} names both a built-in corpus and a file or folder here; pass ./{spec} for the file"
+        )
+
+
 def load_text(spec: str | Path, *, default_split: str = "train") -> str:
     """The text behind a data spec (see the module docstring), as one string.
 
@@ -76,6 +96,8 @@ def load_text(spec: str | Path, *, default_split: str = "train") -> str:
     Raises ValueError for an unknown split or empty data, FileNotFoundError for a missing path.
     """
     s = str(spec)
+    if s == "shakespeare" or s.startswith("shakespeare:") or is_english_spec(s):
+        _check_not_shadowed(s)
     if s == "shakespeare" or s.startswith("shakespeare:"):
         split = s.partition(":")[2] or default_split
         if split not in SPLIT_NAMES:

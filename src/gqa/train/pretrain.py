@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from gqa.data import encode, load_text, save_tokenizer, train_bpe_tokenizer
+from gqa.data.text import held_out_spec
 from gqa.model import GQAConfig, GQAForCausalLM
 from gqa.model.assets import shipped_model_path
 from gqa.train.config import TrainConfig
@@ -53,7 +54,7 @@ def pretrain(
     out_dir: str | Path,
     *,
     data: str = "shakespeare:train",
-    val_data: str | None = "shakespeare:validation",
+    val_data: str | None = "auto",
     model_config: GQAConfig = REFERENCE_CONFIG,
     train_config: TrainConfig = REFERENCE_TRAIN,
     resume: bool = False,
@@ -63,9 +64,13 @@ def pretrain(
     """Train a tokenizer (``model_config.vocab_size`` byte-level BPE) and a model from scratch.
 
     The tokenizer is trained on ``data`` only (never on validation text) and saved with the model.
+    ``val_data="auto"`` validates on the held-out split of a built-in ``data`` spec and not at all on
+    the user's own text (:func:`gqa.data.text.held_out_spec`); None turns validation off.
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, resume)
+    if val_data == "auto":  # the held-out split of a built-in corpus; none for the user's own text
+        val_data = held_out_spec(data)
     text = load_text(data)
     tokenizer = train_bpe_tokenizer(text, vocab_size=model_config.vocab_size)
     train_ids = encode(tokenizer, text)
