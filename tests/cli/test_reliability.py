@@ -145,3 +145,25 @@ def test_a_local_file_named_like_a_built_in_corpus_is_ambiguous(work):
     assert_one_line_refusal(res, "pass ./english for the file")
     res = gqa_cli(["eval", shipped_model_path(), "--data", "./english"], work)
     assert res.returncode != 2 or "built-in corpus" not in res.stderr, res.stderr[-1000:]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["convert", "a", "b", "--kv-heads", "x"], "Invalid value for '--kv-heads'"),
+        (["eval", "m", "--max-tokens", "1e3"], "Invalid value for '--max-tokens'"),
+        (["convert", "--bogus"], "No such option: --bogus"),
+        (["convert"], "Missing argument"),
+        (["bogus"], "No such command"),
+    ],
+)
+def test_unparsable_command_lines_are_one_line_not_a_box(args, needle, work):
+    line = assert_one_line_refusal(gqa_cli(args, work, timeout=60), needle)
+    assert "--help" in line
+
+
+def test_help_and_bare_commands_still_print_help(work):
+    res = gqa_cli(["memory", "--help"], work, timeout=60)
+    assert res.returncode == 0 and "Usage: gqa memory" in res.stdout
+    res = gqa_cli([], work, timeout=60)
+    assert res.returncode == 2 and "Usage: gqa" in res.stdout

@@ -58,9 +58,37 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"gqa.cli.{_name}").register(app)
 
 
-def main() -> None:
+def _usage_error(e) -> None:
+    """A command line click cannot parse (an unparsable number, an unknown option): one line, exit 2,
+    instead of typer's five-line box. A bare ``gqa`` / command without arguments still prints its help."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        print(e.ctx.get_help() if e.ctx else "")
+        sys.exit(2)
+    hint = f"; see '{e.ctx.command_path} --help'" if e.ctx is not None else ""
+    message = " ".join(e.format_message().split()).rstrip(".")
+    print(f"error: {message}{hint}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+
+
+def _click_exceptions():
+    """(UsageError, Abort) of the click that typer runs on (recent typer vendors its own copy)."""
     try:
-        app()
+        from typer._click.exceptions import UsageError
+    except ImportError:
+        from click.exceptions import UsageError
+    return UsageError, typer.Abort
+
+
+def main() -> None:
+    usage_error, abort = _click_exceptions()
+    try:
+        code = app(standalone_mode=False)  # parse errors come back to us as exceptions
+        sys.exit(code if isinstance(code, int) else 0)
+    except usage_error as e:
+        _usage_error(e)
+    except abort:
+        print("error: aborted", file=sys.stderr, flush=True)
+        sys.exit(1)
     except ImportError as e:
         from gqa.optional import missing_dependency_message
 

@@ -90,7 +90,7 @@ def user_message(e: BaseException) -> str | None:
     if isinstance(e, GQAUserError):
         text = " ".join(str(e).split())  # one line, whatever the message held
         return text or type(e).__name__
-    return _failed_write(e) or _user_os_error(e)
+    return _user_os_error(e) or _failed_write(e)
 
 
 def print_error(message: str) -> None:
