@@ -2,7 +2,8 @@
 headers (:func:`read_gguf`), and the one check that a file name a folder lists (an index's shard, a side file) is a bare name inside that folder.
 
 Model folders are data from anywhere: a name such as ``../x``, an absolute path or a symlink leading out
-must never make gqa read, or write, a file elsewhere.
+must never make gqa read, or write, a file elsewhere. A Hugging Face hub cache snapshot is the one
+layout whose links lead out, and only into its own repository's ``blobs/``: those load, nothing else.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from gqa.errors import GQAUserError, first_line
 
-__all__ = ["read_json_object", "safe_member", "read_gguf"]
+__all__ = ["read_json_object", "safe_member", "hub_blobs", "read_gguf"]
 
 
 def read_json_object(
@@ -37,17 +38,32 @@ def read_json_object(
     return data
 
 
+def hub_blobs(folder: Path) -> Path | None:
+    """The ``blobs`` folder of the Hugging Face hub cache repository whose snapshot ``folder`` is, else None.
+
+    The hub cache keeps each file once, in ``models--org--name/blobs/``; a snapshot
+    (``models--org--name/snapshots/<revision>/``) holds only links into it.
+    """
+    real = Path(folder).resolve()
+    snapshots, repo = real.parent, real.parent.parent
+    if snapshots.name == "snapshots" and repo.name.startswith("models--"):
+        return repo / "blobs"
+    return None
+
+
 def safe_member(folder: Path, name, what: str) -> Path:
     """``folder / name`` for a bare file name that stays inside ``folder`` (symlinks resolved), else a
     one-line error. Names come from files a model folder ships (the safetensors index), so they are
-    never trusted: no ``..``, no absolute path, no sub-folder, no symlink leading out."""
+    never trusted: no ``..``, no absolute path, no sub-folder, no symlink leading out. The one exception
+    is a hub cache snapshot, whose files are links into the same repository's ``blobs/`` (:func:`hub_blobs`)."""
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
         raise GQAUserError(
             f"{what} names {name!r}, which is not a bare file name inside the model folder {folder}; re-save the checkpoint"
         )
     path = folder / name
     real = path.resolve()
-    if not real.is_relative_to(folder.resolve()):
+    blobs = hub_blobs(folder)
+    if not (real.is_relative_to(folder.resolve()) or (blobs is not None and real.parent == blobs)):
         raise GQAUserError(
             f"{what} {name!r} is a link to {real}, outside the model folder {folder}; copy the real file into it first"
         )
