@@ -173,39 +173,18 @@ def _decilm_heads(blocks, n_heads: int, layers: int) -> list[int]:
 
 
 def _kv_shape_from_gguf(path: Path) -> KVShape:
-    from gqa.model.files import read_gguf
+    """The KV shape from the same checked header the loaders read (:func:`gqa.model.gguf.read_gguf_header`):
+    a file ``gqa eval`` refuses, ``gqa memory`` refuses with the same line."""
+    from gqa.model.gguf import read_gguf_header
 
-    fields = read_gguf(path).fields
-    if "general.architecture" not in fields:
-        raise GQAUserError(f"{path.name} has no general.architecture; the file is truncated or not a GGUF model")
-    arch = bytes(fields["general.architecture"].parts[-1]).decode()
-
-    def field(key):
-        f = fields.get(key)
-        if f is None or not f.data:
-            return None
-        val = f.parts[f.data[0]] if len(f.data) == 1 else [f.parts[i][0] for i in f.data]
-        if isinstance(val, list):
-            return [v.item() for v in val]
-        return val.tolist() if len(val) > 1 else val[0].item()
-
-    cfg = {
-        "num_attention_heads": field(f"{arch}.attention.head_count"),
-        "num_hidden_layers": field(f"{arch}.block_count"),
-        "hidden_size": field(f"{arch}.embedding_length"),
-        "head_dim": field(f"{arch}.attention.key_length"),
-        "max_position_embeddings": field(f"{arch}.context_length"),
-    }
-    if cfg["num_attention_heads"] is None or cfg["num_hidden_layers"] is None:
+    h = read_gguf_header(path)
+    if h.heads is None or h.head_dim is None:
         raise GQAUserError(
-            f"{path.name} lacks {arch}.attention.head_count / block_count metadata; is it a decoder model?"
+            f"{path.name} lacks {h.arch}.attention.head_count / block_count / embedding_length metadata; "
+            "is it a decoder model?"
         )
-    kv = field(f"{arch}.attention.head_count_kv")
-    if kv is not None:
-        cfg["num_key_value_heads"] = kv
-    if isinstance(cfg["num_attention_heads"], list):  # per-layer query heads: sized by the largest
-        cfg["num_attention_heads"] = max(cfg["num_attention_heads"])
-    return kv_shape_from_dict({k: v for k, v in cfg.items() if v is not None}, path.name)
+    # per-layer query heads: sized by the largest
+    return KVShape(path.name, max(h.heads), h.kv_heads, h.head_dim, h.context)
 
 
 def load_kv_shape(source: str | Path | dict) -> KVShape:

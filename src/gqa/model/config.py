@@ -29,26 +29,36 @@ LIMITS = {
 }
 
 
-def check_int(name: str, value, *, limit: int | None = None, minimum: int = 1, field: str | None = None) -> int:
+def check_int(
+    name: str,
+    value,
+    *,
+    limit: int | None = None,
+    minimum: int = 1,
+    field: str | None = None,
+    fix: str = "fix it in the config",
+) -> int:
     """``value`` as an int in ``[minimum, limit]`` (limit default: ``LIMITS[name]``), else a one-line
-    :class:`GQAUserError` naming ``field`` (the name the user wrote, e.g. ``num_hidden_layers``).
+    :class:`GQAUserError` naming ``field`` (the name the user wrote, e.g. ``num_hidden_layers``) and ending
+    in ``fix``.
 
-    The one place config integers are validated (gqa's config, transformers config.json, ``gqa memory``).
+    The one place config integers are validated (gqa's config, transformers config.json, GGUF metadata,
+    ``gqa memory``).
     Integral floats (``8.0``) are accepted; bools, strings, NaN and fractions are not.
     """
     label = field or name
     limit = LIMITS.get(name) if limit is None else limit
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise GQAUserError(f"{label} must be an integer, got {value!r}; fix it in the config")
+        raise GQAUserError(f"{label} must be an integer, got {value!r}; {fix}")
     if isinstance(value, float):
         if not value.is_integer():
-            raise GQAUserError(f"{label} must be an integer, got {value!r}; fix it in the config")
+            raise GQAUserError(f"{label} must be an integer, got {value!r}; {fix}")
         if limit is not None and abs(value) > limit:
-            raise GQAUserError(f"{label}={value:g} is too large (at most {limit}); fix it in the config")
+            raise GQAUserError(f"{label}={value:g} is too large (at most {limit}); {fix}")
         value = int(value)
     if value < minimum or (limit is not None and value > limit):
         bound = f"between {minimum} and {limit}" if limit is not None else f">= {minimum}"
-        raise GQAUserError(f"{label} must be {bound}, got {value}; fix it in the config")
+        raise GQAUserError(f"{label} must be {bound}, got {value}; {fix}")
     return value
 
 

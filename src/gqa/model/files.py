@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gqa.errors import GQAUserError, first_line
 
-__all__ = ["read_json_object", "safe_member", "hub_blobs", "read_gguf"]
+__all__ = ["read_json_object", "safe_member", "hub_blobs", "parse_gguf", "read_gguf"]
 
 
 def read_json_object(
@@ -70,8 +70,9 @@ def safe_member(folder: Path, name, what: str) -> Path:
     return path
 
 
-def read_gguf(path: str | Path):
-    """A ``gguf.GGUFReader`` over ``path`` (memory-mapped: header and tensor table parsed, no tensor data read).
+def parse_gguf(path: str | Path):
+    """A ``gguf.GGUFReader`` over ``path``, unchecked (memory-mapped: header and tensor table parsed, no
+    tensor data read). Readers of a model use :func:`read_gguf`, which also checks what the header says.
 
     A missing ``gguf`` package is the one :mod:`gqa.optional` message; a truncated or foreign file is a
     one-line :class:`GQAUserError`.
@@ -88,3 +89,13 @@ def read_gguf(path: str | Path):
         raise GQAUserError(
             f"cannot read {path.name} as GGUF ({first_line(e, 120)}); the file is truncated or not GGUF"
         ) from None
+
+
+def read_gguf(path: str | Path):
+    """A ``gguf.GGUFReader`` over ``path`` whose metadata and tensor table have passed
+    :func:`gqa.model.gguf.read_gguf_header` (every size within the limits table, every tensor the
+    metadata implies present with its shape): nothing reads a GGUF model without that check.
+    """
+    from gqa.model.gguf import read_gguf_header  # gqa.model.gguf builds on this module
+
+    return read_gguf_header(path).reader

@@ -20,22 +20,36 @@ llama.cpp's ``gpt2`` tokenizer model with its merges and special tokens.
 
 Query head h uses KV head h // g (g = Hq // Hkv of that layer) in both directions; the permutation is
 within a head, so the head order is untouched.
+
+Every read of a GGUF model goes through :func:`read_gguf_header` (``gqa.model.files.read_gguf`` too):
+metadata through the limits table and, for Llama blocks, every tensor the metadata implies present with
+its shape, before anything is allocated or handed to transformers. ``gqa memory`` reads the same header.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from gqa.errors import GQAUserError
-from gqa.model.config import GQAConfig
+from gqa.model.config import LIMITS, GQAConfig, check_int
 from gqa.model.decoder import GQAForCausalLM
-from gqa.model.files import read_gguf
+from gqa.model.files import parse_gguf, read_gguf
 
-__all__ = ["export_gguf", "load_gguf", "gguf_architecture", "GGUF_DTYPES"]
+__all__ = [
+    "export_gguf",
+    "load_gguf",
+    "read_gguf_header",
+    "GGUFHeader",
+    "LLAMA_BLOCK_ARCHS",
+    "gguf_architecture",
+    "GGUF_DTYPES",
+]
 
 # dtype names accepted by export_gguf -> (torch dtype, GGML type name, llama.cpp file type)
 GGUF_DTYPES = {"f32": (torch.float32, "F32", 0), "f16": (torch.float16, "F16", 1), "bf16": (torch.bfloat16, "BF16", 32)}
@@ -279,14 +293,311 @@ def export_gguf(
 
 
 # ------------------------------------------------------------------------------------------------
-# reading
+# the checked header: the one read of a GGUF model's metadata and tensor table
+
+#: Architectures made of Llama blocks under llama.cpp's tensor names (transformers reads all but deci,
+#: gqa's own reader llama and deci): their tensor table is checked against the metadata.
+LLAMA_BLOCK_ARCHS = ("llama", "deci", "mistral", "qwen2", "qwen3")
+
+#: ``{arch}.`` keys -> the :data:`gqa.model.config.LIMITS` entry their values are checked against.
+_SIZE_KEYS = {
+    "block_count": "n_layers",
+    "embedding_length": "d_model",
+    "context_length": "max_seq_len",
+    "vocab_size": "vocab_size",
+    "attention.key_length": "head_dim",
+    "attention.value_length": "head_dim",
+    "rope.dimension_count": "head_dim",
+}
+#: Keys holding one integer, or an array with one entry per layer (0: a ``deci`` layer without it).
+_LAYER_KEYS = {
+    "attention.head_count": "n_heads",
+    "attention.head_count_kv": "n_kv_heads",
+    "feed_forward_length": "ffn_dim",
+}
+#: What a file of Llama blocks must say (the rest has defaults).
+_REQUIRED = ("block_count", "embedding_length", "attention.head_count", "feed_forward_length")
+_POSITIVE_FLOATS = ("rope.freq_base", "attention.layer_norm_rms_epsilon")
+#: Any other integer under ``{arch}.`` (an expert count, a window, ...) is a size too: 0 .. the largest limit.
+_OTHER_LIMIT = max(LIMITS.values())
+_FIX = "the file's metadata is wrong: re-export or re-download it"
+_INCOMPLETE = "the file is incomplete: re-export or re-download it"
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """What a GGUF file says about its model, every value checked by :func:`read_gguf_header`.
+
+    Per-layer fields have one entry per layer. Fields are None where the file does not say, which only
+    architectures outside :data:`LLAMA_BLOCK_ARCHS` may do (gqa hands those to transformers).
+    """
+
+    path: Path
+    reader: object  # the gguf.GGUFReader
+    arch: str
+    n_layers: int | None
+    heads: tuple[int, ...] | None  # query heads of each layer
+    kv_heads: tuple[int, ...] | None
+    ffn_dims: tuple[int, ...] | None
+    d_model: int | None
+    head_dim: int | None
+    vocab_size: int | None
+    context: int | None
+    rope_theta: float | None
+    norm_eps: float | None
+    tensors: dict  # name -> gguf ReaderTensor
 
 
 def _field(reader, key: str, default=None):
     f = reader.fields.get(key)
     if f is None:
         return default
-    return f.contents()
+    try:
+        return f.contents()
+    except (UnicodeDecodeError, ValueError, IndexError):
+        raise GQAUserError(f"GGUF metadata {key} cannot be read (garbled value); {_FIX}") from None
+
+
+def read_gguf_header(path: str | Path) -> GGUFHeader:
+    """The one read of a GGUF model's header, before anything is allocated or handed to transformers.
+
+    Every ``{arch}.*`` value passes the limits table (:func:`gqa.model.config.check_int`), per-layer arrays
+    have ``block_count`` entries, KV heads divide the query heads, token ids lie in the vocabulary and,
+    for :data:`LLAMA_BLOCK_ARCHS`, every tensor the metadata implies is present with its shape. Anything
+    else is a one-line :class:`GQAUserError` naming the key or tensor.
+    """
+    path = Path(path)
+    reader = parse_gguf(path)
+    arch = _field(reader, "general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise GQAUserError(f"{path.name} has no general.architecture; the file is truncated or not a GGUF model")
+    meta = _checked_metadata(reader, arch, path)
+    tensors = {t.name: t for t in reader.tensors}
+    n = meta.get("block_count")
+    heads, kv, ffn = (_per_layer_values(meta, key, n) for key in _LAYER_KEYS)
+    kv = kv or heads  # no head_count_kv: one KV head per query head
+    if heads is not None:
+        _check_heads(path, arch, heads, kv)
+    vocab = _vocab_size(reader, meta, tensors, path)
+    header = GGUFHeader(
+        path=path,
+        reader=reader,
+        arch=arch,
+        n_layers=n,
+        heads=heads,
+        kv_heads=kv,
+        ffn_dims=ffn,
+        d_model=meta.get("embedding_length"),
+        head_dim=_head_dim(meta, heads, path, arch),
+        vocab_size=vocab,
+        context=meta.get("context_length"),
+        rope_theta=meta.get("rope.freq_base"),
+        norm_eps=meta.get("attention.layer_norm_rms_epsilon"),
+        tensors=tensors,
+    )
+    if arch in LLAMA_BLOCK_ARCHS:
+        _check_tensors(header)
+    return header
+
+
+def _size(path: Path, label: str, value, name: str, *, minimum: int = 1, limit: int | None = None) -> int:
+    return check_int(name, value, minimum=minimum, limit=limit, field=f"{path.name}: {label}", fix=_FIX)
+
+
+def _checked_metadata(reader, arch: str, path: Path) -> dict:
+    """Every ``{arch}.*`` value by its key without the prefix, checked; per-layer arrays as tuples."""
+    prefix = arch + "."
+    meta = {k.removeprefix(prefix): _field(reader, k) for k in reader.fields if k.startswith(prefix)}
+    for key in _REQUIRED if arch in LLAMA_BLOCK_ARCHS else ():
+        if meta.get(key) is None:
+            raise GQAUserError(f"{path.name} has no {prefix}{key}; {_INCOMPLETE}")
+    if "block_count" in meta:  # first: the per-layer arrays are checked against it
+        meta["block_count"] = _size(path, prefix + "block_count", meta["block_count"], "n_layers")
+    for key, value in meta.items():
+        label = prefix + key
+        if key in _SIZE_KEYS:
+            meta[key] = _size(path, label, value, _SIZE_KEYS[key])
+        elif key in _LAYER_KEYS:
+            meta[key] = _layer_value(path, label, value, _LAYER_KEYS[key], meta.get("block_count"))
+        elif key in _POSITIVE_FLOATS:
+            meta[key] = _positive(path, label, value)
+        else:
+            _bounded(path, label, value)
+    _check_token_ids(reader, path)
+    return meta
+
+
+def _layer_value(path: Path, label: str, value, name: str, n_layers: int | None):
+    """One integer for every layer, or an array with exactly one entry per layer."""
+    if not isinstance(value, list):
+        return _size(path, label, value, name)
+    if n_layers is None:
+        raise GQAUserError(f"{path.name}: {label} lists {len(value)} layers but the file has no block_count; {_FIX}")
+    if len(value) != n_layers:
+        raise GQAUserError(f"{path.name}: {label} lists {len(value)} layers but block_count is {n_layers}; {_FIX}")
+    return tuple(_size(path, f"{label}[{i}]", v, name, minimum=0) for i, v in enumerate(value))
+
+
+def _per_layer_values(meta: dict, key: str, n_layers: int | None) -> tuple[int, ...] | None:
+    value = meta.get(key)
+    if value is None or n_layers is None:
+        return None
+    return value if isinstance(value, tuple) else (value,) * n_layers
+
+
+def _positive(path: Path, label: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise GQAUserError(f"{path.name}: {label} must be a positive number, got {value!r}; {_FIX}")
+    return float(value)
+
+
+def _bounded(path: Path, label: str, value) -> None:
+    """Any other value: integers are sizes (0 .. the largest limit), floats finite; text and flags pass."""
+    if isinstance(value, list):
+        for v in value:
+            _bounded(path, label, v)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise GQAUserError(f"{path.name}: {label} must be a finite number, got {value!r}; {_FIX}")
+    elif isinstance(value, int) and not isinstance(value, bool):
+        _size(path, label, value, label, minimum=0, limit=_OTHER_LIMIT)
+
+
+def _check_token_ids(reader, path: Path) -> None:
+    """Special token ids (``tokenizer.ggml.*_token_id``) are ids of the token list."""
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    n = len(tokens.data) if tokens is not None else LIMITS["vocab_size"]
+    for key in reader.fields:
+        if key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
+            _size(path, key, _field(reader, key), "vocab_size", minimum=0, limit=n - 1)
+
+
+def _check_heads(path: Path, arch: str, heads: tuple[int, ...], kv: tuple[int, ...]) -> None:
+    if not any(heads):
+        raise GQAUserError(f"{path.name}: {arch}.attention.head_count is 0 in every layer; {_FIX}")
+    for i, (hq, hkv) in enumerate(zip(heads, kv, strict=True)):
+        if hkv and (hq == 0 or hq % hkv):
+            raise GQAUserError(
+                f"{path.name}: layer {i} has {hkv} KV heads for {hq} query heads (KV heads must divide them); {_FIX}"
+            )
+
+
+def _head_dim(meta: dict, heads: tuple[int, ...] | None, path: Path, arch: str) -> int | None:
+    """``attention.key_length``, else (Llama blocks: RoPE spans the head) ``rope.dimension_count``, else
+    ``embedding_length / head_count``; for Llama blocks every head size the file gives must agree."""
+    keys = ("attention.key_length", "attention.value_length", "rope.dimension_count")
+    given = {k: meta[k] for k in keys if meta.get(k) is not None}
+    if arch in LLAMA_BLOCK_ARCHS:
+        if len(set(given.values())) > 1:
+            raise GQAUserError(
+                f"{path.name} gives different head sizes ({', '.join(f'{k} {v}' for k, v in given.items())}); "
+                f"Llama blocks use one, with RoPE over all of it ({_FIX})"
+            )
+        if given:
+            return next(iter(given.values()))
+    elif "attention.key_length" in given:
+        return given["attention.key_length"]
+    d_model = meta.get("embedding_length")
+    if d_model is None or heads is None:
+        return None
+    if d_model % max(heads):
+        raise GQAUserError(
+            f"{path.name}: embedding_length {d_model} is not divisible by head_count {max(heads)} and there is "
+            f"no attention.key_length; {_FIX}"
+        )
+    return d_model // max(heads)
+
+
+def _vocab_size(reader, meta: dict, tensors: dict, path: Path) -> int | None:
+    """``vocab_size``, else the token list's length, else the embedding's rows."""
+    if meta.get("vocab_size") is not None:
+        vocab = meta["vocab_size"]
+    elif "tokenizer.ggml.tokens" in reader.fields:
+        vocab = _size(path, "tokenizer.ggml.tokens", len(reader.fields["tokenizer.ggml.tokens"].data), "vocab_size")
+    elif "token_embd.weight" in tensors:
+        vocab = _size(path, "token_embd.weight rows", int(tensors["token_embd.weight"].shape[-1]), "vocab_size")
+    else:
+        return None
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens.data) > vocab:
+        raise GQAUserError(f"{path.name} lists {len(tokens.data)} tokens for a vocabulary of {vocab}; {_FIX}")
+    return vocab
+
+
+def _expected_tensors(h: GGUFHeader) -> dict[str, tuple[int, ...]]:
+    """Every tensor the metadata implies, with its GGUF shape (innermost dimension first), as llama.cpp's
+    loaders size them: a ``deci`` layer with no KV heads has a linear attention (or none without query
+    heads), one with no FFN width no FFN."""
+    d, dh, vocab = h.d_model, h.head_dim, h.vocab_size
+    want = {"token_embd.weight": (d, vocab), "output_norm.weight": (d,)}
+    if "output.weight" in h.tensors:  # absent: tied to token_embd
+        want["output.weight"] = (d, vocab)
+    for i, (hq, hkv, ffn) in enumerate(zip(h.heads, h.kv_heads, h.ffn_dims, strict=True)):
+        p = f"blk.{i}."
+        if hkv:
+            want |= {
+                p + "attn_norm.weight": (d,),
+                p + "attn_q.weight": (d, hq * dh),
+                p + "attn_output.weight": (hq * dh, d),
+            }
+            want |= {p + "attn_k.weight": (d, hkv * dh), p + "attn_v.weight": (d, hkv * dh)}
+            if h.arch == "qwen2":
+                want |= {p + "attn_q.bias": (hq * dh,), p + "attn_k.bias": (hkv * dh,), p + "attn_v.bias": (hkv * dh,)}
+            if h.arch == "qwen3":
+                want |= {p + "attn_q_norm.weight": (dh,), p + "attn_k_norm.weight": (dh,)}
+        elif hq:
+            want |= {p + "attn_norm.weight": (d,), p + "attn_output.weight": (d, d)}
+        if ffn:
+            want |= {p + "ffn_norm.weight": (d,), p + "ffn_gate.weight": (d, ffn), p + "ffn_up.weight": (d, ffn)}
+            want[p + "ffn_down.weight"] = (ffn, d)
+    return want
+
+
+def _check_tensors(h: GGUFHeader) -> None:
+    """Every tensor the metadata implies is in the tensor table with its shape (extra tensors may be)."""
+    for name, shape in _expected_tensors(h).items():
+        t = h.tensors.get(name)
+        if t is None:
+            raise GQAUserError(f"{h.path.name} lacks tensor {name}, which its metadata implies; {_INCOMPLETE}")
+        got = tuple(int(x) for x in t.shape)
+        if got != shape:
+            raise GQAUserError(
+                f"{h.path.name}: tensor {name} has shape {list(got)} but the metadata implies {list(shape)}; "
+                f"{_INCOMPLETE}"
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+
+
+def _gqa_config(h: GGUFHeader) -> GQAConfig:
+    """The gqa config of a checked header, or a one-line error for what gqa models do not have."""
+    name = h.path.name
+    if h.arch not in ("llama", "deci"):
+        raise GQAUserError(f"{name} has architecture {h.arch!r}; gqa reads llama and deci GGUF files")
+    for what, values in (("attention.head_count", h.heads), ("feed_forward_length", h.ffn_dims)):
+        if len(set(values)) > 1:
+            raise GQAUserError(f"{name} varies {what} per layer; gqa models vary only the KV heads")
+    if 0 in h.kv_heads:
+        raise GQAUserError(f"{name} has attention-free layers (head_count_kv 0); gqa cannot load them")
+    kv = list(h.kv_heads)
+    token = {k: _field(h.reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
+    return GQAConfig(
+        vocab_size=h.vocab_size,
+        d_model=h.d_model,
+        n_layers=h.n_layers,
+        n_heads=h.heads[0],
+        n_kv_heads=kv if len(set(kv)) > 1 else kv[0],
+        head_dim=h.head_dim,
+        ffn_dim=h.ffn_dims[0],
+        rope_theta=10000.0 if h.rope_theta is None else h.rope_theta,
+        norm_eps=1e-5 if h.norm_eps is None else h.norm_eps,
+        max_seq_len=h.context or 4096,
+        tie_embeddings="output.weight" not in h.tensors,
+        bos_token_id=token["bos"],
+        eos_token_id=token["eos"],
+        pad_token_id=token["padding"],
+    )
 
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> GQAForCausalLM:
@@ -294,55 +605,17 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> GQAFor
 
     Handles per-layer ``head_count_kv`` arrays, which transformers' GGUF loader does not. The q/k RoPE
     permutation is undone, so ``load_gguf(export_gguf(m, ...))`` reproduces ``m``'s weights (exactly at f32).
+    The header is checked (:func:`read_gguf_header`) before any weight is read.
     """
     gguf = _gguf()
     path = Path(path)
     if not path.is_file():
         raise GQAUserError(f"{path} does not exist; pass a .gguf file")
-    reader = read_gguf(path)
-    arch = _field(reader, "general.architecture")
-    if arch not in ("llama", "deci"):
-        raise GQAUserError(f"{path.name} has architecture {arch!r}; gqa reads llama and deci GGUF files")
-
-    def key(k, default=None):
-        return _field(reader, f"{arch}.{k}", default)
-
-    n_layers = int(key("block_count"))
-    n_heads = key("attention.head_count")
-    heads_kv = key("attention.head_count_kv", n_heads)
-    ffn = key("feed_forward_length")
-    for what, v in (("attention.head_count", n_heads), ("feed_forward_length", ffn)):
-        if isinstance(v, list) and len(set(v)) > 1:
-            raise GQAUserError(f"{path.name} varies {what} per layer; gqa models vary only the KV heads")
-    n_heads = int(n_heads[0] if isinstance(n_heads, list) else n_heads)
-    ffn = int(ffn[0] if isinstance(ffn, list) else ffn)
-    heads_kv = [int(h) for h in heads_kv] if isinstance(heads_kv, list) else int(heads_kv)
-    if isinstance(heads_kv, list) and 0 in heads_kv:
-        raise GQAUserError(f"{path.name} has attention-free layers (head_count_kv 0); gqa cannot load them")
-    tensors = {t.name: t for t in reader.tensors}
-    d_model = int(key("embedding_length"))
-    head_dim = int(key("attention.key_length", key("rope.dimension_count", d_model // n_heads)))
-    vocab = key("vocab_size") or int(tensors["token_embd.weight"].shape[-1])
-    config = GQAConfig(
-        vocab_size=int(vocab),
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=heads_kv if isinstance(heads_kv, int) or len(set(heads_kv)) > 1 else heads_kv[0],
-        head_dim=head_dim,
-        ffn_dim=ffn,
-        rope_theta=float(key("rope.freq_base", 10000.0)),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        max_seq_len=int(key("context_length", 4096)),
-        tie_embeddings="output.weight" not in tensors,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
-    )
+    header = read_gguf_header(path)
+    config = _gqa_config(header)
+    tensors = header.tensors  # every tensor the config needs, with its shape (checked with the header)
 
     def get(name: str) -> torch.Tensor:
-        if name not in tensors:
-            raise GQAUserError(f"{path.name} lacks tensor {name}; it is not a complete {arch} model")
         t = tensors[name]
         arr = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy, shape (rows, cols) in PyTorch order
         # copy: the reader's arrays are read-only memmaps
@@ -353,10 +626,10 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> GQAFor
     model = model.to_empty(device="cpu").to(dtype)
     state = {"embed.weight": get("token_embd.weight"), "norm.weight": get("output_norm.weight")}
     state["lm_head.weight"] = state["embed.weight"] if config.tie_embeddings else get("output.weight")
-    for i in range(n_layers):
+    for i in range(config.n_layers):
         p, ours, n_kv = f"blk.{i}.", f"layers.{i}.", config.kv_heads_per_layer[i]
         state[ours + "attn_norm.weight"] = get(p + "attn_norm.weight")
-        state[ours + "attn.q_proj.weight"] = _rope_unpermute(get(p + "attn_q.weight"), n_heads)
+        state[ours + "attn.q_proj.weight"] = _rope_unpermute(get(p + "attn_q.weight"), config.n_heads)
         state[ours + "attn.k_proj.weight"] = _rope_unpermute(get(p + "attn_k.weight"), n_kv)
         state[ours + "attn.v_proj.weight"] = get(p + "attn_v.weight")
         state[ours + "attn.o_proj.weight"] = get(p + "attn_output.weight")
@@ -364,10 +637,6 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> GQAFor
         state[ours + "mlp.gate_proj.weight"] = get(p + "ffn_gate.weight")
         state[ours + "mlp.up_proj.weight"] = get(p + "ffn_up.weight")
         state[ours + "mlp.down_proj.weight"] = get(p + "ffn_down.weight")
-    own = model.state_dict()
-    for k, v in state.items():
-        if k in own and tuple(own[k].shape) != tuple(v.shape):
-            raise GQAUserError(f"{path.name}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
     model.load_state_dict(state, strict=True, assign=False)
     for layer in model.layers:  # buffers were created on meta
         attn = layer.attn

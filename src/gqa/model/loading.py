@@ -6,7 +6,8 @@ Model folders are data, never code. Every transformers ``from_pretrained`` call 
 ``tokenizer_config.json``, or ``*.py`` files) is refused before anything is loaded. Nothing is downloaded:
 a path that does not exist is an error, never a hub id. transformers' own progress bars and load reports
 are silenced during loads (:func:`gqa.progress.quiet_loading`); any mismatch between weights and config
-(missing, unexpected or misshapen tensors) is an error, never a randomly initialised model.
+(missing, unexpected or misshapen tensors) is an error, never a randomly initialised model. A GGUF file's
+metadata and tensor table are checked (:func:`gqa.model.gguf.read_gguf_header`) before transformers sees it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from gqa.errors import GQAUserError, first_line
-from gqa.model.files import read_gguf, read_json_object
+from gqa.model.files import read_json_object
 
 __all__ = [
     "load_model",
@@ -152,14 +153,23 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, prefer_g
     raise GQAUserError(f"{path} is not a transformers folder, a gqa checkpoint.pt or a .gguf file; {_WHAT}")
 
 
-def _refuse_mismatch(info: dict, where: Path) -> None:
-    """transformers initialises missing weights randomly and only logs it: make that an error."""
+def _refuse_mismatch(info: dict, where: Path, *, gguf: bool = False) -> None:
+    """transformers initialises missing weights randomly and only logs it: make that an error.
+
+    A GGUF may carry tensors transformers has no use for (llama.cpp's ``rope_freqs``): only missing or
+    misshapen weights are refused there.
+    """
     missing = list(info.get("missing_keys") or [])
-    unexpected = list(info.get("unexpected_keys") or [])
+    unexpected = [] if gguf else list(info.get("unexpected_keys") or [])
     mismatched = list(info.get("mismatched_keys") or [])
+    source, fix = (
+        ("its metadata", "the file is incomplete: re-export or re-download it")
+        if gguf
+        else ("config.json", "re-save the model")
+    )
     if missing or mismatched:
         detail = f"missing {sorted(missing)[:3]}" if missing else f"wrong shapes {[m[0] for m in mismatched][:3]}"
-        raise GQAUserError(f"{where}: weights do not match config.json ({detail}); re-save the model")
+        raise GQAUserError(f"{where}: weights do not match {source} ({detail}); {fix}")
     if unexpected:
         raise GQAUserError(
             f"{where}: weights include tensors config.json has no place for ({sorted(unexpected)[:3]}); re-save the model"
@@ -192,27 +202,33 @@ def _load_transformers(folder: Path, *, dtype: torch.dtype):
 
 
 def gguf_file_architecture(path: Path) -> str | None:
-    """``general.architecture`` of a GGUF file (read from its header; no tensor data is loaded)."""
-    field = read_gguf(path).fields.get("general.architecture")
-    return None if field is None else str(field.contents())
+    """``general.architecture`` of a GGUF file, from its checked header (no tensor data is loaded)."""
+    from gqa.model.gguf import read_gguf_header
+
+    return read_gguf_header(path).arch
 
 
 def _load_gguf(path: Path, *, dtype: torch.dtype, prefer_gqa: bool):
+    from gqa.model.gguf import load_gguf, read_gguf_header
     from gqa.model.hf import SUPPORTED_MODEL_TYPES, from_transformers
     from gqa.progress import quiet_loading
 
-    if gguf_file_architecture(path) == "deci":
+    # every metadata value and tensor checked before anything is allocated or handed to transformers
+    if read_gguf_header(path).arch == "deci":
         # per-layer KV heads (what gqa's GGUF export writes for them): transformers has no reader for
         # this architecture, gqa's own does
-        from gqa.model.gguf import load_gguf
-
         return load_gguf(path, dtype=dtype)
     with quiet_loading():
         from transformers import AutoModelForCausalLM
 
         try:
-            hf = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=False, local_files_only=True
+            hf, info = AutoModelForCausalLM.from_pretrained(
+                path.parent,
+                gguf_file=path.name,
+                dtype=dtype,
+                trust_remote_code=False,
+                local_files_only=True,
+                output_loading_info=True,
             )
         except GQAUserError:
             raise
@@ -220,6 +236,7 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, prefer_gqa: bool):
             raise GQAUserError(
                 f"cannot read {path} as a GGUF model ({first_line(e)}); the file is truncated or not a GGUF model"
             ) from None
+    _refuse_mismatch(info, path, gguf=True)  # the architectures gqa does not check itself
     if prefer_gqa and hf.config.model_type in SUPPORTED_MODEL_TYPES:
         return from_transformers(hf).to(dtype)
     return hf.eval()
