@@ -29,13 +29,13 @@ Query head h of layer i reads KV head h // n_heads_in_group.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from gqa.errors import GQAUserError
+from gqa.model.config import check_int
+from gqa.model.files import read_json_object
 from gqa.model.hf import write_model_folder
 
 __all__ = ["export_decilm", "load_decilm", "decilm_config", "ffn_mult_for", "intermediate_size_for"]
@@ -127,49 +127,67 @@ def export_decilm(
 
 def load_decilm(folder: str | Path, *, dtype: torch.dtype | None = None):
     """Read a DeciLM folder written by :func:`export_decilm` (or any with uniform FFN widths and no
-    no-op blocks) into a :class:`gqa.GQAForCausalLM`."""
-    from gqa.model import GQAConfig, GQAForCausalLM
-    from gqa.model.hf import weight_map
+    no-op blocks) into a :class:`gqa.GQAForCausalLM` (float32 unless ``dtype`` says otherwise).
+
+    ``config.json`` is checked like any other (bounded integers, KV heads dividing the query heads), and
+    the weights are read by :func:`gqa.model.hf.load_weights`: every tensor the config implies present
+    with its shape, checked before the model's memory is allocated.
+    """
+    from gqa.model.hf import load_weights
 
     folder = Path(folder)
     path = folder / "config.json"
     if not path.is_file():
         raise GQAUserError(f"{folder} has no config.json; pass a DeciLM model folder")
-    cfg = json.loads(path.read_text())
+    config = _config_from_decilm(read_json_object(path), path)
+    return load_weights(folder, config, dtype=dtype or torch.float32)
+
+
+def _config_from_decilm(cfg: dict, path: Path):
+    """The :class:`gqa.GQAConfig` of a DeciLM ``config.json``, every value checked (one-line errors)."""
+    from gqa.model import GQAConfig
+    from gqa.model.hf import positive_float
+
     blocks = cfg.get("block_configs")
     if not blocks:
         raise GQAUserError(f"{path} has no block_configs; it is not a DeciLM / Nemotron-NAS config")
-    if len(blocks) != cfg["num_hidden_layers"]:
-        raise GQAUserError(f"{path} lists {len(blocks)} block_configs for {cfg['num_hidden_layers']} layers")
-    n_heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    n_layers = check_int("n_layers", cfg.get("num_hidden_layers"), field="num_hidden_layers")
+    if not isinstance(blocks, list) or len(blocks) != n_layers:
+        got = len(blocks) if isinstance(blocks, list) else type(blocks).__name__
+        raise GQAUserError(f"{path} lists {got} block_configs for {n_layers} layers; give one block per layer")
+    n_heads = check_int("n_heads", cfg.get("num_attention_heads"), field="num_attention_heads")
+    hidden = check_int("d_model", cfg.get("hidden_size"), field="hidden_size")
     kv, ffn = [], set()
     for i, b in enumerate(blocks):
-        a, f = b.get("attention", {}), b.get("ffn", {})
+        a, f = (b.get("attention"), b.get("ffn")) if isinstance(b, dict) else (None, None)
+        if not isinstance(a, dict) or not isinstance(f, dict):
+            raise GQAUserError(f"block_configs[{i}] needs attention and ffn objects; fix {path}")
         if a.get("no_op") or a.get("replace_with_linear") or f.get("no_op") or f.get("replace_with_linear"):
             raise GQAUserError(f"block {i} is a no-op or linear replacement, which gqa models do not have")
-        kv.append(n_heads // int(a["n_heads_in_group"]))
-        ffn.add(intermediate_size_for(float(f["ffn_mult"]), hidden))
+        group = check_int("n_heads", a.get("n_heads_in_group"), field=f"block_configs[{i}].attention.n_heads_in_group")
+        if n_heads % group:
+            raise GQAUserError(
+                f"block_configs[{i}].attention.n_heads_in_group={group} does not divide the {n_heads} query heads; fix {path}"
+            )
+        kv.append(n_heads // group)
+        mult = f.get("ffn_mult")
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 < mult < 2**20:
+            raise GQAUserError(f"block_configs[{i}].ffn.ffn_mult must be a positive number, got {mult!r}; fix {path}")
+        ffn.add(intermediate_size_for(float(mult), hidden))
     if len(ffn) != 1:
         raise GQAUserError(f"blocks have different FFN widths {sorted(ffn)}; gqa models use one ffn_dim")
-    config = GQAConfig(
-        vocab_size=cfg["vocab_size"],
+    return GQAConfig(
+        vocab_size=check_int("vocab_size", cfg.get("vocab_size"), field="vocab_size"),
         d_model=hidden,
-        n_layers=cfg["num_hidden_layers"],
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=kv,
         ffn_dim=ffn.pop(),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        max_seq_len=int(cfg.get("max_position_embeddings", 4096)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        rope_theta=positive_float(cfg.get("rope_theta", 10000.0), "rope_theta"),
+        norm_eps=positive_float(cfg.get("rms_norm_eps", 1e-5), "rms_norm_eps"),
+        max_seq_len=check_int("max_seq_len", cfg.get("max_position_embeddings", 4096), field="max_position_embeddings"),
+        tie_embeddings=cfg.get("tie_word_embeddings") is True,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
         pad_token_id=cfg.get("pad_token_id"),
     )
-    tensors = load_file(str(folder / "model.safetensors"))
-    model = GQAForCausalLM(config)
-    state = {ours: tensors[hf] for ours, hf in weight_map(config).items()}
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
-    model.load_state_dict(state, strict=True)
-    return (model.to(dtype) if dtype else model).eval()

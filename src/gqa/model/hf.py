@@ -33,6 +33,7 @@ __all__ = [
     "copy_side_files",
     "from_transformers",
     "read_safetensors_folder",
+    "load_weights",
 ]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -88,10 +89,11 @@ def _rope_theta(cfg: dict) -> float:
         raise GQAUserError(
             f"RoPE type {rope_type!r} is not supported yet; gqa models use plain RoPE (rope_type 'default')"
         )
-    return _positive_float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)), "rope_theta")
+    return positive_float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)), "rope_theta")
 
 
-def _positive_float(value, name: str) -> float:
+def positive_float(value, name: str) -> float:
+    """``value`` as a float if it is a positive, finite number, else a one-line error naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise GQAUserError(f"{name} must be a positive number, got {value!r}; fix config.json")
     return float(value)
@@ -202,7 +204,7 @@ def config_from_hf(cfg: dict) -> GQAConfig:
         head_dim=head_dim,
         ffn_dim=check_int("ffn_dim", _required(cfg, "intermediate_size"), field="intermediate_size"),
         rope_theta=_rope_theta(cfg),
-        norm_eps=_positive_float(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+        norm_eps=positive_float(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
         max_seq_len=check_int("max_seq_len", cfg.get("max_position_embeddings", 4096), field="max_position_embeddings"),
         tie_embeddings=_flag(cfg, "tie_word_embeddings"),
         qkv_bias=True if mt == "qwen2" else attention_bias,
@@ -393,7 +395,16 @@ def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None, device=None
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise GQAUserError(f"{folder} has no config.json; pass a transformers model folder")
-    config = config_from_hf(read_json_object(cfg_path))
+    return load_weights(folder, config_from_hf(read_json_object(cfg_path)), dtype=dtype, device=device)
+
+
+def load_weights(folder: Path, config: GQAConfig, *, dtype: torch.dtype | None = None, device=None) -> GQAForCausalLM:
+    """A model of ``config`` with the weights of ``folder``'s safetensors files (transformers names,
+    sharded or not): the one reader of safetensors weights (:func:`load_hf`, the DeciLM folder reader).
+
+    Every tensor ``config`` implies is checked for presence and shape from the headers before the
+    model's memory is allocated; nothing is left over. ``dtype`` None keeps the stored dtype.
+    """
     index = read_safetensors_folder(folder)
     wm = weight_map(config)
     _check_names(wm, index, config, folder)
