@@ -90,3 +90,21 @@ def test_any_tensor_table_loads_completely_or_is_one_line(deci, drop, reshape):
             _one_line(folder)
         else:
             assert load_decilm(folder).config.kv_heads_per_layer == [4, 2, 1]
+
+
+def test_weight_table_check_runs_on_headers_alone(deci):
+    """:func:`gqa.model.hf.check_weight_table` is the check both folder readers share; it needs only the
+    names and shapes a header lists (what a converter reading the headers holds)."""
+    from gqa.model.decilm import _config_from_decilm
+    from gqa.model.hf import check_weight_table
+
+    config = _config_from_decilm(json.loads((deci / "config.json").read_text()), deci / "config.json")
+    shapes = {k: tuple(v.shape) for k, v in load_file(str(deci / "model.safetensors")).items()}
+    check_weight_table(config, shapes, deci)
+    for name in ("model.norm.weight", "model.layers.2.mlp.gate_proj.weight"):
+        with pytest.raises(GQAUserError, match=f"lacks 1 tensors config.json needs, e.g. \\['{name}'\\]"):
+            check_weight_table(config, {k: v for k, v in shapes.items() if k != name}, deci)
+    with pytest.raises(GQAUserError, match="has shape \\(1,\\) but config.json needs \\(64,\\)"):
+        check_weight_table(config, shapes | {"model.norm.weight": (1,)}, deci)
+    with pytest.raises(GQAUserError, match="no place for"):
+        check_weight_table(config, shapes | {"extra.weight": (1,)}, deci)

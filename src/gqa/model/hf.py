@@ -34,6 +34,7 @@ __all__ = [
     "from_transformers",
     "read_safetensors_folder",
     "load_weights",
+    "check_weight_table",
 ]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -368,6 +369,17 @@ def _check_shape(hf_name: str, shape, expected) -> None:
         )
 
 
+def check_weight_table(config: GQAConfig, shapes: dict, where) -> None:
+    """The one check of a safetensors tensor table (``shapes``: tensor name -> shape, as the headers list
+    them) against ``config``: every tensor it implies present with its shape, nothing left over. Runs on
+    headers alone, before any weight is read or memory allocated."""
+    _check_names(weight_map(config), shapes, config, where)
+    with torch.device("meta"):
+        own = GQAForCausalLM(config).state_dict()
+    for ours, hf in weight_map(config).items():
+        _check_shape(hf, shapes[hf], own[ours].shape)
+
+
 def _load_state(model: GQAForCausalLM, tensors: dict[str, torch.Tensor | tuple], config: GQAConfig, getter):
     wm = weight_map(config)
     own = model.state_dict()
@@ -406,11 +418,6 @@ def load_weights(folder: Path, config: GQAConfig, *, dtype: torch.dtype | None =
     model's memory is allocated; nothing is left over. ``dtype`` None keeps the stored dtype.
     """
     index = read_safetensors_folder(folder)
-    wm = weight_map(config)
-    _check_names(wm, index, config, folder)
-    with torch.device("meta"):
-        model = GQAForCausalLM(config)
-    own = model.state_dict()
     handles: dict[Path, object] = {}
 
     def handle(path: Path):
@@ -418,18 +425,27 @@ def load_weights(folder: Path, config: GQAConfig, *, dtype: torch.dtype | None =
             handles[path] = _open_safetensors(path)
         return handles[path]
 
+    def header_entry(path: Path, key: str):
+        try:
+            return handle(path).get_slice(key)
+        except Exception:  # safetensors' own error type: the index names a tensor the shard lacks
+            raise GQAUserError(
+                f"{path.name} has no tensor {key} although the index lists it; re-save the checkpoint"
+            ) from None
+
+    slices = {name: header_entry(path, key) for name, (path, key) in index.items()}
+    check_weight_table(config, {name: sl.get_shape() for name, sl in slices.items()}, folder)
     src_dtypes = set()
-    for ours, hf in wm.items():
-        path, key = index[hf]
-        sl = handle(path).get_slice(key)
-        _check_shape(hf, sl.get_shape(), own[ours].shape)
-        code = sl.get_dtype()
+    for hf in weight_map(config).values():
+        code = slices[hf].get_dtype()
         if code not in _SAFETENSORS_DTYPES:
             raise GQAUserError(
                 f"{hf} is stored as {code}, which gqa does not load; save the model in float32, bfloat16 or float16"
             )
         src_dtypes.add(_SAFETENSORS_DTYPES[code])
     torch_dtype = parse_dtype(dtype) if dtype is not None else parse_dtype(sorted(src_dtypes)[0])
+    with torch.device("meta"):
+        model = GQAForCausalLM(config)
     model = model.to_empty(device=device or "cpu").to(torch_dtype)
     if config.tie_embeddings:  # to_empty gives each module its own tensor: share them again
         model.lm_head.weight = model.embed.weight
