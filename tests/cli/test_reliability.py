@@ -167,3 +167,13 @@ def test_help_and_bare_commands_still_print_help(work):
     assert res.returncode == 0 and "Usage: gqa memory" in res.stdout
     res = gqa_cli([], work, timeout=60)
     assert res.returncode == 2 and "Usage: gqa" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [(["--alpha", "1"], "pass --teacher SRC or drop --alpha"), (["--seq-len", "4096"], "use --seq-len 256 or less")],
+)
+def test_uptrain_options_that_would_be_ignored_or_overflow_are_refused(extra, needle, work, text):
+    res = gqa_cli(["uptrain", shipped_model_path(), work / "out", "--data", text, "--tokens", "100", *extra], work)
+    assert_one_line_refusal(res, needle)
+    assert list(work.iterdir()) == []

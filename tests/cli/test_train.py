@@ -72,7 +72,7 @@ def test_fraction_reads_no_pretraining_count_and_asks_for_it(workdir):
         (["--fraction", "1.5", "--pretrain-tokens", "100"], "in (0, 1]"),
         (["--fraction", "0", "--pretrain-tokens", "100"], "in (0, 1]"),
         ([], "exactly one of --tokens"),
-        (["--tokens", "64", "--seq-len", "100000"], "fewer than seq_len"),
+        (["--tokens", "64", "--seq-len", "100000"], "is past MODEL's context of 64 tokens"),
     ],
 )
 def test_uptrain_bad_input_is_one_line(workdir, extra, message):

@@ -126,7 +126,7 @@ def test_local_distillation_through_convert(source, tmp_path):
     assert rep.path == "calibrated"
     d = json.loads((tmp_path / "a" / "conversion_report.json").read_text())["distill"]
     assert d == rep.distill and d["params"] == "kv" and d["inputs"] == "converted" and len(d["layers"]) == 3
-    assert d["lr"] == 3e-3 and d["weighting"] == "token"
+    assert d["lr"] == 3e-3 and d["weighting"] == "token-max" and not d["solve_o"]  # o_proj is solved only when it trains (qkvo)
     for layer in d["layers"]:
         assert layer["error_after"] <= layer["error_before"]
     convert(source / "model", tmp_path / "b", distill="local", distill_steps=6, distill_params="kv", **common)

@@ -30,6 +30,16 @@ def load_trainable(path: Path):
     return model
 
 
+def check_context(seq_len: int, models: dict) -> None:
+    """--seq-len must fit every model's context (RoPE tables and caches are sized by it)."""
+    for name, m in models.items():
+        ctx = getattr(getattr(m, "config", None), "max_seq_len", None) or getattr(
+            getattr(m, "config", None), "max_position_embeddings", None
+        )
+        if isinstance(ctx, int) and seq_len > ctx:
+            raise GQAUserError(f"--seq-len {seq_len} is past {name}'s context of {ctx} tokens; use --seq-len {ctx} or less")
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     @user_errors
@@ -50,7 +60,10 @@ def register(app: typer.Typer) -> None:
         ),
         teacher: Annotated[Path | None, typer.Option(help="Original model to distil from (same vocabulary).")] = None,
         alpha: float = typer.Option(
-            0.5, help="Weight of the distillation KL (1 - alpha on the LM loss); 1 = pure end-to-end distillation."
+            None,
+            help="Weight of the distillation KL (1 - alpha on the LM loss); 1 = pure end-to-end distillation. "
+            "Needs --teacher.  [default: 0.5]",
+            show_default=False,
         ),
         temperature: float = typer.Option(1.0, help="Distillation temperature."),
         val_data: str = typer.Option(
@@ -95,6 +108,9 @@ def register(app: typer.Typer) -> None:
             uptrain_tokens(tokens, fraction, pretrain_tokens)  # validate the budget before loading anything
         if train not in TRAIN_PARAMS:
             raise GQAUserError(f"--train must be one of {', '.join(TRAIN_PARAMS)}, got {train!r}")
+        if alpha is not None and teacher is None:
+            raise GQAUserError(f"--alpha {alpha:g} weighs distillation from a teacher; pass --teacher SRC or drop --alpha")
+        alpha = 0.5 if alpha is None else alpha
         if not 0 < holdout < 1:
             raise GQAUserError(f"--holdout must be in (0, 1), got {holdout}; e.g. 0.05")
         check_not_inside(out, {"MODEL": model, "--teacher": teacher, "--tokenizer": tokenizer})
@@ -103,7 +119,7 @@ def register(app: typer.Typer) -> None:
         if val_data is None:
             val_data = held_out_spec(data) or ""
             if not val_data:
-                console.print(f"note: no validation text (pass --val-data holdout to hold out the tail of {data})")
+                console.print(f"note: no validation text (pass --val-data holdout to hold out the tail of {data})", soft_wrap=True)
         tok = load_model_tokenizer(model, tokenizer)
         train_ids = encode(tok, load_text(data))
         if val_data == "holdout":  # the tail of --data, never trained on
@@ -113,6 +129,7 @@ def register(app: typer.Typer) -> None:
             val_ids = encode(tok, load_text(val_data, default_split="validation")) if val_data else None
         student = load_trainable(model)
         teacher_model = load_model(teacher) if teacher is not None else None
+        check_context(seq_len, {"MODEL": student, "--teacher": teacher_model})
         settings = dict(seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed)
         settings.update(eval_every=eval_every, checkpoint_every=checkpoint_every, fsdp=fsdp, train_params=train)
         settings.update(distill_alpha=alpha, distill_temperature=temperature)
