@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -177,3 +178,18 @@ def test_uptrain_options_that_would_be_ignored_or_overflow_are_refused(extra, ne
     res = gqa_cli(["uptrain", shipped_model_path(), work / "out", "--data", text, "--tokens", "100", *extra], work)
     assert_one_line_refusal(res, needle)
     assert list(work.iterdir()) == []
+
+
+def test_eval_reads_gqas_own_decilm_export(work):
+    """`gqa eval` could not read a `--export decilm` folder (transformers has no class for it without the
+    folder's code); it now reads it through gqa's DeciLM reader, with the numbers of the hf export."""
+    src = shipped_model_path()
+    for layout in ("hf", "decilm"):
+        res = gqa_cli(["convert", src, work / layout, "--kv-heads", "2", "--export", layout], work)
+        assert res.returncode == 0, res.stderr[-2000:]
+    out = {}
+    for layout in ("hf", "decilm"):
+        res = gqa_cli(["eval", work / layout, "--max-tokens", "1000", "--json"], work)
+        assert res.returncode == 0, res.stderr[-2000:]
+        out[layout] = res.stdout
+    assert json.loads(out["hf"])["perplexity"] == pytest.approx(json.loads(out["decilm"])["perplexity"], rel=1e-6)

@@ -149,6 +149,12 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, prefer_g
 
         if prefer_gqa and cfg.get("model_type") in SUPPORTED_MODEL_TYPES:
             return load_hf(path, dtype=dtype)
+        if cfg.get("model_type") == "nemotron-nas" and "block_configs" in cfg:
+            # DeciLM / Nemotron-NAS (per-layer KV heads, gqa's --export decilm): transformers has no class
+            # for it without the model folder's own code, which gqa never runs; gqa's reader has.
+            from gqa.model.decilm import load_decilm
+
+            return load_decilm(path, dtype=dtype)
         return _load_transformers(path, dtype=dtype)
     raise GQAUserError(f"{path} is not a transformers folder, a gqa checkpoint.pt or a .gguf file; {_WHAT}")
 
