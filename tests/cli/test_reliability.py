@@ -193,3 +193,15 @@ def test_eval_reads_gqas_own_decilm_export(work):
         assert res.returncode == 0, res.stderr[-2000:]
         out[layout] = res.stdout
     assert json.loads(out["hf"])["perplexity"] == pytest.approx(json.loads(out["decilm"])["perplexity"], rel=1e-6)
+
+
+def test_too_few_calibration_tokens_for_distillation_are_refused_before_loading(work, text):
+    """Refused after loading and calibrating, without the minimum, before; now at once, naming it."""
+    from gqa.convert.calibrated.distill import min_sequences
+
+    args = ["convert", shipped_model_path(), work / "out", "--kv-heads", "2", "--calib", text]
+    res = gqa_cli([*args, "--calib-tokens", "600", "--distill", "local"], work)
+    line = assert_one_line_refusal(res, f"({min_sequences()} sequences of --seq-len")
+    assert "or more" in line
+    assert list(work.iterdir()) == []
+    assert min_sequences(0.1) == 6 and min_sequences(0.25) == 3 and min_sequences(0) == 1

@@ -73,6 +73,8 @@ __all__ = [
     "DISTILL_INPUTS",
     "DISTILL_LOSSES",
     "DISTILL_WEIGHTINGS",
+    "HOLDOUT_FRACTION",
+    "min_sequences",
     "LayerDistillation",
     "DistillReport",
     "distill_local",
@@ -82,6 +84,16 @@ DISTILL_PARAMS = ("qkvo", "kv")
 DISTILL_INPUTS = ("original", "converted")
 DISTILL_LOSSES = ("attention", "block")
 DISTILL_WEIGHTINGS = ("token", "energy", "token-max")
+#: Calibration sequences held out from training, for early stopping and the reported errors.
+HOLDOUT_FRACTION = 0.1
+
+
+def min_sequences(holdout_fraction: float = HOLDOUT_FRACTION) -> int:
+    """The fewest calibration sequences that give a training slice and a held-out one (>= 1 each)."""
+    n = 1
+    while holdout_fraction > 0 and (round(n * holdout_fraction) < 1 or n - round(n * holdout_fraction) < 1):
+        n += 1
+    return n
 
 
 @dataclass
@@ -300,11 +312,11 @@ def _check(
     vocab = getattr(getattr(teacher, "config", None), "vocab_size", None)
     if vocab is not None and int(ids.max()) >= vocab:
         raise GQAUserError(f"token id {int(ids.max())} is outside the vocabulary ({vocab}); use the model's tokenizer")
-    n_hold = round(ids.shape[0] * holdout_fraction)
-    if holdout_fraction > 0 and (n_hold < 1 or ids.shape[0] - n_hold < 1):
+    if ids.shape[0] < min_sequences(holdout_fraction):
         raise GQAUserError(
             f"{ids.shape[0]} calibration sequences cannot give both a training and a held-out slice at "
-            f"holdout fraction {holdout_fraction}; give more calibration tokens (--calib-tokens)"
+            f"holdout fraction {holdout_fraction}; give more calibration tokens (--calib-tokens): at least "
+            f"{min_sequences(holdout_fraction)} sequences"
         )
     return ids.long()
 
@@ -338,7 +350,7 @@ def distill_local(
     steps: int = 150,
     lr: float = 3e-3,
     batch_size: int = 8,
-    holdout_fraction: float = 0.1,
+    holdout_fraction: float = HOLDOUT_FRACTION,
     eval_every: int | None = None,
     patience: int = 3,
     seed: int = 0,
