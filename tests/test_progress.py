@@ -75,3 +75,20 @@ def test_quiet_loading_silences_transformers_and_restores(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "de-quantizing" not in err and "Loading weights" not in err, err
     assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == before
+
+
+def test_announce_loading_speaks_for_gguf_only(capsys, monkeypatch, tmp_path):
+    """A GGUF source is dequantized for a minute or more: the commands say so instead of staying silent."""
+    from gqa.progress import announce_loading
+
+    monkeypatch.setenv("GQA_PROGRESS", "1")
+    with announce_loading(tmp_path / "m.gguf"):
+        pass
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("loading model m.gguf (dequantizing") and err[1].startswith("loaded m.gguf in ")
+    with announce_loading(tmp_path / "folder"):
+        pass
+    monkeypatch.setenv("GQA_PROGRESS", "0")
+    with announce_loading(tmp_path / "m.gguf"):
+        pass
+    assert capsys.readouterr().err == ""

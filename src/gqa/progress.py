@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
-__all__ = ["Progress", "progress", "quiet_loading", "end_line", "is_terminal"]
+__all__ = ["Progress", "progress", "quiet_loading", "announce_loading", "end_line", "is_terminal"]
 
 _ACTIVE: list[Progress] = []  # bars currently open, innermost last
 
@@ -290,3 +290,22 @@ def quiet_loading() -> Iterator[None]:
     finally:
         for fn in reversed(restore):
             fn()
+
+
+@contextlib.contextmanager
+def announce_loading(path, what: str = "model") -> Iterator[None]:
+    """Say on stderr what is being loaded when it takes a while (a GGUF is dequantized tensor by tensor:
+    a minute or more for SmolLM2 on 2 cores), and how long it took; silent with ``GQA_PROGRESS=0``.
+    A converted folder (safetensors) loads in seconds: nothing is said for it."""
+    import time
+    from pathlib import Path
+
+    slow = Path(path).suffix == ".gguf"
+    if not (slow and _enabled_by_env()):
+        yield
+        return
+    print(f"loading {what} {Path(path).name} (dequantizing a GGUF; about a minute per 100M parameters)...",
+          file=sys.stderr, flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    yield
+    print(f"loaded {Path(path).name} in {_fmt_time(time.perf_counter() - t0)}", file=sys.stderr, flush=True)

@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from gqa.cli.common import console, user_errors
-from gqa.errors import GQAUserError
 
 
 def register(app: typer.Typer) -> None:
@@ -34,17 +33,18 @@ def register(app: typer.Typer) -> None:
         """Evaluate a model: perplexity, tokens evaluated, and KL to --teacher."""
         from gqa.data import encode, load_text
         from gqa.evaluate import evaluate_lm
-        from gqa.model.loading import load_model, load_model_tokenizer, model_context
+        from gqa.model.loading import check_context, load_model, load_model_tokenizer
+        from gqa.progress import announce_loading
 
         # Models first: their configs are validated (one line each) before text is read or tokenized.
-        student = load_model(model)
-        teacher_model = load_model(teacher) if teacher is not None else None
-        for m, role in ((student, "MODEL"), (teacher_model, "--teacher")):
-            ctx = model_context(m) if m is not None else None
-            if ctx is not None and seq_len is not None and seq_len > ctx:
-                raise GQAUserError(
-                    f"--seq-len {seq_len} is past {role}'s context of {ctx} tokens; use --seq-len {ctx} or less"
-                )
+        with announce_loading(model):
+            student = load_model(model)
+        teacher_model = None
+        if teacher is not None:
+            with announce_loading(teacher, "teacher"):
+                teacher_model = load_model(teacher)
+        if seq_len is not None:
+            check_context(seq_len, {"MODEL": student, "--teacher": teacher_model})
         tok = load_model_tokenizer(model, tokenizer)
         ids = encode(tok, load_text(data, default_split="validation"))
         res = evaluate_lm(

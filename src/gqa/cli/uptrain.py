@@ -30,16 +30,6 @@ def load_trainable(path: Path):
     return model
 
 
-def check_context(seq_len: int, models: dict) -> None:
-    """--seq-len must fit every model's context (RoPE tables and caches are sized by it)."""
-    for name, m in models.items():
-        ctx = getattr(getattr(m, "config", None), "max_seq_len", None) or getattr(
-            getattr(m, "config", None), "max_position_embeddings", None
-        )
-        if isinstance(ctx, int) and seq_len > ctx:
-            raise GQAUserError(f"--seq-len {seq_len} is past {name}'s context of {ctx} tokens; use --seq-len {ctx} or less")
-
-
 def register(app: typer.Typer) -> None:
     @app.command()
     @user_errors
@@ -94,7 +84,8 @@ def register(app: typer.Typer) -> None:
         """Uptrain a converted model for --tokens N, --fraction A of its pre-training, or --max-minutes M."""
         from gqa.data import encode, load_text
         from gqa.data.text import held_out_spec
-        from gqa.model.loading import load_model, load_model_tokenizer
+        from gqa.model.loading import check_context, load_model, load_model_tokenizer
+        from gqa.progress import announce_loading
         from gqa.train.config import TRAIN_PARAMS
         from gqa.train.loop import check_not_inside, check_out_dir
         from gqa.train.uptrain import read_pretrain_tokens, uptrain_tokens
@@ -127,8 +118,12 @@ def register(app: typer.Typer) -> None:
             train_ids, val_ids = train_ids[:-n_val], train_ids[-n_val:]
         else:
             val_ids = encode(tok, load_text(val_data, default_split="validation")) if val_data else None
-        student = load_trainable(model)
-        teacher_model = load_model(teacher) if teacher is not None else None
+        with announce_loading(model):
+            student = load_trainable(model)
+        teacher_model = None
+        if teacher is not None:
+            with announce_loading(teacher, "teacher"):
+                teacher_model = load_model(teacher)
         check_context(seq_len, {"MODEL": student, "--teacher": teacher_model})
         settings = dict(seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed)
         settings.update(eval_every=eval_every, checkpoint_every=checkpoint_every, fsdp=fsdp, train_params=train)

@@ -77,6 +77,15 @@ def model_context(model) -> int | None:
     return None
 
 
+def check_context(seq_len: int, models: dict) -> None:
+    """``seq_len`` must fit each model's context ({role: model or None}; RoPE tables and caches are sized
+    by it): else a one-line :class:`GQAUserError` naming the role and the longest allowed."""
+    for role, m in models.items():
+        ctx = model_context(m) if m is not None else None
+        if ctx is not None and seq_len > ctx:
+            raise GQAUserError(f"--seq-len {seq_len} is past {role}'s context of {ctx} tokens; use --seq-len {ctx} or less")
+
+
 def load_checkpoint_model(path: str | Path, *, dtype: torch.dtype = torch.float32):
     """The model held by a gqa training checkpoint (``checkpoint.pt``), with every tensor checked."""
     from gqa.model.checkpoint import load_checkpoint
