@@ -77,18 +77,21 @@ def test_quiet_loading_silences_transformers_and_restores(tmp_path, capfd):
     assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == before
 
 
-def test_announce_loading_speaks_for_gguf_only(capsys, monkeypatch, tmp_path):
-    """A GGUF source is dequantized for a minute or more: the commands say so instead of staying silent."""
+def test_announce_loading_speaks_only_for_slow_loads(capsys, monkeypatch, tmp_path):
+    """A GGUF source is dequantized for a minute or more: the commands say so instead of staying silent;
+    a quick load (or a bad file refused at once) says nothing, so a refusal stays one line."""
+    import time
+
     from gqa.progress import announce_loading
 
     monkeypatch.setenv("GQA_PROGRESS", "1")
-    with announce_loading(tmp_path / "m.gguf"):
-        pass
+    with announce_loading(tmp_path / "m.gguf", after_s=0.05):
+        time.sleep(0.3)
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("loading model m.gguf (dequantizing") and err[1].startswith("loaded m.gguf in ")
-    with announce_loading(tmp_path / "folder"):
+    assert err[0] == "loading model m.gguf (dequantizing a GGUF)..." and err[1].startswith("loaded m.gguf in ")
+    with announce_loading(tmp_path / "m.gguf", after_s=5):
         pass
     monkeypatch.setenv("GQA_PROGRESS", "0")
-    with announce_loading(tmp_path / "m.gguf"):
-        pass
+    with announce_loading(tmp_path / "m.gguf", after_s=0.05):
+        time.sleep(0.2)
     assert capsys.readouterr().err == ""

@@ -60,6 +60,11 @@ class KVShape:
         heads = tuple(hkv if h else 0 for h in self.kv_heads_per_layer)
         return KVShape(name, self.n_heads, heads, self.head_dim, self.max_context)
 
+    def kv_heads_value(self) -> int | list[int]:
+        """The KV heads as data: one int when every layer has the same count, else the per-layer list."""
+        heads = list(self.kv_heads_per_layer)
+        return heads[0] if len(set(heads)) == 1 else heads
+
     def describe_kv_heads(self) -> str:
         heads = [h for h in self.kv_heads_per_layer]
         if len(set(heads)) == 1:
@@ -263,7 +268,7 @@ def memory_report(
         active = [h for h in v.kv_heads_per_layer if h]
         row = {
             "variant": label,
-            "kv_heads": v.describe_kv_heads(),
+            "kv_heads": v.kv_heads_value(),  # a number, or one per layer (JSON readers get numbers)
             "group_size": (hq / (sum(active) / len(active))) if active else None,
             "kv_bytes_per_token": per_token,
             "kv_bytes_per_sequence": per_token * context,

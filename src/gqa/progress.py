@@ -293,19 +293,31 @@ def quiet_loading() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def announce_loading(path, what: str = "model") -> Iterator[None]:
-    """Say on stderr what is being loaded when it takes a while (a GGUF is dequantized tensor by tensor:
-    a minute or more for SmolLM2 on 2 cores), and how long it took; silent with ``GQA_PROGRESS=0``.
-    A converted folder (safetensors) loads in seconds: nothing is said for it."""
-    import time
+def announce_loading(path, what: str = "model", after_s: float = 2.0) -> Iterator[None]:
+    """For a GGUF ``path`` (dequantized tensor by tensor: a minute or more for SmolLM2 on 2 cores), say on
+    stderr what is being loaded once it has taken ``after_s`` seconds, and how long it took. A load that
+    ends sooner, or fails on a bad file at once, says nothing; so do folders and ``GQA_PROGRESS=0``."""
+    import threading
     from pathlib import Path
 
-    slow = Path(path).suffix == ".gguf"
-    if not (slow and _enabled_by_env()):
+    name = Path(path).name
+    if Path(path).suffix != ".gguf":  # folders load in seconds
         yield
         return
-    print(f"loading {what} {Path(path).name} (dequantizing a GGUF; about a minute per 100M parameters)...",
-          file=sys.stderr, flush=True)  # fmt: skip
     t0 = time.perf_counter()
-    yield
-    print(f"loaded {Path(path).name} in {_fmt_time(time.perf_counter() - t0)}", file=sys.stderr, flush=True)
+    said = threading.Event()
+
+    def say():
+        said.set()
+        print(f"loading {what} {name} (dequantizing a GGUF)...", file=sys.stderr, flush=True)
+
+    timer = threading.Timer(after_s, say)
+    timer.daemon = True
+    if _enabled_by_env():
+        timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+    if said.is_set():
+        print(f"loaded {name} in {_fmt_time(time.perf_counter() - t0)}", file=sys.stderr, flush=True)

@@ -56,7 +56,7 @@ def test_variants_and_budget():
     rep = memory_report(cfg, context=4096, batch=2, budget_gib=16)
     rows = {r["variant"]: r for r in rep["variants"]}
     assert rows["MHA"]["kv_bytes_per_token"] == per_token
-    assert rows["GQA"]["kv_heads"] == "8" and rows["GQA"]["kv_bytes_per_token"] == per_token // 4
+    assert rows["GQA"]["kv_heads"] == 8 and rows["GQA"]["kv_bytes_per_token"] == per_token // 4
     assert rows["MQA"]["kv_bytes_per_token"] == per_token // 32
     # 16 GiB / (512 KiB x 4096) = 8 sequences of MHA; the g = 4 variant fits 4x the batch
     assert rows["model"]["max_batch"] == 8 and rows["GQA"]["max_batch"] == 32

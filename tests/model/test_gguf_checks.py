@@ -184,7 +184,7 @@ def test_the_pristine_files_still_evaluate(pristine, tmp_path):
         )
         assert r.exit_code == 0, r.output
         assert math.isfinite(json.loads(r.stdout)["perplexity"])
-    assert memory_report(pristine["deci"])["variants"][0]["kv_heads"] == "per layer 2,1,4"
+    assert memory_report(pristine["deci"])["variants"][0]["kv_heads"] == [2, 1, 4]
 
 
 # --- defect 4: metadata through the limits table before anything is allocated --------------------------

@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
             g = row["group_size"]
             cells = [
                 "this model" if row["variant"] == "model" else row["variant"],
-                row["kv_heads"],
+                str(h) if isinstance(h := row["kv_heads"], int) else "per layer " + ",".join(map(str, h)),
                 "-" if g is None else f"{g:g}",
                 _size(row["kv_bytes_per_token"]),
                 _size(row["kv_bytes_per_sequence"]),
