@@ -119,7 +119,7 @@ def register(app: typer.Typer) -> None:
             )
         elif not live:
             for p, t in zip(prompt, res.texts, strict=True):
-                console.print(p + t, highlight=False, markup=False)
+                console.print(p + t, highlight=False, markup=False, soft_wrap=True)  # no wrapping in logs
 
 
 def register_bench(bench: typer.Typer) -> None:
