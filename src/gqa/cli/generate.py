@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
         if live and single:
             sys.stdout.write(prompt[0])
             sys.stdout.flush()
-        elif live:
+        elif live and console.is_terminal:  # off a terminal (a log, a pipe) the texts are printed at the end
             from rich.live import Live
             from rich.text import Text
 
@@ -99,8 +99,6 @@ def register(app: typer.Typer) -> None:
             if display is not None:
                 display.update(render())
                 display.stop()
-                if not console.is_terminal:  # off a terminal Live's last frame ends without a newline
-                    console.print()
         if live and single:
             sys.stdout.write("\n")
         if as_json:
@@ -117,9 +115,12 @@ def register(app: typer.Typer) -> None:
                     }
                 )
             )
+        elif live and not single and display is None:
+            for i, (p, t) in enumerate(zip(prompt, res.texts, strict=True)):
+                console.print(f"[{i}] {p}{t}", highlight=False, markup=False, soft_wrap=True)  # not re-wrapped
         elif not live:
             for p, t in zip(prompt, res.texts, strict=True):
-                console.print(p + t, highlight=False, markup=False, soft_wrap=True)  # no wrapping in logs
+                console.print(p + t, highlight=False, markup=False, soft_wrap=True)
 
 
 def register_bench(bench: typer.Typer) -> None:
