@@ -321,3 +321,33 @@ def test_stale_partials_of_killed_runs_are_cleaned(work):
     r = runner.invoke(app, ["convert", *convert_args(work)])
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in work.iterdir()) == ["m", "out"]
+
+
+# ---- issue 26 defect 13: gqa's own output is loadable by gqa -----------------------------------------
+
+
+def test_streaming_output_of_a_folder_with_model_code_runs_in_gqa_generate(tmp_path):
+    """The tokenizer's auto_map (and config.json's) are dropped, *.py never copied: `gqa generate OUT` works."""
+    from gqa.model.assets import shipped_model_path
+    from helpers import gqa_cli
+
+    src, out, marker = tmp_path / "m", tmp_path / "out", tmp_path / "code-ran"
+    shutil.copytree(shipped_model_path(), src)
+    code = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+    for name in ("configuration_evil.py", "tokenization_evil.py"):
+        (src / name).write_text(code)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(cfg | {"auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    tok = json.loads((src / "tokenizer_config.json").read_text())
+    tok |= {"auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}, "custom_pipelines": {}}
+    (src / "tokenizer_config.json").write_text(json.dumps(tok))
+    before = digest(src)
+    res = gqa_cli(["convert", src, out, "--kv-heads", "4"], tmp_path, env={"GQA_PROGRESS": "0"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    assert written == {k: v for k, v in tok.items() if k not in ("auto_map", "custom_pipelines")}
+    assert "auto_map" not in json.loads((out / "config.json").read_text()) and not list(out.glob("*.py"))
+    res = gqa_cli(["generate", out, "-p", "ROMEO:", "--max-new-tokens", "4"], tmp_path, env={"GQA_PROGRESS": "0"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not marker.exists() and digest(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]

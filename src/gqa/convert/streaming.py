@@ -14,8 +14,9 @@ read one tensor at a time and each output shard is written as its tensors are co
 dequantized by transformers into memory first (fine for small models; GGUF files are quantized).
 
 What is read from SRC: ``config.json``, the index, the safetensors files it names (bare file names
-inside SRC only) and plain side files (tokenizer, generation config). Python files and ``auto_map``
-are never copied; output shard names are the converter's own.
+inside SRC only) and plain side files (tokenizer, generation config). Python files are never copied, and
+``auto_map`` (any :data:`CODE_KEYS`) is dropped from every JSON file written, so gqa can load its own
+output; output shard names are the converter's own.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ _NOT_COPIED_SUFFIXES = (
     ".pyc",
     ".so",
 )
+# Keys of a JSON file (config.json, tokenizer_config.json, ...) that name code in the model folder.
+CODE_KEYS = ("auto_map", "custom_pipelines")
 _NOT_COPIED_NAMES = ("config.json", INDEX_NAME, "conversion_report.json", "grouping_report.json")
 # Families whose per-layer KV heads (``per_layer_config``) gqa's loader reads back.
 PER_LAYER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -470,8 +473,7 @@ def convert_streaming(
         _write(source, plan, folder, fsync, progress)
     finally:
         source.close()
-    out_cfg = dict(config)
-    out_cfg.pop("auto_map", None)  # never point a loader at code we did not copy
+    out_cfg = _without_code_keys(config)  # never point a loader at code we did not copy
     out_cfg["num_key_value_heads"] = max(targets)
     if len(set(targets)) > 1:
         out_cfg["per_layer_config"] = {str(i): {"num_key_value_heads": n} for i, n in enumerate(targets)}
@@ -512,6 +514,26 @@ def _kv_dtype(plan, layout, config, shape) -> torch.dtype:
     return next(i.dtype for items in plan for i in items if i.name == k_name)
 
 
+def _without_code_keys(data: dict) -> dict:
+    """A JSON object with the keys that point transformers at a folder's own code removed."""
+    return {k: v for k, v in data.items() if k not in CODE_KEYS}
+
+
+def _copy_side_file(src: Path, dst: Path) -> None:
+    """Copy a side file; a JSON object loses its :data:`CODE_KEYS` (a tokenizer_config.json's ``auto_map``
+    would make gqa's own loaders refuse OUT, and the code it names is never copied)."""
+    raw = src.read_bytes() if src.suffix == ".json" else b""
+    if any(f'"{k}"'.encode() in raw for k in CODE_KEYS):  # parse only a file that may hold one
+        try:
+            data = json.loads(raw)
+        except ValueError:  # not JSON after all: copied as it is, read (and judged) by whoever loads it
+            data = None
+        if isinstance(data, dict) and any(k in data for k in CODE_KEYS):
+            dst.write_text(json.dumps(_without_code_keys(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            return
+    shutil.copyfile(src, dst)
+
+
 def _shard_name(i: int, n: int) -> str:
     return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
@@ -544,7 +566,7 @@ def _write(source: Source, plan, folder: Path, fsync: bool, progress: bool) -> N
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     for path in source.side_files:
-        shutil.copyfile(path, folder / path.name)
+        _copy_side_file(path, folder / path.name)
     if source.tokenizer is not None:
         source.tokenizer.save_pretrained(str(folder))
     if source.generation_config is not None:
