@@ -323,6 +323,176 @@ def test_stale_partials_of_killed_runs_are_cleaned(work):
     assert sorted(p.name for p in work.iterdir()) == ["m", "out"]
 
 
+# ---- issue 26 defect 2: one writer per OUT; the final rename replaces only what was checked ----------
+
+GATED_CONVERT = """
+import os, sys, time
+from pathlib import Path
+import gqa.convert.streaming as streaming
+gate = Path(os.environ["GATE"])
+real = streaming.merge_heads
+def gated(*args, **kwargs):
+    # the first merge waits (OUT's partial folder and lock exist by then) until the test opens the gate
+    if not gate.exists():
+        Path(str(gate) + ".waiting").touch()
+        deadline = time.time() + 120
+        while not gate.exists() and time.time() < deadline:
+            time.sleep(0.02)
+    return real(*args, **kwargs)
+streaming.merge_heads = gated
+from gqa.cli import main
+sys.argv = ["gqa", "convert", *sys.argv[1:]]
+main()
+"""
+
+
+def start_gated(root: Path, *args: str) -> tuple[subprocess.Popen, Path]:
+    """Start `gqa convert ARGS` in another process; it stops at its first merge until the gate is opened."""
+    gate = root.parent / "gate"
+    env = {**os.environ, "GQA_PROGRESS": "0", "GATE": str(gate)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", GATED_CONVERT, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while not Path(f"{gate}.waiting").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert Path(f"{gate}.waiting").exists(), proc.communicate(timeout=60)
+    return proc, gate
+
+
+def finish(proc: subprocess.Popen, gate: Path) -> tuple[int, str]:
+    gate.touch()
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def one_line(rc: int, err: str, needle: str) -> None:
+    lines = err.strip().splitlines()
+    assert rc == 2 and "Traceback" not in err, (rc, err[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+
+
+def test_a_second_run_into_the_same_out_is_refused_and_the_first_finishes(work):
+    from helpers import assert_one_line_refusal, gqa_cli
+
+    before = digest(work / "m")
+    first, gate = start_gated(work, str(work / "m"), str(work / "out"), "--kv-heads", "2")
+    partial = list(work.glob(".out.partial-*"))
+    assert len(partial) == 1
+    second = gqa_cli(["convert", work / "m", work / "out", "--kv-heads", "4"], work.parent, env={"GQA_PROGRESS": "0"})
+    assert_one_line_refusal(second, f"another gqa run is writing {work / 'out'}; wait for it or choose another OUT")
+    assert list(work.glob(".out.partial-*")) == partial, "the second run touched the first's partial folder"
+    rc, err = finish(first, gate)
+    assert rc == 0, err[-3000:]
+    assert json.loads((work / "out" / "config.json").read_text())["num_key_value_heads"] == 2
+    assert sorted(p.name for p in work.iterdir()) == ["m", "out"]
+    assert digest(work / "m") == before
+
+
+def test_a_lock_held_by_another_process_refuses_and_keeps_its_temporaries(work):
+    import fcntl
+
+    (work / ".out.partial-live01").mkdir()  # the live writer's folder: not stale while it holds the lock
+    fd = os.open(work / ".out.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        refused(work, convert_args(work), "another gqa run is writing", keep=("m", ".out.lock", ".out.partial-live01"))
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("theirs", [[], ["notes.txt"]], ids=["empty", "with-files"])
+def test_an_out_that_appears_during_the_run_is_not_replaced(work, theirs):
+    before = digest(work / "m")
+    proc, gate = start_gated(work, str(work / "m"), str(work / "out"), "--kv-heads", "2")
+    (work / "out").mkdir()  # another program creates OUT meanwhile (an empty folder a rename would replace)
+    for name in theirs:
+        (work / "out" / name).write_text("mine")
+    one_line(*finish(proc, gate), "appeared while this run was writing it")
+    assert sorted(p.name for p in (work / "out").iterdir()) == theirs
+    assert sorted(p.name for p in work.iterdir()) == ["m", "out"]
+    assert digest(work / "m") == before
+
+
+def test_force_does_not_replace_an_out_swapped_during_the_run(work):
+    r = runner.invoke(app, ["convert", *convert_args(work)])
+    assert r.exit_code == 0, r.output
+    proc, gate = start_gated(work, *convert_args(work, "--force"))
+    os.rename(work / "out", work / "checked")  # the folder --force checked is moved away, another takes its place
+    (work / "out").mkdir()
+    (work / "out" / "conversion_report.json").write_text("{}")
+    one_line(*finish(proc, gate), "was replaced by another program")
+    assert [p.name for p in (work / "out").iterdir()] == ["conversion_report.json"]
+    assert sorted(p.name for p in work.iterdir()) == ["checked", "m", "out"]
+
+
+# ---- issue 26 defect 5: OUT's name is never a glob --------------------------------------------------
+
+NEIGHBOURS = (".x.partial-abc", ".y.old-abc", ".z.tmp-abc", ".ab.partial-abc", ".ac.old-1", ".a.partial-1.lock")
+
+
+def _convert_among_neighbours(work: Path, name: str) -> None:
+    """Convert into p/NAME beside other targets' temporaries: only NAME's own stale one goes."""
+    parent = work / "p"
+    parent.mkdir()
+    keep = [n for n in NEIGHBOURS if not n.startswith(f".{name}.")]
+    for n in keep:
+        (parent / n).mkdir()
+    (parent / f".{name}.partial-k1ll3d").mkdir()  # a killed run's leftover of this very OUT
+    before = digest(work / "m")
+    r = runner.invoke(app, ["convert", str(work / "m"), str(parent / name), "--kv-heads", "2"])
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(parent)) == sorted([*keep, name])
+    assert (parent / name / "conversion_report.json").is_file()
+    assert digest(work / "m") == before
+
+
+@pytest.mark.parametrize("name", ["*", "a[bc]", "?", "[!q]*", "a*"])
+def test_out_names_with_glob_characters_delete_only_their_own_leftovers(work, name):
+    _convert_among_neighbours(work, name)
+
+
+def test_out_names_are_matched_literally_property(pristine, tmp_path_factory):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    names = st.text(alphabet="abxyz*?[]!^-.", min_size=1, max_size=8).filter(lambda s: s not in (".", ".."))
+
+    @settings(max_examples=25, deadline=None)
+    @given(name=names)
+    def check(name):
+        root = tmp_path_factory.mktemp("work")
+        shutil.copytree(pristine, root / "m")
+        _convert_among_neighbours(root, name)
+
+    check()
+
+
+# ---- issue 26 defect 9: --force replaces only a folder gqa convert wrote ----------------------------
+
+
+def test_force_with_swapped_arguments_keeps_the_original_model(work):
+    """`gqa convert m-gqa m --force`: m has config.json and weights but no conversion report, so it stays."""
+    r = runner.invoke(app, ["convert", str(work / "m"), str(work / "m-gqa"), "--kv-heads", "2"])
+    assert r.exit_code == 0, r.output
+    line = refused(
+        work,
+        [str(work / "m-gqa"), str(work / "m"), "--kv-heads", "1", "--force"],
+        "--force replaces only an earlier model folder that gqa wrote (with conversion_report.json)",
+        keep=("m", "m-gqa"),
+    )
+    assert "choose another OUT" in line  # refused() also checked that m's bytes are unchanged
+
+
+def test_force_refuses_a_folder_saved_by_gqa_save_hf_without_a_report(work):
+    from gqa.model import GQAConfig, GQAForCausalLM, save_hf
+
+    model = GQAForCausalLM(GQAConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=8, n_kv_heads=4, ffn_dim=48))
+    save_hf(model, work / "out")
+    refused(work, convert_args(work, "--force"), "earlier model folder that gqa wrote", keep=("m", "out"))
+    assert (work / "out" / "model.safetensors").is_file()
+
+
 # ---- issue 26 defect 13: gqa's own output is loadable by gqa -----------------------------------------
 
 

@@ -120,7 +120,9 @@ def register(app: typer.Typer) -> None:
         ),
         dtype: str = typer.Option(None, help="Output dtype: float32, bfloat16 or float16 (default: as the source)."),
         seed: int = typer.Option(0, help="Seed for --merge random and --distill."),
-        force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier gqa output."),
+        force: bool = typer.Option(
+            False, "--force", help="Replace OUT if gqa convert wrote it (its conversion_report.json is there)."
+        ),
     ) -> None:
         """Convert a checkpoint to other KV-head counts (merging or replicating K/V heads).
 

@@ -66,7 +66,10 @@ def _per_layer_spec(spec) -> list[int]:
 
 def check_paths(src: Path, out: Path, force: bool) -> None:
     """SRC must exist; OUT must not be SRC, lie inside it, contain it, or contain the working directory;
-    an existing OUT is replaced only with ``force`` and only when it is an earlier gqa output."""
+    an existing OUT is replaced only with ``force`` and only when gqa convert wrote it (its report is
+    there): :func:`gqa.atomic.check_replaceable`, checked again under the writer's lock."""
+    from gqa.atomic import check_replaceable
+
     if not src.exists():
         raise GQAUserError(f"{src} does not exist; pass a transformers model folder or a .gguf file")
     s, o = src.resolve(), out.resolve()
@@ -74,17 +77,7 @@ def check_paths(src: Path, out: Path, force: bool) -> None:
         raise GQAUserError(f"OUT {out} must lie outside SRC {src} (and not contain it): the source is never modified")
     if Path.cwd().resolve().is_relative_to(o):
         raise GQAUserError(f"OUT {out} is the current directory or contains it; choose a new folder for the output")
-    if not out.exists() and not out.is_symlink():
-        return
-    if not force:
-        raise GQAUserError(f"{out} exists; choose another OUT or pass --force to replace it")
-    if out.is_symlink() or not out.is_dir():
-        raise GQAUserError(f"{out} exists and is not a folder; remove it yourself or choose another OUT")
-    if any(out.iterdir()) and not ((out / REPORT_NAME).is_file() or (out / "config.json").is_file()):
-        raise GQAUserError(
-            f"--force replaces only an earlier model folder (with {REPORT_NAME} or config.json); {out} holds other "
-            "files: choose another OUT or remove it yourself"
-        )
+    check_replaceable(out, force, marker=REPORT_NAME)
 
 
 def convert(
@@ -134,7 +127,7 @@ def convert(
         dtype: ``float32`` / ``bfloat16`` / ``float16`` for the output's float tensors; None keeps the
             source's dtype (GGUF input is dequantized to float32).
         seed: seeds everything random (``merge="random"``, distillation).
-        force: replace an existing ``out`` that is an earlier gqa output.
+        force: replace an existing ``out`` that gqa convert wrote (its report is there); never another folder.
         distill: ``"local"``: after merging, fit each reduced attention block to the original's output
             on the calibration text, one layer at a time (needs ``calib``); ``distill_steps``,
             ``distill_params`` (``kv`` or ``qkvo``), ``distill_inputs`` (``converted``: each layer sees
@@ -147,7 +140,7 @@ def convert(
     Returns:
         The :class:`ConversionReport`, also written to ``out/conversion_report.json``.
     """
-    from gqa.atomic import atomic_dir, clean_stale_partials
+    from gqa.atomic import atomic_dir
     from gqa.provenance import utc_date, versions
     from gqa.units import dtype_name, parse_dtype
 
@@ -216,10 +209,9 @@ def convert(
         raise GQAUserError(
             "explicit groups are a streaming-path option (--export hf, no --calib, uniform KV heads); drop groups"
         )
-    clean_stale_partials(out)
 
-    # --- run ---------------------------------------------------------------------------------------
-    with atomic_dir(out, force=force) as tmp:
+    # --- run: one writer per OUT (a second run is refused here), leftovers of killed runs removed --------
+    with atomic_dir(out, force=force, marker=REPORT_NAME) as tmp:
         if calibrated:
             from gqa.convert.calibrated.run import convert_calibrated
 
