@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gqa.convert import MERGES, SUPPORTED_MODEL_TYPES, convert
+from gqa.errors import GQAUserError
 from helpers import FAMILIES, HIDDEN, HQ, TOKENS, D, build, logits, save  # noqa: F401
 
 
@@ -260,3 +261,18 @@ def test_gguf_input(tmp_path):
         == AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)("bad cab")["input_ids"]
     )
     assert json.loads((fewer / "conversion_report.json").read_text())["kv_heads_after"] == [2, 2]
+
+
+@pytest.mark.parametrize("drop", ["model.layers.1.mlp.gate_proj.weight", "model.norm.weight"])
+def test_a_folder_missing_a_non_attention_tensor_is_refused(drop, tmp_path):
+    """Only attention tensors used to be checked: a folder without an MLP or norm weight converted (exit 0)
+    into an incomplete OUT."""
+    from safetensors.torch import load_file, save_file
+
+    src = save(build("llama", n_kv=4), tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    del tensors[drop]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(GQAUserError, match="lacks 1 tensors config.json needs"):
+        convert(src, tmp_path / "out", kv_heads=2, progress=False)
+    assert not (tmp_path / "out").exists()

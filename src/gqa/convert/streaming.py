@@ -167,6 +167,21 @@ def _safetensors_source(folder: Path) -> Source:
     return Source(config, shards, side, close=close)
 
 
+def _check_complete(config: dict, shapes: dict, folder: Path) -> None:
+    """Every tensor config.json implies, with its shape, for the families gqa runs (headers only, before
+    anything is read): a folder lacking an MLP or norm weight used to convert, exit 0, and write an
+    incomplete OUT. Attention tensors of every family are checked by the conversion plan itself."""
+    from gqa.model.hf import SUPPORTED_MODEL_TYPES, check_weight_table, config_from_hf
+
+    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        return
+    try:
+        model_config = config_from_hf(config)
+    except GQAUserError:  # a config gqa cannot run but can still convert: its plan checks what it reads
+        return
+    check_weight_table(model_config, shapes, folder)
+
+
 def _gguf_source(path: Path) -> Source:
     from gqa.errors import first_line
     from gqa.model.files import read_gguf
@@ -469,7 +484,9 @@ def convert_streaming(
                     f"the groups form {[len(g) for g in groups_per_layer]} KV heads; asked for {targets}"
                 )
             grouping = "custom"
-        plan = _plan(source, layout, shape, groups_per_layer, merge, out_dtype, seed)
+        plan = _plan(source, layout, shape, groups_per_layer, merge, out_dtype, seed)  # checks attention
+        if Path(src).is_dir():  # a safetensors folder (a GGUF's tensor table is checked when it is read)
+            _check_complete(config, {t.name: t.shape for shard in source.shards for t in shard}, src)
         _write(source, plan, folder, fsync, progress)
     finally:
         source.close()
