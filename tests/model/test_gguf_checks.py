@@ -332,3 +332,20 @@ def test_any_header_is_read_completely_or_refused_in_one_line(pristine, arch, me
             return
         assert model.config.n_layers == header.n_layers
         assert model.config.kv_heads_per_layer == list(header.kv_heads)
+
+
+def test_convert_refuses_a_kv_target_the_header_rules_out_before_loading(pristine, tmp_path, monkeypatch):
+    """--kv-heads 3 fits neither 2 KV heads nor 4 query heads: refused from the header, before loading."""
+    from gqa.convert import convert
+    from gqa.model import loading
+
+    def never(*a, **kw):
+        raise AssertionError("the GGUF was loaded before the refusal")
+
+    monkeypatch.setattr(loading, "load_model", never)
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+    with pytest.raises(GQAUserError, match="--kv-heads 3 is not a multiple"):
+        convert(pristine["llama"], tmp_path / "out", kv_heads=3, progress=False)
+    assert not (tmp_path / "out").exists()
