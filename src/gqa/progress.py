@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
-__all__ = ["Progress", "progress", "quiet_loading", "announce_loading", "end_line", "is_terminal"]
+__all__ = ["Progress", "progress", "quiet_loading", "announce_loading", "load_announced", "end_line", "is_terminal"]
 
 _ACTIVE: list[Progress] = []  # bars currently open, innermost last
 
@@ -290,6 +290,14 @@ def quiet_loading() -> Iterator[None]:
     finally:
         for fn in reversed(restore):
             fn()
+
+
+def load_announced(path, loader, what: str = "model"):
+    """``loader(path)`` inside :func:`announce_loading`; None for a None ``path`` (an optional teacher)."""
+    if path is None:
+        return None
+    with announce_loading(path, what):
+        return loader(path)
 
 
 @contextlib.contextmanager

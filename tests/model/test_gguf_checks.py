@@ -99,6 +99,17 @@ def rewrite(src: Path, dst: Path, *, meta: dict | None = None, drop=(), reshape:
     return dst
 
 
+def command_args(command: str, gguf_path: Path, tmp_path: Path) -> list[str]:
+    """The arguments of ``gqa COMMAND`` on ``gguf_path`` (writes the evaluation text it needs)."""
+    (tmp_path / "text.txt").write_text(TEXT)
+    return {
+        "eval": ["eval", str(gguf_path), "--data", str(tmp_path / "text.txt"), "--max-tokens", "64"],
+        "memory": ["memory", str(gguf_path)],
+        "convert": ["convert", str(gguf_path), str(tmp_path / "out"), "--kv-heads", "1"],
+        "generate": ["generate", str(gguf_path), "-p", "To be", "--max-new-tokens", "2"],
+    }[command]
+
+
 def refusal(fn, *args) -> str:
     """The one line ``fn(*args)`` refuses with."""
     with pytest.raises(GQAUserError) as e:
@@ -160,15 +171,8 @@ def test_commands_refuse_an_incomplete_gguf(pristine, tmp_path, command):
     src = tmp_path / "src"
     src.mkdir()
     bad = rewrite(pristine["llama"], src / "bad.gguf", drop=["blk.0.ffn_gate.weight"])
-    (tmp_path / "text.txt").write_text(TEXT)
     before = digest(src)
-    args = {
-        "eval": ["eval", str(bad), "--data", str(tmp_path / "text.txt"), "--max-tokens", "64"],
-        "memory": ["memory", str(bad)],
-        "convert": ["convert", str(bad), str(tmp_path / "out"), "--kv-heads", "1"],
-        "generate": ["generate", str(bad), "-p", "To be", "--max-new-tokens", "2"],
-    }[command]
-    r = runner.invoke(app, args)
+    r = runner.invoke(app, command_args(command, bad, tmp_path))
     assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "lacks tensor blk.0.ffn_gate.weight" in lines[0], r.stderr
@@ -196,14 +200,7 @@ def test_huge_block_count_is_refused_at_once(pristine, tmp_path, command):
     src = tmp_path / "src"
     src.mkdir()
     bad = rewrite(pristine["llama"], src / "huge.gguf", meta={"llama.block_count": 2**31})
-    (tmp_path / "text.txt").write_text(TEXT)
-    args = {
-        "eval": ["eval", str(bad), "--data", str(tmp_path / "text.txt"), "--max-tokens", "64"],
-        "memory": ["memory", str(bad)],
-        "convert": ["convert", str(bad), str(tmp_path / "out"), "--kv-heads", "1"],
-        "generate": ["generate", str(bad), "-p", "To be", "--max-new-tokens", "2"],
-    }[command]
-    r = runner.invoke(app, args)
+    r = runner.invoke(app, command_args(command, bad, tmp_path))
     assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "llama.block_count must be between 1 and 4096, got 2147483648" in lines[0], r.stderr

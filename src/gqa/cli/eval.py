@@ -34,15 +34,11 @@ def register(app: typer.Typer) -> None:
         from gqa.data import encode, load_text
         from gqa.evaluate import evaluate_lm
         from gqa.model.loading import check_context, load_model, load_model_tokenizer
-        from gqa.progress import announce_loading
+        from gqa.progress import load_announced
 
         # Models first: their configs are validated (one line each) before text is read or tokenized.
-        with announce_loading(model):
-            student = load_model(model)
-        teacher_model = None
-        if teacher is not None:
-            with announce_loading(teacher, "teacher"):
-                teacher_model = load_model(teacher)
+        student = load_announced(model, load_model)
+        teacher_model = load_announced(teacher, load_model, "teacher")
         if seq_len is not None:
             check_context(seq_len, {"MODEL": student, "--teacher": teacher_model})
         tok = load_model_tokenizer(model, tokenizer)

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         from gqa.generation import SamplingParams, generate
         from gqa.generation.stream import TextStream
         from gqa.model import GQAForCausalLM, load_model, load_model_tokenizer
-        from gqa.progress import announce_loading
+        from gqa.progress import load_announced
 
         SamplingParams(temperature, top_k, top_p, seed)  # reject bad sampling options before loading
         for i, p in enumerate(prompt):
@@ -44,8 +44,7 @@ def register(app: typer.Typer) -> None:
         if max_new_tokens < 1:
             raise GQAUserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         tok = load_model_tokenizer(model, tokenizer)
-        with announce_loading(model):
-            lm = load_model(model)
+        lm = load_announced(model, load_model)
         if not isinstance(lm, GQAForCausalLM):
             raise GQAUserError(f"{model} is a {type(lm).__name__}; gqa generate runs llama/mistral/qwen2/qwen3 models")
         ids = [tok.encode(p) for p in prompt]

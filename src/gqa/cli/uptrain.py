@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
         from gqa.data import encode, load_text
         from gqa.data.text import held_out_spec
         from gqa.model.loading import check_context, load_model, load_model_tokenizer
-        from gqa.progress import announce_loading
+        from gqa.progress import load_announced
         from gqa.train.config import TRAIN_PARAMS
         from gqa.train.loop import check_not_inside, check_out_dir
         from gqa.train.uptrain import read_pretrain_tokens, uptrain_tokens
@@ -118,12 +118,8 @@ def register(app: typer.Typer) -> None:
             train_ids, val_ids = train_ids[:-n_val], train_ids[-n_val:]
         else:
             val_ids = encode(tok, load_text(val_data, default_split="validation")) if val_data else None
-        with announce_loading(model):
-            student = load_trainable(model)
-        teacher_model = None
-        if teacher is not None:
-            with announce_loading(teacher, "teacher"):
-                teacher_model = load_model(teacher)
+        student = load_announced(model, load_trainable)
+        teacher_model = load_announced(teacher, load_model, "teacher")
         check_context(seq_len, {"MODEL": student, "--teacher": teacher_model})
         settings = dict(seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed)
         settings.update(eval_every=eval_every, checkpoint_every=checkpoint_every, fsdp=fsdp, train_params=train)

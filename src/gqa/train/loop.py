@@ -321,7 +321,7 @@ def train(
                 for name in SIDE_FILES:
                     if (Path(tokenizer_from) / name).is_file():
                         shutil.copy2(Path(tokenizer_from) / name, out_dir / name)
-        fingerprints = run_inputs(train_ids, val_ids, teacher)
+        fingerprints = _run_fingerprints(train_ids, val_ids, teacher)
         # A run killed before its first checkpoint has none: --resume then restarts it from step 0.
         state = load_checkpoint(out_dir / CHECKPOINT_NAME) if resume and (out_dir / CHECKPOINT_NAME).is_file() else None
         if state is not None:
@@ -352,7 +352,7 @@ def train(
             _release_lock(lock, out_dir, finished)
 
 
-def run_inputs(train_ids: torch.Tensor, val_ids: torch.Tensor | None, teacher) -> dict:
+def _run_fingerprints(train_ids: torch.Tensor, val_ids: torch.Tensor | None, teacher) -> dict:
     """Fingerprints of what a run reads besides its settings: the training and validation token ids
     [N] / [M], and the teacher's weights (names, shapes and float64 sums: cheap next to one training
     step, and any other model differs). Stored in each checkpoint, so a resume on other inputs is refused."""
