@@ -23,16 +23,20 @@ _CAUSAL = masks.causal()
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back (as transformers' Llama does)."""
+    """RMSNorm computed in fp32 and cast back: before the scale (transformers' Llama) or, with
+    ``scale_fp32``, after it (Gemma, whose stored scale ``w`` acts as ``1 + w``: gqa keeps ``1 + w``)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, *, scale_fp32: bool = False):
         super().__init__()
         self.eps = eps
+        self.scale_fp32 = scale_fp32
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least fp32; float64 stays float64
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.scale_fp32:
+            return (xf * self.weight.to(xf.dtype)).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
@@ -51,6 +55,8 @@ class GroupedQueryAttention(nn.Module):
         rope_theta: RoPE base; None disables RoPE.
         qkv_bias / o_bias: biases on the q/k/v and output projections.
         qk_norm: RMSNorm over each head's q and k before RoPE (Qwen3, OLMo2 style).
+        scale: softmax scale (default head_dim ** -0.5; Gemma: query_pre_attn_scalar ** -0.5).
+        norm_scale_fp32: the q/k norms scale in fp32 (Gemma; see :class:`RMSNorm`).
     """
 
     def __init__(
@@ -65,6 +71,8 @@ class GroupedQueryAttention(nn.Module):
         o_bias: bool = False,
         qk_norm: bool = False,
         norm_eps: float = 1e-6,
+        scale: float | None = None,
+        norm_scale_fp32: bool = False,
     ):
         super().__init__()
         if n_kv_heads < 1 or n_heads % n_kv_heads:
@@ -78,8 +86,9 @@ class GroupedQueryAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=o_bias)
-        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.q_norm = RMSNorm(head_dim, norm_eps, scale_fp32=norm_scale_fp32) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps, scale_fp32=norm_scale_fp32) if qk_norm else None
+        self.scale = scale
         self.rope_theta = rope_theta
         if rope_theta is not None:
             self.register_buffer("inv_freq", rope_frequencies(head_dim, rope_theta), persistent=False)
@@ -121,16 +130,16 @@ class GroupedQueryAttention(nn.Module):
             cos, sin = rope  # (T, D) or (B, T, D)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv = cache.update(k, v) if cache is not None else (k, v)
-        out = attend(q, kv, mask)  # (B, Hq, T, D)
+        out = attend(q, kv, mask, scale=self.scale)  # (B, Hq, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
-def attend(q: torch.Tensor, kv, mask: masks.Mask | torch.Tensor | None) -> torch.Tensor:
+def attend(q: torch.Tensor, kv, mask: masks.Mask | torch.Tensor | None, *, scale: float | None = None) -> torch.Tensor:
     """Attention of q ``[B, Hq, Tq, D]`` over what a layer cache's ``update`` returned (see :mod:`gqa.cache`):
     ``(k, v)`` ``[B, Hkv, Tk, D]`` or a :class:`gqa.cache.PagedKV`. Query head h reads KV head ``h // g``;
-    the mask is aligned bottom-right. Returns ``[B, Hq, Tq, D]``."""
+    the mask is aligned bottom-right; ``scale`` defaults to ``D ** -0.5``. Returns ``[B, Hq, Tq, D]``."""
     if isinstance(kv, PagedKV):
-        return paged_attention(q, kv, mask=mask)
+        return paged_attention(q, kv, mask=mask, scale=scale)
     k, v = kv
     if q.shape[2] == 1 and isinstance(mask, (masks.Causal, masks.SlidingWindow)):
         # One query at the last position: causal hides nothing, and a window keeps the last `window`
@@ -138,7 +147,7 @@ def attend(q: torch.Tensor, kv, mask: masks.Mask | torch.Tensor | None) -> torch
         if isinstance(mask, masks.SlidingWindow):
             k, v = k[:, :, -mask.window :], v[:, :, -mask.window :]  # (B, Hkv, min(window, Tk), D)
         mask = None
-    return attention(q, k, v, mask=mask)
+    return attention(q, k, v, mask=mask, scale=scale)
 
 
 def paged_attention(

@@ -22,17 +22,22 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0, device=None) -> torc
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [T] or [B, T] (int) -> cos, sin [.., T, D] in fp32 (the two halves repeat)."""
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # (.., T, D/2)
+    """positions [T] or [B, T] (int) -> cos, sin [.., T, D] in fp32 (the two halves repeat).
+
+    Angles are fp32 even when the model is cast to float64, as in transformers, so float64 parity tests
+    compare the same tables.
+    """
+    angles = positions.to(torch.float32)[..., None] * inv_freq.float()  # (.., T, D/2)
     emb = torch.cat((angles, angles), dim=-1)  # (.., T, D)
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [T, D] or [B, T, D]. Computed in fp32, returned in x's dtype."""
+    """x [B, H, T, D]; cos/sin [T, D] or [B, T, D]. Computed in fp32 (float64 stays float64), returned in x's dtype."""
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D) broadcast over heads
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
     half = x.shape[-1] // 2
     rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
     return (xf * cos + rotated * sin).to(x.dtype)

@@ -30,6 +30,6 @@ The cache holds Hkv heads per layer (never Hq); per-layer KV heads give per-laye
 """
 
 from gqa.cache.paged import OutOfPages, PageAllocator, PagedBatch, PagedKV, PagedKVCache
-from gqa.cache.static import KVCache, ModelCache
+from gqa.cache.static import KVCache, ModelCache, RingKVCache
 
-__all__ = ["KVCache", "ModelCache", "PagedKVCache", "PagedBatch", "PagedKV", "PageAllocator", "OutOfPages"]
+__all__ = ["KVCache", "RingKVCache", "ModelCache", "PagedKVCache", "PagedBatch", "PagedKV", "PageAllocator", "OutOfPages"]

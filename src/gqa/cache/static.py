@@ -7,7 +7,18 @@ import torch
 from gqa.errors import GQAUserError
 from gqa.units import kv_bytes_per_token
 
-__all__ = ["KVCache", "ModelCache"]
+__all__ = ["KVCache", "RingKVCache", "ModelCache"]
+
+
+def _check_new(k_new: torch.Tensor, v_new: torch.Tensor, batch_size: int, n_kv_heads: int, head_dim: int) -> None:
+    """New keys/values must be ``[B, Hkv, T, D]`` of the cache's B, Hkv and D, K and V alike."""
+    if k_new.shape != v_new.shape:
+        raise GQAUserError(f"k_new {tuple(k_new.shape)} and v_new {tuple(v_new.shape)} differ; pass matching K/V")
+    if k_new.shape[0] != batch_size or k_new.shape[1] != n_kv_heads or k_new.shape[3] != head_dim:
+        raise GQAUserError(
+            f"cache holds [B={batch_size}, Hkv={n_kv_heads}, T, D={head_dim}] but got "
+            f"{tuple(k_new.shape)}; build the cache with the layer's n_kv_heads and head_dim"
+        )
 
 
 class KVCache:
@@ -77,13 +88,7 @@ class KVCache:
         """
         start = self.length if start is None else start
         t = k_new.shape[2]
-        if k_new.shape != v_new.shape:
-            raise GQAUserError(f"k_new {tuple(k_new.shape)} and v_new {tuple(v_new.shape)} differ; pass matching K/V")
-        if k_new.shape[0] != self.batch_size or k_new.shape[1] != self.n_kv_heads or k_new.shape[3] != self.head_dim:
-            raise GQAUserError(
-                f"cache holds [B={self.batch_size}, Hkv={self.n_kv_heads}, T, D={self.head_dim}] but got "
-                f"{tuple(k_new.shape)}; build the cache with the layer's n_kv_heads and head_dim"
-            )
+        _check_new(k_new, v_new, self.batch_size, self.n_kv_heads, self.head_dim)
         end = start + t
         if start < 0 or end > self.max_seq_len:
             raise GQAUserError(
@@ -99,6 +104,73 @@ class KVCache:
         self.length = 0
 
 
+class RingKVCache:
+    """A sliding-window layer's cache: ring buffers ``k``, ``v`` ``[B, Hkv, window, D]``, so its memory is
+    bounded by the window however long the sequence grows (Gemma-3's sliding layers: 512 tokens).
+
+    A query at position p sees keys p - window + 1 .. p (:func:`gqa.masks.sliding_window`), so nothing
+    older is kept: the token at position q lives in slot ``q % window``. ``length`` counts every token
+    written (the RoPE positions continue from it); ``max_seq_len`` is the longest sequence allowed.
+
+    ``update`` returns what the new queries attend over: for one new token the ring itself (``[B, Hkv,
+    min(length, window), D]``, slots in ring order: attention does not depend on key order, and every
+    held key is inside the window); for several, the keys they can see in position order (the last
+    window - 1 held ones, then the new ones). :meth:`visible_slots` gives the sequence positions of those
+    keys, so a key-padding mask over all positions can be indexed to match.
+    """
+
+    def __init__(self, batch_size: int, n_kv_heads: int, window: int, head_dim: int, *, max_seq_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):  # fmt: skip
+        for name, val in (("batch_size", batch_size), ("n_kv_heads", n_kv_heads), ("window", window),
+                          ("head_dim", head_dim), ("max_seq_len", max_seq_len)):  # fmt: skip
+            if not isinstance(val, int) or val < 1:
+                raise GQAUserError(f"RingKVCache {name} must be a positive integer, got {val!r}")
+        shape = (batch_size, n_kv_heads, window, head_dim)  # (B, Hkv, W, D)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.window, self.max_seq_len, self.length = window, max_seq_len, 0
+
+    batch_size, n_kv_heads, head_dim = KVCache.batch_size, KVCache.n_kv_heads, KVCache.head_dim
+    nbytes, bytes_per_token, positions = KVCache.nbytes, KVCache.bytes_per_token, KVCache.positions
+
+    def visible_slots(self, t: int, device=None) -> torch.Tensor:
+        """Sequence positions ``[Tk]`` of the keys :meth:`update` will return for ``t`` new tokens."""
+        device = device if device is not None else self.k.device
+        n, w = self.length, self.window
+        if t == 1 and n >= w:  # the full ring after the write: slot s holds the newest position = s mod w
+            s = torch.arange(w, device=device)
+            return n - (n - s) % w
+        old = min(n, w - 1) if t > 1 else n
+        return torch.arange(n - old, n + t, device=device)
+
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor):
+        """Append ``k_new``/``v_new`` ``[B, Hkv, T, D]``; returns ``(k, v)`` ``[B, Hkv, Tk, D]`` as the class says."""
+        _check_new(k_new, v_new, self.batch_size, self.n_kv_heads, self.head_dim)
+        n, t, w = self.length, k_new.shape[2], self.window
+        if n + t > self.max_seq_len:
+            raise GQAUserError(
+                f"positions {n}..{n + t - 1} are beyond the cache's {self.max_seq_len} tokens; "
+                "allocate a larger max_seq_len or shorten the sequence"
+            )
+        if t == 1:
+            slot = n % w
+            self.k[:, :, slot : slot + 1], self.v[:, :, slot : slot + 1] = k_new, v_new
+            self.length = n + 1
+            held = min(self.length, w)
+            return self.k[:, :, :held], self.v[:, :, :held]
+        old = torch.arange(n - min(n, w - 1), n, device=self.k.device) % w  # slots of the visible held keys
+        k = torch.cat([self.k.index_select(2, old), k_new], dim=2)  # (B, Hkv, old + T, D) in position order
+        v = torch.cat([self.v.index_select(2, old), v_new], dim=2)
+        keep = min(t, w)
+        slots = torch.arange(n + t - keep, n + t, device=self.k.device) % w
+        self.k[:, :, slots], self.v[:, :, slots] = k_new[:, :, -keep:], v_new[:, :, -keep:]
+        self.length = n + t
+        return k, v
+
+    def reset(self) -> None:
+        self.length = 0
+
+
 class ModelCache:
     """One :class:`KVCache` per layer; per-layer KV heads (variable GQA) give per-layer sizes.
 
@@ -106,18 +178,21 @@ class ModelCache:
     ``cache[i]`` the :class:`KVCache` layer i writes (each layer advances its own ``length``).
     """
 
-    def __init__(self, layers: list[KVCache]):
+    def __init__(self, layers: list[KVCache | RingKVCache]):
         self.layers = layers
 
     @classmethod
     def for_config(cls, config, batch_size: int, max_seq_len: int, *, dtype=torch.float32, device=None) -> ModelCache:
-        """Allocate a cache for a :class:`gqa.model.GQAConfig` model."""
-        return cls(
-            [
-                KVCache(batch_size, hkv, max_seq_len, config.resolved_head_dim, dtype=dtype, device=device)
-                for hkv in config.kv_heads_per_layer
-            ]
-        )
+        """Allocate a cache for a :class:`gqa.model.GQAConfig` model: a :class:`RingKVCache` for each
+        sliding-window layer whose window is shorter than ``max_seq_len``, a :class:`KVCache` otherwise."""
+        layers: list[KVCache | RingKVCache] = []
+        for i, hkv in enumerate(config.kv_heads_per_layer):
+            window, d = config.layer_window(i), config.resolved_head_dim
+            if window is not None and window < max_seq_len:
+                layers.append(RingKVCache(batch_size, hkv, window, d, max_seq_len=max_seq_len, dtype=dtype, device=device))
+            else:
+                layers.append(KVCache(batch_size, hkv, max_seq_len, d, dtype=dtype, device=device))
+        return cls(layers)
 
     def __getitem__(self, i: int) -> KVCache:
         return self.layers[i]
@@ -131,7 +206,7 @@ class ModelCache:
 
     @property
     def max_seq_len(self) -> int:
-        return self.layers[0].max_seq_len
+        return min(c.max_seq_len for c in self.layers)
 
     @property
     def nbytes(self) -> int:

@@ -11,7 +11,12 @@ import torch
 from gqa.errors import GQAUserError
 from gqa.model.files import read_json_object
 
-__all__ = ["GQAConfig", "LIMITS", "check_int", "check_kv_heads"]
+__all__ = ["GQAConfig", "LIMITS", "check_int", "check_kv_heads", "ACTIVATIONS", "LAYER_TYPES"]
+
+#: MLP gate activations: SwiGLU (silu) and GeGLU with the tanh approximation of GELU (Gemma).
+ACTIVATIONS = ("silu", "gelu_tanh")
+#: Attention kinds of a layer: full causal, or causal over the last ``sliding_window`` tokens.
+LAYER_TYPES = ("global", "sliding")
 
 #: Upper bounds on config integers: far above any real model (Llama-3.1-405B: 126 layers, 128 heads,
 #: d_model 16384, ffn 53248, vocab 128256; the longest contexts are ~10M tokens), low enough that a
@@ -93,7 +98,16 @@ class GQAConfig:
     o_bias: bool = False  # bias on the output projection
     mlp_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3, OLMo2)
-    sliding_window: int | None = None  # causal sliding window over the last N tokens (Mistral)
+    sliding_window: int | None = None  # causal sliding window over the last N tokens (Mistral; Gemma-3's sliding layers)
+    # Per layer "global" (full causal attention) or "sliding" (the last sliding_window tokens, with RoPE base
+    # rope_local_theta); None: every layer alike (sliding if sliding_window is set). Gemma-3: 5 sliding, 1 global.
+    layer_types: list[str] | None = None
+    rope_local_theta: float | None = None  # RoPE base of "sliding" layers; None = rope_theta
+    hidden_act: str = "silu"  # MLP gate: "silu" (SwiGLU, Llama) or "gelu_tanh" (GeGLU, Gemma)
+    embed_scale: float | None = None  # token embeddings multiplied by this (Gemma: sqrt(d_model)); None = 1
+    sandwich_norm: bool = False  # RMSNorm also after attention and after the MLP, before the residual add (Gemma 2/3)
+    norm_scale_fp32: bool = False  # RMSNorm scales in fp32 before casting back (Gemma) instead of after (Llama)
+    attn_scale: float | None = None  # softmax scale; None = head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
@@ -122,6 +136,37 @@ class GQAConfig:
         check_kv_heads(self.n_heads, heads)
         if self.sliding_window is not None:
             self.sliding_window = check_int("sliding_window", self.sliding_window, field="sliding_window")
+        self._check_layer_kinds()
+
+    def _check_layer_kinds(self) -> None:
+        if self.hidden_act not in ACTIVATIONS:
+            raise GQAUserError(f"hidden_act {self.hidden_act!r} is not supported; choose one of {', '.join(ACTIVATIONS)}")
+        if self.layer_types is None:
+            return
+        types = list(self.layer_types)
+        if len(types) != self.n_layers or any(t not in LAYER_TYPES for t in types):
+            raise GQAUserError(
+                f"layer_types must list {self.n_layers} entries, each one of {', '.join(LAYER_TYPES)}; got {types[:8]}"
+            )
+        if "sliding" in types and self.sliding_window is None:
+            raise GQAUserError("layer_types has sliding layers but sliding_window is not set; give the window size")
+        self.layer_types = types
+
+    @property
+    def attention_kinds(self) -> list[str]:
+        """Per layer "global" or "sliding" (see ``layer_types``)."""
+        if self.layer_types is not None:
+            return list(self.layer_types)
+        return ["sliding" if self.sliding_window else "global"] * self.n_layers
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer ``i`` in tokens, or None for full causal attention."""
+        return self.sliding_window if self.attention_kinds[i] == "sliding" else None
+
+    def layer_rope_theta(self, i: int) -> float:
+        """The RoPE base of layer ``i``: ``rope_local_theta`` on sliding layers when set, else ``rope_theta``."""
+        local = self.layer_types is not None and self.attention_kinds[i] == "sliding"
+        return self.rope_local_theta if local and self.rope_local_theta is not None else self.rope_theta
 
     @property
     def resolved_head_dim(self) -> int:
@@ -143,6 +188,18 @@ class GQAConfig:
 
         return kv_bytes_per_token(self.kv_heads_per_layer, self.resolved_head_dim, dtype)
 
+    def kv_bytes(self, context: int, dtype: torch.dtype = torch.bfloat16) -> int:
+        """KV-cache bytes of one sequence of ``context`` tokens: a sliding layer holds at most its window
+        (its cache is a ring buffer), a global layer every token."""
+        from gqa.units import kv_bytes_per_token
+
+        total = 0
+        for i, hkv in enumerate(self.kv_heads_per_layer):
+            window = self.layer_window(i)
+            tokens = min(context, window) if window else context
+            total += tokens * kv_bytes_per_token([hkv], self.resolved_head_dim, dtype)
+        return total
+
     def num_parameters(self) -> int:
         d, hd, f = self.d_model, self.resolved_head_dim, self.ffn_dim
         total = self.vocab_size * d * (1 if self.tie_embeddings else 2) + d
@@ -155,7 +212,7 @@ class GQAConfig:
             if self.qk_norm:
                 attn += 2 * hd
             mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
-            total += attn + mlp + 2 * d
+            total += attn + mlp + (4 if self.sandwich_norm else 2) * d
         return total
 
     def to_dict(self) -> dict:

@@ -1,4 +1,10 @@
-"""A Llama-style decoder built from :class:`GQAConfig`: RMSNorm, GQA attention with RoPE, SwiGLU."""
+"""A Llama-style decoder built from :class:`GQAConfig`: RMSNorm, GQA attention with RoPE, a gated MLP.
+
+The same blocks cover Gemma-3's differences, each a config field: GeGLU (``hidden_act``), norms after
+attention and the MLP too (``sandwich_norm``), scaled embeddings (``embed_scale``), QK-norm, a softmax
+scale of its own (``attn_scale``) and sliding-window layers with their own RoPE base between global
+ones (``layer_types``, ``rope_local_theta``; their caches are ring buffers bounded by the window).
+"""
 
 from __future__ import annotations
 
@@ -13,44 +19,60 @@ from gqa.layer import GroupedQueryAttention, RMSNorm
 from gqa.model.config import GQAConfig
 from gqa.rope import rope_cos_sin
 
-__all__ = ["GQAForCausalLM", "DecoderBlock", "SwiGLU"]
+__all__ = ["GQAForCausalLM", "DecoderBlock", "GatedMLP", "SwiGLU"]
 
 _CAUSAL = masks.causal()
+_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, ffn_dim: int, bias: bool = False):
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))``: SwiGLU with ``act="silu"``, GeGLU with ``"gelu_tanh"``; x [..., d] -> [..., d]."""
+
+    def __init__(self, d_model: int, ffn_dim: int, bias: bool = False, act: str = "silu"):
         super().__init__()
         self.gate_proj = nn.Linear(d_model, ffn_dim, bias=bias)
         self.up_proj = nn.Linear(d_model, ffn_dim, bias=bias)
         self.down_proj = nn.Linear(ffn_dim, d_model, bias=bias)
+        self.act = _ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+SwiGLU = GatedMLP  # the Llama name of the default (silu) gate
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, config: GQAConfig, n_kv_heads: int):
+    """Pre-norm attention and MLP, each added to the residual stream; with ``sandwich_norm`` each output is
+    normed again before the add (Gemma: ``post_attn_norm``, ``post_mlp_norm``)."""
+
+    def __init__(self, config: GQAConfig, n_kv_heads: int, layer: int = 0):
         super().__init__()
-        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        d, eps, fp32 = config.d_model, config.norm_eps, config.norm_scale_fp32
+        self.attn_norm = RMSNorm(d, eps, scale_fp32=fp32)
         self.attn = GroupedQueryAttention(
-            config.d_model,
+            d,
             config.n_heads,
             n_kv_heads,
             config.resolved_head_dim,
-            rope_theta=config.rope_theta,
+            rope_theta=config.layer_rope_theta(layer),
             qkv_bias=config.qkv_bias,
             o_bias=config.o_bias,
             qk_norm=config.qk_norm,
-            norm_eps=config.norm_eps,
+            norm_eps=eps,
+            scale=config.attn_scale,
+            norm_scale_fp32=fp32,
         )
-        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = SwiGLU(config.d_model, config.ffn_dim, config.mlp_bias)
+        self.mlp_norm = RMSNorm(d, eps, scale_fp32=fp32)
+        self.mlp = GatedMLP(d, config.ffn_dim, config.mlp_bias, config.hidden_act)
+        self.post_attn_norm = RMSNorm(d, eps, scale_fp32=fp32) if config.sandwich_norm else nn.Identity()
+        self.post_mlp_norm = RMSNorm(d, eps, scale_fp32=fp32) if config.sandwich_norm else nn.Identity()
 
     def forward(self, x, positions=None, cache=None, mask=_CAUSAL, rope=None):
         """x [B, T, d_model] -> [B, T, d_model]; arguments as :meth:`GroupedQueryAttention.forward`."""
-        x = x + self.attn(self.attn_norm(x), positions=positions, cache=cache, mask=mask, rope=rope)
-        return x + self.mlp(self.mlp_norm(x))
+        a = self.attn(self.attn_norm(x), positions=positions, cache=cache, mask=mask, rope=rope)
+        x = x + self.post_attn_norm(a)
+        return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
 
 
 class GQAForCausalLM(nn.Module):
@@ -60,7 +82,7 @@ class GQAForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(DecoderBlock(config, h) for h in config.kv_heads_per_layer)
+        self.layers = nn.ModuleList(DecoderBlock(config, h, i) for i, h in enumerate(config.kv_heads_per_layer))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -81,13 +103,25 @@ class GQAForCausalLM(nn.Module):
             self.config, batch_size, max_seq_len or self.config.max_seq_len, dtype=dtype or p.dtype, device=device or p.device
         )
 
-    def build_mask(self, key_valid: torch.Tensor | None = None) -> masks.Mask:
-        """Causal (or sliding-window) mask over cache slots, AND key padding when ``key_valid`` [B, Tk] is given."""
-        w = self.config.sliding_window
+    def build_mask(self, key_valid: torch.Tensor | None = None, layer: int = 0) -> masks.Mask:
+        """Layer ``layer``'s causal (or sliding-window) mask over cache slots, AND key padding when
+        ``key_valid`` [B, Tk] (over the keys that layer attends to) is given."""
+        w = self.config.layer_window(layer)
         m: masks.Mask = masks.sliding_window(w) if w else masks.causal()
         if key_valid is not None:
             m = m & masks.key_padding(valid=key_valid)
         return m
+
+    def _layer_masks(self, key_valid: torch.Tensor | None, cache, t: int) -> list[masks.Mask]:
+        """One default mask per layer; a ring-buffer layer's key padding is indexed to the keys it returns."""
+        out = []
+        for i in range(len(self.layers)):
+            valid = key_valid
+            slots = getattr(cache[i], "visible_slots", None) if cache is not None else None
+            if valid is not None and slots is not None:
+                valid = valid[:, slots(t, valid.device)]  # (B, Tk of this layer)
+            out.append(self.build_mask(valid, i))
+        return out
 
     def forward(
         self,
@@ -109,7 +143,8 @@ class GQAForCausalLM(nn.Module):
             or ``paged_cache.batch(seqs)`` of a :class:`gqa.cache.PagedKVCache`. It is filled in place
             and then holds the T new tokens.
         key_valid: bool [B, Tk] over all cache slots including the new ones (False = padding).
-        mask: overrides the default causal / sliding-window mask (aligned bottom-right, per sequence).
+        mask: overrides every layer's default mask (causal, or sliding-window on the layers that have one;
+            aligned bottom-right, per sequence).
         logits_to_keep: run the LM head on the last ``logits_to_keep`` positions only (0 = all, as in
             transformers); generation keeps 1 so a decode step never projects the prompt onto the vocabulary.
 
@@ -129,10 +164,14 @@ class GQAForCausalLM(nn.Module):
         if positions is None:
             positions = torch.arange(t, device=input_ids.device)
         if mask is None:
-            mask = self.build_mask(key_valid)
+            layer_masks = self._layer_masks(key_valid, cache, t)
         elif key_valid is not None:
             raise GQAUserError("pass key_valid or mask, not both; add masks.key_padding(valid=...) to your mask")
+        else:
+            layer_masks = [mask] * len(self.layers)
         x = self.embed(input_ids)  # (B, T, d_model)
+        if self.config.embed_scale is not None:
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)  # in the weights' dtype, as Gemma does
         rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, layer in enumerate(self.layers):
             attn, rope = layer.attn, None
@@ -141,7 +180,7 @@ class GQAForCausalLM(nn.Module):
                 if key not in rope_tables:
                     rope_tables[key] = rope_cos_sin(positions, attn.inv_freq)  # ((B,) T, D) each
                 rope = rope_tables[key]
-            x = layer(x, positions, cache[i] if cache is not None else None, mask, rope)
+            x = layer(x, positions, cache[i] if cache is not None else None, layer_masks[i], rope)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]  # (B, logits_to_keep, d_model)
         return self.lm_head(self.norm(x))  # (B, T | logits_to_keep, vocab)
