@@ -126,15 +126,15 @@ def _log_ticks(ax, values: list[float]) -> None:
 def plot_perplexity_vs_kv(rows: list[DemoRow], path: str | Path, title: str) -> Path:
     """Left: validation perplexity (log scale) against KV-cache KiB per token, each recipe after conversion
     (dashed) and after uptraining (solid), starting from the MHA original. Right: the KL from the MHA model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: the process's matplotlib backend stays as it was
 
     path = Path(path)
     recipes = [r for r in RECIPES if any(r in row.recipes for row in rows)]
-    fig, (ax, ax_kl) = plt.subplots(1, 2, figsize=(10.4, 4.8), dpi=120)
+    fig = Figure(figsize=(10.4, 4.8), dpi=120)
+    FigureCanvasAgg(fig)
+    ax, ax_kl = fig.subplots(1, 2)
     mha = next((row for row in rows if row.perplexity is not None), None)
     ppl_values = [mha.perplexity] if mha else []
     kl_values = []
@@ -175,7 +175,6 @@ def plot_perplexity_vs_kv(rows: list[DemoRow], path: str | Path, title: str) -> 
     fig.tight_layout(rect=(0, 0.11, 1, 1))
     with atomic_file(path) as tmp:  # the temp name keeps the suffix: it picks the image format
         fig.savefig(tmp)
-    plt.close(fig)
     return path
 
 

@@ -468,10 +468,8 @@ def to_markdown(results: dict) -> str:
 
 def plot(results: dict, path: Path) -> None:
     """Bar chart: achieved GB/s of KV read per case and implementation, copy bandwidth as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: the process's matplotlib backend stays as it was
 
     cases = [c for c in results["cases"] if not c["skipped"]]
     peers = []
@@ -479,7 +477,9 @@ def plot(results: dict, path: Path) -> None:
         for m in c["peers"]:
             if m["seconds"] and m["peer"] not in peers:
                 peers.append(m["peer"])
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(cases) + 2.5), 4.8))
+    fig = Figure(figsize=(max(7, 1.6 * len(cases) + 2.5), 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     width = 0.8 / max(1, len(peers))
     for i, peer in enumerate(peers):
         vals = [next((m["gbps"] for m in c["peers"] if m["peer"] == peer and m["seconds"]), 0.0) for c in cases]
@@ -500,7 +500,6 @@ def plot(results: dict, path: Path) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _result_stem(
@@ -810,14 +809,14 @@ def cpu_decode_markdown(results: dict) -> str:
 
 def cpu_decode_plot(results: dict, path: Path) -> None:
     """Grouped bars: GB/s of each implementation per (dtype, case), the read bandwidth as a marker."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: the process's matplotlib backend stays as it was
 
     rows = results["rows"]
     names = [n for n in CPU_DECODE_PEERS if any(n in r["peers"] for r in rows)]
-    fig, ax = plt.subplots(figsize=(9, 4.8))
+    fig = Figure(figsize=(9, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     width = 0.8 / (len(names) + 1)
     xs = range(len(rows))
     ax.bar([x for x in xs], [r["read_gbps"] for r in rows], width, color="lightgrey", label="read bandwidth (sum)")
@@ -835,7 +834,6 @@ def cpu_decode_plot(results: dict, path: Path) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
 
 
 def write_cpu_decode_results(results: dict, out_dir: str | Path, *, force: bool = False) -> dict[str, Path]:

@@ -129,10 +129,11 @@ def user_errors(fn):
 
 @contextlib.contextmanager
 def restore_global_state() -> Iterator[None]:
-    """Restore process-wide settings that a command, benchmark or plot may change: torch's thread count and
-    matplotlib's backend (``matplotlib.use`` inside the block is undone on exit).
+    """Restore process-wide settings that a command or benchmark may change: torch's thread count, and
+    matplotlib's backend should code inside the block call ``matplotlib.use`` (gqa's own plots draw on a
+    ``Figure`` with its own Agg canvas and never switch the backend).
 
-    Use it around code that calls ``torch.set_num_threads`` or ``matplotlib.use``::
+    Use it around code that calls ``torch.set_num_threads``::
 
         with restore_global_state():
             torch.set_num_threads(1)
