@@ -21,7 +21,8 @@ import torch
 from gqa.errors import GQAUserError
 from gqa.model.config import LIMITS, check_int, check_kv_heads
 from gqa.model.files import read_json_object
-from gqa.units import DTYPES, element_size
+from gqa.formats.dtypes import kv_names
+from gqa.units import element_size
 from gqa.units import kv_bytes_per_token as _kv_bytes
 
 __all__ = ["KVShape", "DTYPE_BYTES", "load_kv_shape", "kv_shape_from_dict", "kv_bytes_per_token", "memory_report"]
@@ -29,14 +30,8 @@ __all__ = ["KVShape", "DTYPE_BYTES", "load_kv_shape", "kv_shape_from_dict", "kv_
 GiB = 2**30
 KiB = 2**10
 
-#: Element types a KV cache is kept in: gqa.units' 16/32-bit float names plus 8-bit caches
-#: (names and sizes come from :mod:`gqa.units`; only the 8-bit names are added here).
-KV_DTYPES = {
-    **{name: dt for name, dt in DTYPES.items() if dt in (torch.float32, torch.float16, torch.bfloat16)},
-    "float8": torch.float8_e4m3fn,
-    "fp8": torch.float8_e4m3fn,
-    "int8": torch.int8,
-}
+#: Element types a KV cache is kept in: the KV rows of the one dtype table (:mod:`gqa.formats.dtypes`).
+KV_DTYPES = kv_names()
 #: Bytes per cached element, by name (kept for callers of the old name).
 DTYPE_BYTES = {name: element_size(dt) for name, dt in KV_DTYPES.items()}
 

@@ -11,22 +11,13 @@ from collections.abc import Iterable
 import torch
 
 from gqa.errors import GQAUserError
+from gqa.formats.dtypes import user_names
 
 __all__ = ["DTYPES", "parse_dtype", "dtype_name", "element_size", "kv_bytes_per_token", "parse_device", "check_seed", "derived_seed", "check_threads"]
 
-#: Dtype names accepted everywhere (CLI options, configs, reports), with common aliases.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-}
+#: Dtype names accepted everywhere (CLI options, configs, reports), with common aliases: the user rows of
+#: the one dtype table (:mod:`gqa.formats.dtypes`).
+DTYPES: dict[str, torch.dtype] = user_names()
 
 
 def parse_dtype(value: str | torch.dtype | None, *, allowed: Iterable[str] | None = None) -> torch.dtype | None:

@@ -53,17 +53,20 @@ def check_int(
     """
     label = field or name
     limit = LIMITS.get(name) if limit is None else limit
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise GQAUserError(f"{label} must be an integer, got {value!r}; {fix}")
+    short = label.rsplit(": ", 1)[-1]  # without a file name in front: "x.gguf: llama.block_count"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+        raise GQAUserError(f"{short}={value!r} is not a whole number: {label} must be an integer; {fix}")
     if isinstance(value, float):
-        if not value.is_integer():
-            raise GQAUserError(f"{label} must be an integer, got {value!r}; {fix}")
         if limit is not None and abs(value) > limit:
-            raise GQAUserError(f"{label}={value:g} is too large (at most {limit}); {fix}")
+            raise GQAUserError(f"{label}={value:g} is too large: use a whole number from {minimum} to {limit}; {fix}")
         value = int(value)
     if value < minimum or (limit is not None and value > limit):
-        bound = f"between {minimum} and {limit}" if limit is not None else f">= {minimum}"
-        raise GQAUserError(f"{label} must be {bound}, got {value}; {fix}")
+        if limit is None:
+            raise GQAUserError(f"{short}={value} is out of range: {label} must be >= {minimum}; {fix}")
+        raise GQAUserError(
+            f"{short}={value} is out of range: {label} must be between {minimum} and {limit}, got {value} "
+            f"(a whole number from {minimum} to {limit}); {fix}"
+        )
     return value
 
 
