@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from gqa.errors import GQAUserError
+from gqa.formats.dtypes import kv_names
 from gqa.model.config import LIMITS, check_int, check_kv_heads
 from gqa.model.files import read_json_object
-from gqa.formats.dtypes import kv_names
 from gqa.units import element_size
 from gqa.units import kv_bytes_per_token as _kv_bytes
 
