@@ -63,8 +63,8 @@ def test_quiet_loading_silences_transformers_and_restores(tmp_path, capfd):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from gqa.formats.gguf import export_gguf
     from gqa.model import GQAConfig, GQAForCausalLM
-    from gqa.model.gguf import export_gguf
 
     model = GQAForCausalLM(GQAConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=48))
     export_gguf(model, tmp_path / "m.gguf", dtype="f32")

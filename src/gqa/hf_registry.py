@@ -30,13 +30,14 @@ import torch
 
 __all__ = ["register", "GQAModelForCausalLM", "is_per_layer_config", "read_per_layer_heads"]
 
-_FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM"),
-    "mistral": ("MistralConfig", "MistralForCausalLM"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-}
 _registered = False
+
+
+def _families() -> list[tuple[str, str]]:
+    """(config class, model class) of every family whose per-layer KV heads gqa reads back."""
+    from gqa import families
+
+    return [(f.hf_config_class, f.hf_model_class) for f in families.FAMILIES if f.per_layer]
 
 
 def is_per_layer_config(config) -> bool:
@@ -70,15 +71,15 @@ def _make_wrapper():
         def __init__(self, config, gqa_model=None):
             super().__init__(config)
             if gqa_model is None:
+                from gqa.formats.transformers import config_from_hf
                 from gqa.model.decoder import GQAForCausalLM
-                from gqa.model.hf import config_from_hf
 
                 gqa_model = GQAForCausalLM(config_from_hf(_config_dict(config)))
             self.gqa_model = gqa_model
 
         @classmethod
         def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, dtype=None, **kwargs):
-            from gqa.model import load_hf
+            from gqa.formats.transformers import load_hf
 
             folder = Path(pretrained_model_name_or_path)
             if not (folder / "config.json").is_file():
@@ -176,8 +177,8 @@ def _dispatcher(hf_class, wrapper):
 
 
 def register() -> None:
-    """Register the dispatch for llama, mistral, qwen2 and qwen3 with ``AutoModelForCausalLM``
-    (idempotent). Public as ``gqa.register_transformers()``."""
+    """Register the dispatch for every family with per-layer KV heads (``gqa.families.names(per_layer=True)``)
+    with ``AutoModelForCausalLM`` (idempotent). Public as ``gqa.register_transformers()``."""
     global _registered, GQAModelForCausalLM
     if _registered:
         return
@@ -185,7 +186,7 @@ def register() -> None:
     from transformers import AutoModelForCausalLM
 
     GQAModelForCausalLM = _make_wrapper()
-    for config_name, model_name in _FAMILIES.values():
+    for config_name, model_name in _families():
         config_cls = getattr(transformers, config_name)
         model_cls = getattr(transformers, model_name)
         AutoModelForCausalLM.register(config_cls, _dispatcher(model_cls, GQAModelForCausalLM), exist_ok=True)
@@ -194,8 +195,8 @@ def register() -> None:
 
 def read_per_layer_heads(folder: str | Path) -> list[int] | None:
     """The per-layer KV heads a folder's config.json declares, or None when it has none (values validated)."""
+    from gqa.formats.spec import per_layer_kv_heads
     from gqa.model.config import check_int
-    from gqa.model.hf import per_layer_kv_heads
     from gqa.model.loading import read_config_json
 
     cfg = read_config_json(Path(folder) / "config.json")

@@ -20,7 +20,7 @@ import torch
 
 from gqa.errors import GQAUserError
 from gqa.formats.dtypes import kv_names
-from gqa.model.config import LIMITS, check_int, check_kv_heads
+from gqa.model.config import LIMITS, check_int
 from gqa.model.files import read_json_object
 from gqa.units import element_size
 from gqa.units import kv_bytes_per_token as _kv_bytes
@@ -81,110 +81,24 @@ def kv_bytes_per_token(shape: KVShape, dtype: str = "bfloat16") -> int:
     return _kv_bytes(shape.kv_heads_per_layer, shape.head_dim, _kv_dtype(dtype))
 
 
-def _get(cfg: dict, key: str):
-    if cfg.get(key) is None:
-        raise GQAUserError(
-            f"config has no {key!r}; give a transformers decoder config with num_attention_heads, "
-            "num_hidden_layers and hidden_size"
-        )
-    return cfg[key]
-
-
-def _positive(cfg: dict, key: str, limit_name: str, *, optional: bool = False):
-    val = cfg.get(key)
-    if val is None and optional:
-        return None
-    return check_int(limit_name, _get(cfg, key) if val is None else val, field=key)
-
-
 def kv_shape_from_dict(cfg: dict, name: str = "model") -> KVShape:
     """A transformers ``config.json`` dict (or a gqa ``GQAConfig`` dict) -> :class:`KVShape`.
 
-    Every integer is validated (positive, bounded, KV heads dividing the query heads) by
-    :func:`gqa.model.config.check_int` before anything is enumerated; bad values are one-line
-    :class:`GQAUserError` naming the field.
+    Read by the one config reader (:func:`gqa.formats.transformers.spec_from_config`): every integer is
+    validated (positive, bounded, KV heads dividing the query heads) before anything is enumerated; bad
+    values are one-line :class:`GQAUserError` naming the field.
     """
-    if not isinstance(cfg, dict):
-        raise GQAUserError(f"a config is a JSON object, got a {type(cfg).__name__}; pass the model's config.json")
-    if "n_heads" in cfg and "d_model" in cfg:  # gqa's own GQAConfig
-        from gqa.model.config import GQAConfig
+    from gqa.formats.transformers.config import spec_from_config
 
-        c = GQAConfig.from_dict(cfg)
-        return KVShape(name, c.n_heads, tuple(c.kv_heads_per_layer), c.resolved_head_dim, c.max_seq_len)
-    if "num_attention_heads" not in cfg and isinstance(cfg.get("text_config"), dict):
-        cfg = cfg["text_config"]  # multimodal configs nest the language model's
-    n_heads = _positive(cfg, "num_attention_heads", "n_heads")
-    layers = _positive(cfg, "num_hidden_layers", "n_layers")
-    head_dim = _positive(cfg, "head_dim", "head_dim", optional=True)
-    if head_dim is None:
-        hidden = _positive(cfg, "hidden_size", "d_model")
-        if hidden % n_heads:
-            raise GQAUserError(
-                f"hidden_size={hidden} is not divisible by num_attention_heads={n_heads} and there is no head_dim; "
-                "fix the config"
-            )
-        head_dim = hidden // n_heads
-    kv_field = cfg.get("num_key_value_heads")
-    if isinstance(kv_field, list):  # some configs list one entry per layer
-        if len(kv_field) != layers:
-            raise GQAUserError(
-                f"num_key_value_heads lists {len(kv_field)} layers but num_hidden_layers is {layers}; fix the config"
-            )
-        heads = [check_int("n_kv_heads", h, minimum=0, field="num_key_value_heads") for h in kv_field]
-    else:
-        n_kv = n_heads if kv_field is None else check_int("n_kv_heads", kv_field, field="num_key_value_heads")
-        heads = [n_kv] * layers
-    if cfg.get("per_layer_config") is not None:
-        from gqa.model.hf import per_layer_kv_heads
-
-        heads = per_layer_kv_heads(cfg, layers, heads[0])
-    blocks = cfg.get("block_configs")
-    if blocks is not None:  # DeciLM / Nemotron-NAS
-        heads = _decilm_heads(blocks, n_heads, layers)
-    check_kv_heads(n_heads, heads, field="num_key_value_heads", allow_zero=True)
-    max_ctx = cfg.get("max_position_embeddings")
-    if max_ctx is None:
-        max_ctx = cfg.get("seq_length")
-    if max_ctx is not None:
-        max_ctx = check_int("max_seq_len", max_ctx, field="max_position_embeddings")
-    return KVShape(name, n_heads, tuple(heads), head_dim, max_ctx)
-
-
-def _decilm_heads(blocks, n_heads: int, layers: int) -> list[int]:
-    if not isinstance(blocks, list) or len(blocks) != layers:
-        got = len(blocks) if isinstance(blocks, list) else type(blocks).__name__
-        raise GQAUserError(f"block_configs must list one block per layer ({layers}), got {got}; fix the config")
-    heads = []
-    for i, block in enumerate(blocks):
-        attn = block.get("attention", {}) if isinstance(block, dict) else None
-        if not isinstance(attn, dict):
-            raise GQAUserError(f"block_configs[{i}].attention must be an object; fix the config")
-        if attn.get("no_op") or attn.get("replace_with_linear"):
-            heads.append(0)  # no attention in this block, so no cache
-            continue
-        group = attn.get("n_heads_in_group")
-        group = 1 if group is None else check_int("n_heads", group, field=f"block_configs[{i}].n_heads_in_group")
-        if n_heads % group:
-            raise GQAUserError(
-                f"block_configs[{i}].n_heads_in_group={group} does not divide the {n_heads} query heads; fix the config"
-            )
-        heads.append(n_heads // group)
-    return heads
+    return spec_from_config(cfg).kv_shape(name)
 
 
 def _kv_shape_from_gguf(path: Path) -> KVShape:
-    """The KV shape from the same checked header the loaders read (:func:`gqa.model.gguf.read_gguf_header`):
+    """The KV shape from the same checked header the loaders read (:func:`gqa.formats.gguf.read_gguf_header`):
     a file ``gqa eval`` refuses, ``gqa memory`` refuses with the same line."""
-    from gqa.model.gguf import read_gguf_header
+    from gqa.formats.gguf import read_gguf_header, spec_from_gguf
 
-    h = read_gguf_header(path)
-    if h.heads is None or h.head_dim is None:
-        raise GQAUserError(
-            f"{path.name} lacks {h.arch}.attention.head_count / block_count / embedding_length metadata; "
-            "is it a decoder model?"
-        )
-    # per-layer query heads: sized by the largest
-    return KVShape(path.name, max(h.heads), h.kv_heads, h.head_dim, h.context)
+    return spec_from_gguf(read_gguf_header(path)).kv_shape(path.name)
 
 
 def load_kv_shape(source: str | Path | dict) -> KVShape:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from gqa import GQAConfig, GQAForCausalLM, load_hf, save_hf
 from gqa.cli import app
-from gqa.model.decilm import load_decilm
+from gqa.formats.decilm import load_decilm
 
 runner = CliRunner()
 
@@ -187,7 +187,7 @@ def test_decilm_and_gguf_exports_without_calibration(source, tmp_path):
     """Exports that need the model in memory take the calibrated path's loader; with no --calib they
     merge contiguous groups by the mean, like the streaming path."""
     from gqa.convert import convert
-    from gqa.model.gguf import load_gguf
+    from gqa.formats.gguf import load_gguf
 
     stream = convert(source / "model", tmp_path / "hf", kv_heads=2, progress=False)
     deci = convert(source / "model", tmp_path / "deci", kv_heads=2, export="decilm", progress=False)
@@ -287,7 +287,7 @@ def test_per_layer_gguf_source_converts(tmp_path):
     """Sources with per-layer KV heads (a per_layer_config folder; a deci GGUF, which transformers cannot read)
     convert through gqa's own readers, the GGUF to the same model as the folder it was exported from."""
     from gqa.convert import convert
-    from gqa.model.gguf import export_gguf
+    from gqa.formats.gguf import export_gguf
 
     asset = Path(__file__).resolve().parents[2] / "src" / "gqa" / "assets" / "shakespeare-mha"  # BPE tokenizer
     torch.manual_seed(0)

@@ -124,8 +124,8 @@ def test_per_layer_gguf_loads_for_eval_and_generate(tmp_path):
     from typer.testing import CliRunner
 
     from gqa.cli import app
+    from gqa.formats.gguf import export_gguf
     from gqa.model import save_hf
-    from gqa.model.gguf import export_gguf
 
     asset = Path(__file__).resolve().parents[2] / "src" / "gqa" / "assets" / "shakespeare-mha"  # BPE tokenizer
     torch.manual_seed(0)

@@ -51,8 +51,8 @@ def _run_without(blocked: str, argv: list[str], tmp_path) -> subprocess.Complete
 
 
 def test_convert_gguf_without_gguf_is_one_line(tmp_path):
+    from gqa.formats.gguf import export_gguf
     from gqa.model import GQAConfig, GQAForCausalLM
-    from gqa.model.gguf import export_gguf
 
     m = GQAForCausalLM(GQAConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=48)).to(torch.float32)
     src = export_gguf(m, tmp_path / "model.gguf", dtype="f32")

@@ -76,7 +76,7 @@ def test_contents(wheel):
         "gqa/py.typed",
         "gqa/progress.py",
         "gqa/optional.py",
-        "gqa/model/gguf.py",
+        "gqa/formats/gguf.py",
         "gqa/cli/__init__.py",
         "gqa/assets/shakespeare-mha/config.json",
         "gqa/assets/shakespeare-mha/model.safetensors",

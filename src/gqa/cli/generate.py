@@ -46,7 +46,9 @@ def register(app: typer.Typer) -> None:
         tok = load_model_tokenizer(model, tokenizer)
         lm = load_announced(model, load_model)
         if not isinstance(lm, GQAForCausalLM):
-            raise GQAUserError(f"{model} is a {type(lm).__name__}; gqa generate runs llama/mistral/qwen2/qwen3 models")
+            from gqa.families import names
+
+            raise GQAUserError(f"{model} is a {type(lm).__name__}; gqa generate runs {'/'.join(names(runs=True))} models")
         ids = [tok.encode(p) for p in prompt]
         for i, p in enumerate(ids):
             if not p:

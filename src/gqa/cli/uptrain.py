@@ -24,8 +24,10 @@ def load_trainable(path: Path):
 
     model = load_model(path)
     if not isinstance(model, GQAForCausalLM):
+        from gqa.families import names
+
         raise GQAUserError(
-            f"{path} is a {type(model).__name__}; gqa trains llama/mistral/qwen2/qwen3 models, convert it first"
+            f"{path} is a {type(model).__name__}; gqa trains {'/'.join(names(runs=True))} models, convert it first"
         )
     return model
 

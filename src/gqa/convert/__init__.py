@@ -5,7 +5,7 @@
 - :mod:`gqa.convert.groups`: which old KV heads form each new one (the one group type).
 - :mod:`gqa.convert.merge`: how a group's heads are pooled (one registry, :data:`MERGES`).
 - :mod:`gqa.convert.exports`: output layouts (one registry, :data:`EXPORTS`: hf, decilm, gguf).
-- :mod:`gqa.convert.layouts`: one module per checkpoint layout, each an explicit weight map.
+- :mod:`gqa.families`: one record per model family (its conversion weight map among them).
 - :mod:`gqa.convert.calibrated`: calibration, alignment, similarity grouping, fitted merges, budgets,
   local distillation.
 
@@ -15,9 +15,13 @@ Head mapping: query head h uses KV head h // (Hq // Hkv), before and after conve
 from gqa.convert.api import GROUPINGS, OUTPUT_DTYPES, convert
 from gqa.convert.exports import EXPORTS
 from gqa.convert.groups import Groups, contiguous_groups, expansion_groups, query_order, validate_groups
-from gqa.convert.layouts import SUPPORTED_MODEL_TYPES, layout_for
 from gqa.convert.merge import MERGES, merge_heads
 from gqa.convert.report import REPORT_NAME, ConversionReport
+from gqa.convert.streaming import layout_for
+from gqa.families import names as _family_names
+
+#: The families gqa convert takes (a query on :mod:`gqa.families`).
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = _family_names(convert=True)
 
 __all__ = [
     "convert",

@@ -68,7 +68,7 @@ def _check_gguf_target(src: Path, kv_heads: int) -> None:
     """A --kv-heads that the GGUF's header already rules out is refused before the file is dequantized
     (about 20 s for SmolLM2 on 2 cores)."""
     from gqa.convert.groups import check_kv_heads
-    from gqa.model.gguf import read_gguf_header
+    from gqa.formats.gguf import read_gguf_header
 
     header = read_gguf_header(src)
     for hq, hkv in sorted(set(zip(header.heads or (), header.kv_heads or (), strict=False))):
@@ -269,7 +269,7 @@ def _has_per_layer_heads(src: Path) -> bool:
 
         return read_per_layer_heads(src) is not None
     if src.suffix.lower() == ".gguf":
-        from gqa.model.loading import gguf_file_architecture
+        from gqa.formats.gguf import gguf_file_architecture
 
         return gguf_file_architecture(src) == "deci"
     return False

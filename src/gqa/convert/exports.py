@@ -1,11 +1,11 @@
 """Output layouts of :func:`gqa.convert.convert`: one registry, :data:`EXPORTS`.
 
-Each entry names a writer from :mod:`gqa.model` (the model-folder I/O lives there):
+Each entry names a writer from :mod:`gqa.formats` (one module per format):
 
-- ``hf``: a transformers folder (:func:`gqa.model.save_hf`; per-layer KV heads in ``per_layer_config``).
+- ``hf``: a transformers folder (:func:`gqa.formats.transformers.save_hf`; per-layer KV heads in ``per_layer_config``).
   The streaming path writes this layout itself, tensor by tensor.
-- ``decilm``: the DeciLM / Nemotron-NAS ``block_configs`` layout (:func:`gqa.model.decilm.export_decilm`).
-- ``gguf``: a GGUF file ``OUT/model.gguf`` (:func:`gqa.model.gguf.export_gguf`), when that module exists.
+- ``decilm``: the DeciLM / Nemotron-NAS ``block_configs`` layout (:func:`gqa.formats.decilm.export_decilm`).
+- ``gguf``: a GGUF file ``OUT/model.gguf`` (:func:`gqa.formats.gguf.export_gguf`), when that module exists.
 
 Only ``hf`` is written by the streaming path; the others need the model in memory, so they take the
 calibrated path's loader (with or without calibration text).
@@ -28,19 +28,19 @@ GGUF_NAME = "model.gguf"
 
 
 def _write_hf(model, folder: Path, dtype: torch.dtype | None, side_files_from: Path | None, src: Path) -> None:
-    from gqa.model import save_hf
+    from gqa.formats.transformers import save_hf
 
     save_hf(model, folder, dtype=dtype, side_files_from=side_files_from, force=True)
 
 
 def _write_decilm(model, folder: Path, dtype: torch.dtype | None, side_files_from: Path | None, src: Path) -> None:
-    from gqa.model.decilm import export_decilm
+    from gqa.formats.decilm import export_decilm
 
     export_decilm(model, folder, dtype=dtype, side_files_from=side_files_from, force=True)
 
 
 def _gguf_available() -> bool:
-    return importlib.util.find_spec("gqa.model.gguf") is not None
+    return importlib.util.find_spec("gqa.formats.gguf") is not None
 
 
 def side_files_folder(src: Path) -> Path | None:
@@ -70,7 +70,7 @@ def gguf_tokenizer_source(src: Path, side_files_from: Path | None) -> Path:
 
 
 def _write_gguf(model, folder: Path, dtype: torch.dtype | None, side_files_from: Path | None, src: Path) -> None:
-    from gqa.model.gguf import export_gguf
+    from gqa.formats.gguf import export_gguf
 
     tok = gguf_tokenizer_source(src, side_files_from)
     folder.mkdir(parents=True, exist_ok=True)

@@ -3,14 +3,14 @@
 Reads a transformers folder (safetensors, sharded or not) or a GGUF file and writes a transformers
 folder whose attention holds the requested KV heads per layer. Three separate pieces decide the result:
 
-- the layout (:mod:`gqa.convert.layouts`): which tensors hold heads, and how;
+- the family's weight map (:mod:`gqa.families`): which tensors hold heads, and how;
 - the groups (:mod:`gqa.convert.groups`): which old KV heads form each new one (merging when a layer
   gets fewer heads, replicating when it gets a multiple of its heads);
 - the merge (:mod:`gqa.convert.merge`): how a group's heads are pooled.
 
 Head mapping: query head h uses KV head h // (Hq // Hkv), before and after. Safetensors input is
 read one tensor at a time and each output shard is written as its tensors are converted (see
-:mod:`gqa.convert.safetensors_io`), so peak memory is about the largest tensor. GGUF input is
+:mod:`gqa.formats.transformers.safetensors`), so peak memory is about the largest tensor. GGUF input is
 dequantized by transformers into memory first (fine for small models; GGUF files are quantized).
 
 What is read from SRC: ``config.json``, the index, the safetensors files it names (bare file names
@@ -31,17 +31,18 @@ from pathlib import Path
 
 import torch
 
+from gqa import families
 from gqa.convert.groups import Groups, check_kv_heads, groups_for, is_expansion, query_order, validate_groups
-from gqa.convert.layouts import AttentionShape, Role, attention_shape, layout_for
 from gqa.convert.merge import merge_heads
-from gqa.convert.safetensors_io import SafetensorsWriter, TensorInfo, read_header, read_tensor
 from gqa.errors import GQAUserError
+from gqa.families.base import AttentionShape, Role
+from gqa.formats.transformers.config import spec_from_config
+from gqa.formats.transformers.safetensors import INDEX_NAME, SafetensorsWriter, TensorInfo, read_folder, read_tensor
 from gqa.model.files import read_json_object, safe_member
 from gqa.units import derived_seed, dtype_name
 
-__all__ = ["read_source_config", "convert_streaming", "StreamingResult", "safe_member", "INDEX_NAME"]
+__all__ = ["read_source_config", "convert_streaming", "StreamingResult", "safe_member", "INDEX_NAME", "layout_for", "attention_shape"]
 
-INDEX_NAME = "model.safetensors.index.json"
 # Side files go along (tokenizer, generation settings); weights are rewritten, code is never copied.
 _NOT_COPIED_SUFFIXES = (
     ".safetensors",
@@ -59,8 +60,6 @@ _NOT_COPIED_SUFFIXES = (
 # Keys of a JSON file (config.json, tokenizer_config.json, ...) that name code in the model folder.
 CODE_KEYS = ("auto_map", "custom_pipelines")
 _NOT_COPIED_NAMES = ("config.json", INDEX_NAME, "conversion_report.json", "grouping_report.json")
-# Families whose per-layer KV heads (``per_layer_config``) gqa's loader reads back.
-PER_LAYER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def read_json(path: Path) -> dict:
@@ -103,32 +102,19 @@ class Source:
     close: Callable[[], None] = lambda: None
 
 
+def layout_for(model_type):
+    """The conversion weight-map module of ``model_type``'s family; a one-line error lists the families
+    gqa convert takes."""
+    return families.require(model_type, "convert", "gqa convert").convert
+
+
+def attention_shape(config: dict) -> AttentionShape:
+    """Layers, query heads, KV heads and head_dim of a config dict (the one config reader), each checked."""
+    return spec_from_config(config).attention_shape()
+
+
 def _safetensors_source(folder: Path) -> Source:
     config = read_source_config(folder)
-    index = folder / INDEX_NAME
-    if index.is_file():
-        safe_member(folder, INDEX_NAME, INDEX_NAME)
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise GQAUserError(f"{index} has no weight_map; re-save the checkpoint")
-        files = list(dict.fromkeys(weight_map.values()))  # shard order as listed
-        for name in files:
-            path = safe_member(folder, name, f"{INDEX_NAME} weight_map")
-            if not path.is_file():
-                raise GQAUserError(f"shard {name} listed in {INDEX_NAME} is missing from {folder}; re-download it")
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-        if not files:
-            other = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-            if other:
-                raise GQAUserError(
-                    f"{folder} holds {other[0]} (pickle) but no *.safetensors; gqa convert reads only safetensors "
-                    "folders and GGUF files (pickles can run code): re-save it with safe_serialization=True"
-                )
-            raise GQAUserError(f"no *.safetensors files in {folder}; save the model with safe_serialization=True")
-        for name in files:
-            safe_member(folder, name, "safetensors file")
-        weight_map = None
     handles: dict[Path, object] = {}
 
     def reader(info):
@@ -139,20 +125,8 @@ def _safetensors_source(folder: Path) -> Source:
 
         return read
 
-    shards, seen = [], set()
-    for name in files:
-        infos, _ = read_header(folder / name)
-        if weight_map is not None:
-            listed = {k for k, v in weight_map.items() if v == name}
-            if listed != {i.name for i in infos}:
-                raise GQAUserError(
-                    f"{name} does not hold the tensors {INDEX_NAME} lists for it; re-save the checkpoint"
-                )
-        dup = seen & {i.name for i in infos}
-        if dup:
-            raise GQAUserError(f"tensor {sorted(dup)[0]!r} appears in more than one shard; re-save the checkpoint")
-        seen |= {i.name for i in infos}
-        shards.append([SourceTensor(i.name, i.dtype, i.shape, i.nbytes, reader(i), i) for i in infos])
+    shards = [[SourceTensor(i.name, i.dtype, i.shape, i.nbytes, reader(i), i) for i in infos]
+              for infos in read_folder(folder)]  # fmt: skip
     side = []
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or p.name in _NOT_COPIED_NAMES or p.name.endswith(_NOT_COPIED_SUFFIXES):
@@ -171,9 +145,9 @@ def _check_complete(config: dict, shapes: dict, folder: Path) -> None:
     """Every tensor config.json implies, with its shape, for the families gqa runs (headers only, before
     anything is read): a folder lacking an MLP or norm weight used to convert, exit 0, and write an
     incomplete OUT. Attention tensors of every family are checked by the conversion plan itself."""
-    from gqa.model.hf import SUPPORTED_MODEL_TYPES, check_weight_table, config_from_hf
+    from gqa.formats.transformers import check_weight_table, config_from_hf
 
-    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
+    if config.get("model_type") not in families.names(runs=True):
         return
     try:
         model_config = config_from_hf(config)
@@ -184,7 +158,7 @@ def _check_complete(config: dict, shapes: dict, folder: Path) -> None:
 
 def _gguf_source(path: Path) -> Source:
     from gqa.errors import first_line
-    from gqa.model.files import read_gguf
+    from gqa.formats.gguf import read_gguf
 
     read_gguf(path)  # parse the header and tensor table ourselves first: a clear error for a truncated file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -464,10 +438,11 @@ def convert_streaming(
         layout = layout_for(config.get("model_type"))
         shape = attention_shape(config)
         targets = resolve_targets(shape, kv_heads, kv_heads_per_layer)
-        if len(set(targets)) > 1 and config.get("model_type") not in PER_LAYER_FAMILIES:
+        if len(set(targets)) > 1 and config.get("model_type") not in families.names(per_layer=True):
             raise GQAUserError(
                 f"per-layer KV heads are stored as per_layer_config, which gqa reads only for "
-                f"{', '.join(PER_LAYER_FAMILIES)}; give {config.get('model_type')} one --kv-heads for every layer"
+                f"{', '.join(families.names(per_layer=True))}; give {config.get('model_type')} one --kv-heads "
+                "for every layer"
             )
         if groups is None:
             groups_per_layer = [groups_for(shape.n_kv_heads, n) for n in targets]

@@ -19,7 +19,7 @@ class DType:
     """One element type.
 
     name: the canonical name (``torch.<name>``); aliases: other names users may write (``bf16``).
-    safetensors: the header code (``BF16``); gguf: the GGML type name (``BF16``) and gguf_file_type
+    safetensors: the header code gqa reads and writes (``BF16``); gguf: the GGML type name (``BF16``) and gguf_file_type
     llama.cpp's ``general.file_type`` for a file of mostly this type, where GGUF export writes it.
     user: a name the CLI and configs accept for model weights; kv: a KV-cache element type;
     loads: a safetensors code :func:`gqa.formats.transformers.load_weights` reads as model weights.
@@ -45,7 +45,7 @@ TABLE: tuple[DType, ...] = (
     DType("float16", torch.float16, "F16", "F16", 1, ("fp16", "half"), user=True, kv=True, loads=True),
     DType("bfloat16", torch.bfloat16, "BF16", "BF16", 32, ("bf16",), user=True, kv=True, loads=True),
     DType("float64", torch.float64, "F64", "F64", None, ("fp64",), user=True, loads=True),
-    DType("float8_e4m3fn", torch.float8_e4m3fn, "F8_E4M3", None, None, ("float8", "fp8"), kv=True),
+    DType("float8_e4m3fn", torch.float8_e4m3fn, None, None, None, ("float8", "fp8"), kv=True),
     DType("int64", torch.int64, "I64", "I64"),
     DType("int32", torch.int32, "I32", "I32"),
     DType("int16", torch.int16, "I16", "I16"),

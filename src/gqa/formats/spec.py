@@ -95,8 +95,9 @@ class CheckpointSpec:
 
 
 def required(cfg: dict, key: str):
-    """``cfg[key]``, or a one-line error saying config.json lacks it."""
-    if key not in cfg or cfg[key] is None:
+    """``cfg[key]``, or a one-line error saying config.json lacks it (a ``null`` value is the value's
+    checker's to refuse: it names the type it wants)."""
+    if key not in cfg:
         raise GQAUserError(
             f"config.json has no {key!r}; a {cfg.get('model_type')} config needs it (restore config.json)"
         )

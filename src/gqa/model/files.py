@@ -1,5 +1,4 @@
-"""Reading model files safely: the one reader of JSON objects (``config.json``, index files), of GGUF
-headers (:func:`read_gguf`), and the one check that a file name a folder lists (an index's shard, a side file) is a bare name inside that folder.
+"""Reading model files safely: the one reader of JSON objects (``config.json``, index files), and the one check that a file name a folder lists (an index's shard, a side file) is a bare name inside that folder.
 
 Model folders are data from anywhere: a name such as ``../x``, an absolute path or a symlink leading out
 must never make gqa read, or write, a file elsewhere. A Hugging Face hub cache snapshot is the one
@@ -13,7 +12,7 @@ from pathlib import Path
 
 from gqa.errors import GQAUserError, first_line
 
-__all__ = ["read_json_object", "safe_member", "hub_blobs", "parse_gguf", "read_gguf"]
+__all__ = ["read_json_object", "safe_member", "hub_blobs"]
 
 
 def read_json_object(
@@ -68,34 +67,3 @@ def safe_member(folder: Path, name, what: str) -> Path:
             f"{what} {name!r} is a link to {real}, outside the model folder {folder}; copy the real file into it first"
         )
     return path
-
-
-def parse_gguf(path: str | Path):
-    """A ``gguf.GGUFReader`` over ``path``, unchecked (memory-mapped: header and tensor table parsed, no
-    tensor data read). Readers of a model use :func:`read_gguf`, which also checks what the header says.
-
-    A missing ``gguf`` package is the one :mod:`gqa.optional` message; a truncated or foreign file is a
-    one-line :class:`GQAUserError`.
-    """
-    from gqa.optional import require
-
-    gguf = require("gguf")
-    path = Path(path)
-    try:
-        return gguf.GGUFReader(str(path))
-    except FileNotFoundError:
-        raise GQAUserError(f"{path} does not exist; pass a .gguf file") from None
-    except Exception as e:  # the reader raises ValueError/KeyError/struct/numpy errors for cut or garbled files
-        raise GQAUserError(
-            f"cannot read {path.name} as GGUF ({first_line(e, 120)}); the file is truncated or not GGUF"
-        ) from None
-
-
-def read_gguf(path: str | Path):
-    """A ``gguf.GGUFReader`` over ``path`` whose metadata and tensor table have passed
-    :func:`gqa.model.gguf.read_gguf_header` (every size within the limits table, every tensor the
-    metadata implies present with its shape): nothing reads a GGUF model without that check.
-    """
-    from gqa.model.gguf import read_gguf_header  # gqa.model.gguf builds on this module
-
-    return read_gguf_header(path).reader

@@ -7,7 +7,7 @@ Model folders are data, never code. Every transformers ``from_pretrained`` call 
 a path that does not exist is an error, never a hub id. transformers' own progress bars and load reports
 are silenced during loads (:func:`gqa.progress.quiet_loading`); any mismatch between weights and config
 (missing, unexpected or misshapen tensors) is an error, never a randomly initialised model. A GGUF file's
-metadata and tensor table are checked (:func:`gqa.model.gguf.read_gguf_header`) before transformers sees it.
+metadata and tensor table are checked (:func:`gqa.formats.gguf.read_gguf_header`) before transformers sees it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ __all__ = [
     "check_no_remote_code",
     "model_context",
     "load_checkpoint_model",
-    "gguf_file_architecture",
 ]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -132,12 +131,12 @@ def _existing(path: str | Path) -> Path:
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, prefer_gqa: bool = True):
     """A causal LM from ``path``.
 
-    * a transformers folder (config.json + safetensors): a :class:`gqa.GQAForCausalLM` when its family
-      is supported (llama, mistral, qwen2, qwen3) and ``prefer_gqa``, else ``AutoModelForCausalLM``
+    * a transformers folder (config.json + safetensors): a :class:`gqa.GQAForCausalLM` when gqa runs its
+      family (``gqa.families.names(runs=True)``) and ``prefer_gqa``, else ``AutoModelForCausalLM``
       (its own code only: ``trust_remote_code=False``);
     * a gqa training checkpoint (``checkpoint.pt``, or a folder of an unfinished run holding one);
     * a ``.gguf`` file (needs the ``gguf`` package): ``deci`` files (per-layer KV heads, as
-      :func:`gqa.model.gguf.export_gguf` writes them) through gqa's own reader; others through
+      :func:`gqa.formats.gguf.export_gguf` writes them) through gqa's own reader; others through
       transformers, turned into a gqa model when the family is supported.
 
     Every user-fixable problem (missing path, bad config, weights that do not match it, a folder with
@@ -154,16 +153,16 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, prefer_g
     if path.is_dir() and (path / "config.json").is_file():
         check_no_remote_code(path)
         cfg = read_config_json(path / "config.json")
-        from gqa.model.hf import SUPPORTED_MODEL_TYPES, load_hf
+        from gqa import families
+        from gqa.formats import decilm
+        from gqa.formats.transformers import load_hf
 
-        if prefer_gqa and cfg.get("model_type") in SUPPORTED_MODEL_TYPES:
+        if prefer_gqa and cfg.get("model_type") in families.names(runs=True):
             return load_hf(path, dtype=dtype)
-        if cfg.get("model_type") == "nemotron-nas" and "block_configs" in cfg:
+        if cfg.get("model_type") == decilm.MODEL_TYPE and "block_configs" in cfg:
             # DeciLM / Nemotron-NAS (per-layer KV heads, gqa's --export decilm): transformers has no class
             # for it without the model folder's own code, which gqa never runs; gqa's reader has.
-            from gqa.model.decilm import load_decilm
-
-            return load_decilm(path, dtype=dtype)
+            return decilm.load_decilm(path, dtype=dtype)
         return _load_transformers(path, dtype=dtype)
     raise GQAUserError(f"{path} is not a transformers folder, a gqa checkpoint.pt or a .gguf file; {_WHAT}")
 
@@ -216,22 +215,25 @@ def _load_transformers(folder: Path, *, dtype: torch.dtype):
     return model.eval()
 
 
-def gguf_file_architecture(path: Path) -> str | None:
-    """``general.architecture`` of a GGUF file, from its checked header (no tensor data is loaded)."""
-    from gqa.model.gguf import read_gguf_header
+def _only_gqa_reads(arch: str) -> bool:
+    """True for a GGUF architecture gqa reads and transformers does not: its family has a GGUF config
+    mapping but is not one transformers (and so gqa's transformers-folder path) runs (``deci``)."""
+    from gqa import families
 
-    return read_gguf_header(path).arch
+    family = families.by_gguf_arch(arch)
+    return family is not None and family.config_from_gguf is not None and not family.runs
 
 
 def _load_gguf(path: Path, *, dtype: torch.dtype, prefer_gqa: bool):
-    from gqa.model.gguf import load_gguf, read_gguf_header
-    from gqa.model.hf import SUPPORTED_MODEL_TYPES, from_transformers
+    from gqa import families
+    from gqa.formats.gguf import load_gguf, read_gguf_header
+    from gqa.formats.transformers import from_transformers
     from gqa.progress import quiet_loading
 
     # every metadata value and tensor checked before anything is allocated or handed to transformers
-    if read_gguf_header(path).arch == "deci":
-        # per-layer KV heads (what gqa's GGUF export writes for them): transformers has no reader for
-        # this architecture, gqa's own does
+    if _only_gqa_reads(read_gguf_header(path).arch):
+        # an architecture transformers has no reader for (deci: per-layer KV heads, what gqa's GGUF export
+        # writes for them): gqa's own reader has
         return load_gguf(path, dtype=dtype)
     with quiet_loading():
         from transformers import AutoModelForCausalLM
@@ -252,7 +254,7 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, prefer_gqa: bool):
                 f"cannot read {path} as a GGUF model ({first_line(e)}); the file is truncated or not a GGUF model"
             ) from None
     _refuse_mismatch(info, path, gguf=True)  # the architectures gqa does not check itself
-    if prefer_gqa and hf.config.model_type in SUPPORTED_MODEL_TYPES:
+    if prefer_gqa and hf.config.model_type in families.names(runs=True):
         return from_transformers(hf).to(dtype)
     return hf.eval()
 
@@ -274,8 +276,10 @@ def load_model_tokenizer(path: str | Path, tokenizer: str | Path | None = None):
             if src.is_file() and src.suffix == ".gguf":
                 # transformers' Auto classes know no "deci" architecture (per-layer KV heads); the tokenizer
                 # fields are the same, so the generic fast tokenizer reads them
+                from gqa.formats.gguf import gguf_file_architecture
+
                 auto = AutoTokenizer
-                if gguf_file_architecture(src) == "deci":
+                if _only_gqa_reads(gguf_file_architecture(src)):
                     from transformers import PreTrainedTokenizerFast as auto
                 return auto.from_pretrained(
                     src.parent, gguf_file=src.name, trust_remote_code=False, local_files_only=True

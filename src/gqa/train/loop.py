@@ -31,7 +31,7 @@ from gqa.errors import GQAUserError
 from gqa.evaluate import EvalResult, evaluate_lm, model_logits
 from gqa.model import GQAConfig, GQAForCausalLM, save_hf
 from gqa.model.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from gqa.model.hf import SIDE_FILES
+from gqa.formats.transformers import SIDE_FILES
 from gqa.provenance import provenance
 from gqa.train.config import TrainConfig
 from gqa.train.distributed import DistInfo, all_reduce_sum, full_state, init_distributed, load_full_state, unwrap

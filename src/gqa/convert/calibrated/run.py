@@ -41,15 +41,15 @@ __all__ = ["convert_calibrated", "source_dtype", "held_dtype"]
 def _weight_files(folder: Path) -> list[Path]:
     """The safetensors files the model in ``folder`` loads from: those its index lists, else every
     ``*.safetensors`` (a stray file beside an index is not part of the model)."""
-    from gqa.model.hf import read_safetensors_folder
+    from gqa.formats.transformers.safetensors import read_folder
 
-    return sorted({f for f, _ in read_safetensors_folder(folder).values()})
+    return sorted({info.file for shard in read_folder(folder) for info in shard})
 
 
 def source_dtype(src: Path) -> torch.dtype:
     """The float dtype the source stores its attention weights in (GGUF and checkpoint.pt: float32)."""
     if src.is_dir():
-        from gqa.convert.safetensors_io import read_header
+        from gqa.formats.transformers.safetensors import read_header
 
         for f in _weight_files(src):
             for info in read_header(f)[0]:
@@ -63,7 +63,7 @@ def held_dtype(src: Path) -> torch.dtype:
     floating tensors are all bf16 or all fp16 (an exact load, half the memory of float32), else
     float32 (GGUF, checkpoint.pt, float32 / float64 / mixed folders: as before)."""
     if src.is_dir():
-        from gqa.convert.safetensors_io import read_header
+        from gqa.formats.transformers.safetensors import read_header
 
         stored = {info.dtype for f in _weight_files(src) for info in read_header(f)[0] if info.dtype.is_floating_point}
         if len(stored) == 1 and stored <= {torch.bfloat16, torch.float16}:
@@ -73,6 +73,7 @@ def held_dtype(src: Path) -> torch.dtype:
 
 def _load(src: Path):
     """The model at ``src`` in :func:`held_dtype`; a one-line error for anything that is not a gqa family."""
+    from gqa import families
     from gqa.model import GQAForCausalLM, load_model
     from gqa.progress import quiet_loading
 
@@ -80,7 +81,7 @@ def _load(src: Path):
         model = load_model(src, dtype=held_dtype(src))
     if not isinstance(model, GQAForCausalLM):
         raise GQAUserError(
-            f"{src} is not a llama/mistral/qwen2/qwen3 model; the calibrated path (--calib, --export decilm/gguf) "
+            f"{src} is not a {'/'.join(families.names(calibrates=True))} model; the calibrated path (--calib, --export decilm/gguf) "
             "needs one of those (other families convert with --kv-heads and no --calib)"
         )
     return model

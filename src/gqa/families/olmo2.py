@@ -7,11 +7,10 @@ normalization itself changes; only the identity conversion is exact.
 
 from __future__ import annotations
 
-from gqa.convert.layouts.base import KV_NORM, Q_ROWS, AttentionShape, Role
-from gqa.convert.layouts.llama import qkvo_map
+from gqa.families.base import KV_NORM, Q_ROWS, AttentionShape, Role
+from gqa.families.llama import qkvo_map
 
 NAME = "olmo2"
-MODEL_TYPES = ("olmo2",)
 
 
 def attention_map(config: dict, layer: int, shape: AttentionShape) -> dict[str, Role]:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from gqa.convert.layouts.base import SHARED, AttentionShape, Role
-from gqa.convert.layouts.llama import qkvo_map
+from gqa.families.base import SHARED, AttentionShape, Role
+from gqa.families.llama import qkvo_map
 
 NAME = "qwen3"
-MODEL_TYPES = ("qwen3",)
 
 
 def attention_map(config: dict, layer: int, shape: AttentionShape) -> dict[str, Role]:

@@ -1,4 +1,5 @@
-"""Streaming safetensors I/O: read one tensor at a time, write tensors as they are produced.
+"""Safetensors files and folders: the one reader (a folder's shards and their headers, one tensor at a
+time) and the streaming writer.
 
 Why not ``safetensors.safe_open`` / ``save_file``: ``safe_open`` memory-maps the whole shard, and
 every page it touches stays in the process's resident set until the file is closed (a 10 GB shard
@@ -11,6 +12,11 @@ tensor's bytes as soon as it is converted. Peak memory is then about the largest
 The file format (https://github.com/huggingface/safetensors): an 8-byte little-endian header
 length, a JSON header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {}}``
 padded with spaces to a multiple of 8 bytes, then the tensor bytes back to back.
+
+:func:`read_folder` lists a model folder's shards (``model.safetensors``, ``*.safetensors`` or the ones a
+``model.safetensors.index.json`` names: bare file names inside the folder only) with their checked
+headers; the folder loader (:func:`gqa.formats.transformers.load_weights`) and the streaming converter
+both read through it.
 """
 
 from __future__ import annotations
@@ -26,22 +32,24 @@ from pathlib import Path
 import torch
 
 from gqa.errors import GQAUserError, first_line
+from gqa.formats.dtypes import TABLE
+from gqa.model.files import read_json_object, safe_member
 from gqa.units import element_size
 
-__all__ = ["DTYPES", "DTYPE_NAMES", "TensorInfo", "read_header", "read_tensor", "SafetensorsWriter"]
+__all__ = [
+    "DTYPES",
+    "DTYPE_NAMES",
+    "INDEX_NAME",
+    "TensorInfo",
+    "read_header",
+    "read_tensor",
+    "read_folder",
+    "SafetensorsWriter",
+]
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+INDEX_NAME = "model.safetensors.index.json"
+#: safetensors header code -> torch dtype, from the one dtype table.
+DTYPES: dict[str, torch.dtype] = {d.safetensors: d.torch for d in TABLE if d.safetensors}
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -239,3 +247,52 @@ class SafetensorsWriter:
         if fsync:
             os.fsync(self._f.fileno())
         self._f.close()
+
+
+def _shard_names(folder: Path) -> tuple[list[str], dict | None]:
+    """The shard file names of ``folder`` (index order, else sorted) and the index's weight_map (or None)."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        safe_member(folder, INDEX_NAME, INDEX_NAME)
+        weight_map = read_json_object(index, fix="re-save the checkpoint").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise GQAUserError(f"{index} has no weight_map; re-save the checkpoint")
+        files = list(dict.fromkeys(weight_map.values()))  # shard order as listed
+        for name in files:
+            path = safe_member(folder, name, f"{INDEX_NAME} weight_map")
+            if not path.is_file():
+                raise GQAUserError(f"shard {name} listed in {INDEX_NAME} is missing from {folder}; re-download it")
+        return files, weight_map
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        other = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if other:
+            raise GQAUserError(
+                f"{folder} holds {other[0]} (pickle) but no *.safetensors; gqa reads only safetensors "
+                "folders and GGUF files (pickles can run code): re-save it with safe_serialization=True"
+            )
+        raise GQAUserError(f"no *.safetensors files in {folder}; save the model with safe_serialization=True")
+    for name in files:
+        safe_member(folder, name, "safetensors file")  # not a symlink leading out of the folder
+    return files, None
+
+
+def read_folder(folder: str | Path) -> list[list[TensorInfo]]:
+    """The tensors of a model folder, one list per shard (in file order), every header checked
+    (:func:`read_header`): an index's shards hold exactly what it lists for them, and no tensor appears
+    in two shards. Only bare file names inside ``folder`` are read (see :func:`gqa.model.files.safe_member`).
+    """
+    folder = Path(folder)
+    files, weight_map = _shard_names(folder)
+    shards, seen = [], set()
+    for name in files:
+        infos, _ = read_header(folder / name)
+        names = {i.name for i in infos}
+        if weight_map is not None and names != {k for k, v in weight_map.items() if v == name}:
+            raise GQAUserError(f"{name} does not hold the tensors {INDEX_NAME} lists for it; re-save the checkpoint")
+        dup = seen & names
+        if dup:
+            raise GQAUserError(f"tensor {sorted(dup)[0]!r} appears in more than one shard; re-save the checkpoint")
+        seen |= names
+        shards.append(infos)
+    return shards

@@ -1,7 +1,7 @@
-"""What a checkpoint layout declares: every attention tensor of a layer and how heads sit in it.
+"""What a conversion weight-map module declares: every attention tensor of a layer and how heads sit in it.
 
-A layout module maps one family's tensor names to :class:`Role` s (its explicit weight map). The
-converter (:mod:`gqa.convert.checkpoint`) turns roles into tensor operations, so layouts hold no
+A weight-map module maps one layout's tensor names to :class:`Role` s (its explicit weight map). The
+converter (:mod:`gqa.convert.streaming`) turns roles into tensor operations, so weight maps hold no
 math. Tensors outside ``self_attn`` do not depend on the number of KV heads and are copied; an
 attention tensor that the layout does not list is an error, so a layout that is wrong for a
 checkpoint fails before anything is written.
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol
+
+from gqa.formats.spec import AttentionShape
 
 __all__ = ["Role", "Layout", "AttentionShape", "Q_ROWS", "O_COLS", "KV_ROWS", "KV_NORM", "QKV_ROWS", "SHARED"]
 
@@ -48,20 +50,10 @@ Q_ROWS, O_COLS, KV_ROWS, KV_NORM, QKV_ROWS, SHARED = (
 )
 
 
-@dataclass(frozen=True)
-class AttentionShape:
-    """Head counts of one checkpoint, read from its config."""
-
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-
-
 class Layout(Protocol):
-    """A checkpoint layout module: the families it covers and its per-layer attention weight map."""
+    """A conversion weight-map module: its name (in messages) and its per-layer attention weight map.
+    Which ``model_type`` s use it is said by their :class:`gqa.families.Family` records."""
 
     NAME: str
-    MODEL_TYPES: tuple[str, ...]
 
     def attention_map(self, config: dict, layer: int, shape: AttentionShape) -> dict[str, Role]: ...

@@ -4,11 +4,10 @@ each KV head (merged like the K projection)."""
 
 from __future__ import annotations
 
-from gqa.convert.layouts.base import AttentionShape, Role
-from gqa.convert.layouts.llama import qkvo_map
+from gqa.families.base import AttentionShape, Role
+from gqa.families.llama import qkvo_map
 
 NAME = "stablelm"
-MODEL_TYPES = ("stablelm",)
 
 
 def attention_map(config: dict, layer: int, shape: AttentionShape) -> dict[str, Role]:

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gqa.errors import GQAUserError
+from gqa.formats.gguf import _rope_permute, export_gguf, load_gguf
 from gqa.model import GQAConfig, GQAForCausalLM, save_hf
-from gqa.model.gguf import _rope_permute, export_gguf, load_gguf
 from gqa.progress import quiet_loading
 
 ASSET = Path(__file__).resolve().parents[2] / "src" / "gqa" / "assets" / "shakespeare-mha"  # BPE tokenizer, 2048 ids

@@ -3,10 +3,9 @@ and ``o_proj``, no biases."""
 
 from __future__ import annotations
 
-from gqa.convert.layouts.base import O_COLS, QKV_ROWS, AttentionShape, Role
+from gqa.families.base import O_COLS, QKV_ROWS, AttentionShape, Role
 
 NAME = "phi3"
-MODEL_TYPES = ("phi3",)
 
 
 def attention_map(config: dict, layer: int, shape: AttentionShape) -> dict[str, Role]:

@@ -1,4 +1,4 @@
-"""Export variable-GQA models in the DeciLM / Nemotron-NAS ``block_configs`` layout, and read it back.
+"""The DeciLM / Nemotron-NAS ``block_configs`` layout (per-layer KV heads): its one reader and its writer.
 
 Serving engines (vLLM, TensorRT-LLM, llama.cpp's ``convert_hf_to_gguf.py``; SGLang reads the layout
 but refuses differing KV heads per layer as of this writing) describe per-layer attention and FFN
@@ -25,20 +25,37 @@ gqa (:class:`GQAConfig`)               DeciLM / Nemotron-NAS ``config.json``
 ``no_op`` and ``replace_with_linear`` are always false (gqa keeps every block). Tensor names are the
 Llama ones (``model.layers.{i}.self_attn.k_proj.weight`` of shape ``[kv_i * D, d_model]``, ...).
 Query head h of layer i reads KV head h // n_heads_in_group.
+
+:func:`read_blocks` is the one reader of ``block_configs``, used by loading (:func:`load_decilm`, through
+:func:`build_config`) and by ``gqa memory`` (:func:`gqa.formats.transformers.spec_from_config`), so both
+check the same values with the same messages.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from gqa import families
 from gqa.errors import GQAUserError
+from gqa.formats.spec import CheckpointSpec, positive_float
 from gqa.model.config import check_int
 from gqa.model.files import read_json_object
-from gqa.model.hf import write_model_folder
 
-__all__ = ["export_decilm", "load_decilm", "decilm_config", "ffn_mult_for", "intermediate_size_for"]
+__all__ = [
+    "MODEL_TYPE",
+    "export_decilm",
+    "load_decilm",
+    "decilm_config",
+    "read_blocks",
+    "build_config",
+    "ffn_mult_for",
+    "intermediate_size_for",
+]
+
+MODEL_TYPE = "nemotron-nas"
 
 
 def intermediate_size_for(ffn_mult: float, hidden_size: int) -> int:
@@ -88,8 +105,8 @@ def decilm_config(config) -> dict:
             }
         )
     return {
-        "architectures": ["DeciLMForCausalLM"],
-        "model_type": "nemotron-nas",
+        "architectures": [families.get(MODEL_TYPE).hf_model_class],
+        "model_type": MODEL_TYPE,
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
         "num_hidden_layers": config.n_layers,
@@ -121,6 +138,8 @@ def export_decilm(
     folder = Path(folder)
     if folder.exists() and not force:
         raise GQAUserError(f"{folder} exists; choose another path or pass --force / force=True")
+    from gqa.formats.transformers import write_model_folder
+
     cfg = decilm_config(model.config)  # validates before anything is written
     return write_model_folder(model, folder, cfg, dtype=dtype, side_files_from=side_files_from, force=force)
 
@@ -130,62 +149,85 @@ def load_decilm(folder: str | Path, *, dtype: torch.dtype | None = None):
     no-op blocks) into a :class:`gqa.GQAForCausalLM` (float32 unless ``dtype`` says otherwise).
 
     ``config.json`` is checked like any other (bounded integers, KV heads dividing the query heads), and
-    the weights are read by :func:`gqa.model.hf.load_weights`: every tensor the config implies present
-    with its shape, checked before the model's memory is allocated.
+    the weights are read by :func:`gqa.formats.transformers.load_weights`: every tensor the config implies
+    present with its shape, checked before the model's memory is allocated.
     """
-    from gqa.model.hf import load_weights
+    from gqa.formats.transformers import load_weights, spec_from_config
 
     folder = Path(folder)
     path = folder / "config.json"
     if not path.is_file():
         raise GQAUserError(f"{folder} has no config.json; pass a DeciLM model folder")
-    config = _config_from_decilm(read_json_object(path), path)
+    cfg = read_json_object(path)
+    if not cfg.get("block_configs"):
+        raise GQAUserError(f"{path} has no block_configs; it is not a DeciLM / Nemotron-NAS config")
+    config = spec_from_config(cfg, str(path)).model_config()
     return load_weights(folder, config, dtype=dtype or torch.float32)
 
 
-def _config_from_decilm(cfg: dict, path: Path):
-    """The :class:`gqa.GQAConfig` of a DeciLM ``config.json``, every value checked (one-line errors)."""
-    from gqa.model import GQAConfig
-    from gqa.model.hf import positive_float
+@dataclass(frozen=True)
+class Block:
+    """One ``block_configs`` entry: its KV heads (0: no attention) and FFN multiplier (None: none given)."""
 
-    blocks = cfg.get("block_configs")
-    if not blocks:
-        raise GQAUserError(f"{path} has no block_configs; it is not a DeciLM / Nemotron-NAS config")
-    n_layers = check_int("n_layers", cfg.get("num_hidden_layers"), field="num_hidden_layers")
+    kv_heads: int
+    ffn_mult: float | None
+    replaced: bool  # a no-op or linear replacement of attention or FFN
+
+
+def read_blocks(blocks, n_heads: int, n_layers: int) -> list[Block]:
+    """The one reader of ``block_configs``: one :class:`Block` per layer, every value checked."""
     if not isinstance(blocks, list) or len(blocks) != n_layers:
         got = len(blocks) if isinstance(blocks, list) else type(blocks).__name__
-        raise GQAUserError(f"{path} lists {got} block_configs for {n_layers} layers; give one block per layer")
-    n_heads = check_int("n_heads", cfg.get("num_attention_heads"), field="num_attention_heads")
-    hidden = check_int("d_model", cfg.get("hidden_size"), field="hidden_size")
-    kv, ffn = [], set()
+        raise GQAUserError(f"config.json lists {got} block_configs for {n_layers} layers; give one block per layer")
+    out = []
     for i, b in enumerate(blocks):
-        a, f = (b.get("attention"), b.get("ffn")) if isinstance(b, dict) else (None, None)
-        if not isinstance(a, dict) or not isinstance(f, dict):
-            raise GQAUserError(f"block_configs[{i}] needs attention and ffn objects; fix {path}")
-        if a.get("no_op") or a.get("replace_with_linear") or f.get("no_op") or f.get("replace_with_linear"):
-            raise GQAUserError(f"block {i} is a no-op or linear replacement, which gqa models do not have")
-        group = check_int("n_heads", a.get("n_heads_in_group"), field=f"block_configs[{i}].attention.n_heads_in_group")
+        a = b.get("attention") if isinstance(b, dict) else None
+        f = b.get("ffn") if isinstance(b, dict) else None
+        if not isinstance(a, dict) or not (f is None or isinstance(f, dict)):
+            raise GQAUserError(f"block_configs[{i}] needs attention and ffn objects; fix config.json")
+        f = f or {}
+        replaced = any(bool(x.get(k)) for x in (a, f) for k in ("no_op", "replace_with_linear"))
+        if a.get("no_op") or a.get("replace_with_linear"):
+            out.append(Block(0, None, True))  # no attention in this block, so no cache
+            continue
+        field = f"block_configs[{i}].attention.n_heads_in_group"
+        group = check_int("n_heads", a.get("n_heads_in_group"), field=field)
         if n_heads % group:
-            raise GQAUserError(
-                f"block_configs[{i}].attention.n_heads_in_group={group} does not divide the {n_heads} query heads; fix {path}"
-            )
-        kv.append(n_heads // group)
+            raise GQAUserError(f"{field}={group} does not divide the {n_heads} query heads; fix config.json")
         mult = f.get("ffn_mult")
-        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 < mult < 2**20:
-            raise GQAUserError(f"block_configs[{i}].ffn.ffn_mult must be a positive number, got {mult!r}; fix {path}")
-        ffn.add(intermediate_size_for(float(mult), hidden))
+        if mult is not None and (isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 < mult < 2**20):
+            raise GQAUserError(f"block_configs[{i}].ffn.ffn_mult must be a positive number, got {mult!r}; fix config.json")
+        out.append(Block(n_heads // group, None if mult is None else float(mult), replaced))
+    return out
+
+
+def build_config(spec: CheckpointSpec):
+    """The :class:`gqa.GQAConfig` of a checked DeciLM spec (``spec.raw`` its config.json), or a one-line
+    error for what gqa models do not have (no-op blocks, differing FFN widths)."""
+    from gqa.model.config import GQAConfig
+
+    cfg = spec.raw
+    hidden = check_int("d_model", cfg.get("hidden_size"), field="hidden_size")
+    blocks = read_blocks(cfg["block_configs"], spec.n_heads, spec.n_layers)
+    ffn = set()
+    for i, b in enumerate(blocks):
+        if b.replaced:
+            raise GQAUserError(f"block {i} is a no-op or linear replacement, which gqa models do not have")
+        if b.ffn_mult is None:
+            raise GQAUserError(f"block_configs[{i}] needs attention and ffn objects; fix config.json")
+        ffn.add(intermediate_size_for(b.ffn_mult, hidden))
     if len(ffn) != 1:
         raise GQAUserError(f"blocks have different FFN widths {sorted(ffn)}; gqa models use one ffn_dim")
     return GQAConfig(
         vocab_size=check_int("vocab_size", cfg.get("vocab_size"), field="vocab_size"),
         d_model=hidden,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=kv,
+        n_layers=spec.n_layers,
+        n_heads=spec.n_heads,
+        n_kv_heads=list(spec.kv_heads),
         ffn_dim=ffn.pop(),
         rope_theta=positive_float(cfg.get("rope_theta", 10000.0), "rope_theta"),
         norm_eps=positive_float(cfg.get("rms_norm_eps", 1e-5), "rms_norm_eps"),
-        max_seq_len=check_int("max_seq_len", cfg.get("max_position_embeddings", 4096), field="max_position_embeddings"),
+        max_seq_len=spec.max_context or 4096,
         tie_embeddings=cfg.get("tie_word_embeddings") is True,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from gqa import GQAConfig, GQAForCausalLM
 from gqa.errors import GQAUserError
-from gqa.model.decilm import export_decilm, load_decilm
+from gqa.formats.decilm import export_decilm, load_decilm
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +93,11 @@ def test_any_tensor_table_loads_completely_or_is_one_line(deci, drop, reshape):
 
 
 def test_weight_table_check_runs_on_headers_alone(deci):
-    """:func:`gqa.model.hf.check_weight_table` is the check both folder readers share; it needs only the
+    """:func:`gqa.formats.transformers.check_weight_table` is the check both folder readers share; it needs only the
     names and shapes a header lists (what a converter reading the headers holds)."""
-    from gqa.model.decilm import _config_from_decilm
-    from gqa.model.hf import check_weight_table
+    from gqa.formats.transformers import check_weight_table, spec_from_config
 
-    config = _config_from_decilm(json.loads((deci / "config.json").read_text()), deci / "config.json")
+    config = spec_from_config(json.loads((deci / "config.json").read_text())).model_config()
     shapes = {k: tuple(v.shape) for k, v in load_file(str(deci / "model.safetensors")).items()}
     check_weight_table(config, shapes, deci)
     for name in ("model.norm.weight", "model.layers.2.mlp.gate_proj.weight"):

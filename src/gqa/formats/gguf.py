@@ -1,4 +1,6 @@
-"""GGUF export (for llama.cpp, Ollama, LM Studio) and gqa's own GGUF reader, through the ``gguf`` package.
+"""GGUF files (llama.cpp, Ollama, LM Studio): the one header reader, gqa's weight reader and the export,
+through the ``gguf`` package. What differs per architecture (tensor names, extra tensors, the Q/K RoPE
+permutation, the config mapping) comes from the family records (:mod:`gqa.families`).
 
 Layout written (what llama.cpp's loaders read):
 
@@ -21,7 +23,7 @@ llama.cpp's ``gpt2`` tokenizer model with its merges and special tokens.
 Query head h uses KV head h // g (g = Hq // Hkv of that layer) in both directions; the permutation is
 within a head, so the head order is untouched.
 
-Every read of a GGUF model goes through :func:`read_gguf_header` (``gqa.model.files.read_gguf`` too):
+Every read of a GGUF model goes through :func:`read_gguf_header` (:func:`read_gguf` too):
 metadata through the limits table and, for Llama blocks, every tensor the metadata implies present with
 its shape, before anything is allocated or handed to transformers. ``gqa memory`` reads the same header.
 """
@@ -36,23 +38,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gqa.errors import GQAUserError
+from gqa import families
+from gqa.errors import GQAUserError, first_line
+from gqa.formats.dtypes import gguf_export_names
+from gqa.formats.spec import CheckpointSpec
 from gqa.model.config import LIMITS, GQAConfig, check_int
 from gqa.model.decoder import GQAForCausalLM
-from gqa.model.files import parse_gguf, read_gguf
 
 __all__ = [
     "export_gguf",
     "load_gguf",
     "read_gguf_header",
+    "read_gguf",
+    "parse_gguf",
+    "spec_from_gguf",
+    "gguf_file_architecture",
     "GGUFHeader",
     "LLAMA_BLOCK_ARCHS",
     "gguf_architecture",
     "GGUF_DTYPES",
 ]
 
-# dtype names accepted by export_gguf -> (torch dtype, GGML type name, llama.cpp file type)
-GGUF_DTYPES = {"f32": (torch.float32, "F32", 0), "f16": (torch.float16, "F16", 1), "bf16": (torch.bfloat16, "BF16", 32)}
+# dtype names accepted by export_gguf -> (torch dtype, GGML type name, llama.cpp file type): the one dtype table's
+GGUF_DTYPES = {name: (d.torch, d.gguf, d.gguf_file_type) for name, d in gguf_export_names().items()}
 
 
 def _gguf():
@@ -62,11 +70,21 @@ def _gguf():
 
 
 def gguf_architecture(config: GQAConfig) -> str:
-    """``"llama"`` for uniform KV heads, ``"deci"`` when layers differ (see the module docstring)."""
+    """The GGUF architecture ``config`` exports as: the one of the family that claims it on save, else
+    ``"llama"`` for uniform KV heads and ``"deci"`` when layers differ (see the module docstring)."""
+    for f in families.FAMILIES:
+        if f.saves is not None and f.gguf_arch is not None and f.saves(config):
+            return f.gguf_arch
     return "deci" if config.is_variable else "llama"
 
 
+def _export_family(config: GQAConfig) -> families.Family:
+    return families.by_gguf_arch(gguf_architecture(config))
+
+
 def _check_exportable(config: GQAConfig) -> None:
+    if _export_family(config).saves is not None:  # a family of its own: its record says what it writes
+        return
     unsupported = [
         (config.qkv_bias or config.o_bias, "q/k/v/o biases (Qwen2-style)"),
         (config.mlp_bias, "MLP biases"),
@@ -93,25 +111,29 @@ def _rope_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _rope_heads(config: GQAConfig, name: str) -> int | None:
+    """The head count whose rows a GGUF file RoPE-permutes in tensor ``name`` (gqa's name), else None."""
+    parts = name.split(".")
+    if len(parts) == 5 and parts[0] == "layers" and parts[2] == "attn" and parts[4] == "weight":
+        if parts[3] == "q_proj":
+            return config.n_heads
+        if parts[3] == "k_proj":
+            return config.kv_heads_per_layer[int(parts[1])]
+    return None
+
+
 def _gguf_tensors(model: GQAForCausalLM):
-    """Yield (gguf name, tensor) in file order; q/k already permuted for llama.cpp's RoPE."""
+    """Yield (gguf name, tensor) in file order, as the family writes them (q/k permuted for llama.cpp's
+    RoPE where the family's files are)."""
     config = model.config
-    yield "token_embd.weight", model.embed.weight
-    for i, layer in enumerate(model.layers):
-        attn, mlp, n_kv = layer.attn, layer.mlp, config.kv_heads_per_layer[i]
-        p = f"blk.{i}."
-        yield p + "attn_norm.weight", layer.attn_norm.weight
-        yield p + "attn_q.weight", _rope_permute(attn.q_proj.weight, config.n_heads)  # (Hq*D, d_model)
-        yield p + "attn_k.weight", _rope_permute(attn.k_proj.weight, n_kv)  # (Hkv*D, d_model)
-        yield p + "attn_v.weight", attn.v_proj.weight  # (Hkv*D, d_model)
-        yield p + "attn_output.weight", attn.o_proj.weight
-        yield p + "ffn_norm.weight", layer.mlp_norm.weight
-        yield p + "ffn_gate.weight", mlp.gate_proj.weight
-        yield p + "ffn_up.weight", mlp.up_proj.weight
-        yield p + "ffn_down.weight", mlp.down_proj.weight
-    yield "output_norm.weight", model.norm.weight
-    if not config.tie_embeddings:  # absent output.weight = tied, for llama.cpp and transformers alike
-        yield "output.weight", model.lm_head.weight
+    family = _export_family(config)
+    state = model.state_dict()
+    for ours, theirs in family.gguf_tensor_map(config).items():
+        t = state[ours]
+        heads = _rope_heads(config, ours) if family.gguf_rope_permuted else None
+        if heads is not None:
+            t = _rope_permute(t, heads)  # (H*D, d_model)
+        yield theirs, (family.write_transform(ours, t) if family.write_transform else t)
 
 
 def _to_numpy(t: torch.Tensor, dtype_name: str, gguf) -> tuple[np.ndarray, object | None]:
@@ -295,9 +317,10 @@ def export_gguf(
 # ------------------------------------------------------------------------------------------------
 # the checked header: the one read of a GGUF model's metadata and tensor table
 
-#: Architectures made of Llama blocks under llama.cpp's tensor names (transformers reads all but deci,
-#: gqa's own reader llama and deci): their tensor table is checked against the metadata.
-LLAMA_BLOCK_ARCHS = ("llama", "deci", "mistral", "qwen2", "qwen3")
+#: Architectures whose tensor table gqa checks against the metadata: those of the families with
+#: ``gguf_layer_extras`` (Llama blocks under llama.cpp's tensor names, plus each family's extra tensors;
+#: transformers reads all but deci, gqa's own reader those with a ``config_from_gguf``).
+LLAMA_BLOCK_ARCHS = tuple(f.gguf_arch for f in families.FAMILIES if f.gguf_layer_extras is not None)
 
 #: ``{arch}.`` keys -> the :data:`gqa.model.config.LIMITS` entry their values are checked against.
 _SIZE_KEYS = {
@@ -346,6 +369,10 @@ class GGUFHeader:
     rope_theta: float | None
     norm_eps: float | None
     tensors: dict  # name -> gguf ReaderTensor
+
+    def field(self, key: str, default=None):
+        """The value of metadata ``key`` (any key, e.g. ``tokenizer.ggml.bos_token_id``), or ``default``."""
+        return _field(self.reader, key, default)
 
 
 def _field(reader, key: str, default=None):
@@ -528,6 +555,7 @@ def _expected_tensors(h: GGUFHeader) -> dict[str, tuple[int, ...]]:
     loaders size them: a ``deci`` layer with no KV heads has a linear attention (or none without query
     heads), one with no FFN width no FFN."""
     d, dh, vocab = h.d_model, h.head_dim, h.vocab_size
+    extras = families.by_gguf_arch(h.arch).gguf_layer_extras  # the family's tensors beyond a Llama block's
     want = {"token_embd.weight": (d, vocab), "output_norm.weight": (d,)}
     if "output.weight" in h.tensors:  # absent: tied to token_embd
         want["output.weight"] = (d, vocab)
@@ -540,10 +568,8 @@ def _expected_tensors(h: GGUFHeader) -> dict[str, tuple[int, ...]]:
                 p + "attn_output.weight": (hq * dh, d),
             }
             want |= {p + "attn_k.weight": (d, hkv * dh), p + "attn_v.weight": (d, hkv * dh)}
-            if h.arch == "qwen2":
-                want |= {p + "attn_q.bias": (hq * dh,), p + "attn_k.bias": (hkv * dh,), p + "attn_v.bias": (hkv * dh,)}
-            if h.arch == "qwen3":
-                want |= {p + "attn_q_norm.weight": (dh,), p + "attn_k_norm.weight": (dh,)}
+            sizes = {"q": hq * dh, "kv": hkv * dh, "head": dh, "model": d}
+            want |= {p + name: (sizes[kind],) for name, kind in extras}
         elif hq:
             want |= {p + "attn_norm.weight": (d,), p + "attn_output.weight": (d, d)}
         if ffn:
@@ -570,78 +596,104 @@ def _check_tensors(h: GGUFHeader) -> None:
 # reading
 
 
+def spec_from_gguf(h: GGUFHeader) -> CheckpointSpec:
+    """The :class:`~gqa.formats.spec.CheckpointSpec` of a checked header (its family by GGUF architecture);
+    ``model_config()`` works for the architectures whose family has a ``config_from_gguf``."""
+    if h.heads is None or h.head_dim is None:
+        raise GQAUserError(
+            f"{h.path.name} lacks {h.arch}.attention.head_count / block_count / embedding_length metadata; "
+            "is it a decoder model?"
+        )
+    family = families.by_gguf_arch(h.arch)
+    build = None
+    if family is not None and family.config_from_gguf is not None:
+        build = lambda spec: GQAConfig(**family.config_from_gguf(spec.raw, spec))  # noqa: E731
+    # per-layer query heads: sized by the largest
+    return CheckpointSpec(h.path.name, family.model_type if family else h.arch, h.n_layers, max(h.heads),
+                          h.kv_heads, h.head_dim, h.context, h, build)  # fmt: skip
+
+
 def _gqa_config(h: GGUFHeader) -> GQAConfig:
-    """The gqa config of a checked header, or a one-line error for what gqa models do not have."""
-    name = h.path.name
-    if h.arch not in ("llama", "deci"):
-        raise GQAUserError(f"{name} has architecture {h.arch!r}; gqa reads llama and deci GGUF files")
-    for what, values in (("attention.head_count", h.heads), ("feed_forward_length", h.ffn_dims)):
-        if len(set(values)) > 1:
-            raise GQAUserError(f"{name} varies {what} per layer; gqa models vary only the KV heads")
-    if 0 in h.kv_heads:
-        raise GQAUserError(f"{name} has attention-free layers (head_count_kv 0); gqa cannot load them")
-    kv = list(h.kv_heads)
-    token = {k: _field(h.reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
-    return GQAConfig(
-        vocab_size=h.vocab_size,
-        d_model=h.d_model,
-        n_layers=h.n_layers,
-        n_heads=h.heads[0],
-        n_kv_heads=kv if len(set(kv)) > 1 else kv[0],
-        head_dim=h.head_dim,
-        ffn_dim=h.ffn_dims[0],
-        rope_theta=10000.0 if h.rope_theta is None else h.rope_theta,
-        norm_eps=1e-5 if h.norm_eps is None else h.norm_eps,
-        max_seq_len=h.context or 4096,
-        tie_embeddings="output.weight" not in h.tensors,
-        bos_token_id=token["bos"],
-        eos_token_id=token["eos"],
-        pad_token_id=token["padding"],
-    )
+    """The gqa config of a checked header, or a one-line error naming the architectures gqa reads."""
+    spec = spec_from_gguf(h)
+    if spec.build is None:
+        readable = [f.gguf_arch for f in families.FAMILIES if f.config_from_gguf is not None]
+        raise GQAUserError(
+            f"{h.path.name} has architecture {h.arch!r}; gqa reads {' and '.join(readable)} GGUF files"
+        )
+    return spec.model_config()
 
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> GQAForCausalLM:
-    """Read a ``llama`` or ``deci`` GGUF (any tensor type the ``gguf`` package dequantizes) into a gqa model.
+    """Read a GGUF file of an architecture gqa reads (``llama``, ``deci``, ...: any tensor type the ``gguf``
+    package dequantizes) into a gqa model.
 
     Handles per-layer ``head_count_kv`` arrays, which transformers' GGUF loader does not. The q/k RoPE
-    permutation is undone, so ``load_gguf(export_gguf(m, ...))`` reproduces ``m``'s weights (exactly at f32).
-    The header is checked (:func:`read_gguf_header`) before any weight is read.
+    permutation is undone where the family's files have it, so ``load_gguf(export_gguf(m, ...))`` reproduces
+    ``m``'s weights (exactly at f32). The header is checked (:func:`read_gguf_header`) before any weight is read.
     """
+    from gqa.formats.transformers.folder import _rope_buffers
+
     gguf = _gguf()
     path = Path(path)
     if not path.is_file():
         raise GQAUserError(f"{path} does not exist; pass a .gguf file")
     header = read_gguf_header(path)
     config = _gqa_config(header)
+    family = families.by_gguf_arch(header.arch)
     tensors = header.tensors  # every tensor the config needs, with its shape (checked with the header)
 
-    def get(name: str) -> torch.Tensor:
+    def get(ours: str, name: str) -> torch.Tensor:
         t = tensors[name]
         arr = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy, shape (rows, cols) in PyTorch order
         # copy: the reader's arrays are read-only memmaps
-        return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).to(dtype)
+        x = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).to(dtype)
+        heads = _rope_heads(config, ours) if family.gguf_rope_permuted else None
+        x = _rope_unpermute(x, heads) if heads is not None else x
+        return family.read_transform(ours, x) if family.read_transform else x
 
     with torch.device("meta"):
         model = GQAForCausalLM(config)
     model = model.to_empty(device="cpu").to(dtype)
-    state = {"embed.weight": get("token_embd.weight"), "norm.weight": get("output_norm.weight")}
-    state["lm_head.weight"] = state["embed.weight"] if config.tie_embeddings else get("output.weight")
-    for i in range(config.n_layers):
-        p, ours, n_kv = f"blk.{i}.", f"layers.{i}.", config.kv_heads_per_layer[i]
-        state[ours + "attn_norm.weight"] = get(p + "attn_norm.weight")
-        state[ours + "attn.q_proj.weight"] = _rope_unpermute(get(p + "attn_q.weight"), config.n_heads)
-        state[ours + "attn.k_proj.weight"] = _rope_unpermute(get(p + "attn_k.weight"), n_kv)
-        state[ours + "attn.v_proj.weight"] = get(p + "attn_v.weight")
-        state[ours + "attn.o_proj.weight"] = get(p + "attn_output.weight")
-        state[ours + "mlp_norm.weight"] = get(p + "ffn_norm.weight")
-        state[ours + "mlp.gate_proj.weight"] = get(p + "ffn_gate.weight")
-        state[ours + "mlp.up_proj.weight"] = get(p + "ffn_up.weight")
-        state[ours + "mlp.down_proj.weight"] = get(p + "ffn_down.weight")
+    state = {ours: get(ours, name) for ours, name in family.gguf_tensor_map(config).items()}
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=False)
-    for layer in model.layers:  # buffers were created on meta
-        attn = layer.attn
-        if getattr(attn, "rope_theta", None) is not None:
-            from gqa.rope import rope_frequencies
-
-            attn.inv_freq = rope_frequencies(attn.head_dim, attn.rope_theta, device=attn.q_proj.weight.device)
+    _rope_buffers(model)
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# the file: parsed once, unchecked, and through the checked header
+
+
+def parse_gguf(path: str | Path):
+    """A ``gguf.GGUFReader`` over ``path``, unchecked (memory-mapped: header and tensor table parsed, no
+    tensor data read). Readers of a model use :func:`read_gguf`, which also checks what the header says.
+
+    A missing ``gguf`` package is the one :mod:`gqa.optional` message; a truncated or foreign file is a
+    one-line :class:`GQAUserError`.
+    """
+    gguf = _gguf()
+    path = Path(path)
+    try:
+        return gguf.GGUFReader(str(path))
+    except FileNotFoundError:
+        raise GQAUserError(f"{path} does not exist; pass a .gguf file") from None
+    except Exception as e:  # the reader raises ValueError/KeyError/struct/numpy errors for cut or garbled files
+        raise GQAUserError(
+            f"cannot read {path.name} as GGUF ({first_line(e, 120)}); the file is truncated or not GGUF"
+        ) from None
+
+
+def read_gguf(path: str | Path):
+    """A ``gguf.GGUFReader`` over ``path`` whose metadata and tensor table have passed
+    :func:`read_gguf_header` (every size within the limits table, every tensor the metadata implies
+    present with its shape): nothing reads a GGUF model without that check.
+    """
+    return read_gguf_header(path).reader
+
+
+def gguf_file_architecture(path: str | Path) -> str | None:
+    """``general.architecture`` of a GGUF file, from its checked header (no tensor data is loaded)."""
+    return read_gguf_header(path).arch

@@ -24,9 +24,9 @@ from typer.testing import CliRunner
 
 from gqa.cli import app
 from gqa.errors import GQAUserError
+from gqa.formats.gguf import _expected_tensors, export_gguf, load_gguf, read_gguf_header
 from gqa.memory import memory_report
 from gqa.model import GQAConfig, GQAForCausalLM
-from gqa.model.gguf import _expected_tensors, export_gguf, load_gguf, read_gguf_header
 from gqa.model.loading import load_model
 from helpers import assert_one_line_refusal, digest, gqa_cli
 
@@ -145,7 +145,7 @@ def test_incomplete_file_is_refused_by_every_reader(pristine, tmp_path, arch, ed
 def test_transformers_missing_weights_are_refused_too(pristine, tmp_path, monkeypatch):
     """Behind the header check, transformers' own loading report: a weight it would initialise at random
     is an error there as well (the guard for architectures gqa does not check itself)."""
-    import gqa.model.gguf as g
+    import gqa.formats.gguf as g
 
     bad = rewrite(pristine["llama"], tmp_path / "bad.gguf", drop=["blk.1.attn_k.weight"])
     monkeypatch.setattr(g, "_check_tensors", lambda header: None)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gqa import GQAConfig, GQAForCausalLM
-from gqa.model.decilm import decilm_config, export_decilm, ffn_mult_for, intermediate_size_for, load_decilm
+from gqa.formats.decilm import decilm_config, export_decilm, ffn_mult_for, intermediate_size_for, load_decilm
 
 
 def variable_model(**kw) -> GQAForCausalLM:
