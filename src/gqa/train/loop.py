@@ -29,13 +29,24 @@ import torch.nn.functional as F
 from gqa.atomic import write_json_atomic
 from gqa.errors import GQAUserError
 from gqa.evaluate import EvalResult, evaluate_lm, model_logits
+from gqa.formats.transformers import SIDE_FILES
 from gqa.model import GQAConfig, GQAForCausalLM, save_hf
 from gqa.model.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from gqa.formats.transformers import SIDE_FILES
 from gqa.provenance import provenance
 from gqa.train.config import TrainConfig
-from gqa.train.distributed import DistInfo, all_reduce_sum, full_state, init_distributed, load_full_state, unwrap
+from gqa.train.distributed import DistInfo, full_state, init_distributed, load_full_state, unwrap
 from gqa.train.distributed import wrap_model as _wrap
+from gqa.train.rundir import (
+    METRICS_NAME,
+    RUN_MARKER,
+    SUMMARY_NAME,
+    _acquire_lock,
+    _clean_partials,
+    _release_lock,
+    check_not_inside,
+    check_out_dir,
+    read_metrics,
+)
 from gqa.units import derived_seed
 
 __all__ = [
@@ -50,11 +61,6 @@ __all__ = [
     "SUMMARY_NAME",
     "RUN_MARKER",
 ]
-
-METRICS_NAME = "metrics.jsonl"
-SUMMARY_NAME = "training.json"
-#: Present in OUT from the start of a run until it finishes; a live run holds an exclusive lock on it.
-RUN_MARKER = ".gqa-training"
 
 
 @dataclass
@@ -79,126 +85,6 @@ def batch_offsets(n_tokens: int, config: TrainConfig, step: int) -> torch.Tensor
 def _window_batch(ids: torch.Tensor, offsets: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = torch.stack([ids[o : o + seq_len + 1] for o in offsets.tolist()])  # (b, L+1)
     return rows[:, :-1], rows[:, 1:]
-
-
-def _lock_holder(marker: Path) -> str | None:
-    """The pid text of a live run holding ``marker``'s lock, or None when no live run holds it."""
-    try:
-        import fcntl
-    except ImportError:  # no advisory locks (Windows): nothing to check
-        return None
-    try:
-        fd = os.open(marker, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return (marker.read_text().strip() or "?") if marker.exists() else "?"
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-def _acquire_lock(out_dir: Path):
-    """Create RUN_MARKER in ``out_dir`` and hold an exclusive lock on it for the run; returns the fd."""
-    marker = out_dir / RUN_MARKER
-    fd = os.open(marker, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        import fcntl
-
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise GQAUserError(
-                f"another gqa run is training into {out_dir} right now; wait for it to finish or choose another OUT"
-            ) from None
-    except ImportError:
-        pass
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()}\n".encode())
-    return fd
-
-
-def _release_lock(fd, out_dir: Path, finished: bool) -> None:
-    if fd is None:
-        return
-    if finished:
-        (out_dir / RUN_MARKER).unlink(missing_ok=True)
-    os.close(fd)  # closing releases the lock
-
-
-def check_not_inside(out_dir: str | Path, sources: dict[str, str | Path | None]) -> None:
-    """Refuse an OUT that is, contains or lies inside any of ``sources`` ({"MODEL": path, ...})."""
-    o = Path(out_dir).expanduser().resolve()
-    for name, src in sources.items():
-        if src is None:
-            continue
-        s = Path(src).expanduser().resolve()
-        base = s.parent if s.is_file() and s.suffix == ".pt" else s  # a checkpoint.pt stands for its run folder
-        if o == s or o == base or o.is_relative_to(base) or base.is_relative_to(o):
-            raise GQAUserError(
-                f"OUT {out_dir} overlaps {name} {src}; choose an output folder outside it (sources are never written)"
-            )
-
-
-def _unfinished(out_dir: Path) -> bool:
-    return (out_dir / CHECKPOINT_NAME).is_file() or (out_dir / RUN_MARKER).is_file()
-
-
-def check_out_dir(out_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite anything: OUT must be new, or hold an unfinished run when resuming.
-
-    An unfinished run is one with a checkpoint, or one killed before its first checkpoint (OUT holds the
-    run marker but no checkpoint): ``--resume`` restarts the latter from step 0. A run that is still alive
-    (it holds the marker's lock) is refused either way.
-    """
-    out_dir = Path(out_dir)
-    holder = _lock_holder(out_dir / RUN_MARKER) if out_dir.is_dir() else None
-    if holder is not None:
-        raise GQAUserError(
-            f"another gqa run ({holder}) is training into {out_dir} right now; wait for it or choose another OUT"
-        )
-    if resume:
-        if _unfinished(out_dir):
-            return
-        if out_dir.exists():
-            raise GQAUserError(
-                f"{out_dir} holds no unfinished run to resume (finished or not a training folder); "
-                "choose another OUT and drop --resume"
-            )
-        raise GQAUserError(f"{out_dir} does not exist, so there is nothing to resume; drop --resume to start a run")
-    if out_dir.exists():
-        if _unfinished(out_dir):
-            raise GQAUserError(f"{out_dir} holds an unfinished run; pass --resume to continue it or choose another OUT")
-        raise GQAUserError(f"{out_dir} exists; choose another output path (nothing was written)")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; a torn line (a run killed mid-write) is skipped, not an error."""
-    records = []
-    if not path.is_file():
-        return records
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records
-
-
-def _clean_partials(out_dir: Path) -> None:
-    """Remove temporary files that a killed run left in OUT (half-written checkpoints, staged folders)."""
-    for pattern in (f".{CHECKPOINT_NAME}.*", ".model.*", f".{SUMMARY_NAME}.tmp*", f".{METRICS_NAME}.tmp*"):
-        for p in out_dir.glob(pattern):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def set_trainable(model: torch.nn.Module, which: str) -> dict:
@@ -279,6 +165,46 @@ def train(
     Under torchrun, call on every process with the same arguments.
     """
     out_dir = Path(out_dir)
+    train_ids, val_ids = _checked_inputs(model, train_ids, val_ids, teacher, config)
+    info: DistInfo = init_distributed(device)
+    if config.micro_batch % info.world_size:
+        raise GQAUserError(
+            f"batch_size / grad_accum = {config.micro_batch} sequences per micro-step do not split over "
+            f"{info.world_size} processes; make it a multiple of the process count"
+        )
+    lock = None
+    if info.is_main:
+        check_out_dir(out_dir, resume)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = _acquire_lock(out_dir)  # released (and the marker removed on success) in the finally below
+    finished = False
+    restore_flags = None
+    try:
+        if info.is_main:
+            _prepare_out_dir(out_dir, tokenizer_from)
+        fingerprints = _run_fingerprints(train_ids, val_ids, teacher)
+        state = _resume_state(out_dir, resume, model, config, fingerprints)
+        restore_flags = set_trainable(model, config.train_params)
+        result = _run(
+            model, train_ids, out_dir, config, info, state, fingerprints,
+            teacher=teacher, val_ids=val_ids, tokenizer_from=tokenizer_from, progress=progress,
+            summary=summary, on_step_end=on_step_end, desc=desc,
+        )  # fmt: skip
+        finished = True
+        return result
+    finally:
+        if restore_flags is not None:
+            for name, p in model.named_parameters():
+                p.requires_grad_(restore_flags.get(name, True))
+        if info.is_main:
+            _release_lock(lock, out_dir, finished)
+
+
+def _checked_inputs(
+    model, train_ids, val_ids, teacher, config: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training ids [N] and validation ids [M] (or None) as int64 on CPU, refused with one line when
+    they cannot train ``model`` (too short, outside its vocabulary) or the teacher's vocabulary differs."""
     train_ids = torch.as_tensor(train_ids, dtype=torch.long).cpu()
     if train_ids.dim() != 1:
         raise GQAUserError(f"train_ids must be 1-D [N], got shape {tuple(train_ids.shape)}")
@@ -301,55 +227,36 @@ def train(
         val_ids = torch.as_tensor(val_ids, dtype=torch.long).cpu()
         if val_ids.numel() < 2:
             raise GQAUserError("validation data has fewer than 2 tokens; give more validation text")
-    info: DistInfo = init_distributed(device)
-    if config.micro_batch % info.world_size:
+    return train_ids, val_ids
+
+
+def _prepare_out_dir(out_dir: Path, tokenizer_from: str | Path | None) -> None:
+    """Remove a killed run's temporary files; copy the tokenizer files (so checkpoints in OUT can be
+    evaluated before the run ends)."""
+    _clean_partials(out_dir)
+    if tokenizer_from is not None:
+        for name in SIDE_FILES:
+            if (Path(tokenizer_from) / name).is_file():
+                shutil.copy2(Path(tokenizer_from) / name, out_dir / name)
+
+
+def _resume_state(out_dir: Path, resume: bool, model, config: TrainConfig, fingerprints: dict) -> dict | None:
+    """The checkpoint to resume from, checked against this run's model config, settings and inputs; None
+    for a new run, and for a run killed before its first checkpoint (--resume restarts it from step 0)."""
+    path = out_dir / CHECKPOINT_NAME
+    state = load_checkpoint(path) if resume and path.is_file() else None
+    if state is None:
+        return None
+    if state["model_config"] != model.config.to_dict():
+        raise GQAUserError(f"{path} was written for another model config; resume with that model")
+    saved = TrainConfig.from_dict(state["train_config"])
+    if saved != config:
+        diff = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
         raise GQAUserError(
-            f"batch_size / grad_accum = {config.micro_batch} sequences per micro-step do not split over "
-            f"{info.world_size} processes; make it a multiple of the process count"
+            f"training settings differ from the checkpoint's ({', '.join(diff)}); resume with the same ones"
         )
-    lock = None
-    if info.is_main:
-        check_out_dir(out_dir, resume)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = _acquire_lock(out_dir)  # released (and the marker removed on success) in the finally below
-    finished = False
-    restore_flags = None
-    try:
-        if info.is_main:
-            _clean_partials(out_dir)
-            if tokenizer_from is not None:  # so checkpoints in OUT can be evaluated before the run ends
-                for name in SIDE_FILES:
-                    if (Path(tokenizer_from) / name).is_file():
-                        shutil.copy2(Path(tokenizer_from) / name, out_dir / name)
-        fingerprints = _run_fingerprints(train_ids, val_ids, teacher)
-        # A run killed before its first checkpoint has none: --resume then restarts it from step 0.
-        state = load_checkpoint(out_dir / CHECKPOINT_NAME) if resume and (out_dir / CHECKPOINT_NAME).is_file() else None
-        if state is not None:
-            if state["model_config"] != model.config.to_dict():
-                raise GQAUserError(
-                    f"{out_dir / CHECKPOINT_NAME} was written for another model config; resume with that model"
-                )
-            saved = TrainConfig.from_dict(state["train_config"])
-            if saved != config:
-                diff = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
-                raise GQAUserError(
-                    f"training settings differ from the checkpoint's ({', '.join(diff)}); resume with the same ones"
-                )
-            _check_same_inputs(state.get("inputs"), fingerprints, out_dir)
-        restore_flags = set_trainable(model, config.train_params)
-        result = _run(
-            model, train_ids, out_dir, config, info, state, fingerprints,
-            teacher=teacher, val_ids=val_ids, tokenizer_from=tokenizer_from, progress=progress,
-            summary=summary, on_step_end=on_step_end, desc=desc,
-        )  # fmt: skip
-        finished = True
-        return result
-    finally:
-        if restore_flags is not None:
-            for name, p in model.named_parameters():
-                p.requires_grad_(restore_flags.get(name, True))
-        if info.is_main:
-            _release_lock(lock, out_dir, finished)
+    _check_same_inputs(state.get("inputs"), fingerprints, out_dir)
+    return state
 
 
 def _run_fingerprints(train_ids: torch.Tensor, val_ids: torch.Tensor | None, teacher) -> dict:
@@ -383,6 +290,49 @@ def _check_same_inputs(saved: dict | None, now: dict, out_dir: Path) -> None:
         )
 
 
+@dataclass
+class _Run:
+    """One run's state between optimizer steps: what :func:`train` was given and what the steps change."""
+
+    model: GQAForCausalLM  # the caller's model: its config names the output
+    wrapped: torch.nn.Module  # DDP / FSDP2 around ``model``, or ``model`` itself in one process
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    info: DistInfo
+    train_ids: torch.Tensor  # [N] int64 on CPU
+    out_dir: Path
+    fingerprints: dict
+    teacher: object = None
+    val_ids: torch.Tensor | None = None  # [M] int64 on CPU
+    done: int = 0  # optimizer steps taken (a resumed run starts at its checkpoint's step)
+    best: dict | None = None  # {"step", "perplexity", "model"}: the best periodic evaluation so far (keep_best)
+    history: list[dict] = field(default_factory=list)  # the metrics records written (rank 0)
+    prior_elapsed: float = 0.0  # wall seconds of the runs before a resume
+    train_seconds: float = 0.0  # seconds spent in optimizer steps (what --max-minutes counts), rank 0's clock
+    last_loss: float = float("nan")
+    stopped_by_time: bool = False
+    t0: float = 0.0  # perf_counter() when this process's steps began
+    cpu0: float = 0.0  # process_time() then: this process's CPU time (what a budget bought on a shared machine)
+
+    @property
+    def base_model(self) -> torch.nn.Module:
+        return unwrap(self.wrapped)
+
+    @property
+    def budget_s(self) -> float:
+        return self.config.max_minutes * 60.0
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / METRICS_NAME
+
+    def elapsed(self) -> float:
+        return self.prior_elapsed + time.perf_counter() - self.t0
+
+    def out_of_time(self) -> bool:
+        return bool(self.budget_s) and self.train_seconds >= self.budget_s
+
+
 def _run(
     model, train_ids, out_dir, config, info, state, fingerprints, *, teacher, val_ids, tokenizer_from, progress, summary,
     on_step_end, desc,
@@ -390,212 +340,287 @@ def _run(
     """The training loop proper (see :func:`train`); OUT is checked and locked by the caller."""
     from gqa.progress import progress as progress_bar
 
+    run = _start(model, train_ids, out_dir, config, info, state, fingerprints, teacher, val_ids)
+    total = None if run.budget_s else config.steps - run.done
+    bar = progress_bar(total=total, desc=desc, unit="step", enabled=progress and info.is_main)
+    try:
+        _steps(run, bar, on_step_end)
+    finally:
+        bar.close()
+    validation, best_step, model_sd = _final_weights(run)
+    elapsed = run.elapsed()
+    if info.is_main:
+        _write_outputs(run, validation, best_step, model_sd, elapsed, tokenizer_from, summary)
+    if info.distributed:
+        dist.barrier()
+    return TrainResult(
+        out_dir=out_dir,
+        steps=run.done,
+        tokens=run.done * config.tokens_per_step,
+        final_loss=run.last_loss,
+        elapsed_s=elapsed,
+        validation=validation,
+        history=run.history,
+        stopped_by_time=run.stopped_by_time,
+        best_step=best_step,
+    )
+
+
+def _start(model, train_ids, out_dir, config, info, state, fingerprints, teacher, val_ids) -> _Run:
+    """Set-up and resume: the models on the device, DDP / FSDP2 wrapping, the optimizer, a checkpoint's
+    weights, step, clocks and best evaluation, and the metrics log cut back to the checkpoint's step."""
     model.to(info.device)
     if teacher is not None:
         teacher.to(info.device).eval()  # run under no_grad below; its parameters are left as they are
     wrapped = _wrap(model, info, config.fsdp)
     optimizer = _optimizer(wrapped, config)
-    start = 0
-    best = None  # {"step", "perplexity", "model"}: the best periodic evaluation so far (keep_best)
+    run = _Run(model, wrapped, optimizer, config, info, train_ids, out_dir, fingerprints, teacher, val_ids)
     if state is not None:
         load_full_state(wrapped, optimizer, state["model"], state["optimizer"])
-        start = int(state["step"])
-        best = state.get("best")
-    base_model = unwrap(wrapped)
-
-    metrics_path = out_dir / METRICS_NAME
-    history: list[dict] = []
+        run.done = int(state["step"])
+        run.best = state.get("best")
+        run.prior_elapsed = float(state.get("elapsed_s", 0.0))
+        run.train_seconds = float(state.get("train_seconds", run.prior_elapsed))
     if info.is_main:
         # A killed run may have logged steps after its last checkpoint (and a torn last line): drop them,
         # they will be redone. A run restarted without a checkpoint starts a fresh log.
-        history = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
-    prior_elapsed = float(state.get("elapsed_s", 0.0)) if state is not None else 0.0
-    train_seconds = float(state.get("train_seconds", prior_elapsed)) if state is not None else 0.0
-    budget_s = config.max_minutes * 60.0
+        run.history = [r for r in read_metrics(run.metrics_path) if r.get("step", 0) <= run.done]
+        run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in run.history))
+    return run
 
-    world, L = info.world_size, config.seq_len
-    local_rows = config.micro_batch // world
-    scale = world / config.tokens_per_step  # DDP/FSDP average gradients over processes
-    alpha, temp = (config.distill_alpha, config.distill_temperature) if teacher is not None else (0.0, 1.0)
-    bar = progress_bar(
-        total=None if budget_s else config.steps - start,
-        desc=desc,
-        unit="step",
-        enabled=progress and info.is_main,
+
+def _steps(run: _Run, bar, on_step_end: Callable[[int, dict], None] | None) -> None:
+    """Optimizer steps from ``run.done`` to ``config.steps``, or until the time budget (--max-minutes) is spent;
+    after each: periodic evaluation, the metrics log, periodic checkpoints, progress, ``on_step_end``."""
+    run.t0, run.cpu0 = time.perf_counter(), time.process_time()
+    run.wrapped.train()
+    for step in range(run.done, run.config.steps):
+        if run.out_of_time():
+            run.stopped_by_time = True
+            break
+        record = _optimizer_step(run, step)
+        out_of_time = run.out_of_time()
+        last = run.done == run.config.steps or out_of_time
+        _evaluate_periodically(run, record, last)
+        _log(run, record, last)
+        _checkpoint_periodically(run, record, last)
+        _show_progress(run, bar, record)
+        if on_step_end is not None:
+            on_step_end(run.done, record)
+        if out_of_time:
+            run.stopped_by_time = True
+            break
+
+
+def _optimizer_step(run: _Run, step: int) -> dict:
+    """Optimizer step ``step``: its learning rate, its micro-batches' gradients, clipping and the update; then
+    the step's one host sync of its numbers. Advances ``run.done`` and the budget clock; returns the record."""
+    config, info = run.config, run.info
+    t_step = time.perf_counter()
+    lr = config.lr_at(step, run.train_seconds / run.budget_s if run.budget_s else 0.0)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    sums = _accumulate_gradients(run, step)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in run.wrapped.parameters() if p.requires_grad],
+        config.grad_clip if config.grad_clip > 0 else float("inf"),
     )
-    t0 = time.perf_counter()
-    cpu0 = time.process_time()  # this process's CPU time: what a time budget bought on a shared machine
-    last_loss = float("nan")
-    done = start
-    stopped_by_time = False
-    wrapped.train()
-    try:
-        for step in range(start, config.steps):
-            if budget_s and train_seconds >= budget_s:
-                stopped_by_time = True
-                break
-            t_step = time.perf_counter()
-            lr = config.lr_at(step, train_seconds / budget_s if budget_s else 0.0)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            offsets = batch_offsets(train_ids.numel(), config, step)
-            sums = [0.0, 0.0]  # LM loss sum, KL sum (over this process's tokens)
-            for micro in range(config.grad_accum):
-                rows = offsets[micro * config.micro_batch : (micro + 1) * config.micro_batch]
-                rows = rows[info.rank * local_rows : (info.rank + 1) * local_rows]
-                inputs, targets = _window_batch(train_ids, rows, L)
-                inputs, targets = inputs.to(info.device), targets.to(info.device)
-                last_micro = micro == config.grad_accum - 1
-                sync = contextlib.nullcontext()
-                if hasattr(wrapped, "no_sync") and not last_micro:
-                    sync = wrapped.no_sync()  # DDP: all-reduce once per optimizer step
-                with sync:
-                    with _autocast(config, info.device):
-                        logits = wrapped(inputs)  # (b, L, V)
-                    logits = logits.float()
-                    lm_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-                    loss_sum = lm_sum
-                    if teacher is not None:
-                        with torch.no_grad(), _autocast(config, info.device):
-                            t_logits = model_logits(teacher, inputs)
-                        t_logp = F.log_softmax(t_logits.float() / temp, dim=-1)
-                        s_logp = F.log_softmax(logits / temp, dim=-1)
-                        kl_sum = (t_logp.exp() * (t_logp - s_logp)).sum() * temp**2
-                        loss_sum = (1 - alpha) * lm_sum + alpha * kl_sum
-                        sums[1] += kl_sum.item()
-                    (loss_sum * scale).backward()
-                    sums[0] += lm_sum.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in wrapped.parameters() if p.requires_grad],
-                config.grad_clip if config.grad_clip > 0 else float("inf"),
-            )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lm_total, kl_total = all_reduce_sum(sums, info)
-            step_seconds = time.perf_counter() - t_step
-            # Under torchrun every process must stop at the same step: use rank 0's clock.
-            train_seconds += float(_broadcast_float(step_seconds, info))
-            lm_loss = lm_total / config.tokens_per_step
-            kl = kl_total / config.tokens_per_step if teacher is not None else None
-            last_loss = (1 - alpha) * lm_loss + alpha * kl if kl is not None else lm_loss
-            done = step + 1
-            record = {
-                "step": done,
-                "tokens": done * config.tokens_per_step,
-                "loss": last_loss,
-                "lm_loss": lm_loss,
-                "kl": kl,
-                "lr": lr,
-                "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                "tokens_per_s": config.tokens_per_step / step_seconds,
-                "train_seconds": train_seconds,
-                "elapsed_s": prior_elapsed + time.perf_counter() - t0,
-                "cpu_seconds": time.process_time() - cpu0,  # this session's CPU time (all threads)
-            }
-            out_of_time = bool(budget_s) and train_seconds >= budget_s
-            last = done == config.steps or out_of_time
-            if config.eval_every and val_ids is not None and done % config.eval_every == 0 and not last:
-                res = evaluate_lm(base_model, val_ids, seq_len=L, max_tokens=config.eval_tokens)
-                record["val_perplexity"] = res.perplexity
-                if config.keep_best and (best is None or res.perplexity < best["perplexity"]):
-                    model_sd = full_state(wrapped, optimizer)[0] if info.distributed else None
-                    sd = model_sd if model_sd is not None else base_model.state_dict()
-                    best = {
-                        "step": done,
-                        "perplexity": res.perplexity,
-                        "model": {k: v.detach().cpu().clone() for k, v in sd.items()},
-                    }
-            if info.is_main and (done % config.log_every == 0 or last or "val_perplexity" in record):
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                history.append(record)
-            if config.checkpoint_every and done % config.checkpoint_every == 0 and not last:
-                model_sd, optim_sd = full_state(wrapped, optimizer)
-                if info.is_main:
-                    save_checkpoint(
-                        out_dir / CHECKPOINT_NAME,
-                        {
-                            "step": done,
-                            "model": model_sd,
-                            "optimizer": optim_sd,
-                            "model_config": model.config.to_dict(),
-                            "train_config": config.to_dict(),
-                            "inputs": fingerprints,
-                            "elapsed_s": record["elapsed_s"],
-                            "train_seconds": train_seconds,
-                            "best": best,
-                        },
-                    )
-            postfix = {"loss": f"{last_loss:.3f}", "lr": f"{lr:.1e}", "tok_s": f"{record['tokens_per_s']:,.0f}"}
-            if budget_s:
-                postfix["min"] = f"{train_seconds / 60:.1f}/{config.max_minutes:g}"
-            bar.set_postfix(**postfix)
-            bar.update(1)
-            if on_step_end is not None:
-                on_step_end(done, record)
-            if out_of_time:
-                stopped_by_time = True
-                break
-    finally:
-        bar.close()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    values = _step_values(sums, grad_norm, info)
+    step_seconds = time.perf_counter() - t_step
+    # Under torchrun every process must stop at the same step: use rank 0's clock.
+    run.train_seconds += float(_broadcast_float(step_seconds, info))
+    run.done = step + 1
+    return _record(run, lr, values, step_seconds)
 
-    validation = None
-    if val_ids is not None:
-        validation = evaluate_lm(base_model, val_ids, seq_len=L, max_tokens=config.eval_tokens)
-    best_step = None
-    if best is not None and validation is not None and best["perplexity"] < validation.perplexity:
-        # keep_best: the last weights evaluated worse than an earlier evaluation: the output holds those.
-        best_step = best["step"]
-        if config.fsdp and info.distributed:  # sharded: the saved copy is rebuilt from best["model"] below
-            validation = EvalResult(**{**validation.to_dict(), "perplexity": best["perplexity"]})
-        else:
-            base_model.load_state_dict(best["model"])
-            validation = evaluate_lm(base_model, val_ids, seq_len=L, max_tokens=config.eval_tokens)
-    model_sd, _ = full_state(wrapped, optimizer) if config.fsdp and info.distributed else (None, None)
-    if best_step is not None and model_sd is not None:
-        model_sd = best["model"]
-    elapsed = prior_elapsed + time.perf_counter() - t0
-    if info.is_main:
-        to_save = base_model
-        if model_sd is not None:  # FSDP: rebuild an unsharded copy on CPU from the gathered state
-            to_save = GQAForCausalLM(GQAConfig.from_dict(model.config.to_dict()))
-            to_save.load_state_dict(model_sd)
-        _save_model_files(to_save, out_dir, tokenizer_from)
-        write_json_atomic(
-            out_dir / SUMMARY_NAME,
+
+def _accumulate_gradients(run: _Run, step: int) -> torch.Tensor:
+    """Forward and backward over step ``step``'s ``grad_accum`` micro-batches (this process's rows of each);
+    returns float64 [2] on the device, with no host sync: the LM cross-entropy sum and the KL sum (0 without
+    a teacher) over this process's tokens."""
+    config, info, wrapped = run.config, run.info, run.wrapped
+    offsets = batch_offsets(run.train_ids.numel(), config, step)
+    local_rows = config.micro_batch // info.world_size
+    scale = info.world_size / config.tokens_per_step  # DDP/FSDP average gradients over processes
+    sums = torch.zeros(2, dtype=torch.float64, device=info.device)
+    for micro in range(config.grad_accum):
+        rows = offsets[micro * config.micro_batch : (micro + 1) * config.micro_batch]
+        rows = rows[info.rank * local_rows : (info.rank + 1) * local_rows]
+        inputs, targets = _window_batch(run.train_ids, rows, config.seq_len)
+        inputs, targets = inputs.to(info.device), targets.to(info.device)
+        sync = contextlib.nullcontext()
+        if hasattr(wrapped, "no_sync") and micro < config.grad_accum - 1:
+            sync = wrapped.no_sync()  # DDP: all-reduce once per optimizer step
+        with sync:
+            loss_sum, parts = _micro_loss(run, inputs, targets)
+            (loss_sum * scale).backward()
+        sums += parts
+    return sums
+
+
+def _micro_loss(run: _Run, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch (inputs, targets [b, L]): the loss sum to back-propagate, and its parts detached as
+    float64 [2]: the LM cross-entropy sum and T^2 x KL(teacher_T || model_T) summed over the b x L tokens."""
+    config, device = run.config, run.info.device
+    with _autocast(config, device):
+        logits = run.wrapped(inputs)  # (b, L, V)
+    logits = logits.float()
+    lm_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    if run.teacher is None:
+        return lm_sum, torch.stack([lm_sum.detach(), lm_sum.new_zeros(())]).double()
+    alpha, temp = config.distill_alpha, config.distill_temperature
+    with torch.no_grad(), _autocast(config, device):
+        t_logits = model_logits(run.teacher, inputs)
+    t_logp = F.log_softmax(t_logits.float() / temp, dim=-1)
+    s_logp = F.log_softmax(logits / temp, dim=-1)
+    kl_sum = (t_logp.exp() * (t_logp - s_logp)).sum() * temp**2
+    return (1 - alpha) * lm_sum + alpha * kl_sum, torch.stack([lm_sum.detach(), kl_sum.detach()]).double()
+
+
+def _step_values(sums: torch.Tensor, grad_norm: torch.Tensor, info: DistInfo) -> list[float]:
+    """The step's one host sync: [LM sum, KL sum] (float64 [2]) summed over processes in one all-reduce,
+    and the gradient norm (a DTensor under FSDP2), read together as [lm_sum, kl_sum, grad_norm]."""
+    if info.distributed:
+        dist.all_reduce(sums)
+    norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    return torch.cat([sums, norm.detach().reshape(1).to(sums)]).tolist()
+
+
+def _record(run: _Run, lr: float, values: list[float], step_seconds: float) -> dict:
+    """The metrics record of the step just taken (``run.done``); sets ``run.last_loss``."""
+    config = run.config
+    lm_total, kl_total, grad_norm = values
+    lm_loss = lm_total / config.tokens_per_step
+    kl = kl_total / config.tokens_per_step if run.teacher is not None else None
+    alpha = config.distill_alpha
+    run.last_loss = (1 - alpha) * lm_loss + alpha * kl if kl is not None else lm_loss
+    return {
+        "step": run.done,
+        "tokens": run.done * config.tokens_per_step,
+        "loss": run.last_loss,
+        "lm_loss": lm_loss,
+        "kl": kl,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": config.tokens_per_step / step_seconds,
+        "train_seconds": run.train_seconds,
+        "elapsed_s": run.elapsed(),
+        "cpu_seconds": time.process_time() - run.cpu0,  # this session's CPU time (all threads)
+    }
+
+
+def _evaluate_periodically(run: _Run, record: dict, last: bool) -> None:
+    """Every ``eval_every`` steps but the last (the final validation follows it): the validation perplexity
+    into ``record``; with keep_best, a CPU copy of the weights when they are the best so far."""
+    config = run.config
+    if not (config.eval_every and run.val_ids is not None and run.done % config.eval_every == 0 and not last):
+        return
+    res = evaluate_lm(run.base_model, run.val_ids, seq_len=config.seq_len, max_tokens=config.eval_tokens)
+    record["val_perplexity"] = res.perplexity
+    if config.keep_best and (run.best is None or res.perplexity < run.best["perplexity"]):
+        model_sd = full_state(run.wrapped, run.optimizer)[0] if run.info.distributed else None
+        sd = model_sd if model_sd is not None else run.base_model.state_dict()
+        run.best = {
+            "step": run.done,
+            "perplexity": res.perplexity,
+            "model": {k: v.detach().cpu().clone() for k, v in sd.items()},
+        }
+
+
+def _log(run: _Run, record: dict, last: bool) -> None:
+    """Append ``record`` to metrics.jsonl (rank 0) every ``log_every`` steps, at the last and at evaluations."""
+    if run.info.is_main and (run.done % run.config.log_every == 0 or last or "val_perplexity" in record):
+        with run.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        run.history.append(record)
+
+
+def _checkpoint_periodically(run: _Run, record: dict, last: bool) -> None:
+    """Every ``checkpoint_every`` steps but the last: model, optimizer, step, clocks, best evaluation and
+    input fingerprints in checkpoint.pt (gathered on every rank, written by rank 0)."""
+    config = run.config
+    if not (config.checkpoint_every and run.done % config.checkpoint_every == 0 and not last):
+        return
+    model_sd, optim_sd = full_state(run.wrapped, run.optimizer)
+    if run.info.is_main:
+        save_checkpoint(
+            run.out_dir / CHECKPOINT_NAME,
             {
-                **(summary or {}),
-                "steps": done,
-                "tokens": done * config.tokens_per_step,
-                "final_loss": last_loss,
-                "validation": validation.to_dict() if validation else None,
-                "kept_step": best_step if best_step is not None else done,
-                "stopped_by_time": stopped_by_time,
-                "train_seconds": train_seconds,
-                "distilled": teacher is not None,
-                "processes": info.world_size,
-                "elapsed_s": elapsed,
+                "step": run.done,
+                "model": model_sd,
+                "optimizer": optim_sd,
+                "model_config": run.model.config.to_dict(),
                 "train_config": config.to_dict(),
-                "model_config": model.config.to_dict(),
-                "provenance": provenance(),
+                "inputs": run.fingerprints,
+                "elapsed_s": record["elapsed_s"],
+                "train_seconds": run.train_seconds,
+                "best": run.best,
             },
         )
-        (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
-        _clean_partials(out_dir)
-    if info.distributed:
-        dist.barrier()
-    return TrainResult(
-        out_dir=out_dir,
-        steps=done,
-        tokens=done * config.tokens_per_step,
-        final_loss=last_loss,
-        elapsed_s=elapsed,
-        validation=validation,
-        history=history,
-        stopped_by_time=stopped_by_time,
-        best_step=best_step,
+
+
+def _show_progress(run: _Run, bar, record: dict) -> None:
+    """One step on the progress bar: loss, learning rate, tokens/s and, with a budget, minutes used."""
+    postfix = {"loss": f"{run.last_loss:.3f}", "lr": f"{record['lr']:.1e}", "tok_s": f"{record['tokens_per_s']:,.0f}"}
+    if run.budget_s:
+        postfix["min"] = f"{run.train_seconds / 60:.1f}/{run.config.max_minutes:g}"
+    bar.set_postfix(**postfix)
+    bar.update(1)
+
+
+def _final_weights(run: _Run) -> tuple[EvalResult | None, int | None, dict | None]:
+    """The final validation and the weights to keep: with keep_best, an earlier evaluation's weights when the
+    last ones evaluate worse. Returns (validation, the kept step or None for the last, the unsharded state
+    to save under FSDP2 or None)."""
+    config, info, base = run.config, run.info, run.base_model
+    sharded = config.fsdp and info.distributed
+    validation = None
+    if run.val_ids is not None:
+        validation = evaluate_lm(base, run.val_ids, seq_len=config.seq_len, max_tokens=config.eval_tokens)
+    best, best_step = run.best, None
+    if best is not None and validation is not None and best["perplexity"] < validation.perplexity:
+        best_step = best["step"]
+        if sharded:  # the saved copy is rebuilt from best["model"] below
+            validation = EvalResult(**{**validation.to_dict(), "perplexity": best["perplexity"]})
+        else:
+            base.load_state_dict(best["model"])
+            validation = evaluate_lm(base, run.val_ids, seq_len=config.seq_len, max_tokens=config.eval_tokens)
+    model_sd = full_state(run.wrapped, run.optimizer)[0] if sharded else None
+    if best_step is not None and model_sd is not None:
+        model_sd = best["model"]
+    return validation, best_step, model_sd
+
+
+def _write_outputs(run: _Run, validation, best_step, model_sd, elapsed, tokenizer_from, summary) -> None:
+    """Rank 0 at the end: the model as a transformers folder, training.json; the checkpoint removed."""
+    model, config = run.model, run.config
+    to_save = run.base_model
+    if model_sd is not None:  # FSDP: rebuild an unsharded copy on CPU from the gathered state
+        to_save = GQAForCausalLM(GQAConfig.from_dict(model.config.to_dict()))
+        to_save.load_state_dict(model_sd)
+    _save_model_files(to_save, run.out_dir, tokenizer_from)
+    write_json_atomic(
+        run.out_dir / SUMMARY_NAME,
+        {
+            **(summary or {}),
+            "steps": run.done,
+            "tokens": run.done * config.tokens_per_step,
+            "final_loss": run.last_loss,
+            "validation": validation.to_dict() if validation else None,
+            "kept_step": best_step if best_step is not None else run.done,
+            "stopped_by_time": run.stopped_by_time,
+            "train_seconds": run.train_seconds,
+            "distilled": run.teacher is not None,
+            "processes": run.info.world_size,
+            "elapsed_s": elapsed,
+            "train_config": config.to_dict(),
+            "model_config": model.config.to_dict(),
+            "provenance": provenance(),
+        },
     )
+    (run.out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+    _clean_partials(run.out_dir)
 
 
 def _broadcast_float(value: float, info: DistInfo) -> float:
