@@ -73,7 +73,7 @@ def generate(folder: Path, seed: int = 0) -> int:
     import torch
     from tqdm import tqdm
 
-    from gqa.convert.safetensors_io import SafetensorsWriter
+    from gqa.formats.transformers.safetensors import SafetensorsWriter
 
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
