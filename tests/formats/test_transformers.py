@@ -147,7 +147,7 @@ def test_num_parameters_matches_module():
 
 
 def test_unsupported_family_and_bad_folders(tmp_path):
-    with pytest.raises(ValueError, match="supported: llama"):
+    with pytest.raises(ValueError, match="supported: gemma3_text, llama"):
         config_from_hf({"model_type": "gpt2"})
     with pytest.raises(GQAUserError, match="config.json"):
         load_hf(tmp_path)

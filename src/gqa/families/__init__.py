@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from gqa.errors import GQAUserError
-from gqa.families import llama, olmo2, phi3, qwen3, stablelm
+from gqa.families import gemma3, llama, olmo2, phi3, qwen3, stablelm
 
 __all__ = ["Family", "FAMILIES", "get", "find", "names", "by_gguf_arch", "require"]
 
@@ -43,8 +43,13 @@ class Family:
     gguf_layer_extras: per-layer GGUF tensors beyond a Llama block's, as ``(name after blk.N., kind)`` with
     kind ``q`` (Hq*D), ``kv`` (Hkv*D), ``head`` (D) or ``model`` (d_model); None: gqa does not check the
     tensor table of this architecture (transformers reads it). read_transform / write_transform:
-    ``(gqa name, tensor) -> tensor`` applied after reading a tensor / before writing it.
-    saves: a predicate on a :class:`~gqa.model.config.GQAConfig` that claims it for this family on save.
+    ``(gqa name, tensor) -> tensor`` applied after reading a transformers-folder tensor / before writing
+    one (GGUF tensors are read as gqa holds them). saves: a predicate on a
+    :class:`~gqa.model.config.GQAConfig` that claims it for this family on save; config_to_hf writes its
+    ``config.json`` (None: the Llama-block writer). gguf_metadata: ``config -> {key: int}``, the
+    architecture's keys beyond a Llama block's (without the ``arch.`` prefix) that export writes, or a
+    one-line error for a model llama.cpp's loader of that architecture cannot express. gguf_native: gqa's own GGUF reader loads this
+    architecture (else transformers reads the file and gqa takes its weights).
     """
 
     model_type: str
@@ -64,6 +69,9 @@ class Family:
     read_transform: Callable | None = None
     write_transform: Callable | None = None
     saves: Callable | None = None
+    config_to_hf: Callable | None = None
+    gguf_metadata: Callable | None = None
+    gguf_native: bool = False
 
 
 def _runnable(model_type: str, hf_prefix: str, **kw) -> Family:
@@ -101,6 +109,31 @@ FAMILIES: tuple[Family, ...] = (
         config_from_gguf=llama.config_from_gguf,
         gguf_tensor_map=llama.gguf_tensor_map,
         gguf_layer_extras=(),
+        gguf_native=True,
+    ),
+    # Gemma-3 text models: GeGLU, QK-norm, sandwich norms, sliding-window layers (see gqa.families.gemma3).
+    # Its attention tensors are Qwen3's (q/k/v/o and per-head-dim q/k norms). With one KV head (270M) the
+    # conversions are GQA -> MHA expansions (and back).
+    Family(
+        "gemma3_text",
+        qwen3,
+        runs=True,
+        calibrates=True,
+        hf_config_class="Gemma3TextConfig",
+        hf_model_class="Gemma3ForCausalLM",
+        gguf_arch="gemma3",
+        weight_map=gemma3.weight_map,
+        config_from_hf=gemma3.config_from_hf,
+        config_from_gguf=gemma3.config_from_gguf,
+        gguf_tensor_map=gemma3.gguf_tensor_map,
+        gguf_layer_extras=gemma3.GGUF_LAYER_EXTRAS,
+        gguf_rope_permuted=False,
+        read_transform=gemma3.from_hf,
+        write_transform=gemma3.to_hf,
+        saves=gemma3.saves,
+        config_to_hf=gemma3.config_to_hf,
+        gguf_metadata=gemma3.gguf_metadata,
+        gguf_native=True,
     ),
     Family("gemma", llama, hf_config_class="GemmaConfig", hf_model_class="GemmaForCausalLM"),
     Family("granite", llama, hf_config_class="GraniteConfig", hf_model_class="GraniteForCausalLM"),

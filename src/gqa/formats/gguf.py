@@ -82,9 +82,11 @@ def _export_family(config: GQAConfig) -> families.Family:
     return families.by_gguf_arch(gguf_architecture(config))
 
 
-def _check_exportable(config: GQAConfig) -> None:
-    if _export_family(config).saves is not None:  # a family of its own: its record says what it writes
-        return
+def _check_exportable(config: GQAConfig) -> dict:
+    """A one-line error for what the export cannot write; else the family's extra metadata keys."""
+    family = _export_family(config)
+    if family.saves is not None:  # a family of its own: its record says what it writes
+        return family.gguf_metadata(config) if family.gguf_metadata is not None else {}
     unsupported = [
         (config.qkv_bias or config.o_bias, "q/k/v/o biases (Qwen2-style)"),
         (config.mlp_bias, "MLP biases"),
@@ -97,6 +99,7 @@ def _check_exportable(config: GQAConfig) -> None:
                 f"GGUF export writes plain Llama blocks but this model has {what}; "
                 "export an HF folder (--export hf) and use llama.cpp's converter for this family"
             )
+    return {}
 
 
 def _rope_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -133,7 +136,7 @@ def _gguf_tensors(model: GQAForCausalLM):
         heads = _rope_heads(config, ours) if family.gguf_rope_permuted else None
         if heads is not None:
             t = _rope_permute(t, heads)  # (H*D, d_model)
-        yield theirs, (family.write_transform(ours, t) if family.write_transform else t)
+        yield theirs, t
 
 
 def _to_numpy(t: torch.Tensor, dtype_name: str, gguf) -> tuple[np.ndarray, object | None]:
@@ -277,7 +280,7 @@ def export_gguf(
     if dtype not in GGUF_DTYPES:
         raise GQAUserError(f"GGUF export writes {', '.join(GGUF_DTYPES)}, not {dtype!r}")
     config = model.config
-    _check_exportable(config)
+    extra = _check_exportable(config)
     arch = gguf_architecture(config)
     heads_kv = config.kv_heads_per_layer
     head_dim = config.resolved_head_dim
@@ -298,6 +301,8 @@ def export_gguf(
         writer.add_rope_freq_base(float(config.rope_theta))
         writer.add_layer_norm_rms_eps(float(config.norm_eps))
         writer.add_vocab_size(config.vocab_size)
+        for key, value in extra.items():
+            writer.add_uint32(f"{arch}.{key}", value)
         if tokenizer_dir is not None:
             _add_tokenizer(writer, Path(tokenizer_dir), config.vocab_size, gguf)
         # Tensor infos first, then the data one tensor at a time: peak memory is one tensor, not a copy of the model.
@@ -649,8 +654,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> GQAFor
         # copy: the reader's arrays are read-only memmaps
         x = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).to(dtype)
         heads = _rope_heads(config, ours) if family.gguf_rope_permuted else None
-        x = _rope_unpermute(x, heads) if heads is not None else x
-        return family.read_transform(ours, x) if family.read_transform else x
+        return _rope_unpermute(x, heads) if heads is not None else x
 
     with torch.device("meta"):
         model = GQAForCausalLM(config)

@@ -215,13 +215,16 @@ def _load_transformers(folder: Path, *, dtype: torch.dtype):
     return model.eval()
 
 
-def _only_gqa_reads(arch: str) -> bool:
-    """True for a GGUF architecture gqa reads and transformers does not: its family has a GGUF config
-    mapping but is not one transformers (and so gqa's transformers-folder path) runs (``deci``)."""
+def _gguf_family(arch: str):
     from gqa import families
 
-    family = families.by_gguf_arch(arch)
-    return family is not None and family.config_from_gguf is not None and not family.runs
+    return families.by_gguf_arch(arch)
+
+
+def _only_gqa_reads(arch: str) -> bool:
+    """True for a GGUF architecture gqa reads and transformers does not (``deci``: per-layer KV heads)."""
+    family = _gguf_family(arch)
+    return family is not None and family.gguf_native and not family.runs
 
 
 def _load_gguf(path: Path, *, dtype: torch.dtype, prefer_gqa: bool):
@@ -231,9 +234,10 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, prefer_gqa: bool):
     from gqa.progress import quiet_loading
 
     # every metadata value and tensor checked before anything is allocated or handed to transformers
-    if _only_gqa_reads(read_gguf_header(path).arch):
-        # an architecture transformers has no reader for (deci: per-layer KV heads, what gqa's GGUF export
-        # writes for them): gqa's own reader has
+    family = _gguf_family(read_gguf_header(path).arch)
+    if family is not None and family.gguf_native and (prefer_gqa or not family.runs):
+        # gqa's own reader: the architectures transformers has no reader for (deci) and those gqa reads
+        # directly (gemma3: dequantized tensor by tensor, no transformers model built first)
         return load_gguf(path, dtype=dtype)
     with quiet_loading():
         from transformers import AutoModelForCausalLM

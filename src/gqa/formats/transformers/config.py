@@ -124,6 +124,9 @@ def model_type_for(config: GQAConfig) -> str:
 def config_to_hf(config: GQAConfig) -> dict:
     """:class:`GQAConfig` -> a transformers ``config.json`` dict of the family it saves as."""
     mt = model_type_for(config)
+    family = families.get(mt)
+    if family.config_to_hf is not None:
+        return family.config_to_hf(config)
     heads = config.kv_heads_per_layer
     out = {
         "architectures": [families.get(mt).hf_model_class],
