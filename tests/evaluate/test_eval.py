@@ -48,6 +48,33 @@ def test_windows_score_every_token_once(n_tokens, seq_len):
     assert res.perplexity == pytest.approx(math.exp(res.nll))
 
 
+@pytest.mark.parametrize("n_tokens,seq_len", [(33, 8), (40, 8), (5, 16), (2, 4)])
+def test_windows_after_bos_score_every_token_once_the_first_too(n_tokens, seq_len):
+    """With a BOS (Gemma needs one in front of any text) each window is BOS + L-1 text tokens predicting L."""
+    model = tiny_model()
+    ids = torch.randint(3, VOCAB, (n_tokens,))
+    res = perplexity(model, ids, seq_len=seq_len, batch_size=2, bos_token_id=2)
+    assert res.tokens == n_tokens
+    total = 0.0
+    with torch.no_grad():
+        for s in range(0, n_tokens, seq_len):
+            targets = ids[s : s + seq_len]
+            inputs = torch.cat([torch.tensor([2]), targets[:-1]])
+            total += F.cross_entropy(model(inputs.unsqueeze(0)).double()[0], targets, reduction="sum").item()
+    assert res.nll == pytest.approx(total / n_tokens, rel=1e-5)
+
+
+def test_leading_bos_is_what_the_tokenizer_puts_before_a_text(tmp_path):
+    from tokenizers import processors
+
+    from gqa.data.tokenizer import leading_bos
+
+    tok = train_bpe_tokenizer("the cat sat on the mat " * 50, vocab_size=300)
+    assert leading_bos(tok) is None
+    tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    assert leading_bos(tok) == 0
+
+
 def test_max_tokens_caps_the_scored_tokens():
     ids = torch.randint(0, VOCAB, (100,))
     model = tiny_model()

@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Evaluate a model: perplexity, tokens evaluated, and KL to --teacher."""
         from gqa.data import encode, load_text
+        from gqa.data.tokenizer import leading_bos
         from gqa.evaluate import evaluate_lm
         from gqa.model.loading import check_context, load_model, load_model_tokenizer
         from gqa.progress import load_announced
@@ -43,6 +44,7 @@ def register(app: typer.Typer) -> None:
             check_context(seq_len, {"MODEL": student, "--teacher": teacher_model})
         tok = load_model_tokenizer(model, tokenizer)
         ids = encode(tok, load_text(data, default_split="validation"))
+        bos = leading_bos(tok)  # each window starts with it when the tokenizer puts it before a text
         res = evaluate_lm(
             student,
             ids,
@@ -51,8 +53,9 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size,
             max_tokens=max_tokens,
             progress=not as_json,
+            bos_token_id=bos,
         )
-        out = {"model": str(model), "data": data, **res.to_dict()}
+        out = {"model": str(model), "data": data, **res.to_dict(), "bos_token_id": bos}
         if teacher is not None:
             out["teacher"] = str(teacher)
         if as_json:
@@ -60,6 +63,6 @@ def register(app: typer.Typer) -> None:
             return
         console.print(f"[bold]{model}[/] on {data}")
         console.print(f"  perplexity  {res.perplexity:.3f}  (nll {res.nll:.4f} nats/token)")
-        console.print(f"  tokens      {res.tokens:,}")
+        console.print(f"  tokens      {res.tokens:,}" + (f"  (each window after BOS {bos})" if bos is not None else ""))
         if res.kl is not None:
             console.print(f"  KL(teacher || model)  {res.kl:.4f} nats/token")

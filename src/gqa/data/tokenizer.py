@@ -94,6 +94,23 @@ def encode(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def leading_bos(tokenizer) -> int | None:
+    """The token the tokenizer puts in front of a text when asked for its special tokens (Gemma's BOS),
+    or None when it adds none (SmolLM2, GPT-2): what a prompt or an evaluation window starts with."""
+    backend = _backend(tokenizer)
+    if backend is not None:
+        with_special = backend.encode("a", add_special_tokens=True).ids
+        plain = backend.encode("a", add_special_tokens=False).ids
+    else:
+        with_special = tokenizer.encode("a", add_special_tokens=True)
+        plain = tokenizer.encode("a", add_special_tokens=False)
+    return (
+        with_special[0]
+        if len(with_special) > len(plain) and with_special[1:] == plain[: len(with_special) - 1]
+        else None
+    )
+
+
 def vocab_size(tokenizer) -> int:
     """Number of ids the tokenizer can produce (added tokens included)."""
     backend = _backend(tokenizer)

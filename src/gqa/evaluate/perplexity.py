@@ -62,8 +62,14 @@ def as_token_ids(data, tokenizer=None) -> torch.Tensor:
     return ids
 
 
-def _windows(ids: torch.Tensor, seq_len: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of (inputs [b, L], targets [b, L]); a final shorter window comes alone."""
+def _windows(
+    ids: torch.Tensor, seq_len: int, batch_size: int, bos: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of (inputs [b, L], targets [b, L]); a final shorter window comes alone. With ``bos`` every
+    window's inputs start with it and its L targets are the next L text tokens (the first one included)."""
+    if bos is not None:
+        yield from _bos_windows(ids, seq_len, batch_size, bos)
+        return
     n_full = (ids.numel() - 1) // seq_len
     if n_full:
         full = ids[: n_full * seq_len + 1]
@@ -74,6 +80,17 @@ def _windows(ids: torch.Tensor, seq_len: int, batch_size: int) -> Iterator[tuple
     rest = ids[n_full * seq_len :]
     if rest.numel() >= 2:
         yield rest[:-1].unsqueeze(0), rest[1:].unsqueeze(0)
+
+
+def _bos_windows(ids: torch.Tensor, seq_len: int, batch_size: int, bos: int):
+    n_full = ids.numel() // seq_len
+    targets = ids[: n_full * seq_len].view(n_full, seq_len)  # (n_full, L)
+    inputs = torch.cat([torch.full((n_full, 1), bos, dtype=ids.dtype), targets[:, :-1]], dim=1)
+    for i in range(0, n_full, batch_size):
+        yield inputs[i : i + batch_size], targets[i : i + batch_size]
+    rest = ids[n_full * seq_len :]
+    if rest.numel():
+        yield torch.cat([ids.new_tensor([bos]), rest[:-1]]).unsqueeze(0), rest.unsqueeze(0)
 
 
 def _device_of(model) -> torch.device:
@@ -94,6 +111,7 @@ def evaluate_lm(
     batch_size: int = 8,
     max_tokens: int | None = None,
     progress: bool = False,
+    bos_token_id: int | None = None,
 ) -> EvalResult:
     """Perplexity of ``model`` on ``data`` and, with ``teacher``, the mean KL(teacher || model).
 
@@ -103,6 +121,9 @@ def evaluate_lm(
     seq_len: tokens of context per window (default: 256, or the model's context if shorter; longer than the
         model's context is an error); batch_size: windows per forward pass.
     max_tokens: score at most this many tokens (the first ones), e.g. to bound CPU time.
+    bos_token_id: put this token in front of every window, as models that need their BOS (Gemma) are fed
+        (:func:`gqa.data.tokenizer.leading_bos` says which a tokenizer adds); the window's L targets are
+        then L text tokens, the first one included.
     """
     contexts = [
         (ctx, role) for m, role in ((model, "the model"), (teacher, "the teacher")) if (ctx := model_context(m))
@@ -132,9 +153,16 @@ def evaluate_lm(
         teacher.eval()
     device = _device_of(model)
     nll_sum, kl_sum, count = 0.0, 0.0, 0
-    bar = progress_bar(total=ids.numel() - 1, unit="tok", unit_scale=True, desc="eval", enabled=progress, leave=False)
+    bar = progress_bar(
+        total=ids.numel() - (bos_token_id is None),
+        unit="tok",
+        unit_scale=True,
+        desc="eval",
+        enabled=progress,
+        leave=False,
+    )
     try:
-        for inputs, targets in _windows(ids, seq_len, batch_size):
+        for inputs, targets in _windows(ids, seq_len, batch_size, bos_token_id):
             inputs, targets = inputs.to(device), targets.to(device)
             logp = F.log_softmax(model_logits(model, inputs).float(), dim=-1)  # (b, L, V)
             nll_sum += -logp.gather(-1, targets.unsqueeze(-1)).sum().item()
@@ -167,6 +195,7 @@ def perplexity(
     batch_size: int = 8,
     max_tokens: int | None = None,
     progress: bool = False,
+    bos_token_id: int | None = None,
 ) -> EvalResult:
     """Perplexity of ``model`` on ``data`` (text with ``tokenizer``, or token ids).
 
@@ -181,6 +210,7 @@ def perplexity(
         batch_size=batch_size,
         max_tokens=max_tokens,
         progress=progress,
+        bos_token_id=bos_token_id,
     )
 
 
