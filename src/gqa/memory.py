@@ -25,7 +25,15 @@ from gqa.model.files import read_json_object
 from gqa.units import element_size
 from gqa.units import kv_bytes_per_token as _kv_bytes
 
-__all__ = ["KVShape", "DTYPE_BYTES", "load_kv_shape", "kv_shape_from_dict", "kv_bytes_per_token", "memory_report"]
+__all__ = [
+    "KVShape",
+    "DTYPE_BYTES",
+    "load_kv_shape",
+    "kv_shape_from_dict",
+    "kv_bytes_per_token",
+    "kv_bytes_per_sequence",
+    "memory_report",
+]
 
 GiB = 2**30
 KiB = 2**10
@@ -38,13 +46,18 @@ DTYPE_BYTES = {name: element_size(dt) for name, dt in KV_DTYPES.items()}
 
 @dataclass(frozen=True)
 class KVShape:
-    """What sizes a KV cache: query heads, KV heads per layer (0 = no attention cache), head_dim."""
+    """What sizes a KV cache: query heads, KV heads per layer (0 = no attention cache), head_dim and, per
+    layer, the sliding window a layer attends within (None: every token; ``windows`` None: no layer slides).
+
+    A sliding layer's cache is a ring buffer of its window, so past the window only global layers grow.
+    """
 
     name: str
     n_heads: int
     kv_heads_per_layer: tuple[int, ...]
     head_dim: int
     max_context: int | None = None
+    windows: tuple[int | None, ...] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -53,7 +66,12 @@ class KVShape:
     def with_kv_heads(self, hkv: int, name: str) -> KVShape:
         """The same model with ``hkv`` KV heads in every layer that has attention."""
         heads = tuple(hkv if h else 0 for h in self.kv_heads_per_layer)
-        return KVShape(name, self.n_heads, heads, self.head_dim, self.max_context)
+        return KVShape(name, self.n_heads, heads, self.head_dim, self.max_context, self.windows)
+
+    def layer_tokens(self, context: int) -> list[int]:
+        """Tokens each layer's cache holds for a sequence of ``context`` tokens."""
+        windows = self.windows or (None,) * self.n_layers
+        return [min(context, w) if w else context for w in windows]
 
     def kv_heads_value(self) -> int | list[int]:
         """The KV heads as data: one int when every layer has the same count, else the per-layer list."""
@@ -79,6 +97,26 @@ def _kv_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def kv_bytes_per_token(shape: KVShape, dtype: str = "bfloat16") -> int:
     """KV bytes one token of one sequence takes: sum over layers of 2 x Hkv x head_dim x element size."""
     return _kv_bytes(shape.kv_heads_per_layer, shape.head_dim, _kv_dtype(dtype))
+
+
+def kv_bytes_per_sequence(shape: KVShape, context: int, dtype: str = "bfloat16") -> int:
+    """KV bytes of one sequence of ``context`` tokens: each layer holds ``min(context, window)`` tokens."""
+    dt = _kv_dtype(dtype)
+    return sum(
+        n * _kv_bytes([h], shape.head_dim, dt) for h, n in zip(shape.kv_heads_per_layer, shape.layer_tokens(context))
+    )
+
+
+def _max_context(shape: KVShape, budget: int, batch: int, dtype: str) -> int | None:
+    """The longest context whose cache for ``batch`` sequences fits ``budget`` bytes (None: unbounded,
+    every layer slides); the bytes grow monotonically with the context, so a bisection finds it."""
+    if shape.windows is not None and all(shape.windows):
+        return None if kv_bytes_per_sequence(shape, max(shape.windows), dtype) * batch <= budget else 0
+    lo, hi = 0, 2**40
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if kv_bytes_per_sequence(shape, mid, dtype) * batch <= budget else (lo, mid - 1)
+    return lo
 
 
 def kv_shape_from_dict(cfg: dict, name: str = "model") -> KVShape:
@@ -174,18 +212,19 @@ def memory_report(
     budget = None if budget_gib is None else int(budget_gib * GiB)
     for label, v in variants:
         per_token = kv_bytes_per_token(v, dtype)
+        per_sequence = kv_bytes_per_sequence(v, context, dtype)
         active = [h for h in v.kv_heads_per_layer if h]
         row = {
             "variant": label,
             "kv_heads": v.kv_heads_value(),  # a number, or one per layer (JSON readers get numbers)
             "group_size": (hq / (sum(active) / len(active))) if active else None,
-            "kv_bytes_per_token": per_token,
-            "kv_bytes_per_sequence": per_token * context,
-            "kv_bytes_total": per_token * context * batch,
+            "kv_bytes_per_token": per_token,  # while every layer still holds the token
+            "kv_bytes_per_sequence": per_sequence,
+            "kv_bytes_total": per_sequence * batch,
         }
         if budget is not None:
-            row["max_batch"] = budget // (per_token * context) if per_token else None
-            row["max_context"] = budget // (per_token * batch) if per_token else None
+            row["max_batch"] = budget // per_sequence if per_sequence else None
+            row["max_context"] = _max_context(v, budget, batch, dtype) if per_token else None
         rows.append(row)
     model_row = rows[0]
     if budget is not None and model_row["max_batch"] == 0:
@@ -207,5 +246,6 @@ def memory_report(
         "kv_bytes_per_token": model_row["kv_bytes_per_token"],
         "kv_bytes_per_sequence": model_row["kv_bytes_per_sequence"],
         "kv_bytes_total": model_row["kv_bytes_total"],
+        "windows": None if shape.windows is None else list(shape.windows),
         "variants": rows,
     }

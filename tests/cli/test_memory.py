@@ -122,3 +122,35 @@ def test_cli_memory_json_and_table(tmp_path):
     assert table.exit_code == 0 and "128 KiB" in table.output and "MQA" in table.output
     bad = runner.invoke(app, ["memory", str(tmp_path), "--budget", "0.01"])
     assert bad.exit_code == 2 and "too small" in bad.output and bad.output.count("\n") == 1
+
+
+def _gemma3_config(tmp_path):
+    """A Gemma-3-shaped config.json: 18 layers, every 6th global, the others sliding within 512 tokens."""
+    cfg = {
+        "model_type": "gemma3_text", "vocab_size": 1000, "hidden_size": 640, "intermediate_size": 2048,
+        "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+        "sliding_window": 512, "max_position_embeddings": 32768, "query_pre_attn_scalar": 256,
+        "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)],
+    }  # fmt: skip
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_sliding_layers_hold_at_most_their_window(tmp_path):
+    from gqa.memory import memory_report
+
+    rep = memory_report(_gemma3_config(tmp_path), context=32768, dtype="bfloat16")
+    per_token_layer = 2 * 1 * 256 * 2  # K and V, 1 KV head of 256, bf16
+    assert rep["kv_bytes_per_sequence"] == (3 * 32768 + 15 * 512) * per_token_layer
+    short = memory_report(_gemma3_config(tmp_path), context=100)
+    assert short["kv_bytes_per_sequence"] == 18 * 100 * per_token_layer  # inside the window every layer holds all
+    budget = memory_report(_gemma3_config(tmp_path), context=32768, budget_gib=1.0)
+    ctx = budget["variants"][0]["max_context"]
+    assert (3 * ctx + 15 * 512) * per_token_layer <= 2**30 < (3 * (ctx + 1) + 15 * 512) * per_token_layer
+
+
+def test_memory_command_says_the_sliding_layers_stop_growing(tmp_path):
+    result = CliRunner().invoke(app, ["memory", str(_gemma3_config(tmp_path)), "--context", "32768"])
+    assert result.exit_code == 0, result.output
+    assert "15 of 18 layers attend within a window of 512" in " ".join(result.output.split())

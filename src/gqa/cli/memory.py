@@ -18,6 +18,17 @@ def _size(n: int | None) -> str:
     return f"{n} B"
 
 
+def _window_note(windows: list) -> str:
+    """One line on the sliding layers: their ring-buffer caches stop growing at the window."""
+    sliding = [w for w in windows if w]
+    sizes = ", ".join(f"{w:,}" for w in sorted(set(sliding)))
+    return (
+        f"{len(sliding)} of {len(windows)} layers attend within a window of {sizes} tokens: their caches are "
+        f"ring buffers that stop growing there, so past it memory grows only with the "
+        f"{len(windows) - len(sliding)} global layers"
+    )
+
+
 def register(app: typer.Typer) -> None:
     @app.command("memory")
     @user_errors
@@ -63,8 +74,11 @@ def register(app: typer.Typer) -> None:
                 _size(row["kv_bytes_total"]),
             ]
             if budget is not None:
-                cells += [f"{row['max_batch']:,}", f"{row['max_context']:,}"]
+                ctx = row["max_context"]
+                cells += [f"{row['max_batch']:,}", "unbounded" if ctx is None else f"{ctx:,}"]
             table.add_row(*cells)
         console.print(table)
+        if rep["windows"] is not None:
+            console.print(_window_note(rep["windows"]))
         if budget is not None:
             console.print(f"budget {budget:g} GiB for the KV cache alone (weights and activations not counted)")

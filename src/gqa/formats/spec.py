@@ -87,7 +87,20 @@ class CheckpointSpec:
         """The :class:`gqa.memory.KVShape` that sizes this model's KV cache."""
         from gqa.memory import KVShape
 
-        return KVShape(name, self.n_heads, self.kv_heads, self.head_dim, self.max_context)
+        return KVShape(name, self.n_heads, self.kv_heads, self.head_dim, self.max_context, self._windows())
+
+    def _windows(self) -> tuple[int | None, ...] | None:
+        """Per layer the sliding window (None: global), from the model config of a family gqa runs
+        (Gemma-3, Mistral); None when no layer slides or gqa cannot build the config (a DeciLM no-op
+        block): ``gqa memory`` then counts every layer as global, an upper bound."""
+        if self.build is None:
+            return None
+        try:
+            config = self.model_config()
+        except GQAUserError:
+            return None
+        windows = tuple(config.layer_window(i) for i in range(config.n_layers))
+        return windows if any(windows) else None
 
 
 # ------------------------------------------------------------------------------------------------
