@@ -102,9 +102,8 @@ def kv_bytes_per_token(shape: KVShape, dtype: str = "bfloat16") -> int:
 def kv_bytes_per_sequence(shape: KVShape, context: int, dtype: str = "bfloat16") -> int:
     """KV bytes of one sequence of ``context`` tokens: each layer holds ``min(context, window)`` tokens."""
     dt = _kv_dtype(dtype)
-    return sum(
-        n * _kv_bytes([h], shape.head_dim, dt) for h, n in zip(shape.kv_heads_per_layer, shape.layer_tokens(context))
-    )
+    tokens = shape.layer_tokens(context)
+    return sum(n * _kv_bytes([h], shape.head_dim, dt) for h, n in zip(shape.kv_heads_per_layer, tokens, strict=True))
 
 
 def _max_context(shape: KVShape, budget: int, batch: int, dtype: str) -> int | None:
