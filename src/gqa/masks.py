@@ -147,25 +147,41 @@ class KeyPadding(Mask):
 
     ``lengths`` (int tensor ``[B]``): keys ``0..lengths[b]-1`` are valid (right padding).
     ``valid`` (bool tensor ``[B, Tk]``): True where the key is a real token (any padding side).
+    ``start`` (int tensor ``[B]``): keys ``0..start[b]-1`` are padding, the rest valid (left padding, as
+    :func:`gqa.generate` pads a batch); the CPU decode kernel takes it as an argument, so a decode step
+    needs no ``[B, Tk]`` tensor that grows with the context.
     """
 
-    def __init__(self, lengths: torch.Tensor | None = None, *, valid: torch.Tensor | None = None):
-        if (lengths is None) == (valid is None):
-            raise GQAUserError("key_padding needs exactly one of lengths=[B] ints or valid=[B, Tk] bools")
-        if lengths is not None:
-            lengths = torch.as_tensor(lengths)
-            if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+    def __init__(
+        self,
+        lengths: torch.Tensor | None = None,
+        *,
+        valid: torch.Tensor | None = None,
+        start: torch.Tensor | None = None,
+    ):
+        if sum(x is not None for x in (lengths, valid, start)) != 1:
+            raise GQAUserError(
+                "key_padding needs exactly one of lengths=[B] ints, valid=[B, Tk] bools or start=[B] ints"
+            )
+        for name, val in (("lengths", lengths), ("start", start)):
+            if val is None:
+                continue
+            val = torch.as_tensor(val)
+            if val.dim() != 1 or val.dtype.is_floating_point or val.dtype == torch.bool:
                 raise GQAUserError(
-                    f"key_padding lengths must be a 1-D integer tensor [B], got {tuple(lengths.shape)} {lengths.dtype}"
+                    f"key_padding {name} must be a 1-D integer tensor [B], got {tuple(val.shape)} {val.dtype}"
                 )
-            if lengths.numel() and int(lengths.min()) < 0:
-                raise GQAUserError(
-                    f"key_padding lengths must be >= 0 (keys 0 .. length-1 are real), got {lengths.tolist()[:8]}"
-                )
+            if val.numel() and int(val.min()) < 0:
+                raise GQAUserError(f"key_padding {name} must be >= 0, got {val.tolist()[:8]}")
+            if name == "lengths":
+                lengths = val
+            else:
+                start = val
         if valid is not None and (valid.dtype != torch.bool or valid.dim() != 2):
             raise GQAUserError(
                 f"key_padding valid must be a bool tensor [B, Tk], got {tuple(valid.shape)} {valid.dtype}"
             )
+        self.start = start
         self.lengths = lengths
         self.valid = valid
 
@@ -178,6 +194,8 @@ class KeyPadding(Mask):
                 )
             return self.valid.to(device)[:, None, None, :]  # (B, 1, 1, Tk)
         k_pos = torch.arange(k_len, device=device)
+        if self.start is not None:
+            return (k_pos[None, :] >= self.start.to(device)[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
         return (k_pos[None, :] < self.lengths.to(device)[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
 
 
@@ -258,9 +276,12 @@ def chunked(chunk: int) -> Chunked:
     return Chunked(chunk)
 
 
-def key_padding(lengths: torch.Tensor | None = None, *, valid: torch.Tensor | None = None) -> KeyPadding:
-    """Per-sequence key padding: ``lengths`` [B] (right padding) or ``valid`` [B, Tk] bools."""
-    return KeyPadding(lengths, valid=valid)
+def key_padding(
+    lengths: torch.Tensor | None = None, *, valid: torch.Tensor | None = None, start: torch.Tensor | None = None
+) -> KeyPadding:
+    """Per-sequence key padding: ``lengths`` [B] (right padding), ``valid`` [B, Tk] bools, or ``start`` [B]
+    (left padding: keys before ``start[b]`` are padding)."""
+    return KeyPadding(lengths, valid=valid, start=start)
 
 
 def custom(mask) -> Custom:

@@ -90,6 +90,39 @@ def test_first_token_of_padded_batch_equals_plain_forward():
     assert [t[0] for t in got.tokens] == steps
 
 
+def test_padded_batch_on_the_decode_kernel_equals_uncached_and_alone(monkeypatch):
+    """Prompts long enough for the CPU decode kernel (>= FUSED_MIN_KEYS keys): a left-padded batch's decode
+    steps pass the padding as [B] starts (no [B, Tk] mask rebuilt per step) and give each prompt the tokens
+    of an uncached greedy loop (the whole sequence recomputed every step) and of the prompt alone."""
+    from gqa.kernels import FUSED_MIN_KEYS, cpu_fused
+
+    model = tiny_gqa(n_kv=2, seed=3)
+    model.config.max_seq_len = 400
+    gen = torch.Generator().manual_seed(0)
+    prompts = [
+        torch.randint(1, 97, (n,), generator=gen).tolist() for n in (FUSED_MIN_KEYS + 40, FUSED_MIN_KEYS + 3, 300)
+    ]
+    n_new = 6
+    uncached = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = list(p)
+            for _ in range(n_new):
+                ids.append(model(torch.tensor([ids]))[0, -1].argmax().item())
+            uncached.append(ids[len(p) :])
+    starts = []
+    real = cpu_fused.fused_decode
+    monkeypatch.setattr(cpu_fused, "fused_decode", lambda *a, **kw: starts.append(kw.get("kv_start")) or real(*a, **kw))
+    got = gqa.generate(model, prompts, max_new_tokens=n_new, eos_token_id=None)
+    assert got.tokens == uncached
+    if cpu_fused.available():  # the decode steps ran the kernel with the padding as starts
+        pads = [300 - len(p) for p in prompts]  # (B,) left padding: [4, 41, 0]
+        assert starts and all(s is not None and s.tolist() == pads for s in starts)
+    monkeypatch.setattr(cpu_fused, "fused_decode", real)
+    assert [gqa.generate(model, [p], max_new_tokens=n_new, eos_token_id=None).tokens[0] for p in prompts] == uncached
+    assert len({tuple(t) for t in got.tokens}) == len(prompts)
+
+
 def test_per_layer_kv_heads_and_default_model_path():
     model = tiny_gqa(n_kv=[1, 4])
     ids = torch.tensor([PROMPTS[0]])

@@ -507,3 +507,39 @@ def test_damaged_cached_kernel_is_never_loaded(damage, tmp_path):
     assert "damaged or unverified; rebuilding it" in run.stderr and "could not be built" in run.stderr
     assert run.stdout.startswith("torch fallback:")
     assert not cpu_fused._library(copy).exists()  # never left to crash the next run
+
+
+@pytest.mark.parametrize("tq", [1, 4])
+def test_left_padding_starts_equal_the_valid_mask(tq, cpu_path):
+    """key_padding(start=...) (left padding as [B] starts, what gqa.generate's decode steps pass) gives the
+    same attention as the [B, Tk] valid mask, on the kernel path (the starts are a kernel argument) and
+    on the grouped one; padded keys hold NaN, so reading one fails."""
+    torch.manual_seed(0)
+    b, tk = 3, 300
+    q, k, v = torch.randn(b, 9, tq, 32), torch.randn(b, 3, tk, 32), torch.randn(b, 3, tk, 32)
+    start = torch.tensor([0, 7, 130])
+    valid = torch.arange(tk)[None, :] >= start[:, None]  # (B, Tk)
+    hidden = ~valid[:, None, :, None]  # (B, 1, Tk, 1)
+    k, v = k.masked_fill(hidden, float("nan")), v.masked_fill(hidden, float("nan"))
+    by_start = masks.causal() & masks.key_padding(start=start)
+    by_valid = masks.causal() & masks.key_padding(valid=valid)
+    assert kernels.kernel_mask_args(by_start) is None  # the paged kernels take no starts
+    got = gqa.attention(q, k, v, mask=by_start, backend="kernel")
+    assert torch.isfinite(got).all()
+    k0, v0 = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    want = gqa.attention(q, k0, v0, mask=by_valid, backend="grouped")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gqa.attention(q, k0, v0, mask=by_start, backend="grouped"), want)
+    for i in range(b):  # each sequence alone over its own keys
+        s = int(start[i])
+        alone = gqa.attention(q[i : i + 1], k0[i : i + 1, :, s:], v0[i : i + 1, :, s:], mask=masks.causal())
+        torch.testing.assert_close(got[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_key_padding_takes_exactly_one_form():
+    with pytest.raises(GQAUserError, match="exactly one of"):
+        masks.key_padding(torch.tensor([3]), start=torch.tensor([1]))
+    with pytest.raises(GQAUserError, match="start must be a 1-D integer"):
+        masks.key_padding(start=torch.tensor([[1]]))
+    with pytest.raises(GQAUserError, match="start must be >= 0"):
+        masks.key_padding(start=torch.tensor([-1]))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gqa import masks
 from gqa.errors import GQAUserError
 from gqa.generation.sampling import SamplingParams, sample
 
@@ -114,6 +115,14 @@ def _check_ids(model, prompts: list[list[int]], max_new_tokens: int) -> None:
             )
 
 
+def _all_causal(model) -> bool:
+    """Whether every layer's default mask is plain causal (no sliding-window layer)."""
+    config = model.config
+    window = getattr(config, "layer_window", None)
+    n_layers = len(getattr(config, "kv_heads_per_layer", ()) or ())
+    return window is not None and n_layers > 0 and all(window(i) is None for i in range(n_layers))
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -168,6 +177,12 @@ def generate(
     result = GenerationResult(tokens=[[] for _ in range(b)], prompt_lengths=[len(p) for p in ids])
     finished = [False] * b
 
+    # Decode steps of a padded batch: every layer causal over the cache, the first pad[b] slots hidden, as a
+    # mask of [B] starts (the CPU decode kernel takes them as an argument). Models with sliding-window
+    # layers keep key_valid, which the model indexes to each ring buffer's slots.
+    pad_mask = None
+    if ragged and _all_causal(model):
+        pad_mask = masks.causal() & masks.key_padding(start=pad)
     # Without padding the cache's own slot positions are the RoPE positions and no padding mask is needed.
     step_kw = dict(positions=positions, key_valid=valid) if ragged else {}
     t0 = time.perf_counter()
@@ -188,8 +203,11 @@ def generate(
         if all(finished) or step == max_new_tokens - 1:
             break
         if ragged:
-            valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)  # (B, Tk)
-            step_kw = dict(positions=(lengths + step)[:, None], key_valid=valid)  # (B, 1) next position of each
+            if pad_mask is not None:  # the padding as [B] starts: nothing per step grows with the context
+                step_kw = dict(positions=(lengths + step)[:, None], mask=pad_mask)  # (B, 1) next position of each
+            else:
+                valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)  # (B, Tk)
+                step_kw = dict(positions=(lengths + step)[:, None], key_valid=valid)
         logits = model(nxt[:, None], cache=cache, logits_to_keep=1, **step_kw)  # (B, 1, vocab)
         nxt = sample(logits[:, -1], params, gens)
         result.decode_steps += 1

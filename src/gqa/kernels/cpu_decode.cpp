@@ -242,6 +242,7 @@ void decode_kernel(
     const float* q,  // [B, Hq, Tq, D] contiguous, pre-scaled by scale * log2(e)
     const Rows<T>& K, const Rows<T>& V,
     const int32_t* kv_lens, const int32_t* q_pos0,
+    const int32_t* kv_start,  // [B] first real key of each sequence (left padding), or nullptr: 0
     int64_t B, int64_t Hq, int64_t Hkv, int64_t Tq, int64_t D,
     bool causal, int64_t window, int64_t chunk, int64_t n_splits,
     float* part_out,  // [B, Hkv, S, R, D]
@@ -269,7 +270,7 @@ void decode_kernel(
       int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
       for (int64_t t = 0; t < Tq; ++t) {
         const int64_t pos = static_cast<int64_t>(q_pos0[b]) + t;
-        int64_t a = 0, z = kv_lens[b];
+        int64_t a = kv_start ? kv_start[b] : 0, z = kv_lens[b];
         if (causal) z = std::min(z, pos + 1);
         if (window > 0) a = std::max(a, pos - window + 1);
         if (chunk > 0) {
@@ -396,9 +397,9 @@ Rows<T> rows_of(const at::Tensor& x, const at::Tensor& table) {
 
 // q [B, Hq, Tq, D] fp32 contiguous, pre-scaled by scale * log2(e); k, v [B | num_pages, Hkv, T | page_size, D]
 // fp32 or bf16 with unit stride in D; block_table [B, max_pages] int32 contiguous (or empty: contiguous cache);
-// kv_lens, q_pos0 [B] int32; window / chunk 0 = none. Returns [B, Hq, Tq, D] fp32.
+// kv_lens, q_pos0 [B] int32; kv_start [B] int32 (keys before it are padding) or empty; window / chunk 0 = none. Returns [B, Hq, Tq, D] fp32.
 at::Tensor decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_table,
-                  const at::Tensor& kv_lens, const at::Tensor& q_pos0, bool causal, int64_t window, int64_t chunk,
+                  const at::Tensor& kv_lens, const at::Tensor& q_pos0, const at::Tensor& kv_start, bool causal, int64_t window, int64_t chunk,
                   int64_t n_splits) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "gqa cpu decode: q, k, v must be 4-D");
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous(), "gqa cpu decode: q must be contiguous fp32");
@@ -406,6 +407,9 @@ at::Tensor decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "gqa cpu decode: k and v need unit stride in head_dim");
   TORCH_CHECK(kv_lens.scalar_type() == at::kInt && q_pos0.scalar_type() == at::kInt, "gqa cpu decode: int32 lengths");
   TORCH_CHECK(kv_lens.is_contiguous() && q_pos0.is_contiguous(), "gqa cpu decode: contiguous lengths");
+  TORCH_CHECK(kv_start.numel() == 0 || (kv_start.scalar_type() == at::kInt && kv_start.is_contiguous() &&
+                                        kv_start.numel() == q.size(0)),
+              "gqa cpu decode: kv_start must be empty or [B] contiguous int32");
   TORCH_CHECK(block_table.numel() == 0 || (block_table.scalar_type() == at::kInt && block_table.stride(1) == 1),
               "gqa cpu decode: block_table must be int32 with unit stride");
   TORCH_CHECK(n_splits >= 1, "gqa cpu decode: n_splits >= 1");
@@ -417,15 +421,16 @@ at::Tensor decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   at::Tensor part_lse = at::empty({B * Hkv * n_splits * R}, opts);
   at::Tensor out = at::empty({B, Hq, Tq, D}, opts);
   if (out.numel() == 0) return out;
+  const int32_t* start = kv_start.numel() ? kv_start.data_ptr<int32_t>() : nullptr;
   if (k.scalar_type() == at::kFloat) {
     decode_kernel<float>(q.data_ptr<float>(), rows_of<float>(k, block_table), rows_of<float>(v, block_table),
-                         kv_lens.data_ptr<int32_t>(), q_pos0.data_ptr<int32_t>(), B, Hq, Hkv, Tq, D, causal, window,
+                         kv_lens.data_ptr<int32_t>(), q_pos0.data_ptr<int32_t>(), start, B, Hq, Hkv, Tq, D, causal, window,
                          chunk, n_splits, part_out.data_ptr<float>(), part_lse.data_ptr<float>());
   } else {
     TORCH_CHECK(k.scalar_type() == at::kBFloat16, "gqa cpu decode: k and v must be fp32 or bf16");
     decode_kernel<at::BFloat16>(q.data_ptr<float>(), rows_of<at::BFloat16>(k, block_table),
                                 rows_of<at::BFloat16>(v, block_table), kv_lens.data_ptr<int32_t>(),
-                                q_pos0.data_ptr<int32_t>(), B, Hq, Hkv, Tq, D, causal, window, chunk, n_splits,
+                                q_pos0.data_ptr<int32_t>(), start, B, Hq, Hkv, Tq, D, causal, window, chunk, n_splits,
                                 part_out.data_ptr<float>(), part_lse.data_ptr<float>());
   }
   merge_splits(part_out.data_ptr<float>(), part_lse.data_ptr<float>(), out.data_ptr<float>(), B, Hkv, R, D, n_splits);

@@ -50,6 +50,7 @@ CACHE_LAYOUT = "2"
 #: The SHA-256 of the library a finished build wrote, checked before every load.
 MANIFEST = "gqa_cpu_decode.so.sha256"
 
+_NO_START = torch.empty(0, dtype=torch.int32)  # kv_start not given: every sequence's keys start at 0
 _state: dict = {"op": None, "reason": None, "tried": False}
 
 
@@ -225,12 +226,14 @@ def fused_decode(
     chunk: int | None,
     block_table: torch.Tensor | None = None,
     num_splits: int | None = None,
+    kv_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the fused kernel (call :func:`available` first).
 
     q ``[B, Hq, Tq, D]``; k/v ``[B, Hkv, T, D]`` (views of a larger cache are fine) or, with
     ``block_table`` ``[B, max_pages]`` int, pages ``[num_pages, Hkv, page_size, D]``; fp32 or bf16.
-    ``kv_lens`` ``[B]``: keys ``0 .. kv_lens[b]-1`` exist; ``q_pos0`` ``[B]``: position of query token 0.
+    ``kv_lens`` ``[B]``: keys ``0 .. kv_lens[b]-1`` exist; ``q_pos0`` ``[B]``: position of query token 0;
+    ``kv_start`` ``[B]`` (optional): keys ``0 .. kv_start[b]-1`` are left padding, never read.
     ``causal``/``window``/``chunk`` as in :mod:`gqa.masks`. Page ids must be valid (checked by the
     caller, or here: the kernel refuses any id it would read outside the pages, a GQAUserError). Returns ``[B, Hq, Tq, D]`` in q's dtype;
     rows with no visible key are zeros.
@@ -247,6 +250,7 @@ def fused_decode(
     table = torch.empty(0, 0, dtype=torch.int32) if block_table is None else block_table.to(torch.int32).contiguous()
     kv_lens = kv_lens.to(torch.int32).contiguous()
     q_pos0 = q_pos0.to(torch.int32).contiguous()
+    start = _NO_START if kv_start is None else kv_start.to(torch.int32).contiguous()
     if num_splits is None:
         max_keys = int(kv_lens.max()) if kv_lens.numel() else 0
         if window is not None:
@@ -256,7 +260,7 @@ def fused_decode(
         num_splits = default_splits(b, k.shape[1], max_keys)
     causal = bool(causal) or window is not None  # a sliding window is causal (gqa.masks.sliding_window)
     try:
-        out = op(qs, k, v, table, kv_lens, q_pos0, causal, int(window or 0), int(chunk or 0), int(num_splits))
+        out = op(qs, k, v, table, kv_lens, q_pos0, start, causal, int(window or 0), int(chunk or 0), int(num_splits))
     except RuntimeError as e:  # the kernel checks every page id it reads (free there): a bad table is the user's
         found = re.search(r"gqa cpu decode: page id (-?\d+) outside 0\.\.(-?\d+)", str(e))
         if found is None:

@@ -61,6 +61,7 @@ class _MaskPlan:
     window: int | None = None
     chunk: int | None = None
     lengths: torch.Tensor | None = None
+    start: KeyPadding | None = None  # left padding (KeyPadding(start=...)): a fused-kernel argument on CPU
     rest: list = field(default_factory=list)  # conjuncts only the torch CPU path can apply (materialised)
 
 
@@ -82,6 +83,8 @@ def _plan(mask) -> _MaskPlan | None:
             plan.chunk = part.chunk
         elif isinstance(part, KeyPadding) and part.lengths is not None and plan.lengths is None:
             plan.lengths = part.lengths
+        elif isinstance(part, KeyPadding) and part.start is not None and plan.start is None:
+            plan.start = part
         else:
             plan.rest.append(part)
     return plan
@@ -96,7 +99,7 @@ def kernel_mask_args(mask) -> dict | None:
     sequence's own keys.
     """
     plan = _plan(mask)
-    if plan is None or plan.rest or plan.lengths is not None:
+    if plan is None or plan.rest or plan.lengths is not None or plan.start is not None:
         return None
     return {"causal": plan.causal, "window": plan.window, "chunk": plan.chunk}
 
@@ -133,6 +136,8 @@ def _can_run(q, k, v, mask) -> _MaskPlan | None:
         return None
     if q.device.type == "cpu":
         return plan  # any float dtype: fp16 computes in fp32, fp64 in fp64
+    if plan.start is not None:  # the Triton kernel takes no left padding: the general path materialises it
+        return None
     if _triton_ready(q.device) and q.dtype in _CUDA_DTYPES and q.shape[3] <= TRITON_MAX_HEAD_DIM and not plan.rest:
         return plan
     return None
@@ -172,14 +177,15 @@ def attention(q, k, v, *, mask=None, scale=None):
     q_pos0 = torch.full((b,), tk - tq, dtype=torch.int32, device=q.device)
     kw = dict(scale=scale, causal=plan.causal, window=plan.window, chunk=plan.chunk)
     if q.device.type == "cpu":
+        start = None if plan.start is None else plan.start.start.to(device=q.device).clamp(0, tk).expand(b)
         if q.dtype == torch.float16 and _fused_ok(torch.float32, plan):  # fp16: the fp32 kernel, widened K/V
-            return cpu_fused.fused_decode(q, k.float(), v.float(), kv_lens, q_pos0, **kw).to(q.dtype)
+            return cpu_fused.fused_decode(q, k.float(), v.float(), kv_lens, q_pos0, kv_start=start, **kw).to(q.dtype)
         if _fused_ok(q.dtype, plan):
-            return cpu_fused.fused_decode(q, k, v, kv_lens, q_pos0, **kw)
+            return cpu_fused.fused_decode(q, k, v, kv_lens, q_pos0, kv_start=start, **kw)
         from gqa.kernels.cpu import split_kv_decode_cpu
 
         extra = None
-        for part in plan.rest:
+        for part in plan.rest + ([plan.start] if plan.start is not None else []):
             m = as_bool_mask(part, batch=b, n_heads=hq, q_len=tq, k_len=tk, device=q.device)
             extra = m if extra is None else extra & m
         return split_kv_decode_cpu(q, k, v, kv_lens, q_pos0, extra_mask=extra, **kw)
