@@ -25,7 +25,7 @@ def test_capability_lists_are_queries_on_the_records():
 
 
 def test_unknown_and_incapable_families_are_one_line_errors():
-    with pytest.raises(GQAUserError, match="supported: gemma, granite, llama"):
+    with pytest.raises(GQAUserError, match="supported: gemma, gemma3_text, granite, llama"):
         families.require("gpt2", "convert", "gqa convert")
     with pytest.raises(GQAUserError, match="not supported by gqa.model; supported: gemma3_text, llama, mistral, qwen2, qwen3"):
         config_from_hf({"model_type": "phi3"})
