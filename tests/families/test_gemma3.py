@@ -107,3 +107,19 @@ def test_scaled_rope_is_refused_in_one_line():
     cfg["rope_parameters"]["full_attention"] = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
     with pytest.raises(GQAUserError, match="plain RoPE"):
         config_from_hf(cfg)
+
+
+def test_paged_scheduler_gives_the_ring_buffer_caches_tokens():
+    """The static cache keeps ring buffers on sliding layers; the paged one keeps every token and masks."""
+    import gqa
+    from gqa.formats.transformers import from_transformers
+    from gqa.generation import ContinuousBatcher
+
+    model = from_transformers(tiny_gemma3())
+    prompts = [[1, 5, 9, 2, 7, 7, 3], [7, 3]]  # past the window of 4 and inside it
+    static = gqa.generate(model, prompts, max_new_tokens=12, eos_token_id=None)
+    server = ContinuousBatcher(model, num_pages=16, page_size=4)
+    ids = [server.submit(p, max_new_tokens=12) for p in prompts]
+    while server.has_work:
+        server.step()
+    assert [server.done[i].tokens for i in ids] == static.tokens
