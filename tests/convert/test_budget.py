@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from gqa.convert.api import _per_layer_spec
 from gqa.convert.calibrated import budget_heads, choose_kv_heads
 from gqa.convert.groups import kv_head_options
+from gqa.convert.options import _per_layer_spec
 from gqa.convert.streaming import resolve_targets
 from gqa.formats.spec import AttentionShape
 

@@ -94,7 +94,7 @@ CASES = {
     "truncated-safetensors": (_truncate, [], "2", ValueError, "truncated"),
     "missing-shard": (_missing_shard, [], "2", ValueError, "missing"),
     "unreadable-shard": (_garbage_shard, [], "2", ValueError, "not safetensors"),
-    "unknown-architecture": (_unknown_arch, [], "2", ValueError, "supported: gemma, granite, llama"),
+    "unknown-architecture": (_unknown_arch, [], "2", ValueError, "supported: gemma, gemma3_text, granite, llama"),
     "config-not-json": (_bad_json, [], "2", ValueError, "not valid JSON"),
     "shape-vs-config": (_wrong_head_count, [], "2", ValueError, "does not match config.json"),
     "wrong-layout": (_wrong_layout, [], "2", ValueError, "phi3 layout"),

@@ -9,11 +9,16 @@ keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
+import inspect
 import re
 import sys
-from collections.abc import Iterator
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -21,7 +26,16 @@ from rich.text import Text
 
 from gqa.errors import GQAUserError, first_line
 
-__all__ = ["console", "err_console", "user_errors", "print_error", "user_message", "restore_global_state"]
+__all__ = [
+    "console",
+    "err_console",
+    "user_errors",
+    "print_error",
+    "user_message",
+    "restore_global_state",
+    "dataclass_options",
+    "with_parameters",
+]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -164,3 +178,47 @@ def _mpl_backend() -> str | None:
         return None
     getter = getattr(mpl.rcParams, "_get_backend_or_none", None)
     return getter() if getter is not None else mpl.get_backend()
+
+
+def _cli_type(annotation, name: str):
+    """``int | None`` -> ``int``: the one type an option parses (a field allowing several names ``cli_type``)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(kinds) != 1:
+            raise TypeError(f"field {name!r} allows {annotation}: give its command-line type as cli_type")
+        return kinds[0]
+    return annotation
+
+
+def dataclass_options(cls) -> list[inspect.Parameter]:
+    """One keyword typer option per field of the dataclass ``cls`` whose metadata names a ``flag``: that flag,
+    the metadata's ``help``, the field's default, and its type (the metadata's ``cli_type``, else the field's
+    annotation without None). Fields without a flag are not offered on the command line."""
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        flag = f.metadata.get("flag")
+        if not flag:
+            continue
+        if f.default is dataclasses.MISSING:
+            raise TypeError(f"field {f.name!r} of {cls.__name__} has no default; a command-line option needs one")
+        kind = f.metadata.get("cli_type") or _cli_type(hints[f.name], f.name)
+        option = typer.Option(flag, help=f.metadata.get("help"))
+        params.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=Annotated[kind, option]
+            )
+        )
+    return params
+
+
+def with_parameters(params: Sequence[inspect.Parameter]) -> Callable:
+    """Decorator: the command's parameters, as typer reads them, are ``params`` (typer passes them as keywords),
+    so a command can take generated options (:func:`dataclass_options`) through ``**kwargs``."""
+
+    def decorate(fn):
+        fn.__signature__ = inspect.Signature(list(params))
+        fn.__annotations__ = {p.name: p.annotation for p in params}
+        return fn
+
+    return decorate

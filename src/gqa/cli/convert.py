@@ -1,15 +1,18 @@
-"""``gqa convert``: parse the options, call :func:`gqa.convert.convert`, print its report."""
+"""``gqa convert``: options generated from :class:`gqa.convert.ConvertOptions`, a call of
+:func:`gqa.convert.convert`, its report printed."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import signal
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from gqa.cli.common import console, user_errors
+from gqa.cli.common import console, dataclass_options, user_errors, with_parameters
+from gqa.convert.options import ConvertOptions
 
 
 def _layer_runs(before: list[int], after: list[int]) -> list[tuple[str, int, int]]:
@@ -68,62 +71,26 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, old)
 
 
+# SRC and OUT; every option comes from the fields of ConvertOptions (flag, help text, default).
+_PATHS = [
+    inspect.Parameter(
+        "src",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[Path, typer.Argument(help="A transformers model folder (safetensors) or a .gguf file.")],
+    ),
+    inspect.Parameter(
+        "out",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[Path, typer.Argument(help="Output folder (written beside, renamed at the end).")],
+    ),
+]
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     @user_errors
-    def convert(
-        src: Annotated[Path, typer.Argument(help="A transformers model folder (safetensors) or a .gguf file.")],
-        out: Annotated[Path, typer.Argument(help="Output folder (written beside, renamed at the end).")],
-        kv_heads: int = typer.Option(
-            None,
-            "--kv-heads",
-            help="New KV heads in every layer: a divisor of the current number (merge) or a multiple of it "
-            "dividing the query heads (replicate heads, exact).",
-        ),
-        kv_heads_per_layer: str = typer.Option(
-            None, "--kv-heads-per-layer", help="KV heads per layer, e.g. 4,4,2,... (each as for --kv-heads)."
-        ),
-        kv_budget: float = typer.Option(
-            None,
-            "--kv-budget",
-            help="Fraction of the original KV-cache bytes; per-layer heads chosen to fit (needs --calib).",
-        ),
-        merge: str = typer.Option(
-            "mean",
-            help="How a group's K/V heads are pooled: mean (the GQA paper), first, random; with --calib also "
-            "weighted, lsq, or fit (the best measured of mean, weighted and lsq per layer).",
-        ),
-        grouping: str = typer.Option(
-            "contiguous", help="Which heads share: contiguous (neighbours) or similarity (needs --calib)."
-        ),
-        calib: str = typer.Option(
-            None, help="Calibration text (a file, a folder, shakespeare:train, ...): align heads before merging."
-        ),
-        calib_tokens: int = typer.Option(65536, "--calib-tokens", help="Calibration tokens to run."),
-        distill: str = typer.Option(
-            None, help="local: fit each reduced attention layer to the original on the calibration text."
-        ),
-        distill_steps: int = typer.Option(150, "--distill-steps", help="Adam steps per layer for --distill."),
-        distill_params: str = typer.Option(
-            "qkvo", "--distill-params", help="What --distill fits: qkvo (Q, K, V and O) or kv (K and V only)."
-        ),
-        distill_inputs: str = typer.Option(
-            "converted",
-            "--distill-inputs",
-            help="Layer inputs for --distill: converted (the new model's own, which also corrects the drift of "
-            "earlier layers) or original (the source model's).",
-        ),
-        distill_lr: float = typer.Option(3e-3, "--distill-lr", help="Adam's peak learning rate for --distill."),
-        export: str = typer.Option(
-            "hf",
-            help="Output layout: hf (transformers), decilm (block_configs), gguf (llama.cpp; needs SRC's tokenizer).",
-        ),
-        dtype: str = typer.Option(None, help="Output dtype: float32, bfloat16 or float16 (default: as the source)."),
-        seed: int = typer.Option(0, help="Seed for --merge random and --distill."),
-        force: bool = typer.Option(
-            False, "--force", help="Replace OUT if gqa convert wrote it (its conversion_report.json is there)."
-        ),
-    ) -> None:
+    @with_parameters([*_PATHS, *dataclass_options(ConvertOptions)])
+    def convert(src: Path, out: Path, **options) -> None:
         """Convert a checkpoint to other KV-head counts (merging or replicating K/V heads).
 
         Query head h uses KV head h // (Hq // N) before and after. Writes OUT/conversion_report.json.
@@ -131,25 +98,6 @@ def register(app: typer.Typer) -> None:
         from gqa.convert import convert as run_convert
 
         with _sigterm_raises():
-            report = run_convert(
-                src,
-                out,
-                kv_heads=kv_heads,
-                kv_heads_per_layer=kv_heads_per_layer,
-                kv_budget=kv_budget,
-                grouping=grouping,
-                merge=merge,
-                calib=calib,
-                calib_tokens=calib_tokens,
-                export=export,
-                dtype=dtype,
-                seed=seed,
-                force=force,
-                distill=distill,
-                distill_steps=distill_steps,
-                distill_params=distill_params,
-                distill_inputs=distill_inputs,
-                distill_lr=distill_lr,
-            )
+            report = run_convert(src, out, options=ConvertOptions(**options))
         print_report(report, console)
         console.print(f"wrote {out} in {report.seconds:.1f} s")

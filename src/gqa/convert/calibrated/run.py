@@ -149,17 +149,9 @@ def convert_calibrated(
     distill_inputs: str,
     distill_lr: float,
 ) -> ConversionReport:
-    """Convert ``src`` into the temporary ``folder`` (see :func:`gqa.convert.convert` for the options)."""
-    from gqa.convert.calibrated.distill import min_sequences
+    """Convert ``src`` into the temporary ``folder`` (options as checked by :class:`gqa.convert.ConvertOptions`)."""
     from gqa.units import dtype_name, kv_bytes_per_token
 
-    if distill is not None and calib is not None and calib_tokens // seq_len < min_sequences():
-        need = min_sequences() * seq_len  # checked before anything is loaded or calibrated
-        raise GQAUserError(
-            f"--distill {distill} needs at least {need:,} calibration tokens ({min_sequences()} sequences of "
-            f"--seq-len {seq_len}: a training and a held-out slice), got --calib-tokens {calib_tokens:,}; "
-            f"pass --calib-tokens {need} or more"
-        )
     calib_text = None
     if calib is not None:
         from gqa.data import load_text
