@@ -43,7 +43,8 @@ def print_report(report, console) -> None:
     kb, ka = report.kv_cache_bytes_per_token_before, report.kv_cache_bytes_per_token_after
     table.add_row(f"KV cache bytes / token ({report.kv_cache_dtype})", f"{kb:,}", f"{ka:,} ({ka / kb:.0%})")
     table.add_row("parameters", f"{report.parameters_before:,}", f"{report.parameters_after:,}")
-    table.add_row("parameters removed", "", f"{report.parameters_removed:,}")
+    removed = report.parameters_removed
+    table.add_row("parameters removed" if removed >= 0 else "parameters added", "", f"{abs(removed):,}")
     if report.distill is not None:
         layers = report.distill.get("layers") or []
         before = sum(x["error_before"] for x in layers) / max(len(layers), 1)
