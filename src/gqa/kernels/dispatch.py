@@ -178,10 +178,14 @@ def attention(q, k, v, *, mask=None, scale=None):
     kw = dict(scale=scale, causal=plan.causal, window=plan.window, chunk=plan.chunk)
     if q.device.type == "cpu":
         start = None if plan.start is None else plan.start.start.to(device=q.device).clamp(0, tk).expand(b)
+        fused_kw = dict(kv_start=start, **kw)
+        if plan.lengths is None:  # every sequence has all Tk keys: the split count needs no read of kv_lens
+            visible = min([tk, *(x + tq - 1 for x in (plan.window, plan.chunk) if x is not None)])
+            fused_kw["num_splits"] = cpu_fused.default_splits(b, k.shape[1], visible)
         if q.dtype == torch.float16 and _fused_ok(torch.float32, plan):  # fp16: the fp32 kernel, widened K/V
-            return cpu_fused.fused_decode(q, k.float(), v.float(), kv_lens, q_pos0, kv_start=start, **kw).to(q.dtype)
+            return cpu_fused.fused_decode(q, k.float(), v.float(), kv_lens, q_pos0, **fused_kw).to(q.dtype)
         if _fused_ok(q.dtype, plan):
-            return cpu_fused.fused_decode(q, k, v, kv_lens, q_pos0, kv_start=start, **kw)
+            return cpu_fused.fused_decode(q, k, v, kv_lens, q_pos0, **fused_kw)
         from gqa.kernels.cpu import split_kv_decode_cpu
 
         extra = None
