@@ -124,6 +124,17 @@ def test_kl_to_teacher():
     assert res.kl > 0 and res.tokens == 59
 
 
+def test_top1_agreement_is_the_share_of_positions_predicting_the_teachers_token():
+    ids = torch.randint(0, VOCAB, (60,))
+    student, teacher = tiny_model(2, seed=1), tiny_model(4, seed=2)
+    assert evaluate_lm(teacher, ids, teacher=teacher).top1_agreement == 1.0
+    with torch.no_grad():
+        direct = (student(ids[:-1][None]).argmax(-1) == teacher(ids[:-1][None]).argmax(-1)).double().mean().item()
+    res = evaluate_lm(student, ids, teacher=teacher, seq_len=59)
+    assert res.top1_agreement == pytest.approx(direct) and 0 < res.top1_agreement < 1
+    assert evaluate_lm(student, ids).top1_agreement is None
+
+
 def test_bad_input():
     model = tiny_model()
     with pytest.raises(ValueError, match="at least 2 tokens"):

@@ -66,3 +66,4 @@ def register(app: typer.Typer) -> None:
         console.print(f"  tokens      {res.tokens:,}" + (f"  (each window after BOS {bos})" if bos is not None else ""))
         if res.kl is not None:
             console.print(f"  KL(teacher || model)  {res.kl:.4f} nats/token")
+            console.print(f"  top-1 agreement       {res.top1_agreement:.1%} of positions predict the teacher's token")

@@ -25,12 +25,14 @@ __all__ = ["EvalResult", "evaluate_lm", "perplexity", "kl_to_teacher", "model_lo
 
 @dataclass
 class EvalResult:
-    """perplexity = exp(nll); nll in nats per token; kl: mean KL(teacher || model) per token, or None."""
+    """perplexity = exp(nll); nll in nats per token; kl: mean KL(teacher || model) per token, or None;
+    top1_agreement: share of positions where the model's most likely next token is the teacher's, or None."""
 
     perplexity: float
     nll: float
     tokens: int
     kl: float | None = None
+    top1_agreement: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -152,7 +154,7 @@ def evaluate_lm(
     if teacher is not None:
         teacher.eval()
     device = _device_of(model)
-    nll_sum, kl_sum, count = 0.0, 0.0, 0
+    nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
     bar = progress_bar(
         total=ids.numel() - (bos_token_id is None),
         unit="tok",
@@ -175,6 +177,7 @@ def evaluate_lm(
                     )
                 t_logp = F.log_softmax(t_logits, dim=-1)
                 kl_sum += (t_logp.exp() * (t_logp - logp)).sum().item()
+                agree += (t_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             count += targets.numel()
             bar.update(targets.numel())
     finally:
@@ -182,7 +185,11 @@ def evaluate_lm(
         model.train(was_training)
     nll = nll_sum / count
     return EvalResult(
-        perplexity=math.exp(nll), nll=nll, tokens=count, kl=kl_sum / count if teacher is not None else None
+        perplexity=math.exp(nll),
+        nll=nll,
+        tokens=count,
+        kl=kl_sum / count if teacher is not None else None,
+        top1_agreement=agree / count if teacher is not None else None,
     )
 
 
