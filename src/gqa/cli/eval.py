@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from gqa.cli.common import console, user_errors
+from gqa.errors import GQAUserError
 
 
 def register(app: typer.Typer) -> None:
@@ -28,15 +29,24 @@ def register(app: typer.Typer) -> None:
         ),
         batch_size: int = typer.Option(8, help="Windows per forward pass."),
         max_tokens: int = typer.Option(None, help="Score at most this many tokens."),
+        prompts: str = typer.Option(
+            None,
+            help="With --teacher: greedy-continuation agreement on a prompt set (prompts:knowledge, .txt, .jsonl).",
+        ),
+        prompt_tokens: int = typer.Option(16, help="Greedy tokens per prompt for --prompts."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     ) -> None:
         """Evaluate a model: perplexity, tokens evaluated, and KL to --teacher."""
         from gqa.data import encode, load_text
         from gqa.data.tokenizer import leading_bos
         from gqa.evaluate import evaluate_lm
+        from gqa.evaluate.prompts import greedy_agreement, load_prompts
         from gqa.model.loading import check_context, load_model, load_model_tokenizer
         from gqa.progress import load_announced
 
+        if prompts is not None and teacher is None:
+            raise GQAUserError("--prompts compares greedy continuations with the original's; pass --teacher too")
+        prompt_set = load_prompts(prompts) if prompts is not None else None
         # Models first: their configs are validated (one line each) before text is read or tokenized.
         student = load_announced(model, load_model)
         teacher_model = load_announced(teacher, load_model, "teacher")
@@ -58,6 +68,10 @@ def register(app: typer.Typer) -> None:
         out = {"model": str(model), "data": data, **res.to_dict(), "bos_token_id": bos}
         if teacher is not None:
             out["teacher"] = str(teacher)
+        agreement = None
+        if prompt_set is not None:
+            agreement = greedy_agreement(student, teacher_model, tok, prompt_set, prompt_tokens)
+            out["prompts"] = {"set": prompts, **agreement.to_dict()}
         if as_json:
             print(json.dumps(out))
             return
@@ -67,3 +81,8 @@ def register(app: typer.Typer) -> None:
         if res.kl is not None:
             console.print(f"  KL(teacher || model)  {res.kl:.4f} nats/token")
             console.print(f"  top-1 agreement       {res.top1_agreement:.1%} of positions predict the teacher's token")
+        if agreement is not None:
+            console.print(
+                f"  greedy on {prompts}  {agreement.identical:.0%} of {agreement.prompts} prompts identical for "
+                f"{agreement.new_tokens} tokens; {agreement.prefix:.0%} of tokens before the first difference"
+            )
