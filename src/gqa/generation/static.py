@@ -16,6 +16,7 @@ import torch
 
 from gqa import masks
 from gqa.errors import GQAUserError
+from gqa.generation.dynamic import DynamicOptions, dynamic_prefill, resolve_grouping
 from gqa.generation.sampling import SamplingParams, sample
 
 __all__ = ["generate", "GenerationResult", "prepare_prompts", "eos_ids"]
@@ -41,6 +42,7 @@ class GenerationResult:
     decode_s: float = 0.0
     decode_steps: int = 0
     finished: list[bool] = field(default_factory=list)
+    grouping: list | None = None  # grouping="dynamic": per prompt, per layer, a gqa.generation.dynamic.LayerGrouping
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -136,6 +138,9 @@ def generate(
     eos_token_id: int | list[int] | str | None = "model",
     tokenizer=None,
     on_token: TokenCallback | None = None,
+    grouping: str | DynamicOptions = "static",
+    kv_fraction: float | None = None,
+    max_error: float | None = None,
 ) -> GenerationResult:
     """Generate continuations for a batch of prompts with the static KV cache.
 
@@ -150,6 +155,10 @@ def generate(
         tokenizer: encodes text prompts and decodes ``texts`` in the result.
         on_token: called as ``on_token(prompt_index, token_id)`` for each new token as it is produced
             (streaming).
+        grouping: "static" (the model's own KV heads) or "dynamic": after the prefill, each prompt's KV heads
+            are clustered per layer on that prompt and decode reads one merged K/V per cluster
+            (:mod:`gqa.generation.dynamic`), at ``kv_fraction`` of the KV bytes or under ``max_error``; or
+            ``gqa.generation.dynamic.options(...)`` for the remaining choices (e.g. ``values="keep"``).
 
     Prompts are left-padded to the longest: the cache is ``[B, Hkv, T_prompt + max_new_tokens, D]``
     per layer, ``key_valid`` masks the padding slots and RoPE positions skip them. Every step is the
@@ -173,7 +182,8 @@ def generate(
     ragged = bool((pad > 0).any())
     gens = [params.make_generator(i) for i in range(b)]
 
-    cache = model.make_cache(b, t + max_new_tokens)
+    dynamic = resolve_grouping(grouping, kv_fraction, max_error)
+    cache = model.make_cache(b, t + max_new_tokens) if dynamic is None else None
     result = GenerationResult(tokens=[[] for _ in range(b)], prompt_lengths=[len(p) for p in ids])
     finished = [False] * b
 
@@ -186,7 +196,12 @@ def generate(
     # Without padding the cache's own slot positions are the RoPE positions and no padding mask is needed.
     step_kw = dict(positions=positions, key_valid=valid) if ragged else {}
     t0 = time.perf_counter()
-    logits = model(input_ids, cache=cache, logits_to_keep=1, **step_kw)  # (B, 1, vocab)
+    if dynamic is None:
+        logits = model(input_ids, cache=cache, logits_to_keep=1, **step_kw)  # (B, 1, vocab)
+    else:
+        cache, logits, result.grouping, _ = dynamic_prefill(
+            model, input_ids, pad, t + max_new_tokens, dynamic, **step_kw
+        )
     nxt = sample(logits[:, -1], params, gens)  # (B,)
     result.prefill_s = time.perf_counter() - t0
 

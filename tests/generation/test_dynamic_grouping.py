@@ -1,0 +1,178 @@
+"""Dynamic grouping (issue 25): per-prompt clustering of KV heads at prefill, decode over the merged cache.
+
+Checks: kv_fraction=1 is static generation exactly; a sequence's map is the clustering computed directly on
+its prompt's K/V; cached = uncached over the merged cache; a batch of prompts with different maps gives each
+prompt's tokens alone; the KV slots held match the target; bad options are one-line GQAUserErrors.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import gqa
+import helpers
+from gqa.errors import GQAUserError
+from gqa.generation.dynamic import cluster_heads, dynamic_prefill, merged_kv, options
+from gqa.rope import apply_rope, rope_cos_sin
+
+PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [12, 2, 40, 50], [33, 71, 4, 4, 19]]
+
+
+def _model(n_kv=8, seed=0, **kw):
+    return helpers.tiny_gqa(n_kv, seed, max_seq_len=64, **kw)
+
+
+def _run(model, prompts, n=8, **kw):
+    return gqa.generate(model, prompts, max_new_tokens=n, eos_token_id=None, **kw)
+
+
+def _prompt_qkv(model, prompt, rows):
+    """Per layer: queries [Hq, M, D] of the last M positions and keys / values [Hkv, T, D], taken from the
+    projections' outputs and a plain static cache (not through the dynamic module)."""
+    ids = torch.tensor([prompt])
+    t = ids.shape[1]
+    outs = []
+    handles = [layer.attn.q_proj.register_forward_hook(lambda _m, _a, o: outs.append(o)) for layer in model.layers]
+    cache = model.make_cache(1, t)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    for h in handles:
+        h.remove()
+    per_layer = []
+    for li, layer in enumerate(model.layers):
+        attn = layer.attn
+        q = outs[li].view(1, t, attn.n_heads, attn.head_dim).transpose(1, 2)  # (1, Hq, T, D)
+        cos, sin = rope_cos_sin(torch.arange(t), attn.inv_freq)
+        q = apply_rope(q, cos, sin)[0, :, -min(rows, t) :]  # (Hq, M, D)
+        per_layer.append((q, cache[li].k[0, :, :t], cache[li].v[0, :, :t]))
+    return per_layer
+
+
+@pytest.mark.parametrize("n_kv", [8, 4, 2])
+def test_full_fraction_is_static_generation(n_kv):
+    model = _model(n_kv)
+    static = _run(model, PROMPTS)
+    for values in ("merge", "keep"):
+        res = _run(model, PROMPTS, grouping=options(kv_fraction=1.0, values=values))
+        assert res.tokens == static.tokens
+        assert all(lg.clusters == tuple((i,) for i in range(n_kv)) for g in res.grouping for lg in g)
+    assert static.grouping is None
+
+
+@pytest.mark.parametrize("n_kv,frac", [(8, 0.5), (8, 0.25), (4, 0.5)])
+def test_map_equals_offline_clustering_on_the_prompt(n_kv, frac):
+    model = _model(n_kv)
+    res = _run(model, PROMPTS, grouping="dynamic", kv_fraction=frac)
+    for i, prompt in enumerate(PROMPTS):  # the batch is left-padded; each map is computed on its own tokens
+        for li, (q, k, v) in enumerate(_prompt_qkv(model, prompt, rows=64)):
+            offline = cluster_heads(q, k, v, n_clusters=int(frac * n_kv))
+            got = res.grouping[i][li]
+            assert got.clusters == offline.clusters
+            assert torch.equal(got.k_index, offline.k_index) and torch.equal(got.v_index, offline.v_index)
+            assert got.slots == 2 * int(frac * n_kv)  # KV slots held: the target share of 2 * Hkv
+
+
+def test_max_error_mode_matches_offline_and_respects_threshold():
+    model = _model(8)
+    res = _run(model, PROMPTS[:1], grouping="dynamic", max_error=0.05)
+    for li, (q, k, v) in enumerate(_prompt_qkv(model, PROMPTS[0], rows=64)):
+        offline = cluster_heads(q, k, v, max_error=0.05)
+        assert res.grouping[0][li].clusters == offline.clusters
+        assert offline.score_error <= 0.05
+
+
+def test_clustering_merges_duplicate_heads_first_and_is_deterministic():
+    torch.manual_seed(1)
+    k, v, q = torch.randn(6, 10, 8), torch.randn(6, 10, 8), torch.randn(6, 4, 8)
+    k[4], q[4] = k[1], q[1]  # heads 1 and 4 identical in keys and queries: distance 0
+    g = cluster_heads(q, k, v, n_clusters=5)
+    assert g.clusters == ((0,), (1, 4), (2,), (3,), (5,))
+    assert g.score_error == 0.0
+    assert cluster_heads(q, k, v, max_error=0.0).clusters == g.clusters
+    again = cluster_heads(q, k, v, n_clusters=2)
+    assert again.clusters == cluster_heads(q, k, v, n_clusters=2).clusters
+    km, vm = merged_kv(g, k, v)  # one mean K and V per cluster, [C, T, D]
+    assert (
+        km.shape == (5, 10, 8) and torch.allclose(km[1], (k[1] + k[4]) / 2) and torch.allclose(vm[1], (v[1] + v[4]) / 2)
+    )
+    kept = cluster_heads(q, k, v, n_clusters=5, values="keep")
+    assert kept.v_merge.shape == (6, 6) and kept.value_error == 0.0 and torch.equal(kept.v_index, torch.arange(6))
+
+
+@pytest.mark.parametrize("values,frac", [("merge", 0.5), ("keep", 0.75)])
+def test_cached_equals_uncached_over_the_merged_cache(values, frac):
+    """Decode logits step by step equal one forward of all the new tokens over the same merged prompt cache."""
+    model = _model(8)
+    prompts = [PROMPTS[0], [7, 3, 90, 11, 2, 2, 64]]  # equal lengths: no padding
+    ids = torch.tensor(prompts)
+    opts = options(kv_fraction=frac, values=values)
+    with torch.inference_mode():
+        cache, logits, groupings, _ = dynamic_prefill(model, ids, torch.zeros(2, dtype=torch.long), 32, opts)
+        assert (
+            groupings[0][0].clusters != groupings[1][0].clusters or groupings[0][1].clusters != groupings[1][1].clusters
+        )
+        fresh = copy.deepcopy(cache)
+        toks, step_logits = [logits[:, -1].argmax(-1)], []
+        for _ in range(6):
+            out = model(toks[-1][:, None], cache=cache, logits_to_keep=1)  # (B, 1, vocab)
+            step_logits.append(out[:, -1])
+            toks.append(out[:, -1].argmax(-1))
+        new = torch.stack(toks[:-1], dim=1)  # (B, 6)
+        full = model(new, cache=fresh)  # (B, 6, vocab): the new tokens at once, causal over the merged cache
+    torch.testing.assert_close(full, torch.stack(step_logits, dim=1), atol=1e-5, rtol=1e-5)
+    res = _run(model, prompts, n=7, grouping=opts)  # gqa.generate decodes the same tokens
+    assert res.tokens == torch.cat([new, toks[-1][:, None]], dim=1).tolist()
+
+
+@pytest.mark.parametrize("prompts", [[PROMPTS[0], [7, 3, 90, 11, 2, 2, 64]], PROMPTS])
+def test_batch_with_different_maps_equals_each_alone(prompts):
+    model = _model(8)
+    batch = _run(model, prompts, grouping="dynamic", kv_fraction=0.5)
+    assert len({tuple(g[0].clusters) for g in batch.grouping}) > 1  # the maps differ
+    for i, p in enumerate(prompts):
+        alone = _run(model, [p], grouping="dynamic", kv_fraction=0.5)
+        assert batch.tokens[i] == alone.tokens[0]
+        assert [lg.clusters for lg in batch.grouping[i]] == [lg.clusters for lg in alone.grouping[0]]
+
+
+def test_batch_with_different_cluster_counts_under_max_error():
+    model = _model(8)
+    batch = _run(model, PROMPTS, grouping="dynamic", max_error=0.04)
+    counts = {len(g[0].clusters) for g in batch.grouping} | {len(g[1].clusters) for g in batch.grouping}
+    assert len(counts) > 1  # sequences hold different numbers of slots in one layer
+    for i, p in enumerate(PROMPTS):
+        assert batch.tokens[i] == _run(model, [p], grouping="dynamic", max_error=0.04).tokens[0]
+
+
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        (dict(grouping="clustered"), "grouping must be"),
+        (dict(grouping="dynamic"), "exactly one of"),
+        (dict(grouping="dynamic", kv_fraction=0.5, max_error=0.1), "exactly one of"),
+        (dict(grouping="dynamic", kv_fraction=0.0), "kv_fraction must be"),
+        (dict(grouping="dynamic", kv_fraction=1.5), "kv_fraction must be"),
+        (dict(grouping="dynamic", kv_fraction="half"), "kv_fraction must be"),
+        (dict(grouping="dynamic", kv_fraction=True), "kv_fraction must be"),
+        (dict(grouping="dynamic", max_error=-0.1), "max_error must be"),
+        (dict(kv_fraction=0.5), 'grouping="dynamic"'),
+    ],
+)
+def test_bad_options_are_one_line_errors(kw, needle):
+    with pytest.raises(GQAUserError) as e:
+        _run(_model(8), PROMPTS[:1], n=2, **kw)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_values_and_sliding_window_models_are_one_line_errors():
+    with pytest.raises(GQAUserError, match="above 0.5"):
+        options(kv_fraction=0.5, values="keep")
+    with pytest.raises(GQAUserError, match="values must be"):
+        options(kv_fraction=0.5, values="drop")
+    model = _model(8, sliding_window=4, layer_types=["sliding", "global"])
+    with pytest.raises(GQAUserError, match="sliding windows") as e:
+        _run(model, PROMPTS[:1], n=2, grouping="dynamic", kv_fraction=0.5)
+    assert "\n" not in str(e.value)
