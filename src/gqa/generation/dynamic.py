@@ -41,6 +41,7 @@ __all__ = [
     "DynamicOptions",
     "cluster_heads",
     "merged_kv",
+    "fixed_grouping",
     "dynamic_prefill",
     "options",
     "resolve_grouping",
@@ -242,6 +243,20 @@ def cluster_heads(
     return LayerGrouping(tuple(clusters), k_index, v_index, k_merge, v_merge, error, value_error)
 
 
+def fixed_grouping(clusters, n_heads: int, n_kv_heads: int) -> LayerGrouping:
+    """A given grouping (clusters of KV heads, each sorted, ordered by first head) as a :class:`LayerGrouping`
+    with K and V merged (errors not measured: NaN); e.g. ``[(0, 1), (2, 3), ...]`` is static contiguous pooling."""
+    k_merge = _merge_matrix(clusters, n_kv_heads)
+    of_head = torch.empty(n_kv_heads, dtype=torch.long)
+    for c, members in enumerate(clusters):
+        of_head[list(members)] = c
+    k_index = of_head[torch.arange(n_heads) // (n_heads // n_kv_heads)]
+    nan = float("nan")
+    return LayerGrouping(
+        tuple(tuple(c) for c in clusters), k_index, k_index.clone(), k_merge, k_merge.clone(), nan, nan
+    )
+
+
 def merged_kv(grouping: LayerGrouping, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """k/v ``[Hkv, T, D]`` -> the slots to keep: ``[C, T, D]`` K (cluster means) and ``[Sv, T, D]`` V."""
     hkv = k.shape[0]
@@ -293,7 +308,7 @@ def _n_clusters(opts: DynamicOptions, hkv: int) -> int | None:
 
 @torch.inference_mode()
 def dynamic_prefill(model, input_ids: torch.Tensor, pad: torch.Tensor, max_seq_len: int, opts: DynamicOptions,
-                    **step_kw):  # fmt: skip
+                    *, fixed_clusters: list | None = None, **step_kw):  # fmt: skip
     """Prefill ``input_ids`` ``[B, T]`` (left-padded by ``pad`` ``[B]``) with every head into a static cache of
     T slots, cluster each sequence's heads per layer on its own prompt tokens, and move the prompt into a
     :class:`DynamicModelCache` of ``max_seq_len`` slots (the full-head cache is then dropped).
@@ -324,6 +339,8 @@ def dynamic_prefill(model, input_ids: torch.Tensor, pad: torch.Tensor, max_seq_l
                 n_clusters=_n_clusters(opts, hkv), max_error=opts.max_error, values=opts.values,
                 scale=layer.attn.scale,
             )  # fmt: skip
+            if fixed_clusters is not None:  # a given (static) grouping through the same cache, for comparisons
+                grouping = fixed_grouping(fixed_clusters[li], layer.attn.n_heads, hkv)
             groupings[i].append(grouping)
         sk = max(gr.k_merge.shape[0] for gr in (groupings[i][li] for i in range(b)))
         sv = max(gr.v_merge.shape[0] for gr in (groupings[i][li] for i in range(b)))
