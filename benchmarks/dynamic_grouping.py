@@ -41,8 +41,8 @@ def score(model, prompt, cont, method, frac):
         n = int(frac * hkv)
         fixed = None
         if method == "static":
-            size = hkv // n
-            fixed = [[tuple(range(c * size, (c + 1) * size)) for c in range(n)] for _ in model.layers]
+            chunks = [tuple(c.tolist()) for c in torch.arange(hkv).tensor_split(n)]  # contiguous, sizes within 1
+            fixed = [chunks for _ in model.layers]
         cache, first, _, cluster_s = dynamic_prefill(
             model, ids, torch.zeros(1, dtype=torch.long), len(prompt) + len(cont), options(kv_fraction=frac),
             fixed_clusters=fixed,
@@ -103,7 +103,7 @@ def main():
         "",
         f"{args.windows} windows of held-out `shakespeare:validation`: {args.prompt} prompt tokens prefilled with "
         f"every head, then {args.cont} continuation tokens scored over the merged cache. Dynamic: heads clustered "
-        "per layer on each prompt (K and V merged per cluster). Static: contiguous heads mean-pooled. "
+        "per layer on each prompt (K and V merged per cluster). Static: contiguous heads mean-pooled (chunks as equal as possible when the count does not divide 8). "
         "Top-1 agreement is with the original model on the continuation.",
         "",
         "| KV fraction | method | perplexity | ratio to original | top-1 agreement | clustering s / window |",
