@@ -14,7 +14,7 @@ import torch
 
 from gqa.errors import GQAUserError
 
-__all__ = ["DynamicKVCache", "DynamicModelCache"]
+__all__ = ["DynamicKVCache"]
 
 
 class DynamicKVCache:
@@ -116,32 +116,3 @@ class DynamicKVCache:
 
     def reset(self) -> None:
         self.length = 0
-
-
-class DynamicModelCache:
-    """One :class:`DynamicKVCache` per layer: the model-level cache ``model(ids, cache=...)`` takes."""
-
-    def __init__(self, layers: list[DynamicKVCache]):
-        self.layers = layers
-
-    def __getitem__(self, i: int) -> DynamicKVCache:
-        return self.layers[i]
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    @property
-    def length(self) -> int:
-        return self.layers[0].length
-
-    @property
-    def max_seq_len(self) -> int:
-        return min(c.max_seq_len for c in self.layers)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.layers)
-
-    def reset(self) -> None:
-        for c in self.layers:
-            c.reset()

@@ -172,7 +172,8 @@ class RingKVCache:
 
 
 class ModelCache:
-    """One :class:`KVCache` per layer; per-layer KV heads (variable GQA) give per-layer sizes.
+    """One layer cache per layer (:class:`KVCache`, :class:`RingKVCache`, or a
+    :class:`gqa.cache.dynamic.DynamicKVCache`); per-layer KV heads (variable GQA) give per-layer sizes.
 
     This is the model-level cache :meth:`gqa.GQAForCausalLM.forward` takes: ``len(cache)`` layers,
     ``cache[i]`` the :class:`KVCache` layer i writes (each layer advances its own ``length``).

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gqa.cache.dynamic import DynamicKVCache, DynamicModelCache
+from gqa.cache import ModelCache
+from gqa.cache.dynamic import DynamicKVCache
 from gqa.errors import GQAUserError
 from gqa.rope import apply_rope, rope_cos_sin
 
@@ -311,7 +312,7 @@ def dynamic_prefill(model, input_ids: torch.Tensor, pad: torch.Tensor, max_seq_l
                     *, fixed_clusters: list | None = None, **step_kw):  # fmt: skip
     """Prefill ``input_ids`` ``[B, T]`` (left-padded by ``pad`` ``[B]``) with every head into a static cache of
     T slots, cluster each sequence's heads per layer on its own prompt tokens, and move the prompt into a
-    :class:`DynamicModelCache` of ``max_seq_len`` slots (the full-head cache is then dropped).
+    :class:`~gqa.cache.ModelCache` of :class:`DynamicKVCache` layers of ``max_seq_len`` slots (the full-head cache is then dropped).
 
     Returns ``(dynamic_cache, logits [B, 1, vocab], groupings, cluster_s)``: groupings[b][layer] a
     :class:`LayerGrouping`; cluster_s the wall time of the clustering and cache build.
@@ -357,4 +358,4 @@ def dynamic_prefill(model, input_ids: torch.Tensor, pad: torch.Tensor, max_seq_l
         )
         dyn.write_slots(*dyn.merge(k_all, v_all), 0)  # (B, S, T, D): the prompt, padding slots merged too (masked)
         layers.append(dyn)
-    return DynamicModelCache(layers), logits, groupings, time.perf_counter() - t0
+    return ModelCache(layers), logits, groupings, time.perf_counter() - t0
