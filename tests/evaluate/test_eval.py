@@ -62,6 +62,7 @@ def test_windows_after_bos_score_every_token_once_the_first_too(n_tokens, seq_le
             inputs = torch.cat([torch.tensor([2]), targets[:-1]])
             total += F.cross_entropy(model(inputs.unsqueeze(0)).double()[0], targets, reduction="sum").item()
     assert res.nll == pytest.approx(total / n_tokens, rel=1e-5)
+    assert perplexity(model, ids, seq_len=seq_len, max_tokens=1, bos_token_id=2).tokens == 1  # max_tokens holds
 
 
 def test_leading_bos_is_what_the_tokenizer_puts_before_a_text(tmp_path):

@@ -143,7 +143,7 @@ def evaluate_lm(
     if max_tokens is not None:
         if max_tokens < 1:
             raise GQAUserError(f"max_tokens must be >= 1, got {max_tokens}; fix --max-tokens")
-        ids = ids[: max_tokens + 1]
+        ids = ids[: max_tokens + (bos_token_id is None)]  # with a BOS every text token is scored
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and int(ids.max()) >= vocab:
         raise GQAUserError(
