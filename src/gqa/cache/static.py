@@ -184,12 +184,18 @@ class ModelCache:
 
     @classmethod
     def for_config(cls, config, batch_size: int, max_seq_len: int, *, dtype=torch.float32, device=None) -> ModelCache:
-        """Allocate a cache for a :class:`gqa.model.GQAConfig` model: a :class:`RingKVCache` for each
-        sliding-window layer whose window is shorter than ``max_seq_len``, a :class:`KVCache` otherwise."""
-        layers: list[KVCache | RingKVCache] = []
+        """Allocate a cache for a :class:`gqa.model.GQAConfig` model: a :class:`gqa.cache.LatentKVCache` per
+        layer of a latent model, else a :class:`RingKVCache` for each sliding-window layer whose window is
+        shorter than ``max_seq_len`` and a :class:`KVCache` otherwise."""
+        from gqa.cache.latent import LatentKVCache
+
+        layers: list = []
+        ranks = getattr(config, "latent_ranks", None)
         for i, hkv in enumerate(config.kv_heads_per_layer):
             window, d = config.layer_window(i), config.resolved_head_dim
-            if window is not None and window < max_seq_len:
+            if ranks is not None:
+                layers.append(LatentKVCache(batch_size, hkv, max_seq_len, ranks[i], config.latent_rope_dim, dtype=dtype, device=device))
+            elif window is not None and window < max_seq_len:
                 layers.append(RingKVCache(batch_size, hkv, window, d, max_seq_len=max_seq_len, dtype=dtype, device=device))
             else:
                 layers.append(KVCache(batch_size, hkv, max_seq_len, d, dtype=dtype, device=device))

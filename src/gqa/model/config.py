@@ -111,6 +111,12 @@ class GQAConfig:
     sandwich_norm: bool = False  # RMSNorm also after attention and after the MLP, before the residual add (Gemma 2/3)
     norm_scale_fp32: bool = False  # RMSNorm scales in fp32 before casting back (Gemma) instead of after (Llama)
     attn_scale: float | None = None  # softmax scale; None = head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    # Low-rank latent KV (MLA-style, see gqa.latent): per layer the rank R of the latent shared by all heads
+    # (one int for every layer or a list), None = plain GQA. Each of a layer's n_kv_heads groups keeps its own
+    # latent_rope_dim rotated key dims; a token then takes R + n_kv_heads * latent_rope_dim cache values.
+    latent_rank: int | list[int] | None = None
+    latent_rope_dim: int | None = None  # rotated dims per KV group (even, <= head_dim); required with latent_rank
+    latent_norm: bool = False  # RMSNorm over the latent before the up-projections (DeepSeek-V2's kv_a_layernorm)
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
@@ -140,6 +146,43 @@ class GQAConfig:
         if self.sliding_window is not None:
             self.sliding_window = check_int("sliding_window", self.sliding_window, field="sliding_window")
         self._check_layer_kinds()
+        self._check_latent()
+
+    def _check_latent(self) -> None:
+        if self.latent_rank is None:
+            if self.latent_rope_dim is not None or self.latent_norm:
+                raise GQAUserError("latent_rope_dim / latent_norm are set but latent_rank is not; set latent_rank or drop them")
+            return
+        ranks = self.latent_rank if isinstance(self.latent_rank, (list, tuple)) else [self.latent_rank] * self.n_layers
+        if len(ranks) != self.n_layers:
+            raise GQAUserError(f"latent_rank lists {len(ranks)} layers but n_layers={self.n_layers}; give one entry per layer")
+        ranks = [check_int("latent_rank", r, limit=LIMITS["d_model"]) for r in ranks]
+        self.latent_rank = ranks if isinstance(self.latent_rank, (list, tuple)) else ranks[0]
+        d = self.resolved_head_dim
+        rope = self.latent_rope_dim
+        if rope is not None:
+            rope = check_int("latent_rope_dim", rope, limit=d, minimum=0, fix=f"use an even number from 0 to head_dim={d}")
+        if rope is None or rope % 2:
+            raise GQAUserError(f"latent_rope_dim={self.latent_rope_dim!r} must be an even number from 0 to head_dim={d}")
+        self.latent_rope_dim = rope
+        if self.qk_norm:
+            raise GQAUserError("latent layers have no per-head key norm: QK-norm models (Qwen3, OLMo2, Gemma) cannot take latent_rank yet")
+        if self.sliding_window is not None:
+            raise GQAUserError("latent layers take full causal attention; sliding-window models are not supported yet")
+
+    @property
+    def latent_ranks(self) -> list[int] | None:
+        """The latent rank of every layer, or None for a GQA model."""
+        if self.latent_rank is None:
+            return None
+        return list(self.latent_rank) if isinstance(self.latent_rank, list) else [self.latent_rank] * self.n_layers
+
+    def kv_values_per_token(self) -> list[int]:
+        """Cache values one token takes in each layer: 2 x Hkv x D (GQA) or R + Hkv x latent_rope_dim (latent)."""
+        ranks, d = self.latent_ranks, self.resolved_head_dim
+        if ranks is None:
+            return [2 * h * d for h in self.kv_heads_per_layer]
+        return [r + h * self.latent_rope_dim for r, h in zip(ranks, self.kv_heads_per_layer, strict=True)]
 
     def _check_layer_kinds(self) -> None:
         if self.hidden_act not in ACTIVATIONS:
@@ -186,30 +229,38 @@ class GQAConfig:
         return len(set(self.kv_heads_per_layer)) > 1
 
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
-        """KV-cache bytes per token of one sequence: sum over layers of 2 x Hkv x D x element size."""
-        from gqa.units import kv_bytes_per_token
+        """KV-cache bytes per token of one sequence: sum over layers of :meth:`kv_values_per_token` x element size."""
+        from gqa.units import element_size
 
-        return kv_bytes_per_token(self.kv_heads_per_layer, self.resolved_head_dim, dtype)
+        return sum(self.kv_values_per_token()) * element_size(dtype)
 
     def kv_bytes(self, context: int, dtype: torch.dtype = torch.bfloat16) -> int:
         """KV-cache bytes of one sequence of ``context`` tokens: a sliding layer holds at most its window
         (its cache is a ring buffer), a global layer every token."""
-        from gqa.units import kv_bytes_per_token
+        from gqa.units import element_size
 
         total = 0
-        for i, hkv in enumerate(self.kv_heads_per_layer):
+        for i, values in enumerate(self.kv_values_per_token()):
             window = self.layer_window(i)
             tokens = min(context, window) if window else context
-            total += tokens * kv_bytes_per_token([hkv], self.resolved_head_dim, dtype)
+            total += tokens * values * element_size(dtype)
         return total
 
     def num_parameters(self) -> int:
         d, hd, f = self.d_model, self.resolved_head_dim, self.ffn_dim
         total = self.vocab_size * d * (1 if self.tie_embeddings else 2) + d
-        for hkv in self.kv_heads_per_layer:
-            attn = d * self.n_heads * hd * 2 + d * hkv * hd * 2
-            if self.qkv_bias:
-                attn += (self.n_heads + 2 * hkv) * hd
+        ranks = self.latent_ranks or [None] * self.n_layers
+        for hkv, rank in zip(self.kv_heads_per_layer, ranks, strict=True):
+            if rank is None:
+                attn = d * self.n_heads * hd * 2 + d * hkv * hd * 2
+                if self.qkv_bias:
+                    attn += (self.n_heads + 2 * hkv) * hd
+            else:  # q, latent down, rotated keys, K and V up-projections, o (see gqa.latent)
+                rope = self.latent_rope_dim
+                attn = d * self.n_heads * hd * 2 + (d + int(self.qkv_bias)) * (rank + hkv * rope)
+                attn += rank * self.n_heads * (2 * hd - rope) + (rank if self.latent_norm else 0)
+                if self.qkv_bias:
+                    attn += self.n_heads * hd
             if self.o_bias:
                 attn += d
             if self.qk_norm:

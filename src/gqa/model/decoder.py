@@ -15,6 +15,7 @@ from torch import nn
 from gqa import masks
 from gqa.cache import ModelCache
 from gqa.errors import GQAUserError
+from gqa.latent import LatentAttention
 from gqa.layer import GroupedQueryAttention, RMSNorm
 from gqa.model.config import GQAConfig
 from gqa.rope import rope_cos_sin
@@ -50,7 +51,7 @@ class DecoderBlock(nn.Module):
         super().__init__()
         d, eps, fp32 = config.d_model, config.norm_eps, config.norm_scale_fp32
         self.attn_norm = RMSNorm(d, eps, scale_fp32=fp32)
-        self.attn = GroupedQueryAttention(
+        self.attn = _latent_attention(config, n_kv_heads, layer) if config.latent_rank is not None else GroupedQueryAttention(
             d,
             config.n_heads,
             n_kv_heads,
@@ -73,6 +74,23 @@ class DecoderBlock(nn.Module):
         a = self.attn(self.attn_norm(x), positions=positions, cache=cache, mask=mask, rope=rope)
         x = x + self.post_attn_norm(a)
         return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
+
+
+def _latent_attention(config: GQAConfig, n_kv_heads: int, layer: int) -> LatentAttention:
+    return LatentAttention(
+        config.d_model,
+        config.n_heads,
+        n_kv_heads,
+        config.resolved_head_dim,
+        config.latent_ranks[layer],
+        config.latent_rope_dim,
+        rope_theta=config.layer_rope_theta(layer),
+        qkv_bias=config.qkv_bias,
+        o_bias=config.o_bias,
+        latent_norm=config.latent_norm,
+        norm_eps=config.norm_eps,
+        scale=config.attn_scale,
+    )
 
 
 class GQAForCausalLM(nn.Module):
@@ -175,7 +193,7 @@ class GQAForCausalLM(nn.Module):
         rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, layer in enumerate(self.layers):
             attn, rope = layer.attn, None
-            if attn.rope_theta is not None:
+            if isinstance(attn, GroupedQueryAttention) and attn.rope_theta is not None:  # latent layers make their own
                 key = (attn.head_dim, attn.rope_theta)  # layers with the same frequencies share one table
                 if key not in rope_tables:
                     rope_tables[key] = rope_cos_sin(positions, attn.inv_freq)  # ((B,) T, D) each

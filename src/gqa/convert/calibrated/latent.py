@@ -1,0 +1,169 @@
+"""Convert a GQA / MHA attention into a low-rank latent one (:class:`gqa.latent.LatentAttention`) from
+calibration moments, with no training (local distillation and ``gqa uptrain`` then fit it).
+
+Per layer, from the input moment ``M = E[x~ x~^T]`` (x~ = [x, 1], ``[d+1, d+1]`` float64,
+:class:`gqa.convert.calibrated.stats.LayerStats`):
+
+1. **Which frequency pairs keep RoPE.** Rotation preserves each pair's norm, so the RMS norm of query
+   head h's pair i is ``sqrt(trace(Wq_hi M Wq_hi^T))`` before or after RoPE. A KV group keeps the
+   ``rope_dim / 2`` pairs with the largest ``sum over its query heads of |q_hi| |k_gi|`` (MHA2MLA's 2-norm
+   criterion: the pairs that carry most of the score). The other pairs lose their rotation.
+2. **The latent.** Y = [K on the unrotated dims of every group; V of every group] = W x~. Each block is
+   scaled to unit energy (so neither K nor V dominates), and the latent is the top-R principal subspace
+   of Y under M: ``kv_down = U^T S W``, K / V up-projections ``S^-1 U`` (Eckart-Young: the least-squares
+   best rank-R map of W x~ on the calibration distribution). Each query head's up-projections start as
+   its group's; distillation may then tell them apart.
+
+At ``rope_dim = head_dim`` and ``rank = Hkv * head_dim`` (all V dims; no unrotated K) the conversion is
+exact. The rotated dims of each group go into ``k_rope_proj``; query heads are permuted to
+``[unrotated | rotated]``; o_proj is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gqa.errors import GQAUserError
+
+__all__ = ["LatentFit", "latent_model", "latent_from_attention", "rope_pair_scores", "max_latent_rank"]
+
+
+@dataclass
+class LatentFit:
+    """One layer's conversion: the kept pairs per group, the share of the score energy their pairs carry
+    (``rope_score_kept``) and of the (scaled) K/V energy the rank-R latent keeps (``kv_energy_kept``)."""
+
+    layer: int
+    rank: int
+    rope_dim: int
+    rope_pairs: list[list[int]]
+    rope_score_kept: float
+    kv_energy_kept: float
+
+
+def max_latent_rank(head_dim: int, n_kv_heads: int, rope_dim: int) -> int:
+    """The largest useful rank: every unrotated K dim and every V dim of every group."""
+    return n_kv_heads * (2 * head_dim - rope_dim)
+
+
+def _aug(linear) -> torch.Tensor:
+    """[out, d+1] float64: the weight with the bias (or zeros) as the last column."""
+    w = linear.weight.detach().double()
+    b = linear.bias.detach().double() if linear.bias is not None else w.new_zeros(w.shape[0])
+    return torch.cat([w, b[:, None]], dim=1)
+
+
+def _row_energy(w: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
+    """E[(w x~)^2] per row of w ``[n, d+1]``: diag(w M w^T) ``[n]``."""
+    return ((w @ moment) * w).sum(-1).clamp_min(0)
+
+
+def rope_pair_scores(attn, moment: torch.Tensor) -> torch.Tensor:
+    """``[Hkv, D/2]``: per KV group and frequency pair, sum over the group's query heads of the RMS norms
+    of the query pair times the key pair (see the module doc)."""
+    hq, hkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    half, g = d // 2, hq // hkv
+    q = _row_energy(_aug(attn.q_proj), moment).view(hq, 2, half).sum(1).sqrt()  # (Hq, D/2): dims i and i + D/2
+    k = _row_energy(_aug(attn.k_proj), moment).view(hkv, 2, half).sum(1).sqrt()  # (Hkv, D/2)
+    return q.view(hkv, g, half).sum(1) * k
+
+
+def _dims(pairs: list[int], half: int) -> tuple[list[int], list[int]]:
+    """Head dims of the unrotated part and of the rotated part ([first halves | second halves]) for ``pairs``."""
+    keep = set(pairs)
+    nope = [i for i in range(half) if i not in keep]
+    return nope + [i + half for i in nope], list(pairs) + [i + half for i in pairs]
+
+
+@torch.no_grad()
+def latent_from_attention(attn, moment: torch.Tensor, rank: int, rope_dim: int, *, layer: int = 0):
+    """A :class:`gqa.latent.LatentAttention` (float32; float64 for a float64 source) from ``attn`` (a :class:`gqa.GroupedQueryAttention`
+    without QK-norm) and its input moment ``[d+1, d+1]``; returns ``(latent_attention, LatentFit)``."""
+    from gqa.latent import LatentAttention
+
+    hq, hkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    if attn.q_norm is not None:
+        raise GQAUserError("QK-norm attention (Qwen3, OLMo2, Gemma) cannot become a latent layer yet; use --kv-heads")
+    if attn.rope_theta is None:
+        raise GQAUserError("a latent conversion needs a RoPE model; this attention has no RoPE")
+    top = max_latent_rank(d, hkv, rope_dim)
+    if not 1 <= rank <= top:
+        raise GQAUserError(f"latent rank {rank} is out of range: use 1 to {top} (= {hkv} groups x (2 x {d} - {rope_dim}))")
+    moment = moment.double()
+    half, g = d // 2, hq // hkv
+    scores = rope_pair_scores(attn, moment)  # (Hkv, D/2)
+    pairs = [sorted(scores[j].topk(rope_dim // 2).indices.tolist()) for j in range(hkv)]
+    kept = sum(scores[j, pairs[j]].sum().item() for j in range(hkv)) / max(scores.sum().item(), 1e-300)
+    wq, wk, wv = _aug(attn.q_proj).view(hq, d, -1), _aug(attn.k_proj).view(hkv, d, -1), _aug(attn.v_proj)
+    nope_dims = [_dims(p, half)[0] for p in pairs]
+    rope_dims = [_dims(p, half)[1] for p in pairs]
+    k_nope = torch.cat([wk[j, nope_dims[j]] for j in range(hkv)])  # (Hkv*(D-r), d+1)
+    y = torch.cat([k_nope, wv])  # (Hkv*(2D-r), d+1)
+    n_k = k_nope.shape[0]
+    scale = torch.ones(y.shape[0], dtype=torch.float64)
+    for rows in (slice(0, n_k), slice(n_k, None)):  # each block to unit energy
+        energy = _row_energy(y[rows], moment).sum()
+        if energy > 0:
+            scale[rows] = energy.rsqrt()
+    ys = y * scale[:, None]
+    cov = ys @ moment @ ys.T  # (n, n)
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    u = evecs[:, -rank:].flip(1)  # (n, R) the top principal directions
+    energy_kept = evals[-rank:].clamp_min(0).sum().item() / max(evals.clamp_min(0).sum().item(), 1e-300)
+    down = u.T @ ys  # (R, d+1)
+    up = u / scale[:, None]  # (n, R): Y ~ up @ latent
+    new = LatentAttention(
+        attn.d_model, hq, hkv, d, rank, rope_dim, rope_theta=attn.rope_theta,
+        qkv_bias=attn.q_proj.bias is not None, o_bias=attn.o_proj.bias is not None, scale=attn.scale,
+    )  # fmt: skip
+    if attn.q_proj.weight.dtype == torch.float64:  # float64 sources (tests, references) stay exact
+        new = new.double()
+    nope = d - rope_dim
+    q_rows = torch.cat([wq[h, nope_dims[h // g] + rope_dims[h // g]] for h in range(hq)])  # (Hq*D, d+1)
+    _set(new.q_proj, q_rows)
+    _set(new.kv_down, down)
+    _set(new.k_rope_proj, torch.cat([wk[j, rope_dims[j]] for j in range(hkv)]))
+    k_up = up[:n_k].view(hkv, nope, rank).repeat_interleave(g, dim=0)  # (Hq, D-r, R): a head starts as its group
+    v_up = up[n_k:].view(hkv, d, rank).repeat_interleave(g, dim=0)  # (Hq, D, R)
+    new.k_up.weight.copy_(k_up.reshape(hq * nope, rank))
+    new.v_up.weight.copy_(v_up.reshape(hq * d, rank))
+    new.o_proj.weight.copy_(attn.o_proj.weight.detach().double())
+    if attn.o_proj.bias is not None:
+        new.o_proj.bias.copy_(attn.o_proj.bias.detach().double())
+    new.rope_pairs.copy_(torch.tensor(pairs, dtype=torch.long).view(hkv, rope_dim // 2))
+    return new, LatentFit(layer, rank, rope_dim, pairs, round(kept, 6), round(energy_kept, 6))
+
+
+def _set(linear, w_aug: torch.Tensor) -> None:
+    """Weight (and bias, where the layer has one) from an augmented ``[out, d+1]`` matrix."""
+    linear.weight.copy_(w_aug[:, :-1])
+    if linear.bias is not None:
+        linear.bias.copy_(w_aug[:, -1])
+
+
+@torch.no_grad()
+def latent_model(model, moments: list[torch.Tensor], ranks: list[int], rope_dim: int):
+    """A latent copy of ``model`` (a :class:`gqa.GQAForCausalLM`): layer i's attention from
+    :func:`latent_from_attention` at ``ranks[i]``; every other module is ``model``'s own (shared, not
+    copied: only attention is new). Returns ``(new_model, [LatentFit per layer])``."""
+    import dataclasses
+
+    from gqa.model import GQAForCausalLM
+
+    cfg = model.config
+    if len(ranks) != cfg.n_layers or len(moments) != cfg.n_layers:
+        raise GQAUserError(f"give one latent rank per layer ({cfg.n_layers}), got {len(ranks)}")
+    new_cfg = dataclasses.replace(cfg, latent_rank=list(ranks) if len(set(ranks)) > 1 else ranks[0], latent_rope_dim=rope_dim)
+    with torch.device("meta"):
+        new = GQAForCausalLM(new_cfg)
+    new.embed, new.norm, new.lm_head = model.embed, model.norm, model.lm_head
+    fits = []
+    for i, (old, block) in enumerate(zip(model.layers, new.layers, strict=True)):
+        for name in ("attn_norm", "mlp_norm", "mlp", "post_attn_norm", "post_mlp_norm"):
+            setattr(block, name, getattr(old, name))
+        block.attn, fit = latent_from_attention(old.attn, moments[i], ranks[i], rope_dim, layer=i)
+        fits.append(fit)
+    return new, fits
+
