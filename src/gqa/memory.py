@@ -23,7 +23,6 @@ from gqa.formats.dtypes import kv_names
 from gqa.model.config import LIMITS, check_int
 from gqa.model.files import read_json_object
 from gqa.units import element_size
-from gqa.units import kv_bytes_per_token as _kv_bytes
 
 __all__ = [
     "KVShape",
@@ -50,6 +49,8 @@ class KVShape:
     layer, the sliding window a layer attends within (None: every token; ``windows`` None: no layer slides).
 
     A sliding layer's cache is a ring buffer of its window, so past the window only global layers grow.
+    ``latent_values``: per layer the cache values one token takes in a low-rank latent layer (R + Hkv x
+    rope dims, :mod:`gqa.latent`), None for 2 x Hkv x head_dim (GQA).
     """
 
     name: str
@@ -58,6 +59,7 @@ class KVShape:
     head_dim: int
     max_context: int | None = None
     windows: tuple[int | None, ...] | None = None
+    latent_values: tuple[int, ...] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -67,6 +69,12 @@ class KVShape:
         """The same model with ``hkv`` KV heads in every layer that has attention."""
         heads = tuple(hkv if h else 0 for h in self.kv_heads_per_layer)
         return KVShape(name, self.n_heads, heads, self.head_dim, self.max_context, self.windows)
+
+    def layer_values(self) -> list[int]:
+        """Cache values one token takes in each layer (K and V of every KV head, or the latent and its rotated keys)."""
+        if self.latent_values is not None:
+            return list(self.latent_values)
+        return [2 * h * self.head_dim for h in self.kv_heads_per_layer]
 
     def layer_tokens(self, context: int) -> list[int]:
         """Tokens each layer's cache holds for a sequence of ``context`` tokens."""
@@ -95,15 +103,16 @@ def _kv_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def kv_bytes_per_token(shape: KVShape, dtype: str = "bfloat16") -> int:
-    """KV bytes one token of one sequence takes: sum over layers of 2 x Hkv x head_dim x element size."""
-    return _kv_bytes(shape.kv_heads_per_layer, shape.head_dim, _kv_dtype(dtype))
+    """KV bytes one token of one sequence takes: sum over layers of 2 x Hkv x head_dim (a latent layer: its
+    values, :meth:`KVShape.layer_values`) x element size."""
+    return sum(shape.layer_values()) * element_size(_kv_dtype(dtype))
 
 
 def kv_bytes_per_sequence(shape: KVShape, context: int, dtype: str = "bfloat16") -> int:
     """KV bytes of one sequence of ``context`` tokens: each layer holds ``min(context, window)`` tokens."""
-    dt = _kv_dtype(dtype)
+    elem = element_size(_kv_dtype(dtype))
     tokens = shape.layer_tokens(context)
-    return sum(n * _kv_bytes([h], shape.head_dim, dt) for h, n in zip(shape.kv_heads_per_layer, tokens, strict=True))
+    return sum(n * values * elem for values, n in zip(shape.layer_values(), tokens, strict=True))
 
 
 def _max_context(shape: KVShape, budget: int, batch: int, dtype: str) -> int | None:

