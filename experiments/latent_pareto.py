@@ -65,8 +65,9 @@ def convert(teacher, stats, point: str):
         from gqa.convert.calibrated.latent import latent_model
 
         rank, rope = int(args[0]), int(args[1])
-        new, fits = latent_model(teacher, [s.input_moment for s in stats], [rank] * n, rope)
+        new, fits = latent_model(teacher, stats, [rank] * n, rope)
         report = {
+            "unrotated_pairs": "expected rotation" if all(st.offset_weights is not None for st in stats) else "rotation dropped",
             "rope_score_kept": [f.rope_score_kept for f in fits],
             "kv_energy_kept": [f.kv_energy_kept for f in fits],
         }
@@ -110,7 +111,7 @@ def main() -> None:
     teacher, tok = load_model(src, dtype=torch.float32).eval(), load_model_tokenizer(src)
     calib, eval_ids = texts(tok, args.calib_tokens, args.eval_tokens)
     t0 = time.perf_counter()
-    stats = collect_statistics(teacher, calib, progress=True)
+    stats = collect_statistics(teacher, calib, progress=True, attention_sequences=4)
     new, report = convert(teacher, stats, args.point)
     del stats
     convert_s = time.perf_counter() - t0
@@ -164,13 +165,13 @@ def write_report(rows: list[dict]) -> None:
         "original's. Values: cache values per token and layer (the original holds 384: 2 x 3 KV heads x 64).",
         "Written by `experiments/latent_pareto.py` (one row per run, appended; `--report` rebuilds this file).",
         "",
-        "| point | local distillation | values / token / layer | KV fraction | perplexity | ratio | top-1 agreement | KL | convert + distil s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| point | unrotated pairs | local distillation | values / token / layer | KV fraction | perplexity | ratio | top-1 agreement | KL | convert + distil s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in points:
         secs = r["convert_seconds"] + ((r.get("local_distillation") or {}).get("seconds") or 0)
         lines.append(
-            f"| {r['point']} | {'yes' if r['distill'] else 'no'} | {r['values_per_token']:.0f} | {r['kv_fraction']:.3f} | "
+            f"| {r['point']} | {(r.get('conversion') or {}).get('unrotated_pairs', '-')} | {'yes' if r['distill'] else 'no'} | {r['values_per_token']:.0f} | {r['kv_fraction']:.3f} | "
             f"{r['perplexity']:.3f} | {r['ratio']:.3f} | {r['top1_agreement']:.3f} | {r['kl_to_original']:.3f} | {secs:.0f} |"
         )
     orig = [r for r in rows if r["point"] == "original"]

@@ -174,18 +174,17 @@ def test_config_refusals():
             GQAConfig(**base, **over)
 
 
-def _calibrated(model, n=6, t=24):
+def _calibrated(model, n=6, t=24, attention_sequences=0):
     ids = torch.randint(0, 97, (n, t))
-    stats = collect_statistics(model, ids, progress=False)
-    return ids, [s.input_moment for s in stats]
+    return ids, collect_statistics(model, ids, progress=False, attention_sequences=attention_sequences)
 
 
 def test_full_rank_conversion_is_exact():
     model = tiny_gqa(n_kv=2).double()
-    ids, moments = _calibrated(model)
+    ids, stats = _calibrated(model)
     d = model.config.resolved_head_dim
     top = max_latent_rank(d, 2, d)  # every rotated dim kept: the latent holds V only
-    new, fits = latent_model(model, moments, [top] * 2, d)
+    new, fits = latent_model(model, stats, [top] * 2, d)
     new = new.double()
     torch.testing.assert_close(new(ids), model(ids), atol=1e-9, rtol=1e-9)
     assert all(f.kv_energy_kept == pytest.approx(1.0) and f.rope_score_kept == pytest.approx(1.0) for f in fits)
@@ -198,9 +197,9 @@ def test_full_rank_latent_with_partial_rope_reconstructs_k_and_v():
     """Rank at the maximum, one pair per group rotated: every head's unrotated K dims and V come back from
     the latent exactly, and the rotated K dims are the original's."""
     model = tiny_gqa(n_kv=2).double()
-    ids, moments = _calibrated(model)
+    ids, stats = _calibrated(model)
     attn, d = model.layers[0].attn, model.config.resolved_head_dim
-    new, fit = latent_from_attention(attn, moments[0], max_latent_rank(d, 2, 2), 2)
+    new, fit = latent_from_attention(attn, stats[0].input_moment, max_latent_rank(d, 2, 2), 2)
     x = torch.randn(3, 5, model.config.d_model, dtype=torch.float64)
     k = attn.k_proj(x).view(3, 5, 2, d)  # before RoPE
     v = attn.v_proj(x).view(3, 5, 2, d)
@@ -219,25 +218,25 @@ def test_full_rank_latent_with_partial_rope_reconstructs_k_and_v():
 
 def test_low_rank_keeps_the_top_pairs_and_energy():
     model = tiny_gqa(n_kv=2)
-    _, moments = _calibrated(model)
+    _, stats = _calibrated(model)
     attn = model.layers[0].attn
-    scores = rope_pair_scores(attn, moments[0])
-    new, fit = latent_from_attention(attn, moments[0], 6, 4)
+    scores = rope_pair_scores(attn, stats[0].input_moment)
+    new, fit = latent_from_attention(attn, stats[0].input_moment, 6, 4)
     for j in range(2):  # each group kept its two best-scoring pairs
         assert set(fit.rope_pairs[j]) == set(scores[j].topk(2).indices.tolist())
     assert 0 < fit.kv_energy_kept < 1 and 0 < fit.rope_score_kept < 1
     assert new.kv_values_per_token() == 6 + 2 * 4
     with pytest.raises(GQAUserError, match="out of range"):
-        latent_from_attention(attn, moments[0], max_latent_rank(attn.head_dim, 2, 4) + 1, 4)
+        latent_from_attention(attn, stats[0].input_moment, max_latent_rank(attn.head_dim, 2, 4) + 1, 4)
 
 
 def test_low_rank_error_falls_with_rank():
     model = tiny_gqa(n_kv=2).double()
-    ids, moments = _calibrated(model, n=8)
+    ids, stats = _calibrated(model, n=8)
     ref = model(ids)
     errs = []
     for rank in (4, 12, 24):
-        new, _ = latent_model(model, moments, [rank] * 2, 4)
+        new, _ = latent_model(model, stats, [rank] * 2, 4)
         errs.append((new.double()(ids) - ref).pow(2).mean().item())
     assert errs[0] > errs[1] > errs[2]
 
@@ -267,3 +266,29 @@ def test_memory_counts_the_latent_layout(tmp_path):
     assert report["kv_bytes_per_sequence"] == cfg.kv_bytes(100, torch.bfloat16)
     gqa_row = next(r for r in report["variants"] if r["variant"] == "MHA")
     assert gqa_row["kv_bytes_per_token"] == 3 * 2 * 8 * 4 * 2  # the variants are plain GQA shapes
+
+
+def test_unrotated_pairs_take_the_expected_rotation():
+    """All attention at one offset: the expected rotation is that offset's, so the unrotated dims score a
+    query and a key that far apart exactly as the original's rotated dims did."""
+    from gqa.rope import apply_rope, rope_cos_sin
+
+    model = tiny_gqa(n_kv=2).double()
+    attn, d, delta, t = model.layers[0].attn, model.config.resolved_head_dim, 3, 10
+    _, stats = _calibrated(model)
+    offsets = torch.zeros(8, 24, dtype=torch.float64)
+    offsets[:, delta] = 1.0
+    new, fit = latent_from_attention(attn, stats[0].input_moment, max_latent_rank(d, 2, 2), 2, offset_weights=offsets)
+    x = torch.randn(1, t, model.config.d_model, dtype=torch.float64)
+    cos, sin = rope_cos_sin(torch.arange(t), attn.inv_freq)
+    q = apply_rope(attn.q_proj(x).view(1, t, 8, d).transpose(1, 2), cos, sin)
+    k = apply_rope(attn.k_proj(x).view(1, t, 2, d).transpose(1, 2), cos, sin)
+    q_nope = new.q_proj(x).view(1, t, 8, d)[..., : d - 2]
+    k_nope = new.k_up(new.kv_down(x)).view(1, t, 8, d - 2)
+    for h in range(8):
+        pair = fit.rope_pairs[h // 4][0]
+        nope = [i for i in range(d) if i not in (pair, pair + d // 2)]
+        for m in range(delta, t):
+            want = (q[0, h, m, nope] * k[0, h // 4, m - delta, nope]).sum()
+            got = (q_nope[0, m, h] * k_nope[0, m - delta, h]).sum()
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)  # gqa's RoPE angles are fp32

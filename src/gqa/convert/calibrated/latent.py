@@ -17,6 +17,13 @@ Per layer, from the input moment ``M = E[x~ x~^T]`` (x~ = [x, 1], ``[d+1, d+1]``
 At ``rope_dim = head_dim`` and ``rank = Hkv * head_dim`` (all V dims; no unrotated K) the conversion is
 exact. The rotated dims of each group go into ``k_rope_proj``; query heads are permuted to
 ``[unrotated | rotated]``; o_proj is unchanged.
+
+3. **What an unrotated pair's query becomes.** A query at m and a key at n score ``(R(theta Δ) q) . k`` on
+   a pair (Δ = m - n). Without rotation the best fixed stand-in is its expectation over where attention
+   goes: ``E[R(theta Δ)] = [[a, -b], [b, a]]``, a = E cos(theta Δ), b = E sin(theta Δ), weighted by each
+   head's measured attention mass per offset (``offset_weights``). A high-frequency pair averages out
+   (a, b ~ 0: its unrotated score would be noise), a low-frequency one stays (a ~ 1). Without offset
+   weights the rotation is dropped (a = 1, b = 0).
 """
 
 from __future__ import annotations
@@ -78,9 +85,11 @@ def _dims(pairs: list[int], half: int) -> tuple[list[int], list[int]]:
 
 
 @torch.no_grad()
-def latent_from_attention(attn, moment: torch.Tensor, rank: int, rope_dim: int, *, layer: int = 0):
-    """A :class:`gqa.latent.LatentAttention` (float32; float64 for a float64 source) from ``attn`` (a :class:`gqa.GroupedQueryAttention`
-    without QK-norm) and its input moment ``[d+1, d+1]``; returns ``(latent_attention, LatentFit)``."""
+def latent_from_attention(attn, moment: torch.Tensor, rank: int, rope_dim: int, *, offset_weights=None, layer: int = 0):
+    """A :class:`gqa.latent.LatentAttention` (float32; float64 for a float64 source) from ``attn`` (a
+    :class:`gqa.GroupedQueryAttention` without QK-norm), its input moment ``[d+1, d+1]`` and optionally
+    its heads' attention mass per offset ``[Hq, T]`` (step 3 of the module doc); returns
+    ``(latent_attention, LatentFit)``."""
     from gqa.latent import LatentAttention
 
     hq, hkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
@@ -121,6 +130,8 @@ def latent_from_attention(attn, moment: torch.Tensor, rank: int, rope_dim: int, 
     if attn.q_proj.weight.dtype == torch.float64:  # float64 sources (tests, references) stay exact
         new = new.double()
     nope = d - rope_dim
+    if offset_weights is not None:
+        wq = _expected_rotation(wq, pairs, g, offset_weights, attn.rope_theta)
     q_rows = torch.cat([wq[h, nope_dims[h // g] + rope_dims[h // g]] for h in range(hq)])  # (Hq*D, d+1)
     _set(new.q_proj, q_rows)
     _set(new.kv_down, down)
@@ -136,6 +147,24 @@ def latent_from_attention(attn, moment: torch.Tensor, rank: int, rope_dim: int, 
     return new, LatentFit(layer, rank, rope_dim, pairs, round(kept, 6), round(energy_kept, 6))
 
 
+def _expected_rotation(wq: torch.Tensor, pairs: list[list[int]], g: int, offset_weights, theta: float) -> torch.Tensor:
+    """Query rows ``[Hq, D, d+1]`` with each unrotated pair replaced by E[R(theta Δ)] times it (module doc, step 3)."""
+    from gqa.rope import rope_frequencies
+
+    hq, d, _ = wq.shape
+    half = d // 2
+    w = offset_weights.double()
+    w = w / w.sum(-1, keepdim=True).clamp_min(1e-300)  # (Hq, T) a distribution over offsets per head
+    angle = torch.arange(w.shape[1], dtype=torch.float64)[:, None] * rope_frequencies(d, theta).double()[None]  # (T, D/2)
+    a, b = w @ angle.cos(), w @ angle.sin()  # (Hq, D/2)
+    out = wq.clone()
+    for h in range(hq):
+        for i in set(range(half)) - set(pairs[h // g]):
+            x1, x2 = wq[h, i], wq[h, i + half]
+            out[h, i], out[h, i + half] = a[h, i] * x1 - b[h, i] * x2, b[h, i] * x1 + a[h, i] * x2
+    return out
+
+
 def _set(linear, w_aug: torch.Tensor) -> None:
     """Weight (and bias, where the layer has one) from an augmented ``[out, d+1]`` matrix."""
     linear.weight.copy_(w_aug[:, :-1])
@@ -144,16 +173,18 @@ def _set(linear, w_aug: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def latent_model(model, moments: list[torch.Tensor], ranks: list[int], rope_dim: int):
-    """A latent copy of ``model`` (a :class:`gqa.GQAForCausalLM`): layer i's attention from
-    :func:`latent_from_attention` at ``ranks[i]``; every other module is ``model``'s own (shared, not
-    copied: only attention is new). Returns ``(new_model, [LatentFit per layer])``."""
+def latent_model(model, stats: list, ranks: list[int], rope_dim: int):
+    """A latent copy of ``model`` (a :class:`gqa.GQAForCausalLM`) from its calibration statistics (one
+    :class:`gqa.convert.calibrated.stats.LayerStats` per layer; with attention statistics, unrotated pairs
+    take their expected rotation): layer i's attention from :func:`latent_from_attention` at
+    ``ranks[i]``; every other module is ``model``'s own (shared, not copied: only attention is new).
+    Returns ``(new_model, [LatentFit per layer])``."""
     import dataclasses
 
     from gqa.model import GQAForCausalLM
 
     cfg = model.config
-    if len(ranks) != cfg.n_layers or len(moments) != cfg.n_layers:
+    if len(ranks) != cfg.n_layers or len(stats) != cfg.n_layers:
         raise GQAUserError(f"give one latent rank per layer ({cfg.n_layers}), got {len(ranks)}")
     new_cfg = dataclasses.replace(cfg, latent_rank=list(ranks) if len(set(ranks)) > 1 else ranks[0], latent_rope_dim=rope_dim)
     with torch.device("meta"):
@@ -163,7 +194,8 @@ def latent_model(model, moments: list[torch.Tensor], ranks: list[int], rope_dim:
     for i, (old, block) in enumerate(zip(model.layers, new.layers, strict=True)):
         for name in ("attn_norm", "mlp_norm", "mlp", "post_attn_norm", "post_mlp_norm"):
             setattr(block, name, getattr(old, name))
-        block.attn, fit = latent_from_attention(old.attn, moments[i], ranks[i], rope_dim, layer=i)
+        st = stats[i]
+        block.attn, fit = latent_from_attention(old.attn, st.input_moment, ranks[i], rope_dim, offset_weights=st.offset_weights, layer=i)
         fits.append(fit)
     return new, fits
 
