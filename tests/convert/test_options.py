@@ -26,7 +26,7 @@ CALIB = {"calib": "shakespeare:train"}
 
 # (options, words the one-line message must contain, whether the command line can say it)
 BAD = {
-    "no-target": ({}, "give exactly one of --kv-heads, --kv-heads-per-layer or --kv-budget", True),
+    "no-target": ({}, "give exactly one of --kv-heads, --kv-heads-per-layer, --kv-budget or --kv-latent", True),
     "two-targets": ({"kv_heads": 2, "kv_budget": 0.5}, "(got --kv-heads, --kv-budget)", True),
     "kv-heads-zero": ({"kv_heads": 0}, "--kv-heads must be a whole number >= 1", True),
     "kv-heads-bool": ({"kv_heads": True}, "--kv-heads must be a whole number >= 1", False),

@@ -30,7 +30,10 @@ def print_report(report, console) -> None:
     """The conversion summary: KV heads per layer, KV-cache bytes per token, parameters, distillation."""
     from rich.table import Table
 
-    how = f"merge={report.merge}, grouping={report.grouping}" + (", aligned" if report.align else "")
+    if report.latent:
+        how = f"latent rank {report.latent['rank']}, {report.latent['rope_dim']} rotated dims per KV group"
+    else:
+        how = f"merge={report.merge}, grouping={report.grouping}" + (", aligned" if report.align else "")
     table = Table(
         title=f"{report.model_type} ({report.layout} layout, {report.path} path), {how}, export={report.export}",
         title_justify="left",
@@ -39,7 +42,11 @@ def print_report(report, console) -> None:
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     for label, b, a in _layer_runs(report.kv_heads_before, report.kv_heads_after):
-        table.add_row(f"KV heads, layers {label}", str(b), str(a))
+        table.add_row(f"KV {'groups' if report.latent else 'heads'}, layers {label}", str(b), str(a))
+    if report.latent:
+        layers = report.latent["layers"]
+        kept = sum(f["kv_energy_kept"] for f in layers) / len(layers)
+        table.add_row("K/V energy the latent keeps (mean)", "", f"{kept:.1%}")
     kb, ka = report.kv_cache_bytes_per_token_before, report.kv_cache_bytes_per_token_after
     table.add_row(f"KV cache bytes / token ({report.kv_cache_dtype})", f"{kb:,}", f"{ka:,} ({ka / kb:.0%})")
     table.add_row("parameters", f"{report.parameters_before:,}", f"{report.parameters_after:,}")

@@ -152,6 +152,8 @@ def _convert_calibrated(src: Path, tmp: Path, opts: ConvertOptions) -> Conversio
         distill_params=opts.distill_params,
         distill_inputs=opts.distill_inputs,
         distill_lr=opts.distill_lr,
+        kv_latent=opts.kv_latent,
+        latent_rope_dim=opts.latent_rope_dim,
     )
 
 

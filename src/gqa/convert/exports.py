@@ -6,6 +6,8 @@ Each entry names a writer from :mod:`gqa.formats` (one module per format):
   The streaming path writes this layout itself, tensor by tensor.
 - ``decilm``: the DeciLM / Nemotron-NAS ``block_configs`` layout (:func:`gqa.formats.decilm.export_decilm`).
 - ``gguf``: a GGUF file ``OUT/model.gguf`` (:func:`gqa.formats.gguf.export_gguf`), when that module exists.
+- ``gqa``: gqa's own ``OUT/checkpoint.pt`` (the format ``gqa uptrain`` writes) with ``gqa_config.json``
+  beside it: any model gqa runs, latent layers (:mod:`gqa.latent`) included.
 
 Only ``hf`` is written by the streaming path; the others need the model in memory, so they take the
 calibrated path's loader (with or without calibration text).
@@ -37,6 +39,22 @@ def _write_decilm(model, folder: Path, dtype: torch.dtype | None, side_files_fro
     from gqa.formats.decilm import export_decilm
 
     export_decilm(model, folder, dtype=dtype, side_files_from=side_files_from, force=True)
+
+
+def _write_gqa(model, folder: Path, dtype: torch.dtype | None, side_files_from: Path | None, src: Path) -> None:
+    """``checkpoint.pt`` (model config and weights, read back by :func:`gqa.model.load_model`), the config as
+    ``gqa_config.json`` (``gqa memory`` reads it) and the source's tokenizer files."""
+    import dataclasses
+
+    from gqa.formats.transformers.folder import copy_side_files
+    from gqa.model.checkpoint import CHECKPOINT_NAME, save_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    save_checkpoint(folder / CHECKPOINT_NAME, {"model_config": dataclasses.asdict(model.config), "model": state})
+    model.config.save(folder / "gqa_config.json")
+    if side_files_from is not None:
+        copy_side_files(side_files_from, folder)
 
 
 def _gguf_available() -> bool:
@@ -106,6 +124,7 @@ EXPORTS: dict[str, Export] = {
             available=_gguf_available,
             check_source=_check_gguf_source,
         ),
+        Export("gqa", "gqa checkpoint OUT/checkpoint.pt (latent layers too)", _write_gqa),
     )
 }
 

@@ -42,6 +42,7 @@ DISTILL_INPUTS = ("original", "converted")
 
 #: The KV-head targets, exactly one of which a conversion takes.
 TARGETS = (("kv_heads", "--kv-heads"), ("kv_heads_per_layer", "--kv-heads-per-layer"), ("kv_budget", "--kv-budget"))
+# (--kv-latent is the fourth, alternative target: a latent cache instead of fewer heads.)
 
 
 def _option(default: Any, flag: str | None, help: str, cli_type: type | None = None) -> Any:
@@ -86,7 +87,8 @@ def _per_layer_spec(spec) -> list[int]:
 class ConvertOptions:
     """The options of one conversion (see :func:`gqa.convert.convert`); validated when built.
 
-    Give exactly one target: ``kv_heads``, ``kv_heads_per_layer`` or ``kv_budget``. A count that divides
+    Give exactly one target: ``kv_heads``, ``kv_heads_per_layer``, ``kv_budget`` or ``kv_latent`` (a low-rank
+    latent KV cache of that rank instead of fewer heads, :mod:`gqa.convert.calibrated.latent`). A count that divides
     the checkpoint's Hkv merges equal groups; a multiple of Hkv that divides Hq replicates heads (exact:
     new head j = old head j // r). ``kv_budget`` chooses per-layer counts by dynamic programming over
     measured error curves. ``merge`` is a name in :data:`gqa.convert.merge.MERGES` (``mean`` / ``first``
@@ -109,6 +111,15 @@ class ConvertOptions:
     )
     kv_budget: float | None = _option(
         None, "--kv-budget", "Fraction of the original KV-cache bytes; per-layer heads chosen to fit (needs --calib)."
+    )
+    kv_latent: int | None = _option(
+        None,
+        "--kv-latent",
+        "Instead of fewer heads: a low-rank latent KV cache of rank R shared by all heads (MLA-style; needs "
+        "--calib; written as --export gqa). A token then takes R + Hkv x --latent-rope-dim values per layer.",
+    )
+    latent_rope_dim: int = _option(
+        16, "--latent-rope-dim", "Key dims each KV group keeps rotated (RoPE) with --kv-latent: an even number."
     )
     merge: str = _option(
         "mean",
@@ -137,10 +148,12 @@ class ConvertOptions:
         "earlier layers) or original (the source model's).",
     )
     distill_lr: float = _option(3e-3, "--distill-lr", "Adam's peak learning rate for --distill.")
-    export: str = _option(
-        "hf",
+    export: str | None = _option(
+        None,
         "--export",
-        "Output layout: hf (transformers), decilm (block_configs), gguf (llama.cpp; needs SRC's tokenizer).",
+        "Output layout: hf (transformers; the default), decilm (block_configs), gguf (llama.cpp; needs SRC's "
+        "tokenizer), gqa (gqa's checkpoint.pt; the default and only layout of --kv-latent).",
+        cli_type=str,
     )
     dtype: str | torch.dtype | None = _option(
         None, "--dtype", "Output dtype: float32, bfloat16 or float16 (default: as the source).", cli_type=str
@@ -169,9 +182,14 @@ class ConvertOptions:
         return merge_method(self.merge)
 
     @property
+    def export_name(self) -> str:
+        """``export``, or its default: gqa for a latent conversion, else hf."""
+        return self.export if self.export is not None else ("gqa" if self.kv_latent is not None else "hf")
+
+    @property
     def export_spec(self):
-        """The :data:`gqa.convert.exports.EXPORTS` entry named by ``export``."""
-        return export_for(self.export)
+        """The :data:`gqa.convert.exports.EXPORTS` entry named by ``export`` (or its default)."""
+        return export_for(self.export_name)
 
     @property
     def out_dtype(self) -> torch.dtype | None:
@@ -184,7 +202,7 @@ class ConvertOptions:
         self._check_target()
         _choice("--grouping", self.grouping, GROUPINGS)
         merge_method(self.merge)  # each of these three raises on a bad name
-        export_for(self.export)
+        export_for(self.export_name)
         parse_dtype(self.dtype, allowed=OUTPUT_DTYPES)
         check_seed(self.seed, "--seed")
         _int_option("--calib-tokens", self.calib_tokens)
@@ -197,9 +215,12 @@ class ConvertOptions:
 
     def _check_target(self) -> None:
         given = [flag for name, flag in TARGETS if getattr(self, name) is not None]
+        if self.kv_latent is not None:
+            self._check_latent(given)
+            return
         if len(given) != 1:
             raise GQAUserError(
-                "give exactly one of --kv-heads, --kv-heads-per-layer or --kv-budget"
+                "give exactly one of --kv-heads, --kv-heads-per-layer, --kv-budget or --kv-latent"
                 + (f" (got {', '.join(given)})" if given else "")
             )
         if self.kv_heads is not None:
@@ -209,6 +230,22 @@ class ConvertOptions:
         budget = self.kv_budget
         if budget is not None and (not _number(budget) or not math.isfinite(budget) or not 0 < budget <= 1):
             raise GQAUserError(f"--kv-budget must be a fraction in (0, 1], got {budget!r}")
+
+    def _check_latent(self, given: list[str]) -> None:
+        if given:
+            raise GQAUserError(
+                f"--kv-latent replaces the KV heads by a latent: drop {', '.join(given)} "
+                "(per-layer latent ranks from a --kv-budget are not built yet)"
+            )
+        _int_option("--kv-latent", self.kv_latent)
+        if isinstance(self.latent_rope_dim, bool) or not isinstance(self.latent_rope_dim, int) or self.latent_rope_dim < 0 or self.latent_rope_dim % 2:
+            raise GQAUserError(f"--latent-rope-dim must be an even whole number >= 0, got {self.latent_rope_dim!r}; e.g. 16")
+        if self.export_name != "gqa":
+            raise GQAUserError(
+                f"--export {self.export_name} cannot hold a latent KV cache; use --export gqa (the default with --kv-latent)"
+            )
+        if self.calib is None:
+            raise GQAUserError("--kv-latent needs --calib TEXT: the latent is fitted to calibration activations")
 
     def _check_distill(self) -> None:
         _choice("--distill", self.distill, DISTILL_METHODS)

@@ -28,8 +28,8 @@ class ConversionReport:
     export: str
     model_type: str
     layout: str
-    grouping: str
-    merge: str
+    grouping: str | None
+    merge: str | None
     align: bool
     seed: int
     n_layers: int
@@ -51,6 +51,7 @@ class ConversionReport:
     layer_errors: list[float | None] | None = None
     error_curves: list[dict[str, float]] | None = None
     distill: dict | None = None  # DistillReport.to_dict() of --distill local
+    latent: dict | None = None  # --kv-latent: rank, rope_dim and per layer the kept pairs and energy (LatentFit)
     seconds: float = 0.0
     date: str = ""
     versions: dict = field(default_factory=dict)

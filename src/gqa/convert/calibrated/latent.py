@@ -34,7 +34,7 @@ import torch
 
 from gqa.errors import GQAUserError
 
-__all__ = ["LatentFit", "latent_model", "latent_from_attention", "rope_pair_scores", "max_latent_rank"]
+__all__ = ["check_latent_target", "LatentFit", "latent_model", "latent_from_attention", "rope_pair_scores", "max_latent_rank"]
 
 
 @dataclass
@@ -53,6 +53,19 @@ class LatentFit:
 def max_latent_rank(head_dim: int, n_kv_heads: int, rope_dim: int) -> int:
     """The largest useful rank: every unrotated K dim and every V dim of every group."""
     return n_kv_heads * (2 * head_dim - rope_dim)
+
+
+def check_latent_target(cfg, rank: int, rope_dim: int) -> None:
+    """A one-line error, before any calibration, when ``cfg`` (a :class:`gqa.GQAConfig`) cannot take a
+    rank-``rank`` latent with ``rope_dim`` rotated dims per group."""
+    d = cfg.resolved_head_dim
+    if cfg.qk_norm or cfg.sliding_window is not None:
+        raise GQAUserError("--kv-latent does not take QK-norm or sliding-window models yet (Qwen3, OLMo2, Gemma, Mistral); use --kv-heads")
+    if rope_dim > d:
+        raise GQAUserError(f"--latent-rope-dim {rope_dim} is more than the head's {d} dims; use an even number up to {d}")
+    top = min(max_latent_rank(d, h, rope_dim) for h in cfg.kv_heads_per_layer)
+    if rank > top:
+        raise GQAUserError(f"--kv-latent {rank} is more than the {top} K/V dims a layer has to factorise; use 1 to {top}")
 
 
 def _aug(linear) -> torch.Tensor:

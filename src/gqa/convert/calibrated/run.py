@@ -20,6 +20,7 @@ to the temporary folder it passes in. Query head h reads KV head h // (Hq // Hkv
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -148,8 +149,12 @@ def convert_calibrated(
     distill_params: str,
     distill_inputs: str,
     distill_lr: float,
+    kv_latent: int | None = None,
+    latent_rope_dim: int = 16,
 ) -> ConversionReport:
-    """Convert ``src`` into the temporary ``folder`` (options as checked by :class:`gqa.convert.ConvertOptions`)."""
+    """Convert ``src`` into the temporary ``folder`` (options as checked by :class:`gqa.convert.ConvertOptions`).
+    With ``kv_latent`` every layer's attention becomes a rank-``kv_latent`` latent one
+    (:func:`gqa.convert.calibrated.latent.latent_model`) instead of losing KV heads."""
     from gqa.units import dtype_name, kv_bytes_per_token
 
     calib_text = None
@@ -174,13 +179,19 @@ def convert_calibrated(
         for i, (n, old) in enumerate(zip(kv_heads_per_layer, before, strict=True)):
             check_kv_heads(old, cfg.n_heads, n, f"--kv-heads-per-layer (layer {i})")
         per_layer = list(kv_heads_per_layer)
+    if kv_latent is not None:
+        from gqa.convert.calibrated.latent import check_latent_target
+
+        check_latent_target(cfg, kv_latent, latent_rope_dim)  # before minutes of calibration
+        per_layer = list(before)  # a latent layer keeps its KV groups (for their rotated keys)
     max_heads = budget_heads(kv_budget, before) if kv_budget is not None else None
     align = calib is not None
     stats, ids, attention_note = None, None, None
     if calib is not None:
         torch.manual_seed(seed)
         ids = calibration_ids(calib_text, _tokenizer(src), calib_tokens, seq_len)
-        attention_sequences, attention_note = _attention_sequences(merge, cfg, before)
+        # A latent conversion reads the heads' attention offsets (the expected rotation of unrotated pairs).
+        attention_sequences, attention_note = _attention_sequences("fit" if kv_latent else merge, cfg, before)
         if attention_note and progress:
             print(f"gqa convert: {attention_note}", file=sys.stderr)
         with upcast_forward(model, torch.float32):
@@ -200,18 +211,26 @@ def convert_calibrated(
         per_layer = choose_kv_heads(curves, max_heads)
     # The new model shares every tensor outside attention with ``model``: nothing below writes into
     # them (distillation trains only the new attention weights, the export reads).
-    new, results = reduce_kv_heads(
-        model,
-        per_layer,
-        stats,
-        grouping=grouping,
-        align=align,
-        merge=merge,
-        progress=progress,
-        share_unchanged=True,
-        compute_dtype=torch.float32,
-        release_stats=True,
-    )
+    latent = None
+    if kv_latent is not None:
+        from gqa.convert.calibrated.latent import latent_model
+
+        new, fits = latent_model(model, stats, [kv_latent] * cfg.n_layers, latent_rope_dim)
+        results = []
+        latent = {"rank": kv_latent, "rope_dim": latent_rope_dim, "layers": [dataclasses.asdict(f) for f in fits]}
+    else:
+        new, results = reduce_kv_heads(
+            model,
+            per_layer,
+            stats,
+            grouping=grouping,
+            align=align,
+            merge=merge,
+            progress=progress,
+            share_unchanged=True,
+            compute_dtype=torch.float32,
+            release_stats=True,
+        )
     del stats
     distill_report = None
     if distill is not None:
@@ -246,9 +265,9 @@ def convert_calibrated(
         path="calibrated",
         export=export.name,
         model_type=_model_type(cfg),
-        layout="gqa",
-        grouping=grouping,
-        merge=merge,
+        layout="latent" if latent else "gqa",
+        grouping=None if latent else grouping,
+        merge=None if latent else merge,
         align=align,
         seed=seed,
         n_layers=cfg.n_layers,
@@ -259,10 +278,10 @@ def convert_calibrated(
         groups=[r.groups for r in results],
         kv_cache_dtype=dtype_name(written),
         kv_cache_bytes_per_token_before=kv_bytes_per_token(before, d_head, written),
-        kv_cache_bytes_per_token_after=kv_bytes_per_token(per_layer, d_head, written),
+        kv_cache_bytes_per_token_after=new.config.kv_bytes_per_token(written) if latent else kv_bytes_per_token(per_layer, d_head, written),
         parameters_before=n_before,
-        parameters_after=n_after,
-        parameters_removed=n_before - n_after,
+        parameters_after=n_after if not latent else new.config.num_parameters(),
+        parameters_removed=n_before - (n_after if not latent else new.config.num_parameters()),
         output_dtype=dtype_name(written),
         calibration=None
         if calib is None
@@ -277,6 +296,7 @@ def convert_calibrated(
         layer_errors=[r.error for r in results],
         error_curves=None if curves is None else [{str(k): v for k, v in c.items()} for c in curves],
         distill=distill_report,
+        latent=latent,
     )
 
 

@@ -1,0 +1,56 @@
+"""``gqa convert --kv-latent``: a latent checkpoint that gqa loads, evaluates and sizes; bad options refused
+in one line before anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gqa.convert import convert
+from gqa.model import load_model
+from helpers import assert_one_line_refusal, gqa_cli
+
+MHA = Path(__file__).resolve().parents[2] / "src" / "gqa" / "assets" / "shakespeare-mha"
+
+
+def test_latent_conversion_writes_a_model_gqa_runs(tmp_path):
+    out = tmp_path / "out"
+    report = convert(MHA, out, kv_latent=40, latent_rope_dim=8, calib="shakespeare:train", calib_tokens=4096,
+                     distill="local", distill_steps=20, progress=False)  # fmt: skip
+    assert report.layout == "latent" and report.export == "gqa"
+    layers = report.distill["layers"]  # local distillation fits latent layers with the same code
+    assert len(layers) == 4 and all(la["error_after"] <= la["error_before"] for la in layers)
+    assert len(report.latent["layers"]) == 4 and all(0 < f["kv_energy_kept"] <= 1 for f in report.latent["layers"])
+    model = load_model(out)
+    assert model.config.latent_rank == 40 and model.config.latent_rope_dim == 8
+    assert report.kv_cache_bytes_per_token_after == model.config.kv_bytes_per_token(torch.float32) == 4 * (40 + 8 * 8) * 4
+    saved = json.loads((out / "gqa_config.json").read_text())
+    assert saved["latent_rank"] == 40
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    cache = model.make_cache(2, 12)
+    torch.testing.assert_close(torch.cat([model(ids[:, :8], cache=cache), model(ids[:, 8:], cache=cache)], 1), model(ids),
+                               atol=1e-5, rtol=1e-4)  # fmt: skip
+    res = gqa_cli(["memory", out, "--json"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["kv_bytes_per_token"] == 4 * (40 + 8 * 8) * 2  # bf16
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--kv-latent", "40"], "needs --calib"),
+        (["--kv-latent", "40", "--kv-heads", "2", "--calib", "shakespeare:train"], "drop --kv-heads"),
+        (["--kv-latent", "40", "--export", "hf", "--calib", "shakespeare:train"], "--export gqa"),
+        (["--kv-latent", "40", "--latent-rope-dim", "3", "--calib", "shakespeare:train"], "even"),
+        (["--kv-latent", "4000", "--calib", "shakespeare:train", "--calib-tokens", "1024"], "use 1 to"),
+        (["--kv-latent", "8", "--latent-rope-dim", "64", "--calib", "shakespeare:train", "--calib-tokens", "1024",
+          ], "more than the head"),
+    ],
+)
+def test_bad_latent_options_are_refused_in_one_line(tmp_path, args, needle):
+    res = gqa_cli(["convert", MHA, tmp_path / "out", *args], tmp_path)
+    assert_one_line_refusal(res, needle)
+    assert not (tmp_path / "out").exists()
