@@ -176,3 +176,77 @@ def test_bad_values_and_sliding_window_models_are_one_line_errors():
     with pytest.raises(GQAUserError, match="sliding windows") as e:
         _run(model, PROMPTS[:1], n=2, grouping="dynamic", kv_fraction=0.5)
     assert "\n" not in str(e.value)
+
+
+# --- gqa generate --dynamic-grouping --------------------------------------------------------------------------
+
+
+class _CharTokenizer:
+    """One token per character (enough of a tokenizer for the CLI)."""
+
+    bos_token_id = None
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) % 97 for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(32 + i % 90) for i in ids)
+
+
+@pytest.fixture
+def cli_model(monkeypatch):
+    import gqa.model as ev
+
+    model = _model(8)
+    monkeypatch.setattr(ev, "load_model", lambda path: model)
+    monkeypatch.setattr(ev, "load_model_tokenizer", lambda path, tok=None: _CharTokenizer())
+    return model
+
+
+@pytest.mark.parametrize("flags,kw", [(["--kv-fraction", "0.5"], dict(kv_fraction=0.5)),
+                                      (["--max-error", "0.04"], dict(max_error=0.04))])  # fmt: skip
+def test_cli_dynamic_grouping_matches_the_library(cli_model, tmp_path, flags, kw):
+    import json
+
+    from typer.testing import CliRunner
+
+    from gqa.cli import app
+
+    prompts = ["Hello there", "xyz"]
+    args = ["generate", str(tmp_path), "-p", prompts[0], "-p", prompts[1], "--max-new-tokens", "6", "--json"]
+    res = CliRunner().invoke(app, [*args, "--dynamic-grouping", *flags])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    ids = [_CharTokenizer().encode(p) for p in prompts]
+    want = gqa.generate(cli_model, ids, max_new_tokens=6, grouping="dynamic", **kw)
+    assert out["tokens"] == want.tokens
+    held = [sum(lg.slots for lg in g) / (2 * 8 * len(cli_model.layers)) for g in want.grouping]
+    assert out["kv_fraction_held"] == held
+    if "kv_fraction" in kw:
+        assert held == [0.5, 0.5]
+    static = json.loads(CliRunner().invoke(app, args).output)
+    assert "kv_fraction_held" not in static
+    assert static["tokens"] == gqa.generate(cli_model, ids, max_new_tokens=6).tokens
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--dynamic-grouping"], "exactly one of --kv-fraction"),
+        (["--dynamic-grouping", "--kv-fraction", "0.5", "--max-error", "0.1"], "exactly one of --kv-fraction"),
+        (["--dynamic-grouping", "--kv-fraction", "0"], "--kv-fraction must be in (0, 1]"),
+        (["--dynamic-grouping", "--kv-fraction", "1.5"], "--kv-fraction must be in (0, 1]"),
+        (["--dynamic-grouping", "--kv-fraction", "nan"], "--kv-fraction must be in (0, 1]"),
+        (["--dynamic-grouping", "--max-error", "-1"], "--max-error must be >= 0"),
+        (["--kv-fraction", "0.5"], "add --dynamic-grouping"),
+        (["--max-error", "0.1"], "add --dynamic-grouping"),
+    ],
+)
+def test_cli_dynamic_grouping_bad_input_is_one_line_exit_2(cli_model, tmp_path, flags, needle):
+    from typer.testing import CliRunner
+
+    from gqa.cli import app
+
+    res = CliRunner().invoke(app, ["generate", str(tmp_path), "-p", "Hello", "--max-new-tokens", "2", *flags])
+    assert res.exit_code == 2, res.output
+    assert needle in res.output and res.output.count("\n") == 1 and res.output.startswith("error: ")

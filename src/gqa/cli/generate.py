@@ -1,4 +1,5 @@
-"""``gqa generate``: continue one or more prompts with the static KV cache, streaming the text."""
+"""``gqa generate``: continue one or more prompts with the static KV cache, streaming the text; with
+``--dynamic-grouping`` each prompt's KV heads are clustered on that prompt after the prefill (issue 25)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,20 @@ def register(app: typer.Typer) -> None:
         ] = None,
         stream: bool = typer.Option(True, help="Print tokens as they are generated."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object with texts, token ids and timings."),
+        dynamic_grouping: bool = typer.Option(
+            False,
+            "--dynamic-grouping",
+            help="After the prefill, cluster each prompt's KV heads per layer on that prompt and decode over one "
+            "merged K/V per cluster (needs --kv-fraction or --max-error).",
+        ),
+        kv_fraction: float = typer.Option(
+            None, help="With --dynamic-grouping: share of the KV bytes to keep per layer, in (0, 1]."
+        ),
+        max_error: float = typer.Option(
+            None,
+            help="With --dynamic-grouping: merge heads while the mean total-variation distance of a layer's "
+            "attention probabilities on the prompt stays at most this (>= 0).",
+        ),
     ) -> None:
         """Generate continuations of --prompt with MODEL (a batch when --prompt is repeated)."""
         from gqa.generation import SamplingParams, generate
@@ -38,6 +53,7 @@ def register(app: typer.Typer) -> None:
         from gqa.progress import load_announced
 
         SamplingParams(temperature, top_k, top_p, seed)  # reject bad sampling options before loading
+        grouping = _grouping(dynamic_grouping, kv_fraction, max_error)  # and bad grouping options
         for i, p in enumerate(prompt):
             if not p:
                 raise GQAUserError(f"prompt {i} is empty; give some text to continue")
@@ -48,7 +64,9 @@ def register(app: typer.Typer) -> None:
         if not isinstance(lm, GQAForCausalLM):
             from gqa.families import names
 
-            raise GQAUserError(f"{model} is a {type(lm).__name__}; gqa generate runs {'/'.join(names(runs=True))} models")
+            raise GQAUserError(
+                f"{model} is a {type(lm).__name__}; gqa generate runs {'/'.join(names(runs=True))} models"
+            )
         ids = [tok.encode(p) for p in prompt]
         for i, p in enumerate(ids):
             if not p:
@@ -95,6 +113,7 @@ def register(app: typer.Typer) -> None:
                 seed=seed,
                 tokenizer=tok,
                 on_token=on_token,
+                grouping=grouping,
             )
         finally:
             if display is not None:
@@ -113,6 +132,7 @@ def register(app: typer.Typer) -> None:
                         "prefill_s": res.prefill_s,
                         "decode_s": res.decode_s,
                         "decode_tokens_per_s": res.decode_tokens_per_s,
+                        **({} if res.grouping is None else {"kv_fraction_held": _fractions_held(lm, res.grouping)}),
                     }
                 )
             )
@@ -122,6 +142,31 @@ def register(app: typer.Typer) -> None:
         elif not live:
             for p, t in zip(prompt, res.texts, strict=True):
                 console.print(p + t, highlight=False, markup=False, soft_wrap=True)
+
+
+def _grouping(dynamic: bool, kv_fraction: float | None, max_error: float | None):
+    """The ``grouping=`` argument of :func:`gqa.generate` from the flags; bad combinations are one-line errors."""
+    from gqa.generation.dynamic import options
+
+    if not dynamic:
+        if kv_fraction is not None or max_error is not None:
+            raise GQAUserError("--kv-fraction and --max-error apply with --dynamic-grouping; add --dynamic-grouping")
+        return "static"
+    if (kv_fraction is None) == (max_error is None):
+        raise GQAUserError(
+            "--dynamic-grouping needs exactly one of --kv-fraction F (0 < F <= 1) and --max-error E (>= 0)"
+        )
+    if kv_fraction is not None and not 0 < kv_fraction <= 1:  # NaN fails too
+        raise GQAUserError(f"--kv-fraction must be in (0, 1], got {kv_fraction}")
+    if max_error is not None and not max_error >= 0:
+        raise GQAUserError(f"--max-error must be >= 0, got {max_error}")
+    return options(kv_fraction=kv_fraction, max_error=max_error)
+
+
+def _fractions_held(model, grouping) -> list[float]:
+    """Per prompt: K plus V slots held over all layers, as a share of the model's own 2 x sum of Hkv."""
+    full = 2 * sum(model.config.kv_heads_per_layer)
+    return [sum(lg.slots for lg in layers) / full for layers in grouping]
 
 
 def register_bench(bench: typer.Typer) -> None:
