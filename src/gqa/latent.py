@@ -20,7 +20,9 @@ Two ways to compute the same thing (tests hold them equal against a float64 refe
 * **expanded** (training, prefill): K and V of every head are rebuilt from the latent and standard
   multi-head attention runs over them (:func:`gqa.attention`);
 * **absorbed** (decode): ``W_uk`` is folded into the queries (``q_lat_h = W_uk_h^T q_nope_h`` ``[R]``) and
-  ``W_uv`` into the output, so a step reads only the cache: R + Hkv * rope_dim values per token.
+  ``W_uv`` into the output, so a step reads only the cache: R + Hkv * rope_dim values per token. The cache
+  holds one row per token, ``[latent | rotated keys of each group]``, and the absorbed attention is
+  multi-query attention over those rows (:func:`latent_attention`): gqa's decode kernels run it unchanged.
 """
 
 from __future__ import annotations
@@ -47,37 +49,32 @@ ABSORB_MAX_QUERIES = 16
 def latent_attention(
     q_lat: torch.Tensor,
     q_rope: torch.Tensor,
-    latent: torch.Tensor,
-    k_rope: torch.Tensor,
+    rows: torch.Tensor,
     *,
     mask: masks.Mask | torch.Tensor | None = None,
     scale: float,
 ) -> torch.Tensor:
-    """Absorbed latent attention: q_lat ``[B, Hq, Tq, R]``, q_rope ``[B, Hq, Tq, r]``, latent ``[B, Tk, R]``
-    (shared by every head: the values too), k_rope ``[B, Hkv, Tk, r]`` (query head h reads group h // g).
+    """Absorbed latent attention over cache rows: q_lat ``[B, Hq, Tq, R]``, q_rope ``[B, Hq, Tq, r]`` (query
+    head h of group h // g), rows ``[B, Tk, R + Hkv*r]`` = [latent | group 0's rotated keys | group 1's | ...].
     Returns the attention-weighted latents ``[B, Hq, Tq, R]``.
 
-    Scores, softmax and accumulation are fp32 (float64 stays float64); masks align bottom-right; rows whose
-    keys are all masked give zeros.
+    This is multi-query attention with the row as the one key *and* value: each query is
+    ``[q_lat | q_rope in its group's slot, zeros elsewhere]``, so its score is ``q_lat . c + q_rope .
+    k_rope_group``, and the first R dims of the output are the weighted latents (the rest is discarded).
+    It therefore runs on :func:`gqa.attention`'s kernels as they are (the fused CPU decode kernel, Triton,
+    SDPA) and reads each cache row once: R + Hkv*r values per token.
     """
     b, hq, tq, rank = q_lat.shape
-    hkv, tk = k_rope.shape[1], k_rope.shape[2]
+    width = rows.shape[-1]
+    hkv = (width - rank) // q_rope.shape[-1] if q_rope.shape[-1] else 1
     g = hq // hkv
-    acc = torch.promote_types(q_lat.dtype, torch.float32)
-    c = latent.to(acc)
-    scores = (q_lat.to(acc).reshape(b, hq * tq, rank) @ c.transpose(1, 2)).view(b, hq, tq, tk)  # (B, Hq, Tq, Tk)
+    q = q_lat
     if q_rope.shape[-1]:
-        qr = q_rope.to(acc).reshape(b, hkv, g * tq, -1)  # a group's query rows together
-        scores = scores + (qr @ k_rope.to(acc).transpose(-1, -2)).view(b, hq, tq, tk)
-    scores = scores * scale
-    m = masks.as_bool_mask(mask, batch=b, n_heads=hq, q_len=tq, k_len=tk, device=q_lat.device)
-    if m is not None:
-        scores = scores.masked_fill(~m, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    if m is not None:
-        probs = probs.masked_fill(~m.any(dim=-1, keepdim=True), 0.0)  # all-masked rows: NaN -> 0
-    out = (probs.reshape(b, hq * tq, tk) @ c).view(b, hq, tq, rank)
-    return out.to(q_lat.dtype)
+        eye = torch.eye(hkv, dtype=q_rope.dtype, device=q_rope.device)
+        slots = torch.einsum("bjgtr,jk->bjgtkr", q_rope.reshape(b, hkv, g, tq, -1), eye)  # zeros off the group's slot
+        q = torch.cat([q_lat, slots.reshape(b, hq, tq, width - rank)], dim=-1)  # (B, Hq, Tq, R + Hkv*r)
+    kv = rows[:, None]  # (B, 1, Tk, W): one KV head, key = value = the row
+    return attention(q, kv, kv, mask=mask, scale=scale)[..., :rank]
 
 
 class LatentAttention(nn.Module):
@@ -157,12 +154,14 @@ class LatentAttention(nn.Module):
         return emb.cos(), emb.sin()
 
     def project(self, x: torch.Tensor, positions: torch.Tensor):
-        """x ``[B, T, d]`` -> q_nope ``[B, Hq, T, D-r]``, q_rope ``[B, Hq, T, r]`` (rotated), latent ``[B, T, R]``,
-        k_rope ``[B, Hkv, T, r]`` (rotated): what the cache stores and what queries it."""
+        """x ``[B, T, d]`` -> q_nope ``[B, Hq, T, D-r]``, q_rope ``[B, Hq, T, r]`` (rotated) and the cache rows of
+        the T tokens ``[B, T, R + Hkv*r]``: the latent (normed, with ``latent_norm``) and each group's rotated keys."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
         q_nope, q_rope = q[..., : self.nope_dim], q[..., self.nope_dim :]
         latent = self.kv_down(x)  # (B, T, R)
+        if self.latent_norm is not None:
+            latent = self.latent_norm(latent)
         k_rope = self.k_rope_proj(x).view(b, t, self.n_kv_heads, self.rope_dim).transpose(1, 2)  # (B, Hkv, T, r)
         if self.rope_dim:
             cos, sin = self.rope_tables(positions)
@@ -171,7 +170,8 @@ class LatentAttention(nn.Module):
             k_rope = apply_rope(k_rope, cos, sin)
             g = self.group_size
             q_rope = apply_rope(q_rope, cos.repeat_interleave(g, dim=1), sin.repeat_interleave(g, dim=1))
-        return q_nope, q_rope, latent, k_rope
+        rows = torch.cat([latent, k_rope.transpose(1, 2).reshape(b, t, -1)], dim=-1)  # (B, T, R + Hkv*r)
+        return q_nope, q_rope, rows
 
     def forward(
         self,
@@ -192,39 +192,36 @@ class LatentAttention(nn.Module):
         b, t, _ = x.shape
         if positions is None:
             positions = cache.positions(t, x.device) if cache is not None else torch.arange(t, device=x.device)
-        q_nope, q_rope, latent, k_rope = self.project(x, positions)
+        q_nope, q_rope, rows = self.project(x, positions)
         if cache is not None:
-            if not hasattr(cache, "update_latent"):
+            if not hasattr(cache, "update_rows"):
                 raise GQAUserError(
                     f"a latent layer needs a LatentKVCache (model.make_cache builds one), got {type(cache).__name__}; "
                     "paged serving of latent models is not built yet"
                 )
-            latent, k_rope = cache.update_latent(latent, k_rope)  # (B, Tk, R), (B, Hkv, Tk, r)
+            rows = cache.update_rows(rows)  # (B, Tk, R + Hkv*r)
+        if t == 1 and isinstance(mask, masks.Causal):
+            mask = None  # one query at the last position sees every key: the unmasked (fused) kernels
         if form == "absorbed" or (form == "auto" and t <= ABSORB_MAX_QUERIES):
-            out = self._absorbed(q_nope, q_rope, latent, k_rope, mask)
+            out = self._absorbed(q_nope, q_rope, rows, mask)
         else:
-            out = self._expanded(q_nope, q_rope, latent, k_rope, mask)
+            out = self._expanded(q_nope, q_rope, rows, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
-    def _normed(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.latent_norm(latent) if self.latent_norm is not None else latent
-
-    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
-        """Heads' outputs ``[B, Hq, T, D]`` reading only the cache (W_uk into the queries, W_uv after)."""
+    def _absorbed(self, q_nope, q_rope, rows, mask) -> torch.Tensor:
+        """Heads' outputs ``[B, Hq, T, D]`` reading only the cache rows (W_uk into the queries, W_uv after)."""
         h, n, r, d = self.n_heads, self.nope_dim, self.rank, self.head_dim
         q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, self.k_up.weight.view(h, n, r))  # (B, Hq, T, R)
-        o_lat = latent_attention(q_lat, q_rope, self._normed(latent), k_rope, mask=mask, scale=self.scale)
+        o_lat = latent_attention(q_lat, q_rope, rows, mask=mask, scale=self.scale)
         return torch.einsum("bhtr,hdr->bhtd", o_lat, self.v_up.weight.view(h, d, r))  # (B, Hq, T, D)
 
-    def _expanded(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+    def _expanded(self, q_nope, q_rope, rows, mask) -> torch.Tensor:
         """Heads' outputs ``[B, Hq, T, D]`` with every head's K and V rebuilt from the latent."""
-        b, tk = latent.shape[:2]
-        c = self._normed(latent)
+        b, tk = rows.shape[:2]
+        c = rows[..., : self.rank]
+        k_rope = rows[..., self.rank :].view(b, tk, self.n_kv_heads, self.rope_dim).transpose(1, 2)  # (B, Hkv, Tk, r)
         k_nope = self.k_up(c).view(b, tk, self.n_heads, self.nope_dim).transpose(1, 2)  # (B, Hq, Tk, D-r)
         v = self.v_up(c).view(b, tk, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, Tk, D)
         k = torch.cat([k_nope, k_rope.repeat_interleave(self.group_size, dim=1)], dim=-1)  # (B, Hq, Tk, D)
         q = torch.cat([q_nope, q_rope], dim=-1)
-        if q.shape[2] == 1 and isinstance(mask, masks.Causal):
-            mask = None  # one query at the last position sees every key
         return attention(q, k, v, mask=mask, scale=self.scale)
-

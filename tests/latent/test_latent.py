@@ -292,3 +292,24 @@ def test_unrotated_pairs_take_the_expected_rotation():
             want = (q[0, h, m, nope] * k[0, h // 4, m - delta, nope]).sum()
             got = (q_nope[0, m, h] * k_nope[0, m - delta, h]).sum()
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)  # gqa's RoPE angles are fp32
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_over_the_cache_matches_float64_reference(shape, dtype):
+    """One new token over a filled cache: the path decoding takes (absorbed, unmasked, so the fused CPU kernel
+    where it is built) against the float64 reference of the whole sequence's last row."""
+    from gqa.cache import LatentKVCache
+
+    layer = _layer(*shape, bias=shape[1] == 3).to(dtype)
+    hq, hkv, d, rank, rope = shape
+    t = 40
+    x = torch.randn(3, t, 24).to(dtype)
+    cache = LatentKVCache(3, hkv, t, rank, rope, dtype=dtype)
+    layer(x[:, :-1], cache=cache)
+    out = layer(x[:, -1:], cache=cache)  # (3, 1, 24)
+    ref, qkv = _reference(layer, x, torch.arange(t), masks.causal())
+    last = ref[:, -1:]
+    err = (out.double() - last).abs().max().item()
+    base = _baseline_error(layer, ref, qkv, masks.causal(), dtype)
+    assert err <= 8 * base + 1e-5 * last.abs().max().item(), f"{err:.3g} vs torch's {base:.3g}"
