@@ -45,6 +45,8 @@ def test_uptrain_then_eval_with_teacher(workdir):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     summary = json.loads((out / "training.json").read_text())
     assert summary["steps"] == 4 and summary["distilled"]
+    got = summary["train_config"]  # with --teacher the defaults are the measured best distillation
+    assert (got["train_params"], got["distill_alpha"], got["lr"]) == ("attention", 1.0, 1e-3)
     data = str(workdir / "train.txt")
     res = runner.invoke(
         app, ["eval", str(out), "--data", data, "--teacher", str(workdir / "mha"), "--seq-len", "32", "--json"]

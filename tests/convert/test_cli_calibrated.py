@@ -53,6 +53,8 @@ def test_per_layer_heads_and_report(source, tmp_path):
         "similarity",
         "--merge",
         "fit",
+        "--distill",
+        "none",  # distillation (the default with --calib) has its own tests
     )
     assert r.exit_code == 0, r.output
     cfg = json.loads((out / "config.json").read_text())
@@ -88,6 +90,8 @@ def test_budget_and_decilm_export(source, tmp_path):
         256,
         "--export",
         "decilm",
+        "--distill",
+        "none",
     )
     assert r.exit_code == 0, r.output
     model = load_decilm(out)
@@ -152,7 +156,7 @@ def test_attention_statistics_are_skipped_when_they_would_not_fit(source, tmp_pa
     from gqa.convert.calibrated import run as calibrated_run
 
     common = dict(kv_heads=1, merge="fit", calib=str(source / "calib.txt"), calib_tokens=320, seq_len=32,
-                  progress=False)  # fmt: skip
+                  distill="none", progress=False)  # fmt: skip
     full = convert(source / "model", tmp_path / "a", **common)
     assert "note" not in full.calibration
     monkeypatch.setattr(calibrated_run, "_available_memory", lambda: 1000)
@@ -235,7 +239,7 @@ def test_calibrated_output_dtype_is_what_the_report_says(source, tmp_path):
 
     rep = convert(
         source / "model", tmp_path / "bf16", kv_heads=2, calib=str(source / "calib.txt"), calib_tokens=256,
-        dtype="bfloat16", progress=False,
+        dtype="bfloat16", distill="none", progress=False,
     )  # fmt: skip
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.layers.0.self_attn.k_proj.weight").dtype == torch.bfloat16
@@ -252,7 +256,7 @@ def test_calibrated_output_dtype_is_what_the_report_says(source, tmp_path):
     merge=st.sampled_from(["mean", "first", "random", "weighted", "lsq", "fit", "median"]),
     calib=st.booleans(),
     export=st.sampled_from(["hf", "decilm", "gguf", "onnx"]),
-    distill=st.sampled_from([None, "local"]),
+    distill=st.sampled_from([None, "local", "none"]),  # None: the default (local with --calib)
     dtype=st.sampled_from([None, "bfloat16", "int8"]),
 )  # fmt: skip
 def test_every_option_combination_works_or_is_one_line(source, target, grouping, merge, calib, export, distill, dtype):
@@ -306,3 +310,15 @@ def test_per_layer_gguf_source_converts(tmp_path):
         got, want = load_hf(tmp_path / "from-gguf")(ids), load_hf(tmp_path / "from-folder")(ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (tmp_path / "from-gguf" / "tokenizer.json").is_file()
+
+
+def test_calibration_text_alone_runs_the_best_measured_recipe(source, tmp_path):
+    """gqa convert SRC OUT --kv-heads N --calib TEXT: similarity grouping, alignment, the fit merge and local
+    distillation, with nothing else given (the distillation steps cut here to keep the test fast)."""
+    out = tmp_path / "o"
+    r = run(source / "model", out, "--kv-heads", 1, "--calib", source / "calib.txt", "--calib-tokens", 1536,
+            "--distill-steps", 2)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert (report["grouping"], report["merge"], report["align"]) == ("similarity", "fit", True)
+    assert report["distill"]["params"] == "qkvo" and report["distill"]["steps"] == 2

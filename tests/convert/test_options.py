@@ -184,3 +184,20 @@ def test_options_are_frozen_and_compare_by_value():
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.kv_heads = 1
     assert ConvertOptions(kv_heads_per_layer="4, 4,2").per_layer == [4, 4, 2]
+
+
+def test_defaults_are_the_best_measured_recipe_with_calibration_text():
+    """With --calib, grouping / merge / distill default to the best measured recipe (similarity, fit, local
+    distillation); without it to the streaming mean-pool; explicit values always win."""
+    plain = ConvertOptions(kv_heads=2)
+    assert (plain.grouping, plain.merge, plain.distill) == ("contiguous", "mean", None)
+    calibrated = ConvertOptions(kv_heads=2, **CALIB)
+    assert (calibrated.grouping, calibrated.merge, calibrated.distill) == ("similarity", "fit", "local")
+    assert ConvertOptions(kv_budget=0.5, **CALIB).distill == "local"
+    explicit = ConvertOptions(kv_heads=2, grouping="contiguous", merge="mean", distill="none", **CALIB)
+    assert (explicit.grouping, explicit.merge, explicit.distill) == ("contiguous", "mean", None)
+    # a default follows the option it depends on; an explicit value stays
+    assert calibrated.with_changes(calib=None) == plain
+    assert ConvertOptions(kv_heads=2, merge="lsq", **CALIB).with_changes(kv_heads=1).merge == "lsq"
+    with pytest.raises(GQAUserError, match=r"\(the default with --calib\).*or --distill none"):
+        ConvertOptions(kv_heads=2, calib_tokens=600, **CALIB)

@@ -1,8 +1,10 @@
 """``gqa uptrain``: continued training of a converted model, optionally distilled from the original.
 
-The project's recipe: ``gqa uptrain CONVERTED OUT --teacher SRC --train attention --max-minutes 10
---data english:train`` distils end to end from the original model for a time budget, evaluating on a
-held-out slice and keeping the best weights."""
+The project's recipe: ``gqa uptrain CONVERTED OUT --teacher SRC --max-minutes 10 --data english:train``
+distils end to end from the original model for a time budget, evaluating on a held-out slice and keeping
+the best weights. With ``--teacher`` the defaults are the measured best distillation (``--train attention
+--alpha 1 --lr 1e-3 --batch-size 4``, :data:`gqa.train.uptrain.DISTILL_DEFAULTS`); without it the GQA
+paper's uptraining (``--train all --lr 5e-4 --batch-size 16``). Explicit flags override either."""
 
 from __future__ import annotations
 
@@ -45,7 +47,12 @@ def register(app: typer.Typer) -> None:
         max_minutes: float = typer.Option(
             None, help="Time budget in minutes of training (alone or with --tokens: whichever ends first)."
         ),
-        train: str = typer.Option("all", "--train", help="Parameters that move: all, attention or kv."),
+        train: str = typer.Option(
+            None,
+            "--train",
+            help="Parameters that move: all, attention or kv. Default: attention with --teacher, else all.",
+            show_default=False,
+        ),
         fraction: float = typer.Option(None, help="Budget as a fraction in (0, 1] of the pre-training tokens."),
         pretrain_tokens: int = typer.Option(
             None, help="Pre-training tokens for --fraction (default: read from MODEL/training.json)."
@@ -54,7 +61,7 @@ def register(app: typer.Typer) -> None:
         alpha: float = typer.Option(
             None,
             help="Weight of the distillation KL (1 - alpha on the LM loss); 1 = pure end-to-end distillation. "
-            "Needs --teacher.  [default: 0.5]",
+            "Needs --teacher. Default: 1.",
             show_default=False,
         ),
         temperature: float = typer.Option(1.0, help="Distillation temperature."),
@@ -70,9 +77,17 @@ def register(app: typer.Typer) -> None:
             Path | None, typer.Option(help="Tokenizer folder or .gguf (default: MODEL's own).")
         ] = None,
         seq_len: int = typer.Option(256, help="Tokens per training window."),
-        batch_size: int = typer.Option(16, help="Windows per optimizer step, over all processes."),
+        batch_size: int = typer.Option(
+            None,
+            help="Windows per optimizer step, over all processes. Default: 4 with --teacher, else 16.",
+            show_default=False,
+        ),
         grad_accum: int = typer.Option(1, help="Micro-steps per optimizer step."),
-        lr: float = typer.Option(5e-4, help="Peak learning rate (warm-up, then cosine to 10%)."),
+        lr: float = typer.Option(
+            None,
+            help="Peak learning rate (warm-up, then cosine to 10%). Default: 1e-3 with --teacher, else 5e-4.",
+            show_default=False,
+        ),
         warmup: int = typer.Option(None, help="Warm-up steps (default: 10% of the steps)."),
         seed: int = typer.Option(0, help="Random seed (data order)."),
         eval_every: int = typer.Option(
@@ -90,7 +105,7 @@ def register(app: typer.Typer) -> None:
         from gqa.progress import load_announced
         from gqa.train.config import TRAIN_PARAMS
         from gqa.train.loop import check_not_inside, check_out_dir
-        from gqa.train.uptrain import read_pretrain_tokens, uptrain_tokens
+        from gqa.train.uptrain import read_pretrain_tokens, uptrain_defaults, uptrain_tokens
         from gqa.train.uptrain import uptrain as run
 
         if pretrain_tokens is None and fraction is not None and model.is_dir():
@@ -99,11 +114,10 @@ def register(app: typer.Typer) -> None:
             raise GQAUserError(f"--max-minutes must be a positive number of minutes, got {max_minutes}")
         if tokens is not None or fraction is not None or max_minutes is None:
             uptrain_tokens(tokens, fraction, pretrain_tokens)  # validate the budget before loading anything
-        if train not in TRAIN_PARAMS:
+        if train is not None and train not in TRAIN_PARAMS:
             raise GQAUserError(f"--train must be one of {', '.join(TRAIN_PARAMS)}, got {train!r}")
         if alpha is not None and teacher is None:
             raise GQAUserError(f"--alpha {alpha:g} weighs distillation from a teacher; pass --teacher SRC or drop --alpha")
-        alpha = 0.5 if alpha is None else alpha
         if not 0 < holdout < 1:
             raise GQAUserError(f"--holdout must be in (0, 1), got {holdout}; e.g. 0.05")
         check_not_inside(out, {"MODEL": model, "--teacher": teacher, "--tokenizer": tokenizer})
@@ -123,9 +137,10 @@ def register(app: typer.Typer) -> None:
         student = load_announced(model, load_trainable)
         teacher_model = load_announced(teacher, load_model, "teacher")
         check_context(seq_len, {"MODEL": student, "--teacher": teacher_model})
-        settings = dict(seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed)
-        settings.update(eval_every=eval_every, checkpoint_every=checkpoint_every, fsdp=fsdp, train_params=train)
-        settings.update(distill_alpha=alpha, distill_temperature=temperature)
+        given = dict(train_params=train, distill_alpha=alpha, lr=lr, batch_size=batch_size)
+        settings = {**uptrain_defaults(teacher is not None), **{k: v for k, v in given.items() if v is not None}}
+        settings.update(seq_len=seq_len, grad_accum=grad_accum, seed=seed, distill_temperature=temperature)
+        settings.update(eval_every=eval_every, checkpoint_every=checkpoint_every, fsdp=fsdp)
         if warmup is not None:
             settings["warmup_steps"] = warmup
         with tempfile.TemporaryDirectory() as tok_dir:

@@ -16,7 +16,6 @@ Head mapping before and after: query head h of layer i reads KV head h // (Hq //
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -79,7 +78,7 @@ def _options(options: ConvertOptions | None, kwargs: dict) -> ConvertOptions:
         return ConvertOptions(**kwargs)
     if not isinstance(options, ConvertOptions):
         raise TypeError(f"options must be a ConvertOptions, got {type(options).__name__}")
-    return dataclasses.replace(options, **kwargs) if kwargs else options
+    return options.with_changes(**kwargs) if kwargs else options
 
 
 def _check_gguf_target(src: Path, kv_heads: int) -> None:

@@ -36,7 +36,7 @@ __all__ = [
 
 OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
 GROUPINGS = ("contiguous", "similarity")
-DISTILL_METHODS = ("local",)
+DISTILL_METHODS = ("local", "none")
 DISTILL_PARAMS = ("kv", "qkvo")
 DISTILL_INPUTS = ("original", "converted")
 
@@ -98,6 +98,10 @@ class ConvertOptions:
     source's dtype (GGUF input is dequantized to float32). ``groups`` (library only): explicit groups
     ``[[0, 1], [2, 3]]`` for every layer, or one such list per layer (streaming path; see
     :mod:`gqa.convert.groups`). Each field's metadata holds its help text and command-line flag.
+
+    ``merge``, ``grouping`` and ``distill`` left None take :meth:`recipe_defaults`: with ``calib`` the best
+    measured recipe (similarity, aligned, fit, local distillation), without it the paper's streaming
+    mean-pool; ``distill="none"`` turns distillation off. The built object holds the values in effect.
     """
 
     kv_heads: int | None = _option(
@@ -121,21 +125,34 @@ class ConvertOptions:
     latent_rope_dim: int = _option(
         16, "--latent-rope-dim", "Key dims each KV group keeps rotated (RoPE) with --kv-latent: an even number."
     )
-    merge: str = _option(
-        "mean",
+    merge: str | None = _option(
+        None,
         "--merge",
         "How a group's K/V heads are pooled: mean (the GQA paper), first, random; with --calib also "
-        "weighted, lsq, or fit (the best measured of mean, weighted and lsq per layer).",
+        "weighted, lsq, or fit (the best measured of mean, weighted and lsq per layer). "
+        "Default: fit with --calib, else mean.",
+        cli_type=str,
     )
-    grouping: str = _option(
-        "contiguous", "--grouping", "Which heads share: contiguous (neighbours) or similarity (needs --calib)."
+    grouping: str | None = _option(
+        None,
+        "--grouping",
+        "Which heads share: contiguous (neighbours) or similarity (needs --calib). "
+        "Default: similarity with --calib, else contiguous.",
+        cli_type=str,
     )
     calib: str | None = _option(
-        None, "--calib", "Calibration text (a file, a folder, shakespeare:train, ...): align heads before merging."
+        None,
+        "--calib",
+        "Calibration text (a file, a folder, english:calib, ...). With it the defaults are the best measured "
+        "recipe: similarity grouping, aligned heads, fit merge, local distillation.",
     )
     calib_tokens: int = _option(65536, "--calib-tokens", "Calibration tokens to run.")
     distill: str | None = _option(
-        None, "--distill", "local: fit each reduced attention layer to the original on the calibration text."
+        None,
+        "--distill",
+        "local: fit each reduced attention layer to the original on the calibration text; none: do not. "
+        "Default: local with --calib and --kv-heads / --kv-heads-per-layer / --kv-budget, else none.",
+        cli_type=str,
     )
     distill_steps: int = _option(150, "--distill-steps", "Adam steps per layer for --distill.")
     distill_params: str = _option(
@@ -168,7 +185,28 @@ class ConvertOptions:
     fsync: bool = _option(False, None, "Flush output files to disk before the rename (the benchmark uses it).")
 
     def __post_init__(self) -> None:
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        object.__setattr__(self, "_given", given)
+        for name, value in self.recipe_defaults().items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.distill == "none":
+            object.__setattr__(self, "distill", None)
         self.validate()
+
+    def recipe_defaults(self) -> dict[str, str | None]:
+        """The values ``merge``, ``grouping`` and ``distill`` take when not given: with calibration text the
+        best measured recipe (similarity grouping, aligned heads, the fit merge, local distillation; a latent
+        target distils only when asked), without it the streaming path's (contiguous neighbours, mean pool,
+        no distillation). See docs/results/recover-quality.md."""
+        if self.calib is None:
+            return {"grouping": "contiguous", "merge": "mean", "distill": None}
+        return {"grouping": "similarity", "merge": "fit", "distill": None if self.kv_latent is not None else "local"}
+
+    def with_changes(self, **changes) -> ConvertOptions:
+        """These options with ``changes`` applied, as if built with them: a default that depends on another
+        option (:meth:`recipe_defaults`) follows the new value (``dataclasses.replace`` would keep the old)."""
+        return ConvertOptions(**{**self._given, **changes})
 
     # --- derived values (each a checked option) ------------------------------------------------------
     @property
@@ -276,9 +314,11 @@ class ConvertOptions:
             need = min_sequences() * self.seq_len
             if self.calib_tokens < need:
                 raise GQAUserError(
-                    f"--distill {self.distill} needs at least {need:,} calibration tokens ({min_sequences()} "
+                    f"--distill {self.distill}{'' if self._given['distill'] else ' (the default with --calib)'} "
+                    f"needs at least {need:,} calibration tokens ({min_sequences()} "
                     f"sequences of --seq-len {self.seq_len}: a training and a held-out slice), got "
                     f"--calib-tokens {self.calib_tokens:,}; pass --calib-tokens {need} or more"
+                    + ("" if self._given["distill"] else ", or --distill none")
                 )
 
     def check_calibrated_path(self) -> None:

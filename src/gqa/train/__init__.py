@@ -6,7 +6,7 @@ from gqa.provenance import provenance, provenance_markdown
 from gqa.train.config import TrainConfig
 from gqa.train.loop import METRICS_NAME, SUMMARY_NAME, TrainResult, batch_offsets, train
 from gqa.train.pretrain import REFERENCE_CONFIG, REFERENCE_TRAIN, pretrain, shipped_model_path
-from gqa.train.uptrain import read_pretrain_tokens, uptrain, uptrain_tokens
+from gqa.train.uptrain import read_pretrain_tokens, uptrain, uptrain_defaults, uptrain_tokens
 
 __all__ = [
     "TrainConfig",
@@ -16,6 +16,7 @@ __all__ = [
     "pretrain",
     "uptrain",
     "uptrain_tokens",
+    "uptrain_defaults",
     "read_pretrain_tokens",
     "shipped_model_path",
     "REFERENCE_CONFIG",
