@@ -13,6 +13,7 @@ from torch import nn
 
 from gqa import kernels, masks
 from gqa.cache import PagedKV
+from gqa.cache.dynamic import MappedKV
 from gqa.errors import GQAUserError
 from gqa.functional import attention
 from gqa.rope import apply_rope, rope_cos_sin, rope_frequencies
@@ -137,7 +138,11 @@ class GroupedQueryAttention(nn.Module):
 def attend(q: torch.Tensor, kv, mask: masks.Mask | torch.Tensor | None, *, scale: float | None = None) -> torch.Tensor:
     """Attention of q ``[B, Hq, Tq, D]`` over what a layer cache's ``update`` returned (see :mod:`gqa.cache`):
     ``(k, v)`` ``[B, Hkv, Tk, D]`` or a :class:`gqa.cache.PagedKV`. Query head h reads KV head ``h // g``;
-    the mask is aligned bottom-right; ``scale`` defaults to ``D ** -0.5``. Returns ``[B, Hq, Tq, D]``."""
+    the mask is aligned bottom-right; ``scale`` defaults to ``D ** -0.5``. Returns ``[B, Hq, Tq, D]``.
+    A :class:`gqa.cache.dynamic.MappedKV` (per-sequence head maps, dynamic grouping) runs the same attention
+    with the query heads stacked by the slot they read."""
+    if isinstance(kv, MappedKV):
+        return kv.head_map.unstack(attend(kv.head_map.stack(q), kv.kv, mask, scale=scale))
     if isinstance(kv, PagedKV):
         return paged_attention(q, kv, mask=mask, scale=scale)
     k, v = kv

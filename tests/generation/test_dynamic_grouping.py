@@ -250,3 +250,165 @@ def test_cli_dynamic_grouping_bad_input_is_one_line_exit_2(cli_model, tmp_path, 
     res = CliRunner().invoke(app, ["generate", str(tmp_path), "-p", "Hello", "--max-new-tokens", "2", *flags])
     assert res.exit_code == 2, res.output
     assert needle in res.output and res.output.count("\n") == 1 and res.output.startswith("error: ")
+
+
+# --- per-sequence head maps in the kernels, and the paged cache --------------------------------------------
+
+
+def _reference(q, k, v, index, start=None):
+    """float64 attention of q [B, Hq, Tq, D] over K/V slots [B, S, Tk, D], query head h of sequence b reading
+    slot index[b, h]; bottom-right causal; keys before start[b] hidden."""
+    q, k, v = q.double(), k.double(), v.double()
+    batch = torch.arange(q.shape[0])[:, None]
+    kh, vh = k[batch, index], v[batch, index]  # (B, Hq, Tk, D)
+    tq, tk = q.shape[2], k.shape[2]
+    s = torch.einsum("bhqd,bhkd->bhqk", q, kh) * q.shape[-1] ** -0.5
+    hide = torch.arange(tk)[None, :] > torch.arange(tk - tq, tk)[:, None]  # (Tq, Tk) causal, bottom-right
+    hide = hide[None].expand(q.shape[0], -1, -1).clone()
+    if start is not None:
+        hide |= torch.arange(tk)[None, None, :] < start[:, None, None]
+    s = s.masked_fill(hide[:, None], float("-inf"))
+    return torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), vh)
+
+
+INDEX = torch.tensor([[0, 0, 0, 0, 0, 1, 2, 2], [2, 1, 0, 1, 2, 1, 0, 1], [1, 1, 1, 1, 1, 1, 1, 0]])  # slot 2 unread
+
+
+@pytest.mark.parametrize("tq", [1, 4])
+def test_stacked_query_heads_equal_the_gathered_reference(tq):
+    from gqa import masks
+    from gqa.cache.dynamic import HeadMap, MappedKV
+    from gqa.layer import attend
+
+    torch.manual_seed(0)
+    b, s, tk, d = 3, 3, 13, 16
+    q, k, v = torch.randn(b, 8, tq, d), torch.randn(b, s, tk, d), torch.randn(b, s, tk, d)
+    hm = HeadMap.from_index(INDEX, s)
+    assert hm.group == 7 and hm.rows.shape == (3, 21)
+    assert torch.equal(hm.rows.gather(1, hm.inverse), torch.arange(8).expand(3, 8))  # each head has its own row
+    assert torch.equal(hm.inverse // hm.group, INDEX)  # head h's row lies in the group of the slot it reads
+    want = _reference(q, k, v, INDEX)
+    got = attend(q, MappedKV((k, v), hm), masks.causal())
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    start = torch.tensor([0, 3, 5])  # left padding of a ragged batch
+    got = attend(q, MappedKV((k, v), hm), masks.causal() & masks.key_padding(start=start))
+    torch.testing.assert_close(got.double(), _reference(q, k, v, INDEX, start), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tq", [1, 4])
+def test_stacked_query_heads_over_pages_equal_the_gathered_reference(tq):
+    from gqa import masks
+    from gqa.cache import PagedKV
+    from gqa.cache.dynamic import HeadMap, MappedKV
+    from gqa.layer import attend
+
+    torch.manual_seed(1)
+    s, d, page = 3, 16, 4
+    lengths = [13, 6, 9]
+    q = torch.randn(3, 8, tq, d)
+    k_pages, v_pages = torch.randn(12, s, page, d), torch.randn(12, s, page, d)
+    table = torch.tensor([[5, 0, 7, 2], [1, 9, 0, 0], [11, 3, 4, 0]], dtype=torch.int32)
+    kv = PagedKV(k_pages, v_pages, table, torch.tensor(lengths, dtype=torch.int32))
+    got = attend(q, MappedKV(kv, HeadMap.from_index(INDEX, s)), masks.causal())
+    for i, n in enumerate(lengths):  # each sequence over its own keys, gathered from its pages
+        pages = table[i, : -(-n // page)].long()
+        k = k_pages[pages].permute(1, 0, 2, 3).reshape(s, -1, d)[None, :, :n]  # (1, S, n, D)
+        v = v_pages[pages].permute(1, 0, 2, 3).reshape(s, -1, d)[None, :, :n]
+        want = _reference(q[i : i + 1], k, v, INDEX[i : i + 1])
+        torch.testing.assert_close(got[i : i + 1].double(), want, atol=1e-5, rtol=1e-5)
+
+
+def _batcher(model, **kw):
+    from gqa.generation import ContinuousBatcher
+
+    kw.setdefault("grouping", "dynamic")
+    kw.setdefault("kv_fraction", 0.5)
+    return ContinuousBatcher(model, num_pages=kw.pop("num_pages", 24), page_size=4, eos_token_id=None, **kw)
+
+
+@pytest.mark.parametrize("n_kv", [8, 4])
+def test_paged_map_equals_offline_clustering_and_the_pool_is_smaller(n_kv):
+    model = _model(n_kv)
+    batcher = _batcher(model)
+    ids = [batcher.submit(p, 4) for p in PROMPTS]
+    batcher.run()
+    for rid, prompt in zip(ids, PROMPTS, strict=True):
+        got = batcher.done[rid].grouping
+        for li, (q, k, v) in enumerate(_prompt_qkv(model, prompt, rows=64)):
+            offline = cluster_heads(q, k, v, n_clusters=n_kv // 2)
+            assert got[li].clusters == offline.clusters and torch.equal(got[li].k_index, offline.k_index)
+    static = _batcher(model, grouping="static", kv_fraction=None)
+    assert batcher.cache.nbytes * 2 == static.cache.nbytes  # pages hold half the slots
+
+
+@pytest.mark.parametrize("n_kv", [8, 4])
+def test_paged_cached_equals_uncached_and_the_static_dynamic_cache(n_kv):
+    """Paged decode token by token gives the logits of one forward of the same tokens over the static
+    dynamic cache of the same prompt, and the scheduler gives gqa.generate's dynamic tokens."""
+    from gqa.generation.dynamic import paged_dynamic_cache, paged_dynamic_prefill
+
+    model = _model(n_kv)
+    opts = options(kv_fraction=0.5)
+    prompt = PROMPTS[0]
+    with torch.inference_mode():
+        paged = paged_dynamic_cache(model, opts, num_pages=8, page_size=4)
+        logits, grouping, _ = paged_dynamic_prefill(model, paged, "s", prompt, opts)
+        toks, step_logits = [logits[:, -1].argmax(-1)], []
+        for _ in range(6):
+            paged.reserve("s", 1)
+            out = model(toks[-1][:, None], cache=paged.batch(["s"]), logits_to_keep=1)  # (1, 1, vocab)
+            step_logits.append(out[:, -1])
+            toks.append(out[:, -1].argmax(-1))
+        static, first, static_grouping, _ = dynamic_prefill(
+            model, torch.tensor([prompt]), torch.zeros(1, dtype=torch.long), 32, opts
+        )
+        assert [g.clusters for g in grouping] == [g.clusters for g in static_grouping[0]]
+        torch.testing.assert_close(logits, first, atol=1e-6, rtol=1e-6)
+        new = torch.stack(toks[:-1], dim=1)  # (1, 6)
+        full = model(new, cache=static)  # (1, 6, vocab) at once over the static merged cache
+    torch.testing.assert_close(full, torch.stack(step_logits, dim=1), atol=1e-5, rtol=1e-5)
+    for p in PROMPTS:
+        batcher = _batcher(model)
+        batcher.submit(p, 7)
+        assert batcher.run()[0] == _run(model, [p], n=7, grouping="dynamic", kv_fraction=0.5).tokens[0]
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_paged_batch_of_different_maps_equals_each_alone(sampled):
+    torch.manual_seed(3)
+    requests = [(7, 9, 0), (4, 5, 0), (11, 8, 1), (2, 10, 2), (6, 4, 3)]  # (prompt length, new tokens, arrival)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n, _, _ in requests]
+    kw = dict(temperature=0.9, top_k=30, seed=7) if sampled else {}
+    model = _model(8)
+    batcher = _batcher(model, num_pages=14, max_batch=3)  # too small for all at once: requests wait and join
+    ids = {}
+    while len(ids) < len(requests) or batcher.has_work:
+        for i, (_, n_new, arrive) in enumerate(requests):
+            if arrive == batcher.steps and i not in ids:
+                ids[i] = batcher.submit(prompts[i], n_new, **kw)
+        batcher.step()
+    reqs = {i: batcher.done[r] for i, r in ids.items()}
+    assert len({tuple(r.grouping[0].clusters) for r in reqs.values()}) > 1  # the maps differ
+    assert batcher.peak_running >= 2
+    for i, req in reqs.items():
+        alone = _batcher(model)
+        alone.submit(prompts[i], requests[i][1], **kw)
+        assert req.tokens == alone.run()[0], f"request {i} differs in a batch"
+
+
+def test_paged_dynamic_refusals_are_one_line():
+    from gqa.cache import PagedKVCache
+    from gqa.generation import ContinuousBatcher
+
+    model = _model(8)
+    cases = [
+        (dict(grouping=options(max_error=0.1)), "takes kv_fraction"),
+        (dict(grouping=options(kv_fraction=0.75, values="keep")), 'values="merge"'),
+        (dict(grouping="dynamic"), "exactly one of"),
+        (dict(grouping="static", kv_fraction=0.5), 'grouping="dynamic"'),
+        (dict(grouping="dynamic", kv_fraction=0.5, cache=PagedKVCache.for_model(model, 8, 4)), "PagedDynamicKVCache"),
+    ]
+    for kw, needle in cases:
+        with pytest.raises(GQAUserError) as e:
+            ContinuousBatcher(model, num_pages=8, page_size=4, **kw)
+        assert needle in str(e.value) and "\n" not in str(e.value)

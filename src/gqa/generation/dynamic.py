@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from gqa.cache import ModelCache
-from gqa.cache.dynamic import DynamicKVCache
+from gqa.cache.dynamic import DynamicKVCache, PagedDynamicKVCache
 from gqa.errors import GQAUserError
 from gqa.rope import apply_rope, rope_cos_sin
 
@@ -44,6 +44,8 @@ __all__ = [
     "merged_kv",
     "fixed_grouping",
     "dynamic_prefill",
+    "paged_dynamic_cache",
+    "paged_dynamic_prefill",
     "options",
     "resolve_grouping",
 ]
@@ -307,16 +309,9 @@ def _n_clusters(opts: DynamicOptions, hkv: int) -> int | None:
     return max(1, min(hkv, n))
 
 
-@torch.inference_mode()
-def dynamic_prefill(model, input_ids: torch.Tensor, pad: torch.Tensor, max_seq_len: int, opts: DynamicOptions,
-                    *, fixed_clusters: list | None = None, **step_kw):  # fmt: skip
-    """Prefill ``input_ids`` ``[B, T]`` (left-padded by ``pad`` ``[B]``) with every head into a static cache of
-    T slots, cluster each sequence's heads per layer on its own prompt tokens, and move the prompt into a
-    :class:`~gqa.cache.ModelCache` of :class:`DynamicKVCache` layers of ``max_seq_len`` slots (the full-head cache is then dropped).
-
-    Returns ``(dynamic_cache, logits [B, 1, vocab], groupings, cluster_s)``: groupings[b][layer] a
-    :class:`LayerGrouping`; cluster_s the wall time of the clustering and cache build.
-    """
+def _prefill_and_cluster(model, input_ids, pad, opts: DynamicOptions, fixed_clusters, step_kw):
+    """Prefill with every head into a static cache of T slots and cluster each sequence's heads per layer on
+    its own prompt tokens: ``(full_cache, logits [B, 1, vocab], groupings [B][layer], cluster_s)``."""
     if getattr(model.config, "layer_window", None) is not None and any(
         model.config.layer_window(i) is not None for i in range(len(model.layers))
     ):
@@ -328,23 +323,43 @@ def dynamic_prefill(model, input_ids: torch.Tensor, pad: torch.Tensor, max_seq_l
     b, t = input_ids.shape
     pads = pad.tolist()
     groupings: list[list[LayerGrouping]] = [[] for _ in range(b)]
-    layers = []
     for li, layer in enumerate(model.layers):
-        full = cache[li]
-        k_all, v_all = full.k[:, :, :t], full.v[:, :, :t]  # (B, Hkv, T, D)
+        k_all, v_all = cache[li].k[:, :, :t], cache[li].v[:, :, :t]  # (B, Hkv, T, D)
         hkv = k_all.shape[1]
         for i in range(b):
+            if fixed_clusters is not None:  # a given (static) grouping through the same cache, for comparisons
+                groupings[i].append(fixed_grouping(fixed_clusters[li], layer.attn.n_heads, hkv))
+                continue
             m = min(opts.query_rows, t - pads[i])
-            grouping = cluster_heads(
+            groupings[i].append(cluster_heads(
                 queries[li][i, :, -m:], k_all[i, :, pads[i] :], v_all[i, :, pads[i] :],
                 n_clusters=_n_clusters(opts, hkv), max_error=opts.max_error, values=opts.values,
                 scale=layer.attn.scale,
-            )  # fmt: skip
-            if fixed_clusters is not None:  # a given (static) grouping through the same cache, for comparisons
-                grouping = fixed_grouping(fixed_clusters[li], layer.attn.n_heads, hkv)
-            groupings[i].append(grouping)
-        sk = max(gr.k_merge.shape[0] for gr in (groupings[i][li] for i in range(b)))
-        sv = max(gr.v_merge.shape[0] for gr in (groupings[i][li] for i in range(b)))
+            ))  # fmt: skip
+    return cache, logits, groupings, time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def dynamic_prefill(model, input_ids: torch.Tensor, pad: torch.Tensor, max_seq_len: int, opts: DynamicOptions,
+                    *, fixed_clusters: list | None = None, **step_kw):  # fmt: skip
+    """Prefill ``input_ids`` ``[B, T]`` (left-padded by ``pad`` ``[B]``) with every head into a static cache of
+    T slots, cluster each sequence's heads per layer on its own prompt tokens, and move the prompt into a
+    :class:`~gqa.cache.ModelCache` of :class:`DynamicKVCache` layers of ``max_seq_len`` slots (the full-head
+    cache is then dropped). ``fixed_clusters`` (per layer, clusters of KV heads) replaces the clustering by
+    a given grouping, for comparisons.
+
+    Returns ``(dynamic_cache, logits [B, 1, vocab], groupings, cluster_s)``: groupings[b][layer] a
+    :class:`LayerGrouping`; cluster_s the wall time of the clustering and cache build.
+    """
+    full, logits, groupings, cluster_s = _prefill_and_cluster(model, input_ids, pad, opts, fixed_clusters, step_kw)
+    t0 = time.perf_counter()
+    b, t = input_ids.shape
+    layers = []
+    for li in range(len(model.layers)):
+        k_all, v_all = full[li].k[:, :, :t], full[li].v[:, :, :t]  # (B, Hkv, T, D)
+        hkv = k_all.shape[1]
+        sk = max(groupings[i][li].k_merge.shape[0] for i in range(b))
+        sv = max(groupings[i][li].v_merge.shape[0] for i in range(b))
         k_merge = torch.zeros(b, sk, hkv)
         v_merge = torch.zeros(b, sv, hkv)
         for i in range(b):
@@ -354,8 +369,55 @@ def dynamic_prefill(model, input_ids: torch.Tensor, pad: torch.Tensor, max_seq_l
         k_index = torch.stack([groupings[i][li].k_index for i in range(b)])  # (B, Hq)
         v_index = torch.stack([groupings[i][li].v_index for i in range(b)])
         dyn = DynamicKVCache(
-            k_merge, v_merge, k_index, v_index, max_seq_len, full.head_dim, dtype=full.k.dtype, device=full.k.device
-        )
+            k_merge, v_merge, k_index, v_index, max_seq_len, full[li].head_dim, dtype=full[li].k.dtype,
+            device=full[li].k.device,
+        )  # fmt: skip
         dyn.write_slots(*dyn.merge(k_all, v_all), 0)  # (B, S, T, D): the prompt, padding slots merged too (masked)
         layers.append(dyn)
-    return ModelCache(layers), logits, groupings, time.perf_counter() - t0
+    return ModelCache(layers), logits, groupings, cluster_s + time.perf_counter() - t0
+
+
+def check_paged(opts: DynamicOptions) -> None:
+    """A paged cache's pages hold a fixed number of slots per layer, K and V alike: refuse what needs more."""
+    if opts.kv_fraction is None:
+        raise GQAUserError("dynamic grouping over a paged cache takes kv_fraction (pages hold a fixed number of "
+                           "slots per layer), not max_error; use the static cache (gqa.generate) for max_error")  # fmt: skip
+    if opts.values != "merge":
+        raise GQAUserError('dynamic grouping over a paged cache merges K and V alike (values="merge"); use the '
+                           'static cache (gqa.generate) for values="keep"')  # fmt: skip
+
+
+def paged_dynamic_cache(model, opts: DynamicOptions, num_pages: int, page_size: int = 16) -> PagedDynamicKVCache:
+    """A :class:`PagedDynamicKVCache` for ``model`` whose pages hold each layer's cluster count at
+    ``opts.kv_fraction`` (in the model's dtype and device)."""
+    check_paged(opts)
+    p = next(model.parameters())
+    hkv = list(model.config.kv_heads_per_layer)
+    slots = [_n_clusters(opts, h) for h in hkv]
+    return PagedDynamicKVCache(hkv, slots, model.config.resolved_head_dim, num_pages, page_size,
+                               dtype=p.dtype, device=p.device)  # fmt: skip
+
+
+@torch.inference_mode()
+def paged_dynamic_prefill(model, cache: PagedDynamicKVCache, seq, prompt: list[int], opts: DynamicOptions):
+    """Prefill one prompt with every head, cluster its heads per layer on it, add it to ``cache`` as ``seq``
+    with that map and store its merged prompt K/V in the pages. Returns
+    ``(logits [1, 1, vocab], groupings [layer], cluster_s)``; the caller has checked the pool has room."""
+    check_paged(opts)
+    device = cache.k_pages[0].device
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+    t = ids.shape[1]
+    full, logits, groupings, cluster_s = _prefill_and_cluster(
+        model, ids, torch.zeros(1, dtype=torch.long), opts, None, {}
+    )
+    t0 = time.perf_counter()
+    grouping = groupings[0]
+    cache.add_sequence(seq, [(g.k_merge, g.k_index) for g in grouping])
+    cache.reserve(seq, t)
+    for li, g in enumerate(grouping):
+        w = g.k_merge.to(full[li].k)  # (S, Hkv)
+        k = torch.einsum("sh,bhtd->bstd", w, full[li].k[:, :, :t])  # (1, S, T, D)
+        v = torch.einsum("sh,bhtd->bstd", w, full[li].v[:, :, :t])
+        cache.write(li, [seq], k, v)
+    cache.advance([seq], t)
+    return logits, grouping, cluster_s + time.perf_counter() - t0

@@ -25,8 +25,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gqa.cache.dynamic import PagedDynamicKVCache
 from gqa.cache.paged import PagedKVCache
 from gqa.errors import GQAUserError
+from gqa.generation.dynamic import (
+    DynamicOptions,
+    check_paged,
+    paged_dynamic_cache,
+    paged_dynamic_prefill,
+    resolve_grouping,
+)
 from gqa.generation.sampling import SamplingParams, sample
 from gqa.generation.static import eos_ids
 
@@ -47,6 +55,7 @@ class Request:
     submitted_step: int = 0
     started_step: int | None = None
     finished_step: int | None = None
+    grouping: list | None = None  # dynamic grouping: per layer, the gqa.generation.dynamic.LayerGrouping of its prompt
 
     @property
     def max_kv_tokens(self) -> int:
@@ -62,6 +71,12 @@ class ContinuousBatcher:
         num_pages, page_size: the paged KV pool (``PagedKVCache.for_model``); or pass ``cache``.
         max_batch: most sequences decoded together (None = as many as the pool admits).
         eos_token_id: stop token(s); "model" uses the model config's, None never stops early.
+        grouping, kv_fraction: "static" (the model's KV heads in the pages) or "dynamic" (issue 25): each
+            admitted prompt is prefilled with every head, its KV heads are clustered per layer on that prompt
+            (:mod:`gqa.generation.dynamic`) and the pages hold one merged K/V per cluster,
+            ``floor(kv_fraction * Hkv)`` slots per layer (a :class:`gqa.cache.dynamic.PagedDynamicKVCache`);
+            decode reads each sequence through its own head map. Paged dynamic grouping takes kv_fraction
+            (not max_error) and merges V as well.
     """
 
     def __init__(
@@ -73,11 +88,24 @@ class ContinuousBatcher:
         max_batch: int | None = None,
         cache: PagedKVCache | None = None,
         eos_token_id: int | list[int] | str | None = "model",
+        grouping: str | DynamicOptions = "static",
+        kv_fraction: float | None = None,
     ):
+        self.dynamic = resolve_grouping(grouping, kv_fraction)
+        if self.dynamic is not None:
+            check_paged(self.dynamic)
         if cache is None:
             if num_pages is None:
                 raise GQAUserError("give num_pages (pool size) or a PagedKVCache as cache=")
-            cache = PagedKVCache.for_model(model, num_pages, page_size)
+            if self.dynamic is None:
+                cache = PagedKVCache.for_model(model, num_pages, page_size)
+            else:
+                cache = paged_dynamic_cache(model, self.dynamic, num_pages, page_size)
+        elif (self.dynamic is not None) != isinstance(cache, PagedDynamicKVCache):
+            raise GQAUserError(
+                "dynamic grouping needs a PagedDynamicKVCache (gqa.generation.dynamic.paged_dynamic_cache) and static "
+                "grouping a PagedKVCache; pass num_pages instead of cache= to build the right one"
+            )
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
             raise GQAUserError(f"max_batch must be a positive integer or None, got {max_batch!r}")
         self.model = model
@@ -162,10 +190,15 @@ class ContinuousBatcher:
             committed += self._pages_needed(req)
             req.state, req.started_step = "running", self.steps
             self.running.append(req)
-            self.cache.add_sequence(req.id)
-            self.cache.reserve(req.id, len(req.prompt))
-            ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)  # (1, T)
-            logits = self.model(ids, cache=self.cache.batch([req.id]), logits_to_keep=1)  # (1, 1, vocab)
+            if self.dynamic is not None:
+                logits, req.grouping, _ = paged_dynamic_prefill(
+                    self.model, self.cache, req.id, req.prompt, self.dynamic
+                )
+            else:
+                self.cache.add_sequence(req.id)
+                self.cache.reserve(req.id, len(req.prompt))
+                ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)  # (1, T)
+                logits = self.model(ids, cache=self.cache.batch([req.id]), logits_to_keep=1)  # (1, 1, vocab)
             self._emit(req, int(sample(logits[:, -1], req.params, [req.generator])[0]), on_token)
 
     @torch.inference_mode()
