@@ -322,3 +322,19 @@ def test_calibration_text_alone_runs_the_best_measured_recipe(source, tmp_path):
     report = json.loads((out / "conversion_report.json").read_text())
     assert (report["grouping"], report["merge"], report["align"]) == ("similarity", "fit", True)
     assert report["distill"]["params"] == "qkvo" and report["distill"]["steps"] == 2
+
+
+def test_distilling_the_mlp_too_through_convert(source, tmp_path):
+    """--distill-params qkvo-mlp: the MLP moves with the attention (block loss) and is written to OUT."""
+    from safetensors import safe_open
+
+    from gqa.convert import convert
+
+    rep = convert(source / "model", tmp_path / "m", kv_heads=1, calib=str(source / "calib.txt"), calib_tokens=320,
+                  seq_len=32, distill_steps=20, distill_lr=1e-3, distill_params="qkvo-mlp", progress=False)  # fmt: skip
+    assert (rep.distill["params"], rep.distill["loss"]) == ("qkvo-mlp", "block")
+    name = "model.layers.0.mlp.up_proj.weight"
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as a, safe_open(
+        str(next((source / "model").glob("*.safetensors"))), "pt"
+    ) as b:
+        assert not torch.equal(a.get_tensor(name), b.get_tensor(name))

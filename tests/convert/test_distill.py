@@ -160,6 +160,33 @@ def test_converted_inputs_also_close_the_gap():
     assert all(layer.error_after < layer.error_before for layer in block.layers)
 
 
+def test_the_mlp_moves_with_the_attention_and_the_teacher_stays_unchanged():
+    """params="qkvo-mlp" (issue 22, lever 1): each layer's MLP moves with Q, K, V and O against the residual
+    stream leaving the block. An MLP the student shares with the teacher is copied first, never written; the
+    fit ends at least as close as the attention alone under the same loss and steps."""
+    teacher = teacher_model(n_layers=3)
+    before = copy.deepcopy(teacher.state_dict())
+    ids = calib()
+    kwargs = dict(inputs="converted", steps=30, lr=1e-2, batch_size=4, progress=False)
+    attention_only = mean_pooled_student(teacher)
+    ref = distill_local(teacher, attention_only, ids, loss="block", **kwargs)
+    student = mean_pooled_student(teacher)
+    for s_block, t_block in zip(student.layers, teacher.layers, strict=True):
+        s_block.mlp = t_block.mlp  # shared, as reduce_kv_heads(share_unchanged=True) leaves it
+    report = distill_local(teacher, student, ids, params="qkvo-mlp", **kwargs)
+    assert (report.params, report.loss) == ("qkvo-mlp", "block")
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert all(s.mlp is not t.mlp for s, t in zip(student.layers, teacher.layers, strict=True))
+    assert any(not torch.equal(s.mlp.up_proj.weight, t.mlp.up_proj.weight)
+               for s, t in zip(student.layers, teacher.layers, strict=True))  # fmt: skip
+    for layer in report.layers:
+        assert layer.error_after < layer.error_before
+    assert report.to_dict()["error_after_total"] <= ref.to_dict()["error_after_total"]
+    assert kl(teacher, student, ids) < kl(teacher, mean_pooled_student(teacher), ids)
+    with pytest.raises(GQAUserError, match="use loss='block'"):
+        distill_local(teacher, mean_pooled_student(teacher), ids, params="qkvo-mlp", loss="attention", progress=False)
+
+
 def test_early_stopping_keeps_the_best_state():
     teacher = teacher_model()
     student = mean_pooled_student(teacher)

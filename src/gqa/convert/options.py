@@ -37,7 +37,7 @@ __all__ = [
 OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
 GROUPINGS = ("contiguous", "similarity")
 DISTILL_METHODS = ("local", "none")
-DISTILL_PARAMS = ("kv", "qkvo")
+DISTILL_PARAMS = ("kv", "qkvo", "qkvo-mlp")
 DISTILL_INPUTS = ("original", "converted")
 
 #: The KV-head targets, exactly one of which a conversion takes.
@@ -156,7 +156,8 @@ class ConvertOptions:
     )
     distill_steps: int = _option(150, "--distill-steps", "Adam steps per layer for --distill.")
     distill_params: str = _option(
-        "qkvo", "--distill-params", "What --distill fits: qkvo (Q, K, V and O) or kv (K and V only)."
+        "qkvo", "--distill-params", "What --distill fits: qkvo (Q, K, V and O), kv (K and V only) or qkvo-mlp (Q, K, V, O and the "
+        "layer's MLP, matching the residual stream leaving the block)."
     )
     distill_inputs: str = _option(
         "converted",

@@ -14,7 +14,10 @@ What is matched, for layer i (h = residual stream entering the layer, a = attn_n
   ``attn_S(a'_i) ~ h_i + attn_T(a_i) - h'_i``. Each layer thus also removes the drift accumulated by
   the layers before it.
 * ``loss="block"`` matches the whole block's output (attention + MLP, the residual stream leaving the
-  layer) instead of the post-attention residual; only attention parameters move either way.
+  layer) instead of the post-attention residual; only attention parameters move, unless
+  ``params="qkvo-mlp"``: then the layer's MLP moves too (the loss is ``"block"``), so the MLP can absorb
+  what a reduced attention cannot. Shapes never change; an MLP the student shared with the teacher
+  (``reduce_kv_heads(share_unchanged=True)``) is copied first, the teacher is never written.
 
 How tokens are weighted (``weighting``):
 
@@ -80,7 +83,7 @@ __all__ = [
     "distill_local",
 ]
 
-DISTILL_PARAMS = ("qkvo", "kv")
+DISTILL_PARAMS = ("qkvo", "kv", "qkvo-mlp")
 DISTILL_INPUTS = ("original", "converted")
 DISTILL_LOSSES = ("attention", "block")
 DISTILL_WEIGHTINGS = ("token", "energy", "token-max")
@@ -286,6 +289,10 @@ def _check(
         raise GQAUserError(f"unknown distill inputs {inputs!r}; use one of {', '.join(DISTILL_INPUTS)}")
     if loss not in DISTILL_LOSSES:
         raise GQAUserError(f"unknown distill loss {loss!r}; use one of {', '.join(DISTILL_LOSSES)}")
+    if params == "qkvo-mlp" and loss != "block":
+        raise GQAUserError(
+            "distill params 'qkvo-mlp' moves the MLP, so it matches the block's output: use loss='block'"
+        )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise GQAUserError(f"distill steps must be an integer >= 1, got {steps!r}; e.g. 150")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -322,19 +329,30 @@ def _check(
 
 
 def _check_not_shared(teacher, student, params: str) -> None:
-    """Training writes the student's attention weights in place: they must not be the teacher's memory."""
+    """Training writes the student's attention weights in place: they must not be the teacher's memory.
+    With ``params="qkvo-mlp"`` an MLP still shared with the teacher becomes the student's own copy."""
     teacher_memory = {p.untyped_storage().data_ptr() for p in teacher.parameters() if p.numel()}
+
+    def shared(module) -> bool:
+        return any(p.numel() and p.untyped_storage().data_ptr() in teacher_memory for p in module.parameters())
+
     for i, block in enumerate(student.layers):
-        if any(p.numel() and p.untyped_storage().data_ptr() in teacher_memory for p in _trainable(block.attn, params)):
+        if params == "qkvo-mlp" and shared(block.mlp):
+            block.mlp = copy.deepcopy(block.mlp)  # new storage: training it leaves the teacher's MLP as it was
+        attention = _trainable(block, "qkvo" if params == "qkvo-mlp" else params)
+        if any(p.numel() and p.untyped_storage().data_ptr() in teacher_memory for p in attention):
             raise GQAUserError(
                 f"the student's layer {i} attention weights are the teacher's own tensors; distil a converted "
                 "copy (reduce_kv_heads gives one), not a model that shares its attention with the teacher"
             )
 
 
-def _trainable(attn, params: str) -> list[torch.nn.Parameter]:
+def _trainable(block, params: str) -> list[torch.nn.Parameter]:
+    attn = block.attn
     if params == "kv":
         return [p for m in (attn.k_proj, attn.v_proj) for p in m.parameters()]
+    if params == "qkvo-mlp":
+        return [*attn.parameters(), *block.mlp.parameters()]
     return list(attn.parameters())
 
 
@@ -345,7 +363,7 @@ def distill_local(
     *,
     params: str = "qkvo",
     inputs: str = "converted",
-    loss: str = "attention",
+    loss: str | None = None,
     weighting: str = "token-max",
     steps: int = 150,
     lr: float = 3e-3,
@@ -364,10 +382,12 @@ def distill_local(
         student typically has fewer KV heads); the teacher is not modified.
     calib_ids: int64 ``[N, T]`` calibration sequences; a seeded ``holdout_fraction`` of them is held
         out for the error reported and early stopping.
-    params: ``"qkvo"`` (all attention parameters) or ``"kv"`` (only the K and V projections).
+    params: ``"qkvo"`` (all attention parameters), ``"kv"`` (only the K and V projections) or ``"qkvo-mlp"``
+        (the attention and the MLP of each layer, fitted to the residual stream leaving the block).
     inputs: ``"original"`` (the teacher's inputs to each layer) or ``"converted"`` (the student's own
         inputs after its earlier layers were distilled; targets then include the drift, see module doc).
-    loss: ``"attention"`` (post-attention residual) or ``"block"`` (the block's output, MLP included).
+    loss: ``"attention"`` (post-attention residual) or ``"block"`` (the block's output, MLP included);
+        default ``"block"`` for ``params="qkvo-mlp"`` (the only loss it takes), else ``"attention"``.
     weighting: ``"token-max"`` (per-token relative error, bounded by the student's own stream),
         ``"token"`` (per-token relative error) or ``"energy"`` (MSE over the mean residual energy), see
         the module doc.
@@ -384,6 +404,8 @@ def distill_local(
     """
     from gqa.progress import progress as progress_bar
 
+    if loss is None:
+        loss = "block" if params == "qkvo-mlp" else "attention"
     ids = _check(teacher, student, calib_ids, params, inputs, loss, weighting, steps, lr, batch_size, holdout_fraction)
     _check_not_shared(teacher, student, params)
     from gqa.units import check_seed, parse_device
@@ -434,7 +456,7 @@ def _distill_layer(
     """Distil one layer; returns (LayerDistillation, teacher stream after it, student stream after it)."""
     t0 = time.perf_counter()
     device = calls.device
-    trainable = _trainable(s_block.attn, params)
+    trainable = _trainable(s_block, params)
     # Both blocks in float32 on the device for this layer (Adam on fp32 masters whatever the checkpoint's
     # dtype); on exit every tensor is the original again, the trained values copied into the student's own.
     with placed(t_block, s_block, device=device, dtype=torch.float32, write_back=trainable):
