@@ -36,6 +36,15 @@ def test_latent_conversion_writes_a_model_gqa_runs(tmp_path):
     res = gqa_cli(["memory", out, "--json"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["kv_bytes_per_token"] == 4 * (40 + 8 * 8) * 2  # bf16
+    # end-to-end distillation moves the latent's own parameters (--train kv) and writes a latent model
+    up = tmp_path / "up"
+    res = gqa_cli(["uptrain", out, up, "--teacher", MHA, "--tokens", "512", "--seq-len", "64", "--batch-size", "2",
+                   "--train", "kv", "--lr", "1e-2"], tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    trained = load_model(up)
+    assert trained.config.latent_rank == 40
+    moved = {n for n, p in trained.named_parameters() if not torch.equal(p, model.get_parameter(n))}
+    assert moved and all(n.split(".")[-2] in ("kv_down", "k_rope_proj", "k_up", "v_up") for n in moved), sorted(moved)[:4]
 
 
 @pytest.mark.parametrize(

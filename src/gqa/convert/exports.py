@@ -42,19 +42,9 @@ def _write_decilm(model, folder: Path, dtype: torch.dtype | None, side_files_fro
 
 
 def _write_gqa(model, folder: Path, dtype: torch.dtype | None, side_files_from: Path | None, src: Path) -> None:
-    """``checkpoint.pt`` (model config and weights, read back by :func:`gqa.model.load_model`), the config as
-    ``gqa_config.json`` (``gqa memory`` reads it) and the source's tokenizer files."""
-    import dataclasses
+    from gqa.model.checkpoint import save_gqa_model
 
-    from gqa.formats.transformers.folder import copy_side_files
-    from gqa.model.checkpoint import CHECKPOINT_NAME, save_checkpoint
-
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
-    save_checkpoint(folder / CHECKPOINT_NAME, {"model_config": dataclasses.asdict(model.config), "model": state})
-    model.config.save(folder / "gqa_config.json")
-    if side_files_from is not None:
-        copy_side_files(side_files_from, folder)
+    save_gqa_model(model, folder, dtype=dtype, side_files_from=side_files_from)
 
 
 def _gguf_available() -> bool:

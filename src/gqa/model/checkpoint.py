@@ -17,10 +17,11 @@ import torch
 
 from gqa.errors import GQAUserError, first_line
 
-__all__ = ["CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "CONFIG_NAME", "save_checkpoint", "load_checkpoint", "save_gqa_model"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "gqa-train-checkpoint/1"
+CONFIG_NAME = "gqa_config.json"  # the model config beside a checkpoint, for readers of configs (gqa memory)
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
@@ -48,3 +49,24 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise GQAUserError(f"{path} is not a gqa training checkpoint; restore it or delete it to start over")
     return state
+
+
+def save_gqa_model(model, folder: str | Path, *, dtype: torch.dtype | None = None, side_files_from: str | Path | None = None) -> Path:
+    """gqa's own model layout in ``folder``: ``checkpoint.pt`` (config and weights, what
+    :func:`gqa.model.load_model` reads), ``gqa_config.json`` and the tokenizer files of ``side_files_from``.
+    Holds any model gqa runs, latent layers (:mod:`gqa.latent`) included; floating weights cast to ``dtype``."""
+    import dataclasses
+
+    from gqa.formats.transformers.folder import copy_side_files
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    save_checkpoint(folder / CHECKPOINT_NAME, {"model_config": dataclasses.asdict(model.config), "model": state})
+    model.config.save(folder / CONFIG_NAME)
+    if side_files_from is not None:
+        copy_side_files(side_files_from, folder)
+    return folder

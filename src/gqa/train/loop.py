@@ -87,6 +87,11 @@ def _window_batch(ids: torch.Tensor, offsets: torch.Tensor, seq_len: int) -> tup
     return rows[:, :-1], rows[:, 1:]
 
 
+#: What ``--train kv`` moves: the K/V projections of a GQA layer, the latent, its rotated keys and the K/V
+#: up-projections of a latent one (:mod:`gqa.latent`).
+_KV_MODULES = ("k_proj", "v_proj", "kv_down", "k_rope_proj", "k_up", "v_up")
+
+
 def set_trainable(model: torch.nn.Module, which: str) -> dict:
     """Freeze every parameter except ``which`` ("all", "attention": every ``*.attn.*``, "kv": the K and V
     projections); returns the previous ``requires_grad`` flags by name (to restore them)."""
@@ -97,7 +102,7 @@ def set_trainable(model: torch.nn.Module, which: str) -> dict:
         elif which == "attention":
             keep = ".attn." in f".{name}"
         else:
-            keep = ".attn.k_proj." in f".{name}" or ".attn.v_proj." in f".{name}"
+            keep = any(f".attn.{m}." in f".{name}" for m in _KV_MODULES)
         p.requires_grad_(keep and before[name])
     if not any(p.requires_grad for p in model.parameters()):
         raise GQAUserError(f"--train {which} leaves no parameter to train in this model; use --train all")
@@ -125,10 +130,16 @@ def _autocast(config: TrainConfig, device: torch.device):
 
 
 def _save_model_files(model: GQAForCausalLM, out_dir: Path, tokenizer_from: str | Path | None) -> None:
-    """Write the transformers folder files (config, weights, tokenizer) into ``out_dir``, each atomically."""
+    """Write the transformers folder files (config, weights, tokenizer) into ``out_dir``, each atomically; a
+    latent model (no transformers layout yet) as gqa's checkpoint.pt and gqa_config.json instead."""
     tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=out_dir))
     try:
-        staged = save_hf(model, tmp / "m", side_files_from=tokenizer_from)
+        if getattr(model.config, "latent_rank", None) is not None:
+            from gqa.model.checkpoint import save_gqa_model
+
+            staged = save_gqa_model(model, tmp / "m", side_files_from=tokenizer_from)
+        else:
+            staged = save_hf(model, tmp / "m", side_files_from=tokenizer_from)
         for f in staged.iterdir():
             os.replace(f, out_dir / f.name)
     finally:
@@ -593,7 +604,8 @@ def _final_weights(run: _Run) -> tuple[EvalResult | None, int | None, dict | Non
 
 
 def _write_outputs(run: _Run, validation, best_step, model_sd, elapsed, tokenizer_from, summary) -> None:
-    """Rank 0 at the end: the model as a transformers folder, training.json; the checkpoint removed."""
+    """Rank 0 at the end: the model as a transformers folder, training.json; the checkpoint removed (a latent
+    model's final checkpoint.pt, which replaced the training one atomically, is its output)."""
     model, config = run.model, run.config
     to_save = run.base_model
     if model_sd is not None:  # FSDP: rebuild an unsharded copy on CPU from the gathered state
@@ -619,7 +631,8 @@ def _write_outputs(run: _Run, validation, best_step, model_sd, elapsed, tokenize
             "provenance": provenance(),
         },
     )
-    (run.out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+    if getattr(to_save.config, "latent_rank", None) is None:  # a latent model's checkpoint.pt is the model itself
+        (run.out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
     _clean_partials(run.out_dir)
 
 
