@@ -15,7 +15,7 @@ import torch
 import gqa
 import helpers
 from gqa.errors import GQAUserError
-from gqa.generation.dynamic import cluster_heads, dynamic_prefill, merged_kv, options
+from gqa.generation.dynamic import cluster_heads, dynamic_prefill, merge_path, merged_kv, options
 from gqa.rope import apply_rope, rope_cos_sin
 
 PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [12, 2, 40, 50], [33, 71, 4, 4, 19]]
@@ -412,3 +412,82 @@ def test_paged_dynamic_refusals_are_one_line():
         with pytest.raises(GQAUserError) as e:
             ContinuousBatcher(model, num_pages=8, page_size=4, **kw)
         assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# --- allocation="measured": the model's KV bytes spread over the layers per prompt ---------------------------
+
+
+def test_merge_path_follows_cluster_heads_and_its_error_is_the_output_error():
+    torch.manual_seed(2)
+    q, k, v = torch.randn(8, 5, 8), torch.randn(4, 12, 8), torch.randn(4, 12, 8)  # Hq 8, Hkv 4: g = 2
+    path = merge_path(q, k, v)
+    assert [len(c) for c, _ in path] == [4, 3, 2, 1] and path[0][1] == 0.0
+    for clusters, err in path:
+        assert clusters == cluster_heads(q, k, v, n_clusters=len(clusters)).clusters
+        qd, kd, vd = q.double(), k.double(), v.double()
+        km, vm = kd.clone(), vd.clone()
+        for c in clusters:
+            km[list(c)], vm[list(c)] = kd[list(c)].mean(0), vd[list(c)].mean(0)
+        o = _reference(qd[None, :, :, :], kd[None], vd[None], (torch.arange(8) // 2)[None])
+        o2 = _reference(qd[None], km[None], vm[None], (torch.arange(8) // 2)[None])
+        assert err == pytest.approx(float((o2 - o).norm() / o.norm()), rel=1e-4, abs=1e-6)
+
+
+def test_allocate_slots_is_the_brute_force_optimum():
+    import itertools
+
+    from gqa.generation.dynamic import allocate_slots
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        n_opts = [3, 4, 2]
+        costs = [torch.rand(n, generator=gen).tolist() for n in n_opts]
+        slots = [sorted(torch.randint(1, 6, (n,), generator=gen).tolist(), reverse=True) for n in n_opts]
+        budget = int(torch.randint(3, 15, (1,), generator=gen))
+        feasible = [p for p in itertools.product(*[range(n) for n in n_opts])
+                    if sum(s[i] for s, i in zip(slots, p, strict=True)) <= budget]  # fmt: skip
+        if not feasible:
+            with pytest.raises(GQAUserError, match="cannot hold"):
+                allocate_slots(costs, slots, budget)
+            continue
+        best = min(sum(c[i] for c, i in zip(costs, p, strict=True)) for p in feasible)
+        got = allocate_slots(costs, slots, budget)
+        assert sum(s[i] for s, i in zip(slots, got, strict=True)) <= budget
+        assert sum(c[i] for c, i in zip(costs, got, strict=True)) == pytest.approx(best, abs=1e-12)
+
+
+@pytest.mark.parametrize("values,frac", [("merge", 0.5), ("merge", 0.3), ("keep", 0.75)])
+def test_measured_allocation_equals_the_offline_optimum_on_the_prompt(values, frac):
+    import itertools
+
+    model = _model(8)
+    opts = options(kv_fraction=frac, values=values, allocation="measured")
+    res = _run(model, PROMPTS, grouping=opts)
+    budget = int(frac * 2 * 8 * 2 + 1e-9)
+    counts_seen = set()
+    for i, prompt in enumerate(PROMPTS):
+        paths = [merge_path(q, k, v, values=values) for q, k, v in _prompt_qkv(model, prompt, rows=64)]
+        slots = (lambda c: 2 * c) if values == "merge" else (lambda c: c + 8)
+        combos = [p for p in itertools.product(range(8), repeat=2) if sum(slots(8 - j) for j in p) <= budget]
+        best = min(
+            combos, key=lambda p: (sum(paths[li][j][1] for li, j in enumerate(p)), -sum(slots(8 - j) for j in p))
+        )
+        want = [paths[li][j][0] for li, j in enumerate(best)]
+        got = [lg.clusters for lg in res.grouping[i]]
+        assert got == want
+        assert sum(lg.slots for lg in res.grouping[i]) <= budget
+        counts_seen.add(tuple(len(c) for c in got))
+        alone = _run(model, [prompt], grouping=opts)  # a batch with different per-layer counts = each alone
+        assert alone.tokens[0] == res.tokens[i]
+    assert any(len(set(c)) > 1 for c in counts_seen)  # the layers do get different cluster counts
+
+
+def test_measured_allocation_options_are_checked():
+    with pytest.raises(GQAUserError, match="give kv_fraction"):
+        options(max_error=0.1, allocation="measured")
+    with pytest.raises(GQAUserError, match="allocation must be"):
+        options(kv_fraction=0.5, allocation="greedy")
+    from gqa.generation import ContinuousBatcher
+
+    with pytest.raises(GQAUserError, match='allocation="uniform"'):
+        ContinuousBatcher(_model(8), num_pages=8, grouping=options(kv_fraction=0.5, allocation="measured"))

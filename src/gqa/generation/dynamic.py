@@ -41,6 +41,8 @@ __all__ = [
     "LayerGrouping",
     "DynamicOptions",
     "cluster_heads",
+    "merge_path",
+    "allocate_slots",
     "merged_kv",
     "fixed_grouping",
     "dynamic_prefill",
@@ -58,15 +60,22 @@ class DynamicOptions:
     """How to group: exactly one of ``kv_fraction`` (target share of the layer's KV bytes, in (0, 1]) and
     ``max_error`` (largest mean TV distance of the merged layer's attention probabilities, >= 0);
     ``values`` "merge" or "keep" (see the module); ``query_rows``: prompt positions whose queries measure
-    the distance (the last ones)."""
+    the distance (the last ones); ``allocation`` (with kv_fraction): "uniform" keeps the fraction in every
+    layer, "measured" spreads the model's KV bytes over the layers per prompt, choosing each layer's cluster
+    count to minimise the summed relative attention-output error on the prompt (:func:`merge_path`,
+    :func:`allocate_slots`) under the same total."""
 
     kv_fraction: float | None = None
     max_error: float | None = None
     values: str = "merge"
     query_rows: int = 64
+    allocation: str = "uniform"
 
 
-def options(kv_fraction=None, max_error=None, values="merge", query_rows=64) -> DynamicOptions:
+ALLOCATIONS = ("uniform", "measured")
+
+
+def options(kv_fraction=None, max_error=None, values="merge", query_rows=64, allocation="uniform") -> DynamicOptions:
     """Validated :class:`DynamicOptions`; bad values raise a one-line :class:`GQAUserError`."""
     if (kv_fraction is None) == (max_error is None):
         raise GQAUserError("dynamic grouping needs exactly one of kv_fraction (0 < f <= 1) and max_error (>= 0)")
@@ -84,11 +93,16 @@ def options(kv_fraction=None, max_error=None, values="merge", query_rows=64) -> 
         )
     if isinstance(query_rows, bool) or not isinstance(query_rows, int) or query_rows < 1:
         raise GQAUserError(f"query_rows must be an integer >= 1, got {query_rows!r}")
+    if allocation not in ALLOCATIONS:
+        raise GQAUserError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    if allocation == "measured" and kv_fraction is None:
+        raise GQAUserError('allocation="measured" spreads a KV-byte target over the layers: give kv_fraction')
     return DynamicOptions(
         None if kv_fraction is None else float(kv_fraction),
         None if max_error is None else float(max_error),
         values,
         query_rows,
+        allocation,
     )
 
 
@@ -161,6 +175,26 @@ def _score_error(q, k, clusters, g: int, scale: float, base: torch.Tensor) -> fl
     return float(0.5 * (p - base).abs().sum(-1).mean())
 
 
+def _distance(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """The module's head distance d(i, j), ``[Hkv, Hkv]`` float64 symmetric."""
+    hq, m, d = q.shape
+    hkv, t, _ = k.shape
+    g = hq // hkv
+    qg = q.float().reshape(hkv, g * m, d)  # (Hkv, g*M, D): the rows of each KV head's query heads
+    kf = k.float()
+    # own[i] / cross[i, j]: KV head i's query rows over its own keys / over KV head j's keys.
+    cross = torch.empty(hkv, hkv, g * m, t)
+    for j in range(hkv):
+        sc = torch.einsum("hmd,td->hmt", qg, kf[j]) * scale  # (Hkv, g*M, T)
+        rows = (torch.arange(g * m) % m + (t - m))[:, None]
+        sc = sc.masked_fill(torch.arange(t)[None, :] > rows, float("-inf"))
+        cross[:, j] = sc.softmax(-1)
+    own = cross[torch.arange(hkv), torch.arange(hkv)]  # (Hkv, g*M, T)
+    tv = 0.5 * (cross - own[:, None]).abs().sum(-1).mean(-1)  # (Hkv, Hkv): TV(P_i[K_i], P_i[K_j])
+    dist = (0.5 * (tv + tv.T)).double()  # (Hkv, Hkv) symmetric
+    return dist
+
+
 def cluster_heads(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -198,23 +232,24 @@ def cluster_heads(
         raise GQAUserError(f"values must be one of {', '.join(VALUES)}, got {values!r}")
     g = hq // hkv
     scale = d**-0.5 if scale is None else scale
-    qg = q.float().reshape(hkv, g * m, d)  # (Hkv, g*M, D): the rows of each KV head's query heads
-    kf = k.float()
-    # own[i] / cross[i, j]: KV head i's query rows over its own keys / over KV head j's keys.
-    cross = torch.empty(hkv, hkv, g * m, t)
-    for j in range(hkv):
-        sc = torch.einsum("hmd,td->hmt", qg, kf[j]) * scale  # (Hkv, g*M, T)
-        rows = (torch.arange(g * m) % m + (t - m))[:, None]
-        sc = sc.masked_fill(torch.arange(t)[None, :] > rows, float("-inf"))
-        cross[:, j] = sc.softmax(-1)
-    own = cross[torch.arange(hkv), torch.arange(hkv)]  # (Hkv, g*M, T)
-    tv = 0.5 * (cross - own[:, None]).abs().sum(-1).mean(-1)  # (Hkv, Hkv): TV(P_i[K_i], P_i[K_j])
-    dist = (0.5 * (tv + tv.T)).double()  # (Hkv, Hkv) symmetric
+    dist = _distance(q, k, scale)
     base = _probs(q, k.repeat_interleave(g, 0), scale)  # (Hq, M, T) the original probabilities
 
     clusters: list[tuple[int, ...]] = [(i,) for i in range(hkv)]
     error = 0.0
     target = n_clusters if n_clusters is not None else 1
+    for trial in _agglomerate(dist, hkv, target):
+        trial_error = _score_error(q, k, trial, g, scale, base)
+        if max_error is not None and trial_error > max_error:
+            break
+        clusters, error = trial, trial_error
+    return _layer_grouping(clusters, error, hq, v, values)
+
+
+def _agglomerate(dist: torch.Tensor, hkv: int, target: int):
+    """Average-linkage merges over ``dist`` [Hkv, Hkv]: yields the clusters after each merge, down to ``target``
+    clusters (each sorted, ordered by first head; the first, lowest, pair wins ties)."""
+    clusters: list[tuple[int, ...]] = [(i,) for i in range(hkv)]
     while len(clusters) > target:
         best, pair = math.inf, None
         for a in range(len(clusters)):
@@ -223,13 +258,14 @@ def cluster_heads(
                 if link < best:  # strict: the first (lowest) pair wins ties
                     best, pair = link, (a, b)
         a, b = pair
-        trial = [c for i, c in enumerate(clusters) if i not in (a, b)] + [tuple(sorted(clusters[a] + clusters[b]))]
-        trial.sort(key=lambda c: c[0])
-        trial_error = _score_error(q, k, trial, g, scale, base)
-        if max_error is not None and trial_error > max_error:
-            break
-        clusters, error = trial, trial_error
+        clusters = [c for i, c in enumerate(clusters) if i not in (a, b)] + [tuple(sorted(clusters[a] + clusters[b]))]
+        clusters.sort(key=lambda c: c[0])
+        yield clusters
 
+
+def _layer_grouping(clusters, error: float, hq: int, v: torch.Tensor, values: str) -> LayerGrouping:
+    hkv = v.shape[0]
+    g = hq // hkv
     of_head = torch.empty(hkv, dtype=torch.long)
     for c, members in enumerate(clusters):
         of_head[list(members)] = c
@@ -244,6 +280,55 @@ def cluster_heads(
     else:
         v_merge, v_index, value_error = torch.eye(hkv), kv_of_query.clone(), 0.0
     return LayerGrouping(tuple(clusters), k_index, v_index, k_merge, v_merge, error, value_error)
+
+
+def merge_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, values: str = "merge",
+               scale: float | None = None) -> list[tuple[tuple[tuple[int, ...], ...], float]]:  # fmt: skip
+    """The clusterings :func:`cluster_heads` passes through, from Hkv clusters down to 1, each with the relative
+    error of the layer's attention output on the measured rows when K (and V, with ``values="merge"``) are
+    the cluster means: ``||o' - o||_F / ||o||_F`` over every query head and row, o = P V.
+
+    Same arguments as :func:`cluster_heads`. Returns ``[(clusters, output_error)]``; entry i has Hkv - i
+    clusters (entry 0: every head alone, error 0)."""
+    hq, m, d = q.shape
+    hkv, t, _ = k.shape
+    g = hq // hkv
+    scale = d**-0.5 if scale is None else scale
+    kf, vf = k.float(), v.float()
+    base = _probs(q, kf.repeat_interleave(g, 0), scale)  # (Hq, M, T)
+    out = torch.einsum("hmt,htd->hmd", base, vf.repeat_interleave(g, 0))  # (Hq, M, D) the original output
+    norm = float(out.norm().clamp_min(1e-30))
+    dist = _distance(q, k, scale)
+    path = [(tuple((i,) for i in range(hkv)), 0.0)]
+    for clusters in _agglomerate(dist, hkv, 1):
+        km, vm = kf.clone(), vf.clone()  # (Hkv, T, D): each head replaced by its cluster mean
+        for members in clusters:
+            km[list(members)] = kf[list(members)].mean(0)
+            if values == "merge":
+                vm[list(members)] = vf[list(members)].mean(0)
+        p = _probs(q, km.repeat_interleave(g, 0), scale)
+        o = torch.einsum("hmt,htd->hmd", p, vm.repeat_interleave(g, 0))
+        path.append((tuple(clusters), float((o - out).norm()) / norm))
+    return path
+
+
+def allocate_slots(costs: list[list[float]], slot_counts: list[list[int]], budget: int) -> list[int]:
+    """Pick one option per layer minimising the summed cost with the summed slots <= budget (a dynamic program;
+    ties go to more slots). costs[l][i] / slot_counts[l][i]: option i of layer l. Returns the chosen indices."""
+    best = {0: (0.0, [])}  # slots used -> (cost, choices)
+    for cost, slots in zip(costs, slot_counts, strict=True):
+        nxt: dict[int, tuple[float, list[int]]] = {}
+        for used, (c0, picks) in best.items():
+            for i, (c, s) in enumerate(zip(cost, slots, strict=True)):
+                u = used + s
+                if u > budget:
+                    continue
+                if u not in nxt or c0 + c < nxt[u][0]:  # strict: the first option found wins ties
+                    nxt[u] = (c0 + c, picks + [i])
+        if not nxt:
+            raise GQAUserError(f"a KV budget of {budget} slots cannot hold one K/V slot per layer; raise kv_fraction")
+        best = nxt
+    return min(best.items(), key=lambda item: (item[1][0], -item[0]))[1][1]  # least cost, then most slots
 
 
 def fixed_grouping(clusters, n_heads: int, n_kv_heads: int) -> LayerGrouping:
@@ -323,6 +408,10 @@ def _prefill_and_cluster(model, input_ids, pad, opts: DynamicOptions, fixed_clus
     b, t = input_ids.shape
     pads = pad.tolist()
     groupings: list[list[LayerGrouping]] = [[] for _ in range(b)]
+    if fixed_clusters is None and opts.allocation == "measured":
+        for i in range(b):
+            groupings[i] = _measured_grouping(model, cache, queries, i, pads[i], t, opts)
+        return cache, logits, groupings, time.perf_counter() - t0
     for li, layer in enumerate(model.layers):
         k_all, v_all = cache[li].k[:, :, :t], cache[li].v[:, :, :t]  # (B, Hkv, T, D)
         hkv = k_all.shape[1]
@@ -337,6 +426,29 @@ def _prefill_and_cluster(model, input_ids, pad, opts: DynamicOptions, fixed_clus
                 scale=layer.attn.scale,
             ))  # fmt: skip
     return cache, logits, groupings, time.perf_counter() - t0
+
+
+def _measured_grouping(model, cache, queries, i: int, pad: int, t: int, opts: DynamicOptions) -> list[LayerGrouping]:
+    """Sequence i's groupings with the model's KV-byte target spread over the layers by measured output error."""
+    m = min(opts.query_rows, t - pad)
+    paths, inputs = [], []
+    for li, layer in enumerate(model.layers):
+        q, k, v = queries[li][i, :, -m:], cache[li].k[i, :, pad:t], cache[li].v[i, :, pad:t]
+        paths.append(merge_path(q, k, v, values=opts.values, scale=layer.attn.scale))  # entry j: Hkv - j clusters
+        inputs.append((q, v))
+    hkv = [len(p) for p in paths]
+
+    def slots(h: int, c: int) -> int:  # K plus V slots of c clusters
+        return 2 * c if opts.values == "merge" else c + h
+
+    budget = math.floor(opts.kv_fraction * 2 * sum(hkv) + 1e-9)
+    costs = [[err for _, err in path] for path in paths]
+    counts = [[slots(h, h - j) for j in range(h)] for h in hkv]
+    picks = allocate_slots(costs, counts, budget)
+    return [
+        _layer_grouping(paths[li][j][0], paths[li][j][1], inputs[li][0].shape[0], inputs[li][1], opts.values)
+        for li, j in enumerate(picks)
+    ]
 
 
 @torch.inference_mode()
@@ -382,6 +494,11 @@ def check_paged(opts: DynamicOptions) -> None:
     if opts.kv_fraction is None:
         raise GQAUserError("dynamic grouping over a paged cache takes kv_fraction (pages hold a fixed number of "
                            "slots per layer), not max_error; use the static cache (gqa.generate) for max_error")  # fmt: skip
+    if opts.allocation != "uniform":
+        raise GQAUserError(
+            "dynamic grouping over a paged cache holds the same slots per layer in every sequence "
+            '(allocation="uniform"); use the static cache (gqa.generate) for allocation="measured"'
+        )
     if opts.values != "merge":
         raise GQAUserError('dynamic grouping over a paged cache merges K and V alike (values="merge"); use the '
                            'static cache (gqa.generate) for values="keep"')  # fmt: skip
