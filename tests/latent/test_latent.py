@@ -313,3 +313,13 @@ def test_decode_step_over_the_cache_matches_float64_reference(shape, dtype):
     err = (out.double() - last).abs().max().item()
     base = _baseline_error(layer, ref, qkv, masks.causal(), dtype)
     assert err <= 8 * base + 1e-5 * last.abs().max().item(), f"{err:.3g} vs torch's {base:.3g}"
+
+
+def test_ragged_batch_generates_what_each_prompt_does_alone():
+    from gqa.generation import generate
+
+    model = _tiny_latent()
+    prompts = [[5, 9, 31, 2, 77, 40, 8], [12, 3, 60]]
+    both = generate(model, prompts, max_new_tokens=6, eos_token_id=None).tokens
+    alone = [generate(model, [p], max_new_tokens=6, eos_token_id=None).tokens[0] for p in prompts]
+    assert both == alone
