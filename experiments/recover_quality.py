@@ -12,6 +12,17 @@ in ``--scratch``. ``--report`` rewrites the markdown and the plot from the JSON.
     python experiments/recover_quality.py --model smollm2 --target kv1 --stages base,mean,fit,distill
     python experiments/recover_quality.py --model smollm2 --target kv1 --stages e2e,paper
     python experiments/recover_quality.py --report
+
+``--recipe NAME`` (one of :data:`RECIPES`) runs one whole recipe on SmolLM2 through the library's own entry
+points (``gqa.convert.convert`` with the recipe's options on top of the defaults, then optionally
+``gqa.train.uptrain`` for a time budget) in at most 20 minutes on 2 threads, measures the original and the
+result in the same run (held-out perplexity ratio, KL, top-1 agreement, greedy answers on
+``prompts:knowledge``) and APPENDS one row with its provenance to the JSON; then the report is rewritten.
+A recipe with ``start`` continues from the model another recipe saved in ``--scratch``:
+
+    python experiments/recover_quality.py --recipe default
+    python experiments/recover_quality.py --recipe default+e2e     # starts from default's saved model
+    python experiments/recover_quality.py --list-recipes
 """
 
 from __future__ import annotations
@@ -47,6 +58,57 @@ DISTILL_VARIANTS = {
 }
 
 
+#: Named recipes for ``--recipe`` (SmolLM2, ``--target`` kv1 or budget0.5). ``convert``: options of
+#: ``gqa.convert.convert`` on top of its defaults (``calib`` is english:calib unless the recipe sets it, None
+#: for the streaming path); ``start``: continue from that recipe's saved model instead of converting;
+#: ``train``: an end-to-end budget for ``gqa.train.uptrain`` (``minutes``, ``teacher`` or not, and any
+#: settings that differ from ``uptrain_defaults``). Every lever of issue 22 is a row here, kept or not.
+RECIPES = {
+    "default": {
+        "about": "gqa convert --calib english:calib, defaults (similarity, aligned, fit, local distillation, 65,536 tokens)",
+        "convert": {},
+    },
+    "distill-16k": {
+        "about": "the defaults with --calib-tokens 16384",
+        "convert": {"calib_tokens": 16384},
+    },
+    "fit": {
+        "about": "the defaults without distillation (--distill none)",
+        "convert": {"distill": "none"},
+    },
+    "paper-mean": {
+        "about": "the paper's conversion: no calibration, contiguous groups, mean pool",
+        "convert": {"calib": None},
+    },
+    "paper": {
+        "about": "the paper's recipe: mean pool, then 10 min of uptraining (gqa uptrain defaults without a teacher)",
+        "convert": {"calib": None},
+        "train": {"minutes": 10.0, "teacher": False},
+    },
+    "default+e2e": {
+        "about": "default, then 10 min of end-to-end distillation (gqa uptrain --teacher defaults)",
+        "start": "default",
+        "train": {"minutes": 10.0, "teacher": True},
+    },
+    "distill-16k+e2e": {
+        "about": "distill-16k, then 10 min of end-to-end distillation (gqa uptrain --teacher defaults)",
+        "start": "distill-16k",
+        "train": {"minutes": 10.0, "teacher": True},
+    },
+    # Lever 1 (the MLP in the local fit) against its baseline at the same calibration tokens and steps, sized
+    # to fit 20 minutes on one thread of a shared 2-core machine.
+    "distill-8k-50": {
+        "about": "the defaults with --calib-tokens 8192 --distill-steps 50",
+        "convert": {"calib_tokens": 8192, "distill_steps": 50},
+    },
+    "mlp-8k-50": {
+        "about": "lever 1, the MLP in the local fit: --distill-params qkvo-mlp --calib-tokens 8192 --distill-steps 50",
+        "convert": {"calib_tokens": 8192, "distill_steps": 50, "distill_params": "qkvo-mlp"},
+    },
+}
+RECIPE_LIMIT_MINUTES = 20.0
+
+
 def load_results() -> dict:
     if JSON_PATH.is_file():
         return json.loads(JSON_PATH.read_text())
@@ -65,6 +127,15 @@ class _Locked:
 
     def __exit__(self, *exc):
         self.f.close()
+
+
+def append_row(row: dict) -> None:
+    """Append ``row`` (a recipe's: runs are kept side by side, never replaced)."""
+    with _Locked():
+        data = load_results()
+        data["rows"].append(row)
+        JSON_PATH.write_text(json.dumps(data, indent=2) + "\n")
+    print("ROW", json.dumps({k: v for k, v in row.items() if k not in ("layers", "details", "provenance", "prompts")}), flush=True)
 
 
 def save_row(row: dict) -> None:
@@ -134,10 +205,115 @@ def target_heads(teacher, target: str, stats, calib):
     return choose_kv_heads(curves, budget_heads(frac, teacher.config.kv_heads_per_layer)), curves
 
 
+def _measure(model, teacher, tok, eval_ids) -> dict:
+    """Held-out perplexity, KL and top-1 agreement with the teacher, and greedy answers on prompts:knowledge."""
+    from gqa.evaluate import evaluate_lm
+    from gqa.evaluate.prompts import greedy_agreement, load_prompts
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        res = evaluate_lm(model, eval_ids, teacher=teacher, seq_len=SEQ_LEN, batch_size=8)
+        prompts = greedy_agreement(model, teacher, tok, load_prompts("prompts:knowledge"), new_tokens=16)
+    return {
+        "perplexity": round(float(res.perplexity), 4),
+        "kl_to_original": round(float(res.kl), 4),
+        "top1_agreement": round(float(res.top1_agreement), 4),
+        "prompts_identical": round(prompts.identical, 4),
+        "prompts_prefix": round(prompts.prefix, 4),
+        "prompts": [{k: r[k] for k in ("prompt", "model", "teacher", "common_tokens")} for r in prompts.rows],
+        "eval_seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def run_recipe(args) -> None:
+    """One recipe of :data:`RECIPES` on SmolLM2: convert (or continue from another recipe's saved model),
+    optionally train for a time budget, measure against the original in the same run, append the row."""
+    import shutil
+
+    from gqa.convert import convert
+    from gqa.data import encode, load_text
+    from gqa.model import load_model, load_model_tokenizer, smollm2_gguf_path
+    from gqa.provenance import load_average, provenance
+    from gqa.train.uptrain import uptrain, uptrain_defaults
+
+    recipe = RECIPES[args.recipe]
+    target = args.target or "kv1"
+    load_start, load0 = os.getloadavg(), load_average()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    src = smollm2_gguf_path()
+    scratch = args.scratch / "recipes" / target
+    out = scratch / args.recipe
+    teacher = load_model(src, dtype=torch.float32).eval()
+    tok = load_model_tokenizer(src)
+    eval_ids = encode(tok, load_text("english:eval"))[: args.eval_tokens]
+    row = {"model": "smollm2", "target": target, "source": src.name, "recipe": args.recipe,
+           "method": f"recipe {args.recipe}: {recipe['about']}", "threads": args.threads,
+           "eval_tokens": int(eval_ids.numel())}  # fmt: skip
+    if "start" in recipe:
+        start = scratch / recipe["start"] / "model"
+        if not (start / "config.json").is_file():
+            raise SystemExit(f"recipe {args.recipe} starts from {recipe['start']}'s model: run --recipe {recipe['start']} first")
+        student = load_model(start, dtype=torch.float32)
+        row["start"] = recipe["start"]
+        before = [r for r in load_results()["rows"] if r.get("recipe") == recipe["start"] and r["target"] == target]
+        row["convert"] = before[-1].get("convert") if before else None
+        row["calib_tokens"] = before[-1].get("calib_tokens") if before else None
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        goal = {"kv_heads": int(target[2:])} if target.startswith("kv") else {"kv_budget": float(target[len("budget"):])}
+        options = {**goal, "calib": "english:calib", **recipe["convert"]}
+        report = convert(src, out / "model", progress=False, **options)
+        student = load_model(out / "model", dtype=torch.float32)
+        row["convert"] = {"options": options, "seconds": round(report.seconds, 1), "grouping": report.grouping,
+                          "merge": report.merge, "align": report.align,
+                          "distill": None if report.distill is None else {k: v for k, v in report.distill.items() if k != "layers"},
+                          "calib_tokens": (report.calibration or {}).get("tokens")}  # fmt: skip
+        row["seconds"] = round(report.seconds, 1)
+        row["calib_tokens"] = row["convert"]["calib_tokens"]
+    if "train" in recipe:
+        train = dict(recipe["train"])
+        minutes, with_teacher = train.pop("minutes"), train.pop("teacher")
+        train_ids = encode(tok, load_text("english:calib"))
+        settings = {**uptrain_defaults(with_teacher), "seq_len": SEQ_LEN, "seed": 0, "checkpoint_every": 0, **train}
+        run_dir = out / "train"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        res = uptrain(student, train_ids, run_dir, max_minutes=minutes, teacher=teacher if with_teacher else None,
+                      progress=False, **settings)  # fmt: skip
+        summary = json.loads((run_dir / "training.json").read_text())
+        row.update(train_minutes=round(summary.get("train_seconds", minutes * 60) / 60, 2), steps=res.steps,
+                   tokens=res.tokens, minutes=minutes, settings=settings)  # fmt: skip
+        shutil.rmtree(run_dir, ignore_errors=True)
+    student.eval()
+    original, _ = evaluate(teacher, eval_ids)  # the original's perplexity on the same tokens, in this run
+    original = {"perplexity": round(original, 4)}
+    measured = _measure(student, teacher, tok, eval_ids)
+    row.update(measured)
+    row.update(
+        kv_heads=student.config.kv_heads_per_layer,
+        kv_bytes_per_token_bf16=kv_bytes(student),
+        original_perplexity=original["perplexity"],
+        ratio=round(measured["perplexity"] / original["perplexity"], 4),
+        wall_minutes=round((time.perf_counter() - t_start) / 60, 2),
+        date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        load_before=[round(x, 2) for x in load_start],
+        load_after=[round(x, 2) for x in os.getloadavg()],
+    )
+    row["within_limit"] = row["wall_minutes"] <= RECIPE_LIMIT_MINUTES
+    row["provenance"] = provenance(command="python experiments/recover_quality.py " + " ".join(sys.argv[1:]),
+                                   dtype="float32", load_before=load0)  # fmt: skip
+    append_row(row)
+    write_report(load_results())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(TARGETS))
     ap.add_argument("--target", help="kv1, kv2, budget0.5")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), help="run one named recipe on SmolLM2 (see RECIPES)")
+    ap.add_argument("--list-recipes", action="store_true", help="print the recipes and exit")
     ap.add_argument("--stages", default="base,mean,fit,distill,e2e,paper")
     ap.add_argument("--variants", default=None, help="distill variants to run, e.g. qkvo-converted-attention")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/gqa-recover"))
@@ -153,6 +329,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.report:
         write_report(load_results())
+        return
+    if args.list_recipes:
+        for name, recipe in RECIPES.items():
+            print(f"{name}: {recipe['about']}")
+        return
+    if args.recipe:
+        run_recipe(args)
         return
     load_start = os.getloadavg()
     torch.set_num_threads(args.threads)
@@ -451,6 +634,13 @@ def _original(data: dict, model: str) -> dict | None:
 
 def _cost(r: dict) -> str:
     threads = f", {r['threads']} thread{'s' if r['threads'] > 1 else ''}" if r.get("threads") else ""
+    if r.get("recipe"):  # a whole recipe: its wall time end to end, and the training part
+        parts = [f"{r['wall_minutes']:.1f} min in all{threads}"]
+        if r.get("seconds") is not None:
+            parts.append(f"convert {r['seconds'] / 60:.1f} min")
+        if r.get("train_minutes") is not None:
+            parts.append(f"training {r['train_minutes']:.1f} min ({r['steps']} steps, {r['tokens']:,} tokens)")
+        return "; ".join(parts)
     if r.get("train_minutes") is not None:
         return f"{r['train_minutes']:.1f} min training ({r['steps']} steps, {r['tokens']:,} tokens{threads})"
     if r.get("seconds") is not None:
@@ -468,6 +658,10 @@ def write(data: dict, folder: Path) -> None:
         "`gqa.data.english`), relative to the original model. Calibration (16,384 tokens unless a row says",
         "otherwise) and end-to-end training read `english:calib` only. KV bytes per token for a bf16 cache.",
         "Produced by `experiments/recover_quality.py`; a row's cost is wall time, with the torch threads it ran on.",
+        "Rows named `recipe NAME` come from `--recipe NAME` (one whole recipe through `gqa.convert.convert` and",
+        "`gqa.train.uptrain`, the original measured in the same run, appended with provenance); they also give",
+        "the top-1 agreement with the original on the same held-out tokens and how many of the 36 shipped",
+        "`prompts:knowledge` keep the original's 16-token greedy continuation.",
         "",
     ]
     for (model, target), rows in _groups(data).items():
@@ -480,15 +674,19 @@ def write(data: dict, folder: Path) -> None:
                 "",
             ]
         lines += [
-            "| recipe | KV bytes / token | perplexity | x original | KL to original (nats/token) | cost (wall, see load) | load avg (1 min) |",
-            "|---|---:|---:|---:|---:|---|---|",
+            "| recipe | KV bytes / token | perplexity | x original | KL to original (nats/token) | top-1 agreement | "
+            "prompts kept | cost (wall, see load) | load avg (1 min) |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---|",
         ]
         for r in rows:
-            ratio = r["perplexity"] / orig["perplexity"] if orig else float("nan")
+            base = r.get("original_perplexity") or (orig["perplexity"] if orig else None)  # same run where measured
+            ratio = r["perplexity"] / base if base else float("nan")
             load = r.get("load_before") or r.get("load_before_eval")
+            top1 = "" if r.get("top1_agreement") is None else f"{r['top1_agreement']:.1%}"
+            kept = "" if r.get("prompts") is None else f"{sum(p['common_tokens'] == 16 for p in r['prompts'])} / {len(r['prompts'])}"
             lines.append(
                 f"| {r['method']} | {r['kv_bytes_per_token_bf16']:,} | {r['perplexity']:.2f} | **{ratio:.3f}** | "
-                f"{'' if r.get('kl_to_original') is None else format(r['kl_to_original'], '.4f')} | "
+                f"{'' if r.get('kl_to_original') is None else format(r['kl_to_original'], '.4f')} | {top1} | {kept} | "
                 f"{_cost(r)} | {load[0] if load else ''} |"
             )
         lines.append("")
@@ -605,6 +803,7 @@ def _plot(data: dict, path: Path) -> None:
         "+ local distillation": ("o", "#37a"),
         "+ end-to-end distillation": ("*", "#1a6"),
         "paper: mean + uptraining": ("v", "#c44"),
+        "recipe": ("P", "#84c"),
     }
     for ax, model in zip(axes, models, strict=False):
         orig = _original(data, model)
