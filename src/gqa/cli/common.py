@@ -222,3 +222,20 @@ def with_parameters(params: Sequence[inspect.Parameter]) -> Callable:
         return fn
 
     return decorate
+
+
+#: Model dtypes the running commands take (``--dtype``): weights, activations and the KV cache alike.
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_HELP = (
+    "Weights, activations and KV cache in this dtype: float32 (default), bfloat16 (CPUs with AVX-512 BF16 or AMX "
+    "compute it natively) or float16."
+)
+
+
+def model_loader(dtype: str | None) -> Callable:
+    """:func:`gqa.model.load_model` in ``--dtype`` (checked first: a bad name is a one-line error)."""
+    from gqa.model import load_model
+    from gqa.units import parse_dtype
+
+    dt = parse_dtype(dtype or "float32", allowed=MODEL_DTYPES)
+    return functools.partial(load_model, dtype=dt)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from gqa.cli.common import console, user_errors
+from gqa.cli.common import DTYPE_HELP, console, model_loader, user_errors
 from gqa.errors import GQAUserError
 
 
@@ -35,18 +35,20 @@ def register(app: typer.Typer) -> None:
         ),
         prompt_tokens: int = typer.Option(16, help="Greedy tokens per prompt for --prompts."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+        dtype: str = typer.Option(None, help=DTYPE_HELP),
     ) -> None:
         """Evaluate a model: perplexity, tokens evaluated, and KL to --teacher."""
         from gqa.data import encode, load_text
         from gqa.data.tokenizer import leading_bos
         from gqa.evaluate import evaluate_lm
         from gqa.evaluate.prompts import greedy_agreement, load_prompts
-        from gqa.model.loading import check_context, load_model, load_model_tokenizer
+        from gqa.model.loading import check_context, load_model_tokenizer
         from gqa.progress import load_announced
 
         if prompts is not None and teacher is None:
             raise GQAUserError("--prompts compares greedy continuations with the original's; pass --teacher too")
         prompt_set = load_prompts(prompts) if prompts is not None else None
+        load_model = model_loader(dtype)
         # Models first: their configs are validated (one line each) before text is read or tokenized.
         student = load_announced(model, load_model)
         teacher_model = load_announced(teacher, load_model, "teacher")
@@ -65,7 +67,7 @@ def register(app: typer.Typer) -> None:
             progress=not as_json,
             bos_token_id=bos,
         )
-        out = {"model": str(model), "data": data, **res.to_dict(), "bos_token_id": bos}
+        out = {"model": str(model), "data": data, "dtype": dtype or "float32", **res.to_dict(), "bos_token_id": bos}
         if teacher is not None:
             out["teacher"] = str(teacher)
         agreement = None

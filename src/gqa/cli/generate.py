@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from gqa.cli.common import console, user_errors
+from gqa.cli.common import DTYPE_HELP, console, model_loader, user_errors
 from gqa.errors import GQAUserError
 
 
@@ -45,11 +45,12 @@ def register(app: typer.Typer) -> None:
             help="With --dynamic-grouping: merge heads while the mean total-variation distance of a layer's "
             "attention probabilities on the prompt stays at most this (>= 0).",
         ),
+        dtype: str = typer.Option(None, help=DTYPE_HELP),
     ) -> None:
         """Generate continuations of --prompt with MODEL (a batch when --prompt is repeated)."""
         from gqa.generation import SamplingParams, generate
         from gqa.generation.stream import TextStream
-        from gqa.model import GQAForCausalLM, load_model, load_model_tokenizer
+        from gqa.model import GQAForCausalLM, load_model_tokenizer
         from gqa.progress import load_announced
 
         SamplingParams(temperature, top_k, top_p, seed)  # reject bad sampling options before loading
@@ -59,6 +60,7 @@ def register(app: typer.Typer) -> None:
                 raise GQAUserError(f"prompt {i} is empty; give some text to continue")
         if max_new_tokens < 1:
             raise GQAUserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        load_model = model_loader(dtype)  # a bad --dtype fails before anything loads
         tok = load_model_tokenizer(model, tokenizer)
         lm = load_announced(model, load_model)
         if not isinstance(lm, GQAForCausalLM):
