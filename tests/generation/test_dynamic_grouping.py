@@ -198,7 +198,7 @@ def cli_model(monkeypatch):
     import gqa.model as ev
 
     model = _model(8)
-    monkeypatch.setattr(ev, "load_model", lambda path: model)
+    monkeypatch.setattr(ev, "load_model", lambda path, **kw: model)
     monkeypatch.setattr(ev, "load_model_tokenizer", lambda path, tok=None: _CharTokenizer())
     return model
 

@@ -182,15 +182,13 @@ def _distance(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     g = hq // hkv
     qg = q.float().reshape(hkv, g * m, d)  # (Hkv, g*M, D): the rows of each KV head's query heads
     kf = k.float()
-    # own[i] / cross[i, j]: KV head i's query rows over its own keys / over KV head j's keys.
-    cross = torch.empty(hkv, hkv, g * m, t)
+    hide = torch.arange(t)[None, :] > (torch.arange(g * m) % m + (t - m))[:, None]  # (g*M, T) bottom-right causal
+    # probs[j][i]: KV head i's query rows over KV head j's keys; probs[i][i] over its own.
+    probs = [torch.matmul(qg, kf[j].T).mul_(scale).masked_fill_(hide, float("-inf")).softmax(-1) for j in range(hkv)]
+    own = torch.stack([probs[i][i] for i in range(hkv)])  # (Hkv, g*M, T)
+    tv = torch.empty(hkv, hkv)  # tv[i, j] = TV(P_i[K_i], P_i[K_j]), averaged over rows
     for j in range(hkv):
-        sc = torch.einsum("hmd,td->hmt", qg, kf[j]) * scale  # (Hkv, g*M, T)
-        rows = (torch.arange(g * m) % m + (t - m))[:, None]
-        sc = sc.masked_fill(torch.arange(t)[None, :] > rows, float("-inf"))
-        cross[:, j] = sc.softmax(-1)
-    own = cross[torch.arange(hkv), torch.arange(hkv)]  # (Hkv, g*M, T)
-    tv = 0.5 * (cross - own[:, None]).abs().sum(-1).mean(-1)  # (Hkv, Hkv): TV(P_i[K_i], P_i[K_j])
+        tv[:, j] = (probs[j] - own).abs_().sum(-1).mean(-1) * 0.5
     dist = (0.5 * (tv + tv.T)).double()  # (Hkv, Hkv) symmetric
     return dist
 
