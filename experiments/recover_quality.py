@@ -97,9 +97,21 @@ RECIPES = {
     },
     # Lever 1 (the MLP in the local fit) against its baseline at the same calibration tokens and steps, sized
     # to fit 20 minutes on one thread of a shared 2-core machine.
+    "mlp": {
+        "about": "lever 1, the MLP in the local fit: the defaults with --distill-params qkvo-mlp",
+        "convert": {"distill_params": "qkvo-mlp"},
+    },
     "distill-8k-50": {
         "about": "the defaults with --calib-tokens 8192 --distill-steps 50",
         "convert": {"calib_tokens": 8192, "distill_steps": 50},
+    },
+    "distill-8k-25": {
+        "about": "the defaults with --calib-tokens 8192 --distill-steps 25",
+        "convert": {"calib_tokens": 8192, "distill_steps": 25},
+    },
+    "mlp-8k-25": {
+        "about": "lever 1, the MLP in the local fit: --distill-params qkvo-mlp --calib-tokens 8192 --distill-steps 25",
+        "convert": {"calib_tokens": 8192, "distill_steps": 25, "distill_params": "qkvo-mlp"},
     },
     "mlp-8k-50": {
         "about": "lever 1, the MLP in the local fit: --distill-params qkvo-mlp --calib-tokens 8192 --distill-steps 50",
@@ -226,7 +238,7 @@ def _measure(model, teacher, tok, eval_ids) -> dict:
 
 
 def run_recipe(args) -> None:
-    """One recipe of :data:`RECIPES` on SmolLM2: convert (or continue from another recipe's saved model),
+    """One recipe of :data:`RECIPES` on SmolLM2 (or, with ``--model shakespeare``, the shipped model): convert (or continue from another recipe's saved model),
     optionally train for a time budget, measure against the original in the same run, append the row."""
     import shutil
 
@@ -242,13 +254,14 @@ def run_recipe(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t_start = time.perf_counter()
-    src = smollm2_gguf_path()
-    scratch = args.scratch / "recipes" / target
+    model_name = args.model or "smollm2"
+    src = smollm2_gguf_path() if model_name == "smollm2" else REPO / "src" / "gqa" / "assets" / "shakespeare-mha"
+    scratch = args.scratch / "recipes" / (target if model_name == "smollm2" else f"{model_name}-{target}")
     out = scratch / args.recipe
     teacher = load_model(src, dtype=torch.float32).eval()
     tok = load_model_tokenizer(src)
     eval_ids = encode(tok, load_text("english:eval"))[: args.eval_tokens]
-    row = {"model": "smollm2", "target": target, "source": src.name, "recipe": args.recipe,
+    row = {"model": model_name, "target": target, "source": src.name, "recipe": args.recipe,
            "method": f"recipe {args.recipe}: {recipe['about']}", "threads": args.threads,
            "eval_tokens": int(eval_ids.numel())}  # fmt: skip
     if "start" in recipe:
