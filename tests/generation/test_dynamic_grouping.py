@@ -433,6 +433,36 @@ def test_merge_path_follows_cluster_heads_and_its_error_is_the_output_error():
         assert err == pytest.approx(float((o2 - o).norm() / o.norm()), rel=1e-4, abs=1e-6)
 
 
+def _prompt_residuals(model, prompt):
+    """The residual stream entering each decoder layer on the prompt, [T, d_model] per layer (own hooks)."""
+    got = []
+    hooks = [layer.register_forward_pre_hook(lambda _m, a: got.append(a[0][0])) for layer in model.layers]
+    with torch.no_grad():
+        model(torch.tensor([prompt]))
+    for h in hooks:
+        h.remove()
+    return got
+
+
+def test_merge_path_residual_error_is_the_error_added_to_the_residual_stream():
+    torch.manual_seed(4)
+    q, k, v = torch.randn(8, 5, 8), torch.randn(4, 12, 8), torch.randn(4, 12, 8)
+    w_o, resid = torch.randn(16, 64), torch.randn(5, 16)  # o_proj [d_model, Hq * D], residual [M, d_model]
+    path = merge_path(q, k, v, o_proj=w_o, residual=resid)
+    index = (torch.arange(8) // 2)[None]
+    o = _reference(q[None], k[None], v[None], index)[0]  # (Hq, M, D) float64
+    for clusters, err in path:
+        km, vm = k.double().clone(), v.double().clone()
+        for c in clusters:
+            km[list(c)], vm[list(c)] = k.double()[list(c)].mean(0), v.double()[list(c)].mean(0)
+        o2 = _reference(q[None], km[None], vm[None], index)[0]
+        delta = (o2 - o).transpose(0, 1).reshape(5, 64) @ w_o.double().T  # (M, d_model)
+        assert err == pytest.approx(float(delta.norm() / resid.double().norm()), rel=1e-4, abs=1e-6)
+    assert [c for c, _ in path] == [c for c, _ in merge_path(q, k, v)]  # the same clusterings
+    with pytest.raises(GQAUserError, match="together"):
+        merge_path(q, k, v, o_proj=w_o)
+
+
 def test_allocate_slots_is_the_brute_force_optimum():
     import itertools
 
@@ -466,7 +496,11 @@ def test_measured_allocation_equals_the_offline_optimum_on_the_prompt(values, fr
     budget = int(frac * 2 * 8 * 2 + 1e-9)
     counts_seen = set()
     for i, prompt in enumerate(PROMPTS):
-        paths = [merge_path(q, k, v, values=values) for q, k, v in _prompt_qkv(model, prompt, rows=64)]
+        residuals = _prompt_residuals(model, prompt)
+        paths = [
+            merge_path(q, k, v, values=values, o_proj=model.layers[li].attn.o_proj.weight, residual=residuals[li])
+            for li, (q, k, v) in enumerate(_prompt_qkv(model, prompt, rows=64))
+        ]
         slots = (lambda c: 2 * c) if values == "merge" else (lambda c: c + 8)
         combos = [p for p in itertools.product(range(8), repeat=2) if sum(slots(8 - j) for j in p) <= budget]
         best = min(

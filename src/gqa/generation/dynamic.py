@@ -62,8 +62,8 @@ class DynamicOptions:
     ``values`` "merge" or "keep" (see the module); ``query_rows``: prompt positions whose queries measure
     the distance (the last ones); ``allocation`` (with kv_fraction): "uniform" keeps the fraction in every
     layer, "measured" spreads the model's KV bytes over the layers per prompt, choosing each layer's cluster
-    count to minimise the summed relative attention-output error on the prompt (:func:`merge_path`,
-    :func:`allocate_slots`) under the same total."""
+    count to minimise the summed error its merge adds to the residual stream on the prompt (relative to the
+    stream; :func:`merge_path`, :func:`allocate_slots`) under the same total."""
 
     kv_fraction: float | None = None
     max_error: float | None = None
@@ -281,12 +281,19 @@ def _layer_grouping(clusters, error: float, hq: int, v: torch.Tensor, values: st
 
 
 def merge_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, values: str = "merge",
-               scale: float | None = None) -> list[tuple[tuple[tuple[int, ...], ...], float]]:  # fmt: skip
-    """The clusterings :func:`cluster_heads` passes through, from Hkv clusters down to 1, each with the relative
-    error of the layer's attention output on the measured rows when K (and V, with ``values="merge"``) are
-    the cluster means: ``||o' - o||_F / ||o||_F`` over every query head and row, o = P V.
+               scale: float | None = None, o_proj: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None) -> list[tuple[tuple[tuple[int, ...], ...], float]]:  # fmt: skip
+    """The clusterings :func:`cluster_heads` passes through, from Hkv clusters down to 1, each with the error of
+    the layer's attention output on the measured rows when K (and V, with ``values="merge"``) are the cluster
+    means, o = P V per query head:
 
-    Same arguments as :func:`cluster_heads`. Returns ``[(clusters, output_error)]``; entry i has Hkv - i
+    * with ``o_proj`` (the layer's output projection weight ``[d_model, Hq * D]``) and ``residual`` (the
+      residual stream entering the layer on the measured rows, ``[M, d_model]``): what the error adds to the
+      residual stream, relative to it, ``||(o' - o) W_o^T||_F / ||residual||_F`` (comparable across layers:
+      the one :func:`allocate_slots` spreads a model's budget by);
+    * else ``||o' - o||_F / ||o||_F`` over every query head and row.
+
+    Same other arguments as :func:`cluster_heads`. Returns ``[(clusters, error)]``; entry i has Hkv - i
     clusters (entry 0: every head alone, error 0)."""
     hq, m, d = q.shape
     hkv, t, _ = k.shape
@@ -295,7 +302,17 @@ def merge_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, values: str
     kf, vf = k.float(), v.float()
     base = _probs(q, kf.repeat_interleave(g, 0), scale)  # (Hq, M, T)
     out = torch.einsum("hmt,htd->hmd", base, vf.repeat_interleave(g, 0))  # (Hq, M, D) the original output
-    norm = float(out.norm().clamp_min(1e-30))
+    if (o_proj is None) != (residual is None):
+        raise GQAUserError("merge_path takes o_proj and residual together")
+    w_o = None if o_proj is None else o_proj.detach().float()  # (d_model, Hq * D)
+    norm = float((out if residual is None else residual.float()).norm().clamp_min(1e-30))
+
+    def error(o: torch.Tensor) -> float:
+        delta = o - out  # (Hq, M, D)
+        if w_o is not None:
+            delta = delta.transpose(0, 1).reshape(m, hq * d) @ w_o.T  # (M, d_model): as added to the residual
+        return float(delta.norm()) / norm
+
     dist = _distance(q, k, scale)
     path = [(tuple((i,) for i in range(hkv)), 0.0)]
     for clusters in _agglomerate(dist, hkv, 1):
@@ -306,7 +323,7 @@ def merge_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, values: str
                 vm[list(members)] = vf[list(members)].mean(0)
         p = _probs(q, km.repeat_interleave(g, 0), scale)
         o = torch.einsum("hmt,htd->hmd", p, vm.repeat_interleave(g, 0))
-        path.append((tuple(clusters), float((o - out).norm()) / norm))
+        path.append((tuple(clusters), error(o)))
     return path
 
 
@@ -352,11 +369,16 @@ def merged_kv(grouping: LayerGrouping, k: torch.Tensor, v: torch.Tensor) -> tupl
 
 
 @contextmanager
-def capture_queries(model, rows: int):
+def capture_queries(model, rows: int, residuals: list | None = None):
     """Record each layer's queries (after QK-norm and RoPE) of the last ``rows`` positions of one forward:
-    yields a list filled with ``[B, Hq, M, D]`` per layer, M = min(rows, T)."""
+    yields a list filled with ``[B, Hq, M, D]`` per layer, M = min(rows, T). With ``residuals`` (a list), it
+    is filled with the residual stream entering each decoder layer on those rows, ``[B, M, d_model]``."""
     out: list[torch.Tensor] = []
     handles = []
+    if residuals is not None:
+        for layer in model.layers:
+            handles.append(layer.register_forward_pre_hook(lambda _m, a, kw: residuals.append(
+                (a[0] if a else kw["x"])[:, -rows:]), with_kwargs=True))  # fmt: skip
 
     def hook(module, args, kwargs, _result):
         x = args[0] if args else kwargs["x"]
@@ -400,7 +422,8 @@ def _prefill_and_cluster(model, input_ids, pad, opts: DynamicOptions, fixed_clus
     ):
         raise GQAUserError("dynamic grouping supports models whose layers all attend globally (no sliding windows)")
     cache = model.make_cache(input_ids.shape[0], input_ids.shape[1])
-    with capture_queries(model, opts.query_rows) as queries:
+    residuals = [] if opts.allocation == "measured" and fixed_clusters is None else None
+    with capture_queries(model, opts.query_rows, residuals) as queries:
         logits = model(input_ids, cache=cache, logits_to_keep=1, **step_kw)  # (B, 1, vocab)
     t0 = time.perf_counter()
     b, t = input_ids.shape
@@ -408,7 +431,7 @@ def _prefill_and_cluster(model, input_ids, pad, opts: DynamicOptions, fixed_clus
     groupings: list[list[LayerGrouping]] = [[] for _ in range(b)]
     if fixed_clusters is None and opts.allocation == "measured":
         for i in range(b):
-            groupings[i] = _measured_grouping(model, cache, queries, i, pads[i], t, opts)
+            groupings[i] = _measured_grouping(model, cache, queries, residuals, i, pads[i], t, opts)
         return cache, logits, groupings, time.perf_counter() - t0
     for li, layer in enumerate(model.layers):
         k_all, v_all = cache[li].k[:, :, :t], cache[li].v[:, :, :t]  # (B, Hkv, T, D)
@@ -426,13 +449,15 @@ def _prefill_and_cluster(model, input_ids, pad, opts: DynamicOptions, fixed_clus
     return cache, logits, groupings, time.perf_counter() - t0
 
 
-def _measured_grouping(model, cache, queries, i: int, pad: int, t: int, opts: DynamicOptions) -> list[LayerGrouping]:
-    """Sequence i's groupings with the model's KV-byte target spread over the layers by measured output error."""
+def _measured_grouping(model, cache, queries, residuals, i: int, pad: int, t: int, opts) -> list[LayerGrouping]:
+    """Sequence i's groupings with the model's KV-byte target spread over the layers by the measured error each
+    layer's merge adds to the residual stream (:func:`merge_path` with ``o_proj`` and ``residual``)."""
     m = min(opts.query_rows, t - pad)
     paths, inputs = [], []
     for li, layer in enumerate(model.layers):
         q, k, v = queries[li][i, :, -m:], cache[li].k[i, :, pad:t], cache[li].v[i, :, pad:t]
-        paths.append(merge_path(q, k, v, values=opts.values, scale=layer.attn.scale))  # entry j: Hkv - j clusters
+        paths.append(merge_path(q, k, v, values=opts.values, scale=layer.attn.scale, o_proj=layer.attn.o_proj.weight,
+                                residual=residuals[li][i, -m:]))  # fmt: skip  # entry j: Hkv - j clusters
         inputs.append((q, v))
     hkv = [len(p) for p in paths]
 
