@@ -1,4 +1,4 @@
-"""Dynamic grouping (issue 25, first part): per input, after the prefill, cluster each layer's KV heads by
+"""Dynamic grouping (issue 25): per input, after the prefill, cluster each layer's KV heads by
 how alike the attention they give this prompt's queries is, keep one merged K (and V) per cluster in the
 cache, and decode with the per-sequence head map.
 
@@ -20,7 +20,14 @@ cluster count is ``floor(fraction * Hkv)``; ``values="keep"`` keeps every head's
 merges only K, so the K cluster count is ``floor((2 * fraction - 1) * Hkv)`` (fractions above 1/2 only).
 The measured errors of both are reported per layer (:class:`LayerGrouping`).
 
-The prefill itself runs with every head (exact, as in CHAI); the decode steps then read the merged cache.
+With ``allocation="measured"`` the fraction is the model's, not each layer's: per prompt, each layer's
+cluster count is chosen (:func:`allocate_slots`, a dynamic program) to minimise the summed error the merges
+add to the residual stream on the prompt (:func:`merge_path`), under the same total of K+V slots.
+
+The prefill itself runs with every head (exact, as in CHAI); the decode steps then read the merged cache:
+a static :class:`~gqa.cache.dynamic.DynamicKVCache` (:func:`dynamic_prefill`, ``gqa.generate``) or a paged
+:class:`~gqa.cache.dynamic.PagedDynamicKVCache` (:func:`paged_dynamic_prefill`, the
+:class:`~gqa.generation.ContinuousBatcher`; uniform allocation, K and V merged).
 """
 
 from __future__ import annotations
