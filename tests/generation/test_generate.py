@@ -219,7 +219,7 @@ def cli_model(tmp_path, monkeypatch):
     import gqa.model as ev
 
     model = tiny_gqa()
-    monkeypatch.setattr(ev, "load_model", lambda path: model)
+    monkeypatch.setattr(ev, "load_model", lambda path, **kw: model)
     monkeypatch.setattr(ev, "load_model_tokenizer", lambda path, tok=None: CharTokenizer())
     return model
 
