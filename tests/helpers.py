@@ -245,3 +245,15 @@ def assert_one_line_refusal(res, needle: str) -> str:
     assert len(lines) == 1, err
     assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
     return lines[0]
+
+
+class CharTokenizer:
+    """Just enough of a transformers tokenizer for the CLI tests: one token per character."""
+
+    bos_token_id = None
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) % 97 for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(32 + i % 90) for i in ids)

@@ -181,25 +181,13 @@ def test_bad_values_and_sliding_window_models_are_one_line_errors():
 # --- gqa generate --dynamic-grouping --------------------------------------------------------------------------
 
 
-class _CharTokenizer:
-    """One token per character (enough of a tokenizer for the CLI)."""
-
-    bos_token_id = None
-
-    def encode(self, text, add_special_tokens=True):
-        return [ord(c) % 97 for c in text]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(32 + i % 90) for i in ids)
-
-
 @pytest.fixture
 def cli_model(monkeypatch):
     import gqa.model as ev
 
     model = _model(8)
     monkeypatch.setattr(ev, "load_model", lambda path, **kw: model)
-    monkeypatch.setattr(ev, "load_model_tokenizer", lambda path, tok=None: _CharTokenizer())
+    monkeypatch.setattr(ev, "load_model_tokenizer", lambda path, tok=None: helpers.CharTokenizer())
     return model
 
 
@@ -217,7 +205,7 @@ def test_cli_dynamic_grouping_matches_the_library(cli_model, tmp_path, flags, kw
     res = CliRunner().invoke(app, [*args, "--dynamic-grouping", *flags])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
-    ids = [_CharTokenizer().encode(p) for p in prompts]
+    ids = [helpers.CharTokenizer().encode(p) for p in prompts]
     want = gqa.generate(cli_model, ids, max_new_tokens=6, grouping="dynamic", **kw)
     assert out["tokens"] == want.tokens
     held = [sum(lg.slots for lg in g) / (2 * 8 * len(cli_model.layers)) for g in want.grouping]

@@ -202,25 +202,13 @@ def test_empty_and_out_of_vocab_prompts():
 # --- CLI -------------------------------------------------------------------------------------------
 
 
-class CharTokenizer:
-    """Just enough of a transformers tokenizer for the CLI: one token per character."""
-
-    bos_token_id = None
-
-    def encode(self, text, add_special_tokens=True):
-        return [ord(c) % 97 for c in text]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(32 + i % 90) for i in ids)
-
-
 @pytest.fixture
 def cli_model(tmp_path, monkeypatch):
     import gqa.model as ev
 
     model = tiny_gqa()
     monkeypatch.setattr(ev, "load_model", lambda path, **kw: model)
-    monkeypatch.setattr(ev, "load_model_tokenizer", lambda path, tok=None: CharTokenizer())
+    monkeypatch.setattr(ev, "load_model_tokenizer", lambda path, tok=None: helpers.CharTokenizer())
     return model
 
 
@@ -229,11 +217,11 @@ def test_cli_generate_streams_and_matches_library(cli_model, tmp_path):
     res = runner.invoke(app, ["generate", str(tmp_path), "-p", "Hello", "--max-new-tokens", "6", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
-    want = gqa.generate(cli_model, [CharTokenizer().encode("Hello")], max_new_tokens=6).tokens
+    want = gqa.generate(cli_model, [helpers.CharTokenizer().encode("Hello")], max_new_tokens=6).tokens
     assert out["tokens"] == want
     streamed = runner.invoke(app, ["generate", str(tmp_path), "-p", "Hello", "--max-new-tokens", "6"])
     assert streamed.exit_code == 0, streamed.output
-    assert streamed.output.strip() == "Hello" + CharTokenizer().decode(want[0])
+    assert streamed.output.strip() == "Hello" + helpers.CharTokenizer().decode(want[0])
     batch = runner.invoke(app, ["generate", str(tmp_path), "-p", "ab", "-p", "xyz", "--max-new-tokens", "3"])
     assert batch.exit_code == 0, batch.output
     assert "[1] xyz" in batch.output

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from gqa.cache.static import check_sizes
 from gqa.errors import GQAUserError
 from gqa.units import element_size
 
@@ -21,9 +22,7 @@ class LatentKVCache:
 
     def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, rank: int, rope_dim: int, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):  # fmt: skip
-        for name, val in (("batch_size", batch_size), ("n_kv_heads", n_kv_heads), ("max_seq_len", max_seq_len), ("rank", rank)):
-            if not isinstance(val, int) or val < 1:
-                raise GQAUserError(f"LatentKVCache {name} must be a positive integer, got {val!r}")
+        check_sizes("LatentKVCache", batch_size=batch_size, n_kv_heads=n_kv_heads, max_seq_len=max_seq_len, rank=rank)
         if not isinstance(rope_dim, int) or rope_dim < 0:
             raise GQAUserError(f"LatentKVCache rope_dim must be an integer >= 0, got {rope_dim!r}")
         self.rank, self.n_kv_heads, self.rope_dim = rank, n_kv_heads, rope_dim

@@ -10,6 +10,13 @@ from gqa.units import kv_bytes_per_token
 __all__ = ["KVCache", "RingKVCache", "ModelCache"]
 
 
+def check_sizes(owner: str, **sizes) -> None:
+    """Each of ``sizes`` must be a positive integer; a one-line :class:`GQAUserError` naming ``owner`` otherwise."""
+    for name, val in sizes.items():
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise GQAUserError(f"{owner} {name} must be a positive integer, got {val!r}")
+
+
 def _check_new(k_new: torch.Tensor, v_new: torch.Tensor, batch_size: int, n_kv_heads: int, head_dim: int) -> None:
     """New keys/values must be ``[B, Hkv, T, D]`` of the cache's B, Hkv and D, K and V alike."""
     if k_new.shape != v_new.shape:
@@ -39,9 +46,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
-        for name, val in (("batch_size", batch_size), ("n_kv_heads", n_kv_heads), ("max_seq_len", max_seq_len), ("head_dim", head_dim)):
-            if not isinstance(val, int) or val < 1:
-                raise GQAUserError(f"KVCache {name} must be a positive integer, got {val!r}")
+        check_sizes("KVCache", batch_size=batch_size, n_kv_heads=n_kv_heads, max_seq_len=max_seq_len, head_dim=head_dim)
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)  # (B, Hkv, T_max, D)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -121,10 +126,8 @@ class RingKVCache:
 
     def __init__(self, batch_size: int, n_kv_heads: int, window: int, head_dim: int, *, max_seq_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):  # fmt: skip
-        for name, val in (("batch_size", batch_size), ("n_kv_heads", n_kv_heads), ("window", window),
-                          ("head_dim", head_dim), ("max_seq_len", max_seq_len)):  # fmt: skip
-            if not isinstance(val, int) or val < 1:
-                raise GQAUserError(f"RingKVCache {name} must be a positive integer, got {val!r}")
+        check_sizes("RingKVCache", batch_size=batch_size, n_kv_heads=n_kv_heads, window=window, head_dim=head_dim,
+                    max_seq_len=max_seq_len)  # fmt: skip
         shape = (batch_size, n_kv_heads, window, head_dim)  # (B, Hkv, W, D)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
