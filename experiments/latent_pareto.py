@@ -8,6 +8,9 @@ Points (``--point``):
 
 * ``latent:R:r`` - every layer a rank-R latent, each of the 3 KV groups keeping r rotated key dims
   (R + 3r cache values per token and layer; the original holds 2 x 3 x 64 = 384);
+* ``shared:R:r`` - every layer a rank-R latent with one rotated key head of r dims shared by all heads
+  (DeepSeek-V2's layout, ``gqa convert --latent-rope shared``: what ``--export hf`` / ``gguf`` write; R + r
+  values);
 * ``gqa:N`` - N KV heads per layer (similarity grouping, alignment, fitted merge: the convert pipeline's).
 
 ``--distill`` adds local distillation (:func:`gqa.convert.calibrated.distill.distill_local`, the same code
@@ -61,16 +64,19 @@ def convert(teacher, stats, point: str):
     """The converted model for ``point`` (see the module doc) and what the conversion reports."""
     kind, *args = point.split(":")
     n = teacher.config.n_layers
-    if kind == "latent":
+    if kind in ("latent", "shared"):
         from gqa.convert.calibrated.latent import latent_model
 
         rank, rope = int(args[0]), int(args[1])
-        new, fits = latent_model(teacher, stats, [rank] * n, rope)
+        new, fits = latent_model(teacher, stats, [rank] * n, rope, shared_rope=kind == "shared")
         report = {
             "unrotated_pairs": "expected rotation" if all(st.offset_weights is not None for st in stats) else "rotation dropped",
             "rope_score_kept": [f.rope_score_kept for f in fits],
             "kv_energy_kept": [f.kv_energy_kept for f in fits],
         }
+        if kind == "shared":
+            report["rope_pairs"] = fits[0].rope_pairs[0]
+            report["rope_merge_kept"] = [f.rope_merge_kept for f in fits]
         return new.float().eval(), report
     if kind == "gqa":
         from gqa.convert.calibrated import reduce_kv_heads
@@ -78,7 +84,7 @@ def convert(teacher, stats, point: str):
         new, results = reduce_kv_heads(teacher, [int(args[0])] * n, stats, grouping="similarity", align=True, merge="fit",
                                        progress=False, share_unchanged=True, compute_dtype=torch.float32)  # fmt: skip
         return new.eval(), {"layer_errors": [r.error for r in results]}
-    raise SystemExit(f"unknown point {point!r}; use latent:R:r or gqa:N")
+    raise SystemExit(f"unknown point {point!r}; use latent:R:r, shared:R:r or gqa:N")
 
 
 def values_per_token(model) -> int:
@@ -89,7 +95,8 @@ def values_per_token(model) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--point", help="latent:R:r or gqa:N")
+    ap.add_argument("--point", help="latent:R:r, shared:R:r or gqa:N")
+    ap.add_argument("--save", type=Path, help="also write the converted model here (gqa's checkpoint.pt layout)")
     ap.add_argument("--distill", action="store_true", help="add local distillation (gqa convert --distill local)")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=8192)
@@ -147,6 +154,10 @@ def main() -> None:
         "provenance": provenance(dtype="float32", load_before=load_before),
     }
     save_row(row)
+    if args.save:
+        from gqa.model.checkpoint import save_gqa_model
+
+        save_gqa_model(new, args.save, side_files_from=None)
     print(f"{args.point}{' +distill' if args.distill else ''}: ppl {res.perplexity:.3f} = x{row['ratio']:.3f}, "
           f"top-1 {res.top1_agreement:.3f}, {row['values_per_token']:.0f} values/token", file=sys.stderr)  # fmt: skip
     write_report(load_rows())
@@ -193,7 +204,7 @@ def _plot(points: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, marker in (("latent", "o"), ("gqa", "s")):
+    for kind, marker in (("latent", "o"), ("shared", "^"), ("gqa", "s")):
         for distill, fill in ((False, "none"), (True, None)):
             sel = [r for r in points if r["point"].startswith(kind) and r["distill"] == distill]
             if not sel:

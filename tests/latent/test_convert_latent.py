@@ -26,7 +26,9 @@ def test_latent_conversion_writes_a_model_gqa_runs(tmp_path):
     assert len(report.latent["layers"]) == 4 and all(0 < f["kv_energy_kept"] <= 1 for f in report.latent["layers"])
     model = load_model(out)
     assert model.config.latent_rank == 40 and model.config.latent_rope_dim == 8
-    assert report.kv_cache_bytes_per_token_after == model.config.kv_bytes_per_token(torch.float32) == 4 * (40 + 8 * 8) * 4
+    assert (
+        report.kv_cache_bytes_per_token_after == model.config.kv_bytes_per_token(torch.float32) == 4 * (40 + 8 * 8) * 4
+    )
     saved = json.loads((out / "gqa_config.json").read_text())
     assert saved["latent_rank"] == 40
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
@@ -44,7 +46,9 @@ def test_latent_conversion_writes_a_model_gqa_runs(tmp_path):
     trained = load_model(up)
     assert trained.config.latent_rank == 40
     moved = {n for n, p in trained.named_parameters() if not torch.equal(p, model.get_parameter(n))}
-    assert moved and all(n.split(".")[-2] in ("kv_down", "k_rope_proj", "k_up", "v_up") for n in moved), sorted(moved)[:4]
+    assert moved and all(n.split(".")[-2] in ("kv_down", "k_rope_proj", "k_up", "v_up") for n in moved), sorted(moved)[
+        :4
+    ]
 
 
 @pytest.mark.parametrize(
@@ -55,11 +59,42 @@ def test_latent_conversion_writes_a_model_gqa_runs(tmp_path):
         (["--kv-latent", "40", "--export", "hf", "--calib", "shakespeare:train"], "--export gqa"),
         (["--kv-latent", "40", "--latent-rope-dim", "3", "--calib", "shakespeare:train"], "even"),
         (["--kv-latent", "4000", "--calib", "shakespeare:train", "--calib-tokens", "1024"], "use 1 to"),
-        (["--kv-latent", "8", "--latent-rope-dim", "64", "--calib", "shakespeare:train", "--calib-tokens", "1024",
-          ], "more than the head"),
+        (
+            [
+                "--kv-latent",
+                "8",
+                "--latent-rope-dim",
+                "64",
+                "--calib",
+                "shakespeare:train",
+                "--calib-tokens",
+                "1024",
+            ],
+            "more than the head",
+        ),
     ],
 )
 def test_bad_latent_options_are_refused_in_one_line(tmp_path, args, needle):
     res = gqa_cli(["convert", MHA, tmp_path / "out", *args], tmp_path)
     assert_one_line_refusal(res, needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_shared_rope_latent_exports_as_deepseek_v2_that_transformers_runs(tmp_path):
+    """--latent-rope shared --export hf writes DeepseekV2ForCausalLM; it computes what the same conversion
+    written as --export gqa computes in gqa."""
+    transformers = pytest.importorskip("transformers")
+    common = ["--kv-latent", "24", "--latent-rope-dim", "4", "--latent-rope", "shared", "--calib", "shakespeare:train",
+              "--calib-tokens", "2048", "--distill", "none"]  # fmt: skip
+    for export in ("hf", "gqa"):
+        res = gqa_cli(["convert", MHA, tmp_path / export, *common, "--export", export], tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "hf" / "conversion_report.json").read_text())
+    assert report["latent"]["rope"] == "shared" and report["kv_heads_after"] == [1] * 4
+    ours = load_model(tmp_path / "gqa")
+    assert ours.config.kv_values_per_token() == [24 + 4] * 4
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = ours.float()(ids), hf(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)

@@ -31,7 +31,8 @@ def print_report(report, console) -> None:
     from rich.table import Table
 
     if report.latent:
-        how = f"latent rank {report.latent['rank']}, {report.latent['rope_dim']} rotated dims per KV group"
+        rope = "in one shared head" if report.latent.get("rope") == "shared" else "per KV group"
+        how = f"latent rank {report.latent['rank']}, {report.latent['rope_dim']} rotated dims {rope}"
     else:
         how = f"merge={report.merge}, grouping={report.grouping}" + (", aligned" if report.align else "")
     table = Table(
@@ -47,6 +48,9 @@ def print_report(report, console) -> None:
         layers = report.latent["layers"]
         kept = sum(f["kv_energy_kept"] for f in layers) / len(layers)
         table.add_row("K/V energy the latent keeps (mean)", "", f"{kept:.1%}")
+        if report.latent.get("rope") == "shared":
+            merged = sum(f["rope_merge_kept"] for f in layers) / len(layers)
+            table.add_row("rotated key energy the shared head keeps (mean)", "", f"{merged:.1%}")
     kb, ka = report.kv_cache_bytes_per_token_before, report.kv_cache_bytes_per_token_after
     table.add_row(f"KV cache bytes / token ({report.kv_cache_dtype})", f"{kb:,}", f"{ka:,} ({ka / kb:.0%})")
     table.add_row("parameters", f"{report.parameters_before:,}", f"{report.parameters_after:,}")

@@ -153,6 +153,7 @@ def _convert_calibrated(src: Path, tmp: Path, opts: ConvertOptions) -> Conversio
         distill_lr=opts.distill_lr,
         kv_latent=opts.kv_latent,
         latent_rope_dim=opts.latent_rope_dim,
+        latent_rope=opts.latent_rope,
     )
 
 

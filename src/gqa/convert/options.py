@@ -39,6 +39,8 @@ GROUPINGS = ("contiguous", "similarity")
 DISTILL_METHODS = ("local", "none")
 DISTILL_PARAMS = ("kv", "qkvo", "qkvo-mlp")
 DISTILL_INPUTS = ("original", "converted")
+LATENT_EXPORTS = ("gqa", "hf", "gguf")  # hf and gguf: DeepSeek-V2's layout (gqa.formats.deepseek2)
+LATENT_ROPE = ("groups", "shared")  # --latent-rope: rotated key dims per KV group, or one head for all (DeepSeek-V2)
 
 #: The KV-head targets, exactly one of which a conversion takes.
 TARGETS = (("kv_heads", "--kv-heads"), ("kv_heads_per_layer", "--kv-heads-per-layer"), ("kv_budget", "--kv-budget"))
@@ -125,6 +127,14 @@ class ConvertOptions:
     latent_rope_dim: int = _option(
         16, "--latent-rope-dim", "Key dims each KV group keeps rotated (RoPE) with --kv-latent: an even number."
     )
+    latent_rope: str = _option(
+        "groups",
+        "--latent-rope",
+        "With --kv-latent: groups (each KV group keeps its own rotated key dims, its best-scoring pairs) or "
+        "shared (one rotated key head for all heads at evenly spaced frequencies, the groups' keys merged: "
+        "DeepSeek-V2's layout, which --export hf and gguf write). A token takes R + --latent-rope-dim values.",
+        cli_type=str,
+    )
     merge: str | None = _option(
         None,
         "--merge",
@@ -156,8 +166,10 @@ class ConvertOptions:
     )
     distill_steps: int = _option(150, "--distill-steps", "Adam steps per layer for --distill.")
     distill_params: str = _option(
-        "qkvo", "--distill-params", "What --distill fits: qkvo (Q, K, V and O), kv (K and V only) or qkvo-mlp (Q, K, V, O and the "
-        "layer's MLP, matching the residual stream leaving the block)."
+        "qkvo",
+        "--distill-params",
+        "What --distill fits: qkvo (Q, K, V and O), kv (K and V only) or qkvo-mlp (Q, K, V, O and the "
+        "layer's MLP, matching the residual stream leaving the block).",
     )
     distill_inputs: str = _option(
         "converted",
@@ -277,11 +289,25 @@ class ConvertOptions:
                 "(per-layer latent ranks from a --kv-budget are not built yet)"
             )
         _int_option("--kv-latent", self.kv_latent)
-        if isinstance(self.latent_rope_dim, bool) or not isinstance(self.latent_rope_dim, int) or self.latent_rope_dim < 0 or self.latent_rope_dim % 2:
-            raise GQAUserError(f"--latent-rope-dim must be an even whole number >= 0, got {self.latent_rope_dim!r}; e.g. 16")
-        if self.export_name != "gqa":
+        _choice("--latent-rope", self.latent_rope, LATENT_ROPE)
+        if (
+            isinstance(self.latent_rope_dim, bool)
+            or not isinstance(self.latent_rope_dim, int)
+            or self.latent_rope_dim < 0
+            or self.latent_rope_dim % 2
+        ):
             raise GQAUserError(
-                f"--export {self.export_name} cannot hold a latent KV cache; use --export gqa (the default with --kv-latent)"
+                f"--latent-rope-dim must be an even whole number >= 0, got {self.latent_rope_dim!r}; e.g. 16"
+            )
+        if self.export_name not in LATENT_EXPORTS:
+            raise GQAUserError(
+                f"--export {self.export_name} cannot hold a latent KV cache; use --export gqa (the default with "
+                "--kv-latent), or hf / gguf (DeepSeek-V2's layout) with --latent-rope shared"
+            )
+        if self.export_name != "gqa" and self.latent_rope != "shared":
+            raise GQAUserError(
+                f"--export {self.export_name} writes DeepSeek-V2's latent layout, which has one rotated key head: "
+                "add --latent-rope shared (or use --export gqa)"
             )
         if self.calib is None:
             raise GQAUserError("--kv-latent needs --calib TEXT: the latent is fitted to calibration activations")

@@ -263,7 +263,8 @@ def export_gguf(
         name: ``general.name`` (default: the file name without ``.gguf``).
         force: replace an existing file.
 
-    Returns the path written. Uniform KV heads use architecture ``llama``, per-layer ones ``deci``.
+    Returns the path written. Uniform KV heads use architecture ``llama``, per-layer ones ``deci``, a latent
+    model (one shared rotated key head) ``deepseek2`` (:mod:`gqa.formats.deepseek2`).
     """
     gguf = _gguf()
     from gqa.atomic import atomic_file
@@ -281,43 +282,57 @@ def export_gguf(
     if dtype not in GGUF_DTYPES:
         raise GQAUserError(f"GGUF export writes {', '.join(GGUF_DTYPES)}, not {dtype!r}")
     config = model.config
-    extra = _check_exportable(config)
-    arch = gguf_architecture(config)
-    heads_kv = config.kv_heads_per_layer
-    head_dim = config.resolved_head_dim
+    if config.latent_rank is not None:  # DeepSeek-V2's MLA layout (gqa.formats.deepseek2)
+        from gqa.formats import deepseek2
+
+        deepseek2.check_deepseek2(model)
+        arch, tensors = "deepseek2", lambda: deepseek2.gguf_tensors(model)
+    else:
+        extra = _check_exportable(config)
+        arch, tensors = gguf_architecture(config), lambda: ((n, t, False) for n, t in _gguf_tensors(model))
 
     with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(name or path.stem)
         writer.add_file_type(GGUF_DTYPES[dtype][2])
-        writer.add_context_length(config.max_seq_len)
-        writer.add_embedding_length(config.d_model)
-        writer.add_block_count(config.n_layers)
-        writer.add_feed_forward_length(config.ffn_dim)
-        writer.add_head_count(config.n_heads)
-        writer.add_head_count_kv(heads_kv if config.is_variable else heads_kv[0])
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(float(config.rope_theta))
-        writer.add_layer_norm_rms_eps(float(config.norm_eps))
-        writer.add_vocab_size(config.vocab_size)
-        for key, value in extra.items():
-            writer.add_uint32(f"{arch}.{key}", value)
+        if arch == "deepseek2":
+            deepseek2.write_gguf_fields(writer, model)
+        else:
+            _add_llama_fields(writer, config, arch, extra)
         if tokenizer_dir is not None:
             _add_tokenizer(writer, Path(tokenizer_dir), config.vocab_size, gguf)
         # Tensor infos first, then the data one tensor at a time: peak memory is one tensor, not a copy of the model.
         with torch.no_grad():
-            for tname, t in _gguf_tensors(model):
-                arr, raw = _to_numpy(t, dtype, gguf)
+            for tname, t, f32 in tensors():
+                arr, raw = _to_numpy(t, "f32" if f32 else dtype, gguf)
                 writer.add_tensor_info(tname, arr.shape, arr.dtype, arr.nbytes, raw_dtype=raw)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for _, t in _gguf_tensors(model):
-                writer.write_tensor_data(_to_numpy(t, dtype, gguf)[0])
+            for _, t, f32 in tensors():
+                writer.write_tensor_data(_to_numpy(t, "f32" if f32 else dtype, gguf)[0])
         writer.close()  # atomic_file gives the result ordinary permissions (not the temp file's 0600)
     return path
+
+
+def _add_llama_fields(writer, config: GQAConfig, arch: str, extra: dict) -> None:
+    """A Llama block's ``{arch}.*`` metadata (per-layer KV heads as an array) and the family's extra keys."""
+    heads_kv = config.kv_heads_per_layer
+    head_dim = config.resolved_head_dim
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.d_model)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(config.ffn_dim)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(heads_kv if config.is_variable else heads_kv[0])
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(config.rope_theta))
+    writer.add_layer_norm_rms_eps(float(config.norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    for key, value in extra.items():
+        writer.add_uint32(f"{arch}.{key}", value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -641,9 +656,7 @@ def _gqa_config(h: GGUFHeader) -> GQAConfig:
     spec = spec_from_gguf(h)
     if spec.build is None:
         readable = [f.gguf_arch for f in families.FAMILIES if f.config_from_gguf is not None]
-        raise GQAUserError(
-            f"{h.path.name} has architecture {h.arch!r}; gqa reads {' and '.join(readable)} GGUF files"
-        )
+        raise GQAUserError(f"{h.path.name} has architecture {h.arch!r}; gqa reads {' and '.join(readable)} GGUF files")
     return spec.model_config()
 
 

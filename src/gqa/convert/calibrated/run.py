@@ -151,6 +151,7 @@ def convert_calibrated(
     distill_lr: float,
     kv_latent: int | None = None,
     latent_rope_dim: int = 16,
+    latent_rope: str = "groups",
 ) -> ConversionReport:
     """Convert ``src`` into the temporary ``folder`` (options as checked by :class:`gqa.convert.ConvertOptions`).
     With ``kv_latent`` every layer's attention becomes a rank-``kv_latent`` latent one
@@ -215,9 +216,13 @@ def convert_calibrated(
     if kv_latent is not None:
         from gqa.convert.calibrated.latent import latent_model
 
-        new, fits = latent_model(model, stats, [kv_latent] * cfg.n_layers, latent_rope_dim)
+        shared = latent_rope == "shared"
+        new, fits = latent_model(model, stats, [kv_latent] * cfg.n_layers, latent_rope_dim, shared_rope=shared)
+        per_layer = new.config.kv_heads_per_layer  # rotated key heads: the groups', or one shared
         results = []
-        latent = {"rank": kv_latent, "rope_dim": latent_rope_dim, "layers": [dataclasses.asdict(f) for f in fits]}
+        latent = {
+            "rank": kv_latent, "rope_dim": latent_rope_dim, "rope": latent_rope, "layers": [dataclasses.asdict(f) for f in fits]
+        }  # fmt: skip
     else:
         new, results = reduce_kv_heads(
             model,
@@ -278,7 +283,9 @@ def convert_calibrated(
         groups=[r.groups for r in results],
         kv_cache_dtype=dtype_name(written),
         kv_cache_bytes_per_token_before=kv_bytes_per_token(before, d_head, written),
-        kv_cache_bytes_per_token_after=new.config.kv_bytes_per_token(written) if latent else kv_bytes_per_token(per_layer, d_head, written),
+        kv_cache_bytes_per_token_after=new.config.kv_bytes_per_token(written)
+        if latent
+        else kv_bytes_per_token(per_layer, d_head, written),
         parameters_before=n_before,
         parameters_after=n_after if not latent else new.config.num_parameters(),
         parameters_removed=n_before - (n_after if not latent else new.config.num_parameters()),

@@ -236,9 +236,14 @@ def save_hf(
 ) -> Path:
     """Write ``model`` as a transformers folder (config.json + model.safetensors), atomically.
 
-    The folder is written under a temporary name beside ``folder`` and renamed at the end.
+    The folder is written under a temporary name beside ``folder`` and renamed at the end. A latent model
+    (:mod:`gqa.latent`) is written as ``DeepseekV2ForCausalLM`` (:func:`gqa.formats.deepseek2.save_deepseek_v2`).
     ``side_files_from``: a folder whose tokenizer/generation files are copied along.
     """
+    if model.config.latent_rank is not None:  # a latent KV cache: DeepSeek-V2's layout
+        from gqa.formats.deepseek2 import save_deepseek_v2
+
+        return save_deepseek_v2(model, folder, dtype=dtype, side_files_from=side_files_from, force=force)
     return write_model_folder(
         model, folder, config_to_hf(model.config), dtype=dtype, side_files_from=side_files_from, force=force
     )
