@@ -87,3 +87,22 @@ def test_recorded_results_are_replaced_only_with_force(tmp_path):
     res = CliRunner().invoke(app, ["bench", "generate", "--out", str(tmp_path), "--name", "generate-cpu"])
     assert res.exit_code == 2 and "--force" in res.output and res.output.count("\n") == 1
     assert (tmp_path / "generate-cpu.md").read_text() == "recorded"
+
+
+def test_a_latent_model_is_benchmarked_alone_against_transformers_deepseek_v2(tmp_path):
+    """A shared-rope latent model: timed in gqa and as transformers' DeepseekV2ForCausalLM, its cache the latent
+    rows; no paged fixed-budget row (the paged cache holds K/V heads)."""
+    from gqa.model.checkpoint import save_gqa_model
+
+    torch.manual_seed(0)
+    cfg = GQAConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=8, n_kv_heads=1, ffn_dim=48, max_seq_len=32,
+                    latent_rank=6, latent_rope_dim=2)  # fmt: skip
+    save_gqa_model(GQAForCausalLM(cfg).eval(), tmp_path / "latent")
+    res = run_generate_bench(tmp_path / "latent", batch_sizes=(2,), prompt_len=6, new_tokens=3, repeats=1,
+                             budget_sequences=2, budget_requests=4, page_size=4, progress=False, threads=1)  # fmt: skip
+    rows = {r["impl"]: r for r in res["decode"]}
+    assert set(rows) == {"gqa", "transformers"} and rows["gqa"]["variant"].startswith("latent (R=6, r=2")
+    assert rows["gqa"]["kv_cache_bytes"] == 2 * 2 * (6 + 2) * 9 * 4  # layers x batch x values x tokens x fp32
+    assert res["fixed_budget"] == []
+    write_generate_results(res, tmp_path, "latent-test", command="pytest")
+    assert "latent (R=6" in (tmp_path / "latent-test.md").read_text()

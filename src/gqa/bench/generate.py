@@ -336,21 +336,12 @@ def _run_generate_bench(
     hq = cfg.n_heads
     if hq % group_size:
         raise GQAUserError(f"group size {group_size} does not divide the model's {hq} query heads; pick a divisor")
-    variants = {"MHA": hq, f"GQA (g={group_size})": hq // group_size, "MQA": 1}
-    source_kv = max(cfg.kv_heads_per_layer)
     dtype = next(base.parameters()).dtype
-    models = {}
-    for name, hkv in variants.items():
-        if hkv > min(cfg.kv_heads_per_layer) and hkv != source_kv:
-            raise GQAUserError(f"the model has {source_kv} KV heads; the {name} variant needs a model with more")
-        models[name] = base if cfg.kv_heads_per_layer == [hkv] * cfg.n_layers else kv_variant(base, hkv)
+    variants, models = _variants(base, group_size)
 
     # Serving in a fixed KV budget: what MHA needs for `budget_sequences` sequences.
     seq_tokens = prompt_len + new_tokens - 1
-    page_bytes = {
-        name: page_size * kv_bytes_per_token(m.config.kv_heads_per_layer, cfg.resolved_head_dim, dtype)
-        for name, m in models.items()
-    }
+    page_bytes = {name: page_size * m.config.kv_bytes_per_token(dtype) for name, m in models.items()}
     mha_page_bytes = page_size * kv_bytes_per_token([hq] * cfg.n_layers, cfg.resolved_head_dim, dtype)
     budget = budget_sequences * -(-seq_tokens // page_size) * mha_page_bytes
     pages_per_seq = -(-seq_tokens // page_size)
@@ -417,6 +408,9 @@ def _run_generate_bench(
     budget_rows = []
     with progress_bar(total=len(models), desc="fixed budget", unit="variant", enabled=progress) as bar:
         for name, model in models.items():
+            if model.config.latent_rank is not None:  # the paged cache holds K/V heads, not latents (yet)
+                bar.update()
+                continue
             batcher = ContinuousBatcher(
                 model, num_pages=budget // page_bytes[name], page_size=page_size, eos_token_id=None
             )
@@ -461,6 +455,24 @@ def _run_generate_bench(
         "budget_requests": budget_requests,
         "page_size": page_size,
     }
+
+
+def _variants(base: GQAForCausalLM, group_size: int) -> tuple[dict[str, int], dict[str, GQAForCausalLM]]:
+    """The models to time, by name, and their KV heads: MHA, GQA (g = group_size) and MQA made from ``base``
+    (mean-pooled K/V where it has more heads), or a latent ``base`` alone (its rotated key heads)."""
+    cfg = base.config
+    if cfg.latent_rank is not None:
+        name = f"latent (R={cfg.latent_ranks[0]}, r={cfg.latent_rope_dim}: {cfg.kv_values_per_token()[0]} values/token/layer)"
+        return {name: cfg.kv_heads_per_layer[0]}, {name: base}
+    hq = cfg.n_heads
+    variants = {"MHA": hq, f"GQA (g={group_size})": hq // group_size, "MQA": 1}
+    source_kv = max(cfg.kv_heads_per_layer)
+    models = {}
+    for name, hkv in variants.items():
+        if hkv > min(cfg.kv_heads_per_layer) and hkv != source_kv:
+            raise GQAUserError(f"the model has {source_kv} KV heads; the {name} variant needs a model with more")
+        models[name] = base if cfg.kv_heads_per_layer == [hkv] * cfg.n_layers else kv_variant(base, hkv)
+    return variants, models
 
 
 def check_results_free(out_dir: str | Path, name: str, force: bool = False) -> list[Path]:
