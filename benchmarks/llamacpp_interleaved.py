@@ -17,8 +17,8 @@ A point is (model, dtype, threads, context, batch). Per repeat both engines run 
   to the first THREADS cores and ``-t/-tb THREADS``.
 * **gqa**: the same file loaded by gqa (weights in that dtype, KV cache in that dtype), pinned to the same
   cores with ``torch.set_num_threads``: one sequence of CONTEXT random tokens prefilled into the static
-  cache, its K/V copied to BATCH slots, then N greedy decode steps (``model(next, cache, logits_to_keep=1)``,
-  what ``gqa.generate`` runs).
+  cache, its K/V copied to BATCH slots, one untimed warm-up step, then N timed greedy decode steps
+  (``model(next, cache, logits_to_keep=1)``, what ``gqa.generate`` runs).
 
 Decode tok/s = BATCH x N / the decode time (both engines); prefill tok/s = CONTEXT / the prefill time. Every
 point records the median and the spread (min..max) over the repeats, and the load average before and after
@@ -61,16 +61,17 @@ def gqa_point(model, threads: int, context: int, batch: int, n: int, seed: int) 
     torch.set_num_threads(threads)
     ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(seed))
     dtype = next(model.parameters()).dtype
-    one = model.make_cache(1, context + n, dtype=dtype)
+    one = model.make_cache(1, context + n + 1, dtype=dtype)
     t0 = time.perf_counter()
     logits = model(ids, cache=one, logits_to_keep=1)
     prefill_s = time.perf_counter() - t0
-    cache = model.make_cache(batch, context + n, dtype=dtype)
+    cache = model.make_cache(batch, context + n + 1, dtype=dtype)
     for src, dst in zip(one.layers, cache.layers, strict=True):
         dst.k[:, :, :context] = src.k[:, :, :context]
         dst.v[:, :, :context] = src.v[:, :, :context]
         dst.length = context
     nxt = logits[:, -1].argmax(-1, keepdim=True).expand(batch, 1).contiguous()
+    nxt = model(nxt, cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)  # warm-up step, untimed
     t0 = time.perf_counter()
     for _ in range(n):
         nxt = model(nxt, cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)

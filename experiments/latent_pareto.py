@@ -11,6 +11,8 @@ Points (``--point``):
 * ``shared:R:r`` - every layer a rank-R latent with one rotated key head of r dims shared by all heads
   (DeepSeek-V2's layout, ``gqa convert --latent-rope shared``: what ``--export hf`` / ``gguf`` write; R + r
   values);
+* ``budget:F:R:r`` - per-layer ranks up to R chosen from measured error curves to fit F of the original's cache
+  values, r rotated dims per group (``gqa convert --kv-latent R --kv-budget F``);
 * ``gqa:N`` - N KV heads per layer (similarity grouping, alignment, fitted merge: the convert pipeline's).
 
 ``--distill`` adds local distillation (:func:`gqa.convert.calibrated.distill.distill_local`, the same code
@@ -60,10 +62,20 @@ def texts(tokenizer, calib_tokens: int, eval_tokens: int):
     return calib, encode(tokenizer, load_text("english:eval"))[:eval_tokens]
 
 
-def convert(teacher, stats, point: str):
+def convert(teacher, stats, point: str, calib_ids=None):
     """The converted model for ``point`` (see the module doc) and what the conversion reports."""
     kind, *args = point.split(":")
     n = teacher.config.n_layers
+    if kind == "budget":
+        from gqa.convert.calibrated.latent import choose_latent_ranks, latent_error_curves, latent_model
+
+        fraction, max_rank, rope = float(args[0]), int(args[1]), int(args[2])
+        curves = latent_error_curves(teacher, stats, max_rank, rope, calib_ids[:4], progress=True)
+        hkv = teacher.config.kv_heads_per_layer[0]
+        ranks = choose_latent_ranks(curves, rope * hkv, int(fraction * ORIGINAL_VALUES * n + 1e-9))
+        new, fits = latent_model(teacher, stats, ranks, rope)
+        report = {"ranks": ranks, "error_curves": curves, "kv_energy_kept": [f.kv_energy_kept for f in fits]}
+        return new.float().eval(), report
     if kind in ("latent", "shared"):
         from gqa.convert.calibrated.latent import latent_model
 
@@ -84,7 +96,24 @@ def convert(teacher, stats, point: str):
         new, results = reduce_kv_heads(teacher, [int(args[0])] * n, stats, grouping="similarity", align=True, merge="fit",
                                        progress=False, share_unchanged=True, compute_dtype=torch.float32)  # fmt: skip
         return new.eval(), {"layer_errors": [r.error for r in results]}
-    raise SystemExit(f"unknown point {point!r}; use latent:R:r, shared:R:r or gqa:N")
+    raise SystemExit(f"unknown point {point!r}; use latent:R:r, shared:R:r, budget:F:R:r or gqa:N")
+
+
+def end_to_end(student, teacher, tok, minutes: float) -> dict:
+    """``minutes`` of end-to-end distillation of ``student`` in place (``gqa uptrain --teacher`` defaults on
+    ``english:calib``, the calibration text); returns what ran."""
+    import tempfile
+
+    from gqa.data import load_text
+    from gqa.data.tokenizer import encode
+    from gqa.train.uptrain import uptrain, uptrain_defaults
+
+    settings = {**uptrain_defaults(True), "seq_len": SEQ_LEN, "seed": 0, "checkpoint_every": 0}
+    with tempfile.TemporaryDirectory() as run_dir:
+        res = uptrain(student, encode(tok, load_text("english:calib")), Path(run_dir) / "run", max_minutes=minutes,
+                      teacher=teacher, progress=True, **settings)  # fmt: skip
+    student.eval()
+    return {"minutes": minutes, "steps": res.steps, "tokens": res.tokens, "settings": settings}
 
 
 def values_per_token(model) -> int:
@@ -95,9 +124,11 @@ def values_per_token(model) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--point", help="latent:R:r, shared:R:r or gqa:N")
+    ap.add_argument("--point", help="latent:R:r, shared:R:r, budget:F:R:r or gqa:N")
     ap.add_argument("--save", type=Path, help="also write the converted model here (gqa's checkpoint.pt layout)")
     ap.add_argument("--distill", action="store_true", help="add local distillation (gqa convert --distill local)")
+    ap.add_argument("--e2e-minutes", type=float, default=0.0,
+                    help="then end-to-end distillation for this many minutes (gqa uptrain --teacher defaults, on english:calib)")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=2)
@@ -119,7 +150,7 @@ def main() -> None:
     calib, eval_ids = texts(tok, args.calib_tokens, args.eval_tokens)
     t0 = time.perf_counter()
     stats = collect_statistics(teacher, calib, progress=True, attention_sequences=4)
-    new, report = convert(teacher, stats, args.point)
+    new, report = convert(teacher, stats, args.point, calib)
     del stats
     convert_s = time.perf_counter() - t0
     distill = None
@@ -129,6 +160,7 @@ def main() -> None:
         d = distill_local(teacher, new, calib, progress=True)
         distill = {"seconds": d.seconds, "error_before": d.error_before, "error_after": d.error_after,
                    "layers": [[round(la.error_before, 5), round(la.error_after, 5)] for la in d.layers]}  # fmt: skip
+    e2e = end_to_end(new, teacher, tok, args.e2e_minutes) if args.e2e_minutes > 0 else None
     original = next((r for r in load_rows() if r["point"] == "original" and r["eval_tokens"] == int(eval_ids.numel())), None)
     if original is None:
         base = evaluate_lm(teacher, eval_ids, seq_len=SEQ_LEN)
@@ -150,6 +182,7 @@ def main() -> None:
         "convert_seconds": round(convert_s, 1),
         "conversion": report,
         "local_distillation": distill,
+        "end_to_end": e2e,
         "threads": args.threads,
         "provenance": provenance(dtype="float32", load_before=load_before),
     }
@@ -158,7 +191,7 @@ def main() -> None:
         from gqa.model.checkpoint import save_gqa_model
 
         save_gqa_model(new, args.save, side_files_from=None)
-    print(f"{args.point}{' +distill' if args.distill else ''}: ppl {res.perplexity:.3f} = x{row['ratio']:.3f}, "
+    print(f"{args.point}{' +distill' if args.distill else ''}{f' +{args.e2e_minutes:g} min e2e' if e2e else ''}: ppl {res.perplexity:.3f} = x{row['ratio']:.3f}, "
           f"top-1 {res.top1_agreement:.3f}, {row['values_per_token']:.0f} values/token", file=sys.stderr)  # fmt: skip
     write_report(load_rows())
 
@@ -167,22 +200,22 @@ def write_report(rows: list[dict]) -> None:
     from gqa.provenance import provenance_markdown
 
     points = [r for r in rows if r["point"] != "original"]
-    points.sort(key=lambda r: (r["values_per_token"], r["point"], r["distill"]))
+    points.sort(key=lambda r: (r["values_per_token"], r["point"], r["distill"], _e2e(r)))
     lines = [
-        "# KV bytes against quality: latent caches and GQA (SmolLM2-135M, no end-to-end training)",
+        "# KV bytes against quality: latent caches and GQA (SmolLM2-135M)",
         "",
         "Held-out `english:eval` (first 8,192 tokens, windows of 256); calibration `english:calib`. Ratio: perplexity",
         "over the original's; top-1: share of positions where the converted model's most likely next token is the",
         "original's. Values: cache values per token and layer (the original holds 384: 2 x 3 KV heads x 64).",
         "Written by `experiments/latent_pareto.py` (one row per run, appended; `--report` rebuilds this file).",
         "",
-        "| point | unrotated pairs | local distillation | values / token / layer | KV fraction | perplexity | ratio | top-1 agreement | KL | convert + distil s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| point | unrotated pairs | local distillation | end-to-end min | values / token / layer | KV fraction | perplexity | ratio | top-1 agreement | KL | convert + distil s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in points:
         secs = r["convert_seconds"] + ((r.get("local_distillation") or {}).get("seconds") or 0)
         lines.append(
-            f"| {r['point']} | {(r.get('conversion') or {}).get('unrotated_pairs', '-')} | {'yes' if r['distill'] else 'no'} | {r['values_per_token']:.0f} | {r['kv_fraction']:.3f} | "
+            f"| {r['point']} | {(r.get('conversion') or {}).get('unrotated_pairs', '-')} | {'yes' if r['distill'] else 'no'} | {_e2e(r) or '-'} | {r['values_per_token']:.0f} | {r['kv_fraction']:.3f} | "
             f"{r['perplexity']:.3f} | {r['ratio']:.3f} | {r['top1_agreement']:.3f} | {r['kl_to_original']:.3f} | {secs:.0f} |"
         )
     orig = [r for r in rows if r["point"] == "original"]
@@ -190,9 +223,15 @@ def write_report(rows: list[dict]) -> None:
         lines += ["", f"Original perplexity: {orig[0]['perplexity']:.3f}."]
     lines += ["", "## Provenance (per row)", ""]
     for r in points:
-        lines += [f"### {r['point']}{' + local distillation' if r['distill'] else ''}", "", provenance_markdown(r["provenance"]), ""]
+        e2e = f" + {_e2e(r):g} min end-to-end" if _e2e(r) else ""
+        lines += [f"### {r['point']}{' + local distillation' if r['distill'] else ''}{e2e}", "", provenance_markdown(r["provenance"]), ""]
     (RESULTS / "latent-pareto.md").write_text("\n".join(lines).rstrip() + "\n")
     _plot(points, RESULTS / "latent-pareto.png")
+
+
+def _e2e(row: dict) -> float:
+    """Minutes of end-to-end distillation a row had (0: none)."""
+    return (row.get("end_to_end") or {}).get("minutes", 0)
 
 
 def _plot(points: list[dict], path: Path) -> None:
@@ -204,9 +243,9 @@ def _plot(points: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, marker in (("latent", "o"), ("shared", "^"), ("gqa", "s")):
+    for kind, marker in (("latent", "o"), ("shared", "^"), ("budget", "D"), ("gqa", "s")):
         for distill, fill in ((False, "none"), (True, None)):
-            sel = [r for r in points if r["point"].startswith(kind) and r["distill"] == distill]
+            sel = [r for r in points if r["point"].startswith(kind) and r["distill"] == distill and not _e2e(r)]
             if not sel:
                 continue
             label = f"{kind}{' + local distillation' if distill else ''}"
@@ -216,13 +255,18 @@ def _plot(points: list[dict], path: Path) -> None:
                 kw["markerfacecolor"] = fill
             axes[0].plot(x, [r["ratio"] for r in sel], **kw)
             axes[1].plot(x, [r["top1_agreement"] for r in sel], **kw)
+    e2e = [r for r in points if _e2e(r)]
+    if e2e:
+        kw = {"marker": "*", "linestyle": "", "markersize": 10, "label": "+ end-to-end distillation"}
+        axes[0].plot([r["values_per_token"] for r in e2e], [r["ratio"] for r in e2e], **kw)
+        axes[1].plot([r["values_per_token"] for r in e2e], [r["top1_agreement"] for r in e2e], **kw)
     axes[0].set_ylabel("perplexity ratio to the original (lower is better)")
     axes[1].set_ylabel("top-1 agreement with the original")
     for ax in axes:
         ax.set_xlabel("cache values per token and layer (original: 384)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M, held-out English, no end-to-end training")
+    fig.suptitle("SmolLM2-135M, held-out English (stars: after end-to-end distillation)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -55,7 +55,8 @@ def latent_attention(
     scale: float,
 ) -> torch.Tensor:
     """Absorbed latent attention over cache rows: q_lat ``[B, Hq, Tq, R]``, q_rope ``[B, Hq, Tq, r]`` (query
-    head h of group h // g), rows ``[B, Tk, R + Hkv*r]`` = [latent | group 0's rotated keys | group 1's | ...].
+    head h of group h // g), rows ``[B, Tk, R + Hkv*r]`` = [latent | group 0's rotated keys | group 1's | ...]
+    or a paged cache's :class:`gqa.cache.PagedKV` of such rows.
     Returns the attention-weighted latents ``[B, Hq, Tq, R]``.
 
     This is multi-query attention with the row as the one key *and* value: each query is
@@ -64,8 +65,12 @@ def latent_attention(
     It therefore runs on :func:`gqa.attention`'s kernels as they are (the fused CPU decode kernel, Triton,
     SDPA) and reads each cache row once: R + Hkv*r values per token.
     """
+    from gqa.cache.paged import PagedKV
+    from gqa.layer import attend
+
     b, hq, tq, rank = q_lat.shape
-    width = rows.shape[-1]
+    paged = isinstance(rows, PagedKV)
+    width = rows.k_pages.shape[-1] if paged else rows.shape[-1]
     hkv = (width - rank) // q_rope.shape[-1] if q_rope.shape[-1] else 1
     g = hq // hkv
     q = q_lat
@@ -73,6 +78,8 @@ def latent_attention(
         eye = torch.eye(hkv, dtype=q_rope.dtype, device=q_rope.device)
         slots = torch.einsum("bjgtr,jk->bjgtkr", q_rope.reshape(b, hkv, g, tq, -1), eye)  # zeros off the group's slot
         q = torch.cat([q_lat, slots.reshape(b, hq, tq, width - rank)], dim=-1)  # (B, Hq, Tq, R + Hkv*r)
+    if paged:  # pages [num_pages, 1, P, W]: the same one KV head, read in place
+        return attend(q, rows, mask, scale=scale)[..., :rank]
     kv = rows[:, None]  # (B, 1, Tk, W): one KV head, key = value = the row
     return attention(q, kv, kv, mask=mask, scale=scale)[..., :rank]
 
@@ -196,13 +203,14 @@ class LatentAttention(nn.Module):
         if cache is not None:
             if not hasattr(cache, "update_rows"):
                 raise GQAUserError(
-                    f"a latent layer needs a LatentKVCache (model.make_cache builds one), got {type(cache).__name__}; "
-                    "paged serving of latent models is not built yet"
+                    f"a latent layer needs a LatentKVCache (model.make_cache) or a PagedKVCache.for_model pool, got "
+                    f"{type(cache).__name__}; dynamic grouping does not take latent models"
                 )
-            rows = cache.update_rows(rows)  # (B, Tk, R + Hkv*r)
+            rows = cache.update_rows(rows)  # (B, Tk, R + Hkv*r), or the paged pool's PagedKV
+        paged = not isinstance(rows, torch.Tensor)
         if t == 1 and isinstance(mask, masks.Causal):
             mask = None  # one query at the last position sees every key: the unmasked (fused) kernels
-        if form == "absorbed" or (form == "auto" and t <= ABSORB_MAX_QUERIES):
+        if form == "absorbed" or paged or (form == "auto" and t <= ABSORB_MAX_QUERIES):  # pages: read in place
             out = self._absorbed(q_nope, q_rope, rows, mask)
         else:
             out = self._expanded(q_nope, q_rope, rows, mask)

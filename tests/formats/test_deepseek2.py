@@ -142,3 +142,16 @@ def test_what_the_layout_cannot_hold_is_refused_in_one_line(tmp_path):
     ranks = dataclasses.replace(spread.config, latent_rank=[12, 10])
     with pytest.raises(GQAUserError, match="one latent rank"):
         save_deepseek_v2(GQAForCausalLM(ranks), tmp_path / "x")
+
+
+def test_gqa_memory_counts_the_exported_folders_latent_cache(tmp_path):
+    """An MLA config.json (ours or DeepSeek's) is sized by its latent rows, not by num_key_value_heads."""
+    from helpers import gqa_cli
+
+    model = _shared_latent()
+    save_deepseek_v2(model, tmp_path / "ds")
+    res = gqa_cli(["memory", tmp_path / "ds", "--json"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    import json
+
+    assert json.loads(res.stdout)["kv_bytes_per_token"] == model.config.kv_bytes_per_token(torch.bfloat16) == 2 * (12 + 4) * 2

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gqa.convert import convert
+from gqa.errors import GQAUserError
 from gqa.model import load_model
 from helpers import assert_one_line_refusal, gqa_cli
 
@@ -56,6 +57,22 @@ def test_latent_conversion_writes_a_model_gqa_runs(tmp_path):
     [
         (["--kv-latent", "40"], "needs --calib"),
         (["--kv-latent", "40", "--kv-heads", "2", "--calib", "shakespeare:train"], "drop --kv-heads"),
+        (
+            [
+                "--kv-latent",
+                "40",
+                "--kv-budget",
+                "0.3",
+                "--latent-rope",
+                "shared",
+                "--export",
+                "hf",
+                "--calib",
+                "shakespeare:train",
+            ],
+            "cannot hold",
+        ),
+        (["--kv-latent", "40", "--kv-budget", "2", "--calib", "shakespeare:train"], "fraction"),
         (["--kv-latent", "40", "--export", "hf", "--calib", "shakespeare:train"], "--export gqa"),
         (["--kv-latent", "40", "--latent-rope-dim", "3", "--calib", "shakespeare:train"], "even"),
         (["--kv-latent", "4000", "--calib", "shakespeare:train", "--calib-tokens", "1024"], "use 1 to"),
@@ -98,3 +115,28 @@ def test_shared_rope_latent_exports_as_deepseek_v2_that_transformers_runs(tmp_pa
     with torch.no_grad():
         want, got = ours.float()(ids), hf(ids).logits
     torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)
+
+
+def test_a_budget_spends_the_latent_ranks_where_the_measured_error_is(tmp_path):
+    """--kv-latent R --kv-budget F: per-layer ranks up to R from measured error curves, within F of the cache."""
+    out = tmp_path / "budget"
+    report = convert(MHA, out, kv_latent=64, kv_budget=0.2, latent_rope_dim=4, calib="shakespeare:train",
+                     calib_tokens=2048, distill="none", progress=False)  # fmt: skip
+    model = load_model(out)
+    cfg, ranks = model.config, report.latent["ranks"]
+    assert cfg.latent_ranks == ranks and all(r <= 64 for r in ranks) and len(set(ranks)) > 1
+    original = sum(2 * h * cfg.resolved_head_dim for h in cfg.kv_heads_per_layer)
+    assert sum(cfg.kv_values_per_token()) <= 0.2 * original
+    curves = report.error_curves
+    assert len(curves) == cfg.n_layers and all(c[str(max(map(int, c)))] <= c["8"] + 1e-9 for c in curves)
+    assert sum(curves[i][str(r)] for i, r in enumerate(ranks)) <= sum(c["8"] for c in curves)
+
+
+def test_choose_latent_ranks_is_the_exact_knapsack_over_cache_values():
+    from gqa.convert.calibrated.latent import choose_latent_ranks
+
+    curves = [{8: 1.0, 16: 0.2, 32: 0.1}, {8: 0.3, 16: 0.25, 32: 0.0}]
+    assert choose_latent_ranks(curves, rope_values=4, max_values=2 * 4 + 16 + 32) == [16, 32]
+    assert choose_latent_ranks(curves, rope_values=4, max_values=2 * 4 + 16 + 8) == [16, 8]
+    with pytest.raises(GQAUserError, match="raise --kv-budget"):
+        choose_latent_ranks(curves, rope_values=4, max_values=10)

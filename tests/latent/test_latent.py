@@ -29,7 +29,9 @@ def _layer(hq, hkv, d, rank, rope, *, bias=False, seed=0) -> LatentAttention:
         for p in layer.parameters():
             p.normal_(0, 0.4)
         g = torch.Generator().manual_seed(seed)  # each group its own frequency pairs
-        layer.rope_pairs.copy_(torch.stack([torch.randperm(d // 2, generator=g)[: rope // 2].sort().values for _ in range(hkv)]))
+        layer.rope_pairs.copy_(
+            torch.stack([torch.randperm(d // 2, generator=g)[: rope // 2].sort().values for _ in range(hkv)])
+        )
     return layer.eval()
 
 
@@ -45,7 +47,11 @@ def _reference(layer: LatentAttention, x: torch.Tensor, positions: torch.Tensor,
     """The layer in float64 the long way: every head's K and V rebuilt, RoPE pair by pair, fp64 attention;
     also returns the fp64 q, k, v so a torch baseline can be run at x's dtype."""
     hq, hkv, d, r = layer.n_heads, layer.n_kv_heads, layer.head_dim, layer.rope_dim
-    lin = {n: (m.weight.double(), None if m.bias is None else m.bias.double()) for n, m in layer.named_children() if isinstance(m, torch.nn.Linear)}
+    lin = {
+        n: (m.weight.double(), None if m.bias is None else m.bias.double())
+        for n, m in layer.named_children()
+        if isinstance(m, torch.nn.Linear)
+    }
 
     def apply(name, inp):
         w, b = lin[name]
@@ -83,7 +89,9 @@ def _baseline_error(layer, ref, qkv, mask, dtype):
 MASKS = {
     "causal": lambda t: masks.causal(),
     "window": lambda t: masks.sliding_window(3),
-    "padding": lambda t: masks.causal() & masks.key_padding(valid=torch.tensor([[False, False] + [True] * (t - 2), [True] * t])),
+    "padding": lambda t: (
+        masks.causal() & masks.key_padding(valid=torch.tensor([[False, False] + [True] * (t - 2), [True] * t]))
+    ),
 }
 
 
@@ -117,7 +125,9 @@ def test_bfloat16_within_torch_error(form):
 
 
 def test_latent_cache_holds_only_the_latent_and_rotated_keys():
-    cfg = GQAConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=48, latent_rank=10, latent_rope_dim=4)
+    cfg = GQAConfig(
+        vocab_size=50, d_model=32, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=48, latent_rank=10, latent_rope_dim=4
+    )
     model = GQAForCausalLM(cfg)
     cache = model.make_cache(3, 20)
     assert cache.bytes_per_token() == 2 * (10 + 2 * 4) * 4  # two layers, fp32
@@ -152,12 +162,35 @@ def test_cached_decoding_equals_uncached(latent_norm):
         assert torch.equal(logits.argmax(-1), greedy[:, 6 + step])
 
 
-def test_paged_cache_is_refused_in_one_line():
+def test_a_kv_head_cache_is_refused_in_one_line():
     model = _tiny_latent()
     from gqa.cache import KVCache
 
     with pytest.raises(GQAUserError, match="LatentKVCache"):
         model.layers[0].attn(torch.randn(1, 2, 64), cache=KVCache(1, 2, 8, 8))
+
+
+@pytest.mark.parametrize("rank", [24, [24, 12]], ids=["uniform", "per-layer"])
+def test_paged_serving_generates_what_the_static_cache_does(rank):
+    """The continuous-batching scheduler over a paged pool of latent rows (one row per token, key = value):
+    prompts of different lengths arriving at once give each prompt's static-cache greedy tokens."""
+    from gqa.cache.paged import PagedKVCache
+    from gqa.generation import ContinuousBatcher, generate
+
+    model = _tiny_latent(rank=rank)
+    pool = PagedKVCache.for_model(model, num_pages=24, page_size=4)
+    widths = model.config.kv_values_per_token()
+    assert [k.shape[-1] for k in pool.k_pages] == widths and all(
+        v is k for k, v in zip(pool.k_pages, pool.v_pages, strict=True)
+    )
+    assert pool.nbytes == 24 * 4 * sum(widths) * 4  # pages x slots x values x fp32: the rows once
+    prompts = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 3)]
+    batcher = ContinuousBatcher(model, cache=pool, eos_token_id=None)
+    ids = [batcher.submit(p, 6) for p in prompts]
+    done = batcher.run()
+    for seq, prompt in zip(ids, prompts, strict=True):
+        want = generate(model, [prompt], max_new_tokens=6, eos_token_id=None).tokens[0]
+        assert done[seq] == list(want)
 
 
 def test_config_refusals():
@@ -246,7 +279,9 @@ def test_saved_latent_model_loads_back(tmp_path):
     from gqa.model.loading import load_model
 
     model = _tiny_latent()
-    save_checkpoint(tmp_path / "checkpoint.pt", {"model_config": dataclasses.asdict(model.config), "model": model.state_dict()})
+    save_checkpoint(
+        tmp_path / "checkpoint.pt", {"model_config": dataclasses.asdict(model.config), "model": model.state_dict()}
+    )
     back = load_model(tmp_path)
     ids = torch.randint(0, 97, (1, 9))
     assert torch.equal(back(ids), model(ids))

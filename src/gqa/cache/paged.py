@@ -68,6 +68,9 @@ class PagedKVCache:
         head_dim: D.
         num_pages: pages in the pool (shared by all sequences).
         page_size: tokens per page.
+        row_widths: per layer None (K/V heads) or the width W of a latent layer's cache row
+            (:class:`gqa.latent.LatentAttention`): its pages ``[num_pages, 1, page_size, W]`` are both the
+            keys and the values, written with ``batch[i].update_rows(rows)``.
 
     A sequence is identified by any hashable id. ``reserve(seq, n)`` makes room for n more tokens
     (allocating pages only as needed), ``model(ids, cache=cache.batch(seqs))`` runs a forward that
@@ -84,6 +87,7 @@ class PagedKVCache:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        row_widths: list[int | None] | None = None,
     ):
         if not isinstance(page_size, int) or page_size < 1:
             raise GQAUserError(f"page_size must be a positive integer, got {page_size!r}; e.g. 16")
@@ -91,10 +95,11 @@ class PagedKVCache:
         self.page_size = page_size
         self.head_dim = head_dim
         # (num_pages, Hkv, page_size, D) per layer
-        self.k_pages = [
-            torch.zeros(num_pages, h, page_size, head_dim, dtype=dtype, device=device) for h in kv_heads_per_layer
-        ]
-        self.v_pages = [torch.zeros_like(k) for k in self.k_pages]
+        widths = row_widths or [None] * len(kv_heads_per_layer)
+        shapes = [(h, head_dim) if w is None else (1, w) for h, w in zip(kv_heads_per_layer, widths, strict=True)]
+        self.k_pages = [torch.zeros(num_pages, h, page_size, d, dtype=dtype, device=device) for h, d in shapes]
+        # A latent layer's row is its key and its value: one tensor (gqa.latent.latent_attention).
+        self.v_pages = [k if w is not None else torch.zeros_like(k) for k, w in zip(self.k_pages, widths, strict=True)]
         self._pages: dict[object, list[int]] = {}
         self._length: dict[object, int] = {}
 
@@ -110,6 +115,7 @@ class PagedKVCache:
             page_size,
             dtype=dtype or p.dtype,
             device=device or p.device,
+            row_widths=cfg.kv_values_per_token() if getattr(cfg, "latent_rank", None) is not None else None,
         )
 
     @staticmethod
@@ -132,7 +138,7 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.k_pages, self.v_pages, strict=True))
+        return sum(k.nbytes + (0 if v is k else v.nbytes) for k, v in zip(self.k_pages, self.v_pages, strict=True))
 
     def sequences(self) -> list:
         return list(self._pages)
@@ -227,7 +233,8 @@ class PagedKVCache:
             )
         # Advanced indices on dims 0 and 2 around a slice: the indexed view is (B*T, Hkv, D).
         kp[page, :, slot] = k_new.permute(0, 2, 1, 3).reshape(b * t, hkv, d).to(kp.dtype)
-        vp[page, :, slot] = v_new.permute(0, 2, 1, 3).reshape(b * t, hkv, d).to(vp.dtype)
+        if vp is not kp:  # a latent layer's row was its value too
+            vp[page, :, slot] = v_new.permute(0, 2, 1, 3).reshape(b * t, hkv, d).to(vp.dtype)
 
     def advance(self, seqs: list, n_tokens: int) -> None:
         """Count ``n_tokens`` more tokens as held by each of ``seqs`` (after :meth:`write`)."""
@@ -331,3 +338,9 @@ class PagedLayer:
         """Store ``k_new``/``v_new`` ``[B, Hkv, T, D]`` after each sequence's tokens; return the
         :class:`PagedKV` to attend over (new tokens included)."""
         return self.batch._write(self.layer, k_new, v_new)
+
+    def update_rows(self, rows: torch.Tensor) -> PagedKV:
+        """A latent layer's cache rows ``[B, T, W]``: stored after each sequence's tokens; returns the
+        :class:`PagedKV` whose pages ``[num_pages, 1, P, W]`` are both keys and values."""
+        r = rows[:, None]  # (B, 1, T, W): one "KV head", the row
+        return self.batch._write(self.layer, r, r)

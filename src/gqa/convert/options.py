@@ -116,13 +116,16 @@ class ConvertOptions:
         None, "--kv-heads-per-layer", "KV heads per layer, e.g. 4,4,2,... (each as for --kv-heads).", cli_type=str
     )
     kv_budget: float | None = _option(
-        None, "--kv-budget", "Fraction of the original KV-cache bytes; per-layer heads chosen to fit (needs --calib)."
+        None,
+        "--kv-budget",
+        "Fraction of the original KV-cache bytes; per-layer heads (with --kv-latent: ranks) chosen to fit (needs --calib).",
     )
     kv_latent: int | None = _option(
         None,
         "--kv-latent",
         "Instead of fewer heads: a low-rank latent KV cache of rank R shared by all heads (MLA-style; needs "
-        "--calib; written as --export gqa). A token then takes R + Hkv x --latent-rope-dim values per layer.",
+        "--calib; written as --export gqa). A token then takes R + Hkv x --latent-rope-dim values per layer. With "
+        "--kv-budget F: per-layer ranks up to R, chosen from measured error curves to fit F of the original's cache.",
     )
     latent_rope_dim: int = _option(
         16, "--latent-rope-dim", "Key dims each KV group keeps rotated (RoPE) with --kv-latent: an even number."
@@ -283,12 +286,18 @@ class ConvertOptions:
             raise GQAUserError(f"--kv-budget must be a fraction in (0, 1], got {budget!r}")
 
     def _check_latent(self, given: list[str]) -> None:
-        if given:
-            raise GQAUserError(
-                f"--kv-latent replaces the KV heads by a latent: drop {', '.join(given)} "
-                "(per-layer latent ranks from a --kv-budget are not built yet)"
-            )
+        heads = [flag for flag in given if flag != "--kv-budget"]  # a budget picks the latent's per-layer ranks
+        if heads:
+            raise GQAUserError(f"--kv-latent replaces the KV heads by a latent: drop {', '.join(heads)}")
         _int_option("--kv-latent", self.kv_latent)
+        budget = self.kv_budget
+        if budget is not None and (not _number(budget) or not math.isfinite(budget) or not 0 < budget <= 1):
+            raise GQAUserError(f"--kv-budget must be a fraction in (0, 1], got {budget!r}")
+        if budget is not None and self.export_name != "gqa":
+            raise GQAUserError(
+                f"--kv-budget gives a latent per-layer ranks, which DeepSeek-V2's files (--export {self.export_name}) "
+                "cannot hold; use --export gqa, or one rank (drop --kv-budget)"
+            )
         _choice("--latent-rope", self.latent_rope, LATENT_ROPE)
         if (
             isinstance(self.latent_rope_dim, bool)

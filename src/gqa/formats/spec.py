@@ -90,7 +90,15 @@ class CheckpointSpec:
         return KVShape(name, self.n_heads, self.kv_heads, self.head_dim, self.max_context, self._windows(), self._latent())
 
     def _latent(self) -> tuple[int, ...] | None:
-        """Per layer the cache values of a latent model (gqa's own config with ``latent_rank``), else None."""
+        """Per layer the cache values of a latent model (gqa's own config with ``latent_rank``, or an MLA
+        ``config.json``: DeepSeek-V2/V3's ``kv_lora_rank + qk_rope_head_dim``), else None."""
+        if isinstance(self.raw, dict) and self.raw.get("kv_lora_rank") is not None:
+            from gqa.model.config import LIMITS, check_int
+
+            big = LIMITS["d_model"]
+            rank = check_int("kv_lora_rank", self.raw["kv_lora_rank"], limit=big, field="kv_lora_rank")
+            rope = check_int("qk_rope_head_dim", self.raw.get("qk_rope_head_dim", 0), limit=big, minimum=0, field="qk_rope_head_dim")
+            return (rank + rope,) * self.n_layers
         if self.family != "gqa" or self.build is None:
             return None
         config = self.model_config()

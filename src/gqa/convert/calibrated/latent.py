@@ -341,3 +341,62 @@ def latent_model(model, stats: list, ranks: list[int], rope_dim: int, *, shared_
         )
         fits.append(fit)
     return new, fits
+
+
+#: Candidate ranks of a per-layer budget (``--kv-latent R --kv-budget F``); each layer also may take R itself.
+RANK_OPTIONS = (8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256, 320, 384, 512)
+
+
+def latent_rank_options(max_rank: int) -> list[int]:
+    """The ranks a layer may take under a budget: :data:`RANK_OPTIONS` up to ``max_rank``, and ``max_rank``."""
+    return sorted({r for r in RANK_OPTIONS if r < max_rank} | {max_rank})
+
+
+@torch.no_grad()
+def latent_error_curves(
+    model, stats: list, max_rank: int, rope_dim: int, calib_ids: torch.Tensor, *, shared_rope=False, progress=False
+):
+    """Per layer, ``{rank: error}`` for every :func:`latent_rank_options` rank: the mean KL(original || model
+    with only this layer made latent) per token on ``calib_ids`` ``[N, T]``, the currency of the KV-head
+    budget (:func:`gqa.convert.calibrated.reduce.error_curves`). One eigendecomposition per layer and rank."""
+    from gqa.progress import progress as progress_bar
+
+    reference = torch.log_softmax(model(calib_ids).double(), -1)  # (N, T, V)
+    options = latent_rank_options(max_rank)
+    curves = []
+    for i in progress_bar(range(len(model.layers)), desc="latent error curves", unit="layer", enabled=progress):
+        block, st = model.layers[i], stats[i]
+        attn, curve = block.attn, {}
+        try:
+            for rank in options:
+                block.attn, _ = latent_from_attention(
+                    attn,
+                    st.input_moment,
+                    rank,
+                    rope_dim,
+                    offset_weights=st.offset_weights,
+                    layer=i,
+                    shared_rope=shared_rope,
+                )
+                block.attn = block.attn.to(attn.q_proj.weight.dtype)
+                logp = torch.log_softmax(model(calib_ids).double(), -1)
+                curve[rank] = float((reference.exp() * (reference - logp)).sum(-1).mean())
+        finally:
+            block.attn = attn
+        curves.append(curve)
+    return curves
+
+
+def choose_latent_ranks(curves: list[dict[int, float]], rope_values: int, max_values: int) -> list[int]:
+    """Per-layer ranks minimising the summed error with ``sum(rank + rope_values) <= max_values`` cache values
+    per token (the exact knapsack of the KV-head budget, over values instead of heads)."""
+    from gqa.convert.calibrated.budget import choose_kv_heads
+
+    by_values = [{rank + rope_values: err for rank, err in curve.items()} for curve in curves]
+    least = sum(min(c) for c in by_values)
+    if max_values < least:
+        raise GQAUserError(
+            f"the budget allows {max_values} cache values per token but the smallest ranks take {least}; raise "
+            "--kv-budget or lower --latent-rope-dim"
+        )
+    return [v - rope_values for v in choose_kv_heads(by_values, max_values)]

@@ -185,7 +185,7 @@ def convert_calibrated(
 
         check_latent_target(cfg, kv_latent, latent_rope_dim)  # before minutes of calibration
         per_layer = list(before)  # a latent layer keeps its KV groups (for their rotated keys)
-    max_heads = budget_heads(kv_budget, before) if kv_budget is not None else None
+    max_heads = budget_heads(kv_budget, before) if kv_budget is not None and kv_latent is None else None
     align = calib is not None
     stats, ids, attention_note = None, None, None
     if calib is not None:
@@ -217,11 +217,13 @@ def convert_calibrated(
         from gqa.convert.calibrated.latent import latent_model
 
         shared = latent_rope == "shared"
-        new, fits = latent_model(model, stats, [kv_latent] * cfg.n_layers, latent_rope_dim, shared_rope=shared)
+        ranks, curves = _latent_ranks(model, stats, ids, kv_latent, latent_rope_dim, shared, kv_budget, progress)
+        new, fits = latent_model(model, stats, ranks, latent_rope_dim, shared_rope=shared)
         per_layer = new.config.kv_heads_per_layer  # rotated key heads: the groups', or one shared
         results = []
         latent = {
-            "rank": kv_latent, "rope_dim": latent_rope_dim, "rope": latent_rope, "layers": [dataclasses.asdict(f) for f in fits]
+            "rank": kv_latent, "rope_dim": latent_rope_dim, "rope": latent_rope, "budget": kv_budget, "ranks": ranks,
+            "layers": [dataclasses.asdict(f) for f in fits],
         }  # fmt: skip
     else:
         new, results = reduce_kv_heads(
@@ -305,6 +307,22 @@ def convert_calibrated(
         distill=distill_report,
         latent=latent,
     )
+
+
+def _latent_ranks(model, stats, ids, max_rank: int, rope_dim: int, shared: bool, budget: float | None, progress: bool):
+    """Every layer's latent rank and the error curves behind them: ``max_rank`` everywhere, or with ``budget``
+    the ranks (up to ``max_rank``) that minimise the summed measured error within ``budget`` of the original's
+    cache values per token (``(ranks, curves or None)``)."""
+    from gqa.convert.calibrated.latent import choose_latent_ranks, latent_error_curves
+
+    cfg = model.config
+    if budget is None:
+        return [max_rank] * cfg.n_layers, None
+    rope_values = rope_dim * (1 if shared else max(cfg.kv_heads_per_layer))
+    allowed = int(budget * sum(2 * h * cfg.resolved_head_dim for h in cfg.kv_heads_per_layer) + 1e-9)
+    with upcast_forward(model, torch.float32):
+        curves = latent_error_curves(model, stats, max_rank, rope_dim, ids[:4], shared_rope=shared, progress=progress)
+    return choose_latent_ranks(curves, rope_values, allowed), curves
 
 
 def _params(cfg, heads: list[int]):
