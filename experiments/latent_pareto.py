@@ -13,7 +13,10 @@ Points (``--point``):
   values);
 * ``budget:F:R:r`` - per-layer ranks up to R chosen from measured error curves to fit F of the original's cache
   values, r rotated dims per group (``gqa convert --kv-latent R --kv-budget F``);
-* ``gqa:N`` - N KV heads per layer (similarity grouping, alignment, fitted merge: the convert pipeline's).
+* ``gqa:N`` - N KV heads per layer (similarity grouping, alignment, fitted merge: the convert pipeline's);
+* ``mean:N`` - N KV heads per layer, contiguous groups mean-pooled (the GQA paper's conversion);
+* ``gqabudget:F`` - per-layer KV heads within F of the original's cache, from measured error curves
+  (``gqa convert --kv-budget F``: similarity grouping, alignment, fitted merge).
 
 ``--distill`` adds local distillation (:func:`gqa.convert.calibrated.distill.distill_local`, the same code
 ``gqa convert --distill local`` runs). Calibration: ``english:calib``; evaluation: the first 8,192 tokens of
@@ -90,13 +93,23 @@ def convert(teacher, stats, point: str, calib_ids=None):
             report["rope_pairs"] = fits[0].rope_pairs[0]
             report["rope_merge_kept"] = [f.rope_merge_kept for f in fits]
         return new.float().eval(), report
-    if kind == "gqa":
+    if kind in ("gqa", "mean", "gqabudget"):
         from gqa.convert.calibrated import reduce_kv_heads
+        from gqa.convert.calibrated.budget import budget_heads, choose_kv_heads
+        from gqa.convert.calibrated.reduce import error_curves
 
-        new, results = reduce_kv_heads(teacher, [int(args[0])] * n, stats, grouping="similarity", align=True, merge="fit",
-                                       progress=False, share_unchanged=True, compute_dtype=torch.float32)  # fmt: skip
-        return new.eval(), {"layer_errors": [r.error for r in results]}
-    raise SystemExit(f"unknown point {point!r}; use latent:R:r, shared:R:r, budget:F:R:r or gqa:N")
+        how = {"grouping": "similarity", "align": True, "merge": "fit"}
+        if kind == "mean":
+            how = {"grouping": "contiguous", "align": False, "merge": "mean"}
+        heads = [int(args[0])] * n if kind != "gqabudget" else None
+        if heads is None:
+            before = teacher.config.kv_heads_per_layer
+            curves = error_curves(teacher, stats, calib_ids=calib_ids[:4], progress=True, compute_dtype=torch.float32, **how)
+            heads = choose_kv_heads(curves, budget_heads(float(args[0]), before))
+        new, results = reduce_kv_heads(teacher, heads, stats, progress=False, share_unchanged=True,
+                                       compute_dtype=torch.float32, **how)  # fmt: skip
+        return new.eval(), {"kv_heads": heads, "layer_errors": [r.error for r in results], **how}
+    raise SystemExit(f"unknown point {point!r}; use latent:R:r, shared:R:r, budget:F:R:r, gqa:N, mean:N or gqabudget:F")
 
 
 def end_to_end(student, teacher, tok, minutes: float) -> dict:
@@ -124,7 +137,7 @@ def values_per_token(model) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--point", help="latent:R:r, shared:R:r, budget:F:R:r or gqa:N")
+    ap.add_argument("--point", help="latent:R:r, shared:R:r, budget:F:R:r, gqa:N, mean:N or gqabudget:F")
     ap.add_argument("--save", type=Path, help="also write the converted model here (gqa's checkpoint.pt layout)")
     ap.add_argument("--distill", action="store_true", help="add local distillation (gqa convert --distill local)")
     ap.add_argument("--e2e-minutes", type=float, default=0.0,
@@ -243,12 +256,12 @@ def _plot(points: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, marker in (("latent", "o"), ("shared", "^"), ("budget", "D"), ("gqa", "s")):
+    for kind, marker in (("latent", "o"), ("shared", "^"), ("budget", "D"), ("gqa:", "s"), ("gqabudget", "P"), ("mean", "x")):
         for distill, fill in ((False, "none"), (True, None)):
             sel = [r for r in points if r["point"].startswith(kind) and r["distill"] == distill and not _e2e(r)]
             if not sel:
                 continue
-            label = f"{kind}{' + local distillation' if distill else ''}"
+            label = f"{kind.rstrip(':')}{' + local distillation' if distill else ''}"
             x = [r["values_per_token"] for r in sel]
             kw = {"marker": marker, "linestyle": "", "label": label}
             if fill:
