@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,16 +31,9 @@ PROMPTS = [
 ]
 
 
-def llama_simple(binary: Path, gguf: Path, prompt: str, n: int) -> str:
-    """llama.cpp's greedy continuation of ``prompt`` (its text after the prompt)."""
-    out = subprocess.run(
-        [str(binary / "llama-simple"), "-m", str(gguf), "-n", str(n), prompt],
-        capture_output=True, text=True, timeout=600, check=True,
-    ).stdout  # fmt: skip
-    return out.split(prompt, 1)[1].rstrip("\n") if prompt in out else out
-
-
 def main() -> None:
+    from gemma3_llamacpp import llama_simple  # the same greedy llama.cpp call as the Gemma-3 check
+
     from gqa.formats.deepseek2 import save_deepseek_v2
     from gqa.formats.gguf import export_gguf
     from gqa.generation import generate

@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from gqa import masks
+from gqa.cache.paged import PagedKV
 from gqa.errors import GQAUserError
 from gqa.functional import attention
-from gqa.layer import RMSNorm
+from gqa.layer import RMSNorm, attend
 from gqa.rope import apply_rope, rope_frequencies
 
 __all__ = ["LatentAttention", "latent_attention", "ABSORB_MAX_QUERIES"]
@@ -65,9 +66,6 @@ def latent_attention(
     It therefore runs on :func:`gqa.attention`'s kernels as they are (the fused CPU decode kernel, Triton,
     SDPA) and reads each cache row once: R + Hkv*r values per token.
     """
-    from gqa.cache.paged import PagedKV
-    from gqa.layer import attend
-
     b, hq, tq, rank = q_lat.shape
     paged = isinstance(rows, PagedKV)
     width = rows.k_pages.shape[-1] if paged else rows.shape[-1]
@@ -123,7 +121,9 @@ class LatentAttention(nn.Module):
     ):
         super().__init__()
         if n_kv_heads < 1 or n_heads % n_kv_heads:
-            raise GQAUserError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}; use a divisor of {n_heads}")
+            raise GQAUserError(
+                f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}; use a divisor of {n_heads}"
+            )
         if rope_dim % 2 or not 0 <= rope_dim <= head_dim:
             raise GQAUserError(f"rope_dim={rope_dim} must be even and between 0 and head_dim={head_dim}")
         self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim

@@ -103,9 +103,9 @@ def deepseek2_rope_theta(model) -> float:
     cfg = model.config
     r, d = cfg.latent_rope_dim, cfg.resolved_head_dim
     pairs = {tuple(block.attn.rope_pairs.view(-1).tolist()) for block in model.layers}
-    n = r // 2
-    stride = (list(pairs)[0][1] if n > 1 else 1) if len(pairs) == 1 else 0
-    if len(pairs) != 1 or stride < 1 or list(pairs)[0] != tuple(stride * i for i in range(n)):
+    kept = pairs.pop() if len(pairs) == 1 else ()
+    stride = kept[1] if len(kept) > 1 else 1
+    if not kept or stride < 1 or kept != tuple(stride * i for i in range(len(kept))):
         raise GQAUserError(
             "DeepSeek-V2 files rotate evenly spaced frequencies from the highest, one set for every layer; this latent "
             "rotates others: convert with --latent-rope shared"
