@@ -36,7 +36,7 @@ from gqa import masks
 from gqa.cache.paged import PagedKV
 from gqa.errors import GQAUserError
 from gqa.functional import attention
-from gqa.layer import RMSNorm, attend
+from gqa.layer import Linear, RMSNorm, attend
 from gqa.rope import apply_rope, rope_frequencies
 
 __all__ = ["LatentAttention", "latent_attention", "ABSORB_MAX_QUERIES"]
@@ -130,12 +130,12 @@ class LatentAttention(nn.Module):
         self.rank, self.rope_dim, self.nope_dim = rank, rope_dim, head_dim - rope_dim
         with warnings.catch_warnings():  # rope_dim 0 or head_dim: an empty projection, nothing to initialise
             warnings.filterwarnings("ignore", "Initializing zero-element tensors")
-            self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
-            self.kv_down = nn.Linear(d_model, rank, bias=qkv_bias)
-            self.k_rope_proj = nn.Linear(d_model, n_kv_heads * rope_dim, bias=qkv_bias)
-            self.k_up = nn.Linear(rank, n_heads * self.nope_dim, bias=False)
-            self.v_up = nn.Linear(rank, n_heads * head_dim, bias=False)
-            self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=o_bias)
+            self.q_proj = Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+            self.kv_down = Linear(d_model, rank, bias=qkv_bias)
+            self.k_rope_proj = Linear(d_model, n_kv_heads * rope_dim, bias=qkv_bias)
+            self.k_up = Linear(rank, n_heads * self.nope_dim, bias=False)
+            self.v_up = Linear(rank, n_heads * head_dim, bias=False)
+            self.o_proj = Linear(n_heads * head_dim, d_model, bias=o_bias)
         self.latent_norm = RMSNorm(rank, norm_eps) if latent_norm else None
         self.scale = head_dim**-0.5 if scale is None else scale
         self.rope_theta = rope_theta

@@ -16,11 +16,20 @@ from gqa.cache import PagedKV
 from gqa.cache.dynamic import MappedKV
 from gqa.errors import GQAUserError
 from gqa.functional import attention
+from gqa.kernels import gemv
 from gqa.rope import apply_rope, rope_cos_sin, rope_frequencies
 
-__all__ = ["GroupedQueryAttention", "RMSNorm", "paged_attention"]
+__all__ = ["GroupedQueryAttention", "Linear", "RMSNorm", "paged_attention"]
 
 _CAUSAL = masks.causal()
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, state dict and hooks) whose forward runs the decode GEMV kernel of
+    :mod:`gqa.kernels.gemv` for the few rows of a decode step, and ``F.linear`` for everything else."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemv.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -83,10 +92,10 @@ class GroupedQueryAttention(nn.Module):
             )
         head_dim = head_dim or d_model // n_heads
         self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=o_bias)
+        self.q_proj = Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = Linear(n_heads * head_dim, d_model, bias=o_bias)
         self.q_norm = RMSNorm(head_dim, norm_eps, scale_fp32=norm_scale_fp32) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps, scale_fp32=norm_scale_fp32) if qk_norm else None
         self.scale = scale

@@ -19,6 +19,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -437,6 +441,149 @@ at::Tensor decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   return out;
 }
 
+
+// ---- Small-batch linear layers (decode GEMV) ----
+//
+// out[m, n] = x[m] . w[n] (+ bias[n]) for the few rows a decode step has. Each thread takes blocks of
+// GEMV_ROWS weight rows and streams them once for all M input rows: GEMV_M x GEMV_ROWS accumulators stay
+// in registers, so the weight matrix (the bytes that bound a decode step) is read from memory exactly once.
+// x is widened to fp32 once; arithmetic is fp32 for fp32 and bf16 weights, as torch's CPU matmul does.
+
+constexpr int GEMV_ROWS = 4;  // weight rows per tile
+constexpr int GEMV_M = 4;     // input rows per tile (GEMV_M * GEMV_ROWS accumulators + GEMV_ROWS weight chunks)
+
+template <int NM, int NR, typename T>
+inline void gemv_tile(const float* __restrict x, const T* const* w, int64_t k, int64_t n_out, float* out) {
+  vf16 a[NM][NR] = {};
+  int64_t i = 0;
+  for (; i + LANES <= k; i += LANES) {
+    vf16 ww[NR];
+    for (int r = 0; r < NR; ++r) ww[r] = load16(w[r] + i);
+    for (int m = 0; m < NM; ++m) {
+      const vf16 xx = loadv(x + m * k + i);
+      for (int r = 0; r < NR; ++r) a[m][r] += xx * ww[r];
+    }
+  }
+  for (int m = 0; m < NM; ++m) {
+    for (int r = 0; r < NR; ++r) {
+      float t = hsum(a[m][r]);
+      for (int64_t e = i; e < k; ++e) t += x[m * k + e] * load1(w[r] + e);
+      out[m * n_out + r] = t;
+    }
+  }
+}
+
+template <int NR, typename T>
+inline void gemv_rows(const float* x, const T* const* w, int64_t M, int64_t k, int64_t n_out, float* out) {
+  int64_t m = 0;
+  for (; m + GEMV_M <= M; m += GEMV_M) gemv_tile<GEMV_M, NR>(x + m * k, w, k, n_out, out + m * n_out);
+  for (; m < M; ++m) gemv_tile<1, NR>(x + m * k, w, k, n_out, out + m * n_out);
+}
+
+#if defined(__AVX512BF16__)
+// bf16 x bf16 on the CPU's dot-product instruction: 32 exact products per instruction, summed in fp32 (the
+// widening path above spends two instructions per 16 weights before its FMA and is compute-bound from 4 rows).
+template <int NM, int NR>
+inline void gemv_tile_dpbf16(const at::BFloat16* __restrict x, const at::BFloat16* const* w, int64_t k, int64_t n_out,
+                             float* out) {
+  __m512 a[NM][NR];
+  for (int m = 0; m < NM; ++m)
+    for (int r = 0; r < NR; ++r) a[m][r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    __m512bh ww[NR];
+    for (int r = 0; r < NR; ++r) ww[r] = (__m512bh)_mm512_loadu_si512(w[r] + i);
+    for (int m = 0; m < NM; ++m) {
+      const __m512bh xx = (__m512bh)_mm512_loadu_si512(x + m * k + i);
+      for (int r = 0; r < NR; ++r) a[m][r] = _mm512_dpbf16_ps(a[m][r], xx, ww[r]);
+    }
+  }
+  for (int m = 0; m < NM; ++m) {
+    for (int r = 0; r < NR; ++r) {
+      float t = _mm512_reduce_add_ps(a[m][r]);
+      for (int64_t e = i; e < k; ++e) t += static_cast<float>(x[m * k + e]) * static_cast<float>(w[r][e]);
+      out[m * n_out + r] = t;
+    }
+  }
+}
+
+template <int NR>
+inline void gemv_rows_dpbf16(const at::BFloat16* x, const at::BFloat16* const* w, int64_t M, int64_t k, int64_t n_out,
+                             float* out) {
+  int64_t m = 0;
+  for (; m + GEMV_M <= M; m += GEMV_M) gemv_tile_dpbf16<GEMV_M, NR>(x + m * k, w, k, n_out, out + m * n_out);
+  for (; m < M; ++m) gemv_tile_dpbf16<1, NR>(x + m * k, w, k, n_out, out + m * n_out);
+}
+
+void gemv_kernel_dpbf16(const at::BFloat16* x, const at::BFloat16* w, int64_t M, int64_t K, int64_t N, float* out) {
+  const int64_t tiles = (N + GEMV_ROWS - 1) / GEMV_ROWS;
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (GEMV_ROWS * K * 2));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * GEMV_ROWS, nr = std::min<int64_t>(GEMV_ROWS, N - n0);
+      const at::BFloat16* rows[GEMV_ROWS];
+      for (int r = 0; r < GEMV_ROWS; ++r) rows[r] = w + (n0 + std::min<int64_t>(r, nr - 1)) * K;
+      if (nr == GEMV_ROWS) {
+        gemv_rows_dpbf16<GEMV_ROWS>(x, rows, M, K, N, out + n0);
+      } else {
+        for (int64_t r = 0; r < nr; ++r) gemv_rows_dpbf16<1>(x, rows + r, M, K, N, out + n0 + r);
+      }
+    }
+  });
+}
+#endif
+
+template <typename T>
+void gemv_kernel(const float* x, const T* w, int64_t M, int64_t K, int64_t N, float* out) {
+  const int64_t tiles = (N + GEMV_ROWS - 1) / GEMV_ROWS;
+  // About 64 KiB of weights per task: small enough to balance two threads on a 576 x 576 matrix.
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (GEMV_ROWS * K * static_cast<int64_t>(sizeof(T))));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * GEMV_ROWS, nr = std::min<int64_t>(GEMV_ROWS, N - n0);
+      const T* rows[GEMV_ROWS];
+      for (int r = 0; r < GEMV_ROWS; ++r) rows[r] = w + (n0 + std::min<int64_t>(r, nr - 1)) * K;
+      if (nr == GEMV_ROWS) {
+        gemv_rows<GEMV_ROWS>(x, rows, M, K, N, out + n0);
+      } else {
+        for (int64_t r = 0; r < nr; ++r) gemv_rows<1>(x, rows + r, M, K, N, out + n0 + r);
+      }
+    }
+  });
+}
+
+// x [M, K] and w [N, K] contiguous, the same dtype (fp32 or bf16); bias [N] of that dtype or empty.
+// Returns [M, N] in that dtype (fp32 sums, rounded once at the end).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gqa cpu linear: x [M, K], w [N, K]");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "gqa cpu linear: x and w dtypes differ");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "gqa cpu linear: x and w must be contiguous");
+  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == w.size(0) && bias.scalar_type() == w.scalar_type()),
+              "gqa cpu linear: bias must be empty or [N] of w's dtype");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out.to(x.scalar_type());
+#if defined(__AVX512BF16__)
+  if (w.scalar_type() == at::kBFloat16) {
+    gemv_kernel_dpbf16(x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), M, K, N, out.data_ptr<float>());
+    if (bias.numel()) out.add_(bias.to(at::kFloat));
+    return out.to(x.scalar_type());
+  }
+#endif
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  if (w.scalar_type() == at::kFloat) {
+    gemv_kernel<float>(xf.data_ptr<float>(), w.data_ptr<float>(), M, K, N, out.data_ptr<float>());
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kBFloat16, "gqa cpu linear: fp32 or bf16 weights");
+    gemv_kernel<at::BFloat16>(xf.data_ptr<float>(), w.data_ptr<at::BFloat16>(), M, K, N, out.data_ptr<float>());
+  }
+  if (bias.numel()) out.add_(bias.to(at::kFloat));
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
 }  // namespace
 
-TORCH_LIBRARY(gqa_cpu_decode, m) { m.def("decode", &decode); }
+TORCH_LIBRARY(gqa_cpu_decode, m) {
+  m.def("decode", &decode);
+  m.def("linear", &linear);
+}

@@ -16,7 +16,7 @@ from gqa import masks
 from gqa.cache import ModelCache
 from gqa.errors import GQAUserError
 from gqa.latent import LatentAttention
-from gqa.layer import GroupedQueryAttention, RMSNorm
+from gqa.layer import GroupedQueryAttention, Linear, RMSNorm
 from gqa.model.config import GQAConfig
 from gqa.rope import rope_cos_sin
 
@@ -31,9 +31,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, d_model: int, ffn_dim: int, bias: bool = False, act: str = "silu"):
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, ffn_dim, bias=bias)
-        self.up_proj = nn.Linear(d_model, ffn_dim, bias=bias)
-        self.down_proj = nn.Linear(ffn_dim, d_model, bias=bias)
+        self.gate_proj = Linear(d_model, ffn_dim, bias=bias)
+        self.up_proj = Linear(d_model, ffn_dim, bias=bias)
+        self.down_proj = Linear(ffn_dim, d_model, bias=bias)
         self.act = _ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ class GQAForCausalLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(DecoderBlock(config, h, i) for i, h in enumerate(config.kv_heads_per_layer))
         self.norm = RMSNorm(config.d_model, config.norm_eps, scale_fp32=config.norm_scale_fp32)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.apply(self._init_weights)
