@@ -43,11 +43,11 @@ def time_pair(x, weights, calls: int) -> tuple[float, float]:
     """Median seconds of torch's and the kernel's call, alternating call by call over cold weight copies."""
     from gqa.kernels import cpu_fused
 
-    op, none = cpu_fused.linear_op(), torch.empty(0)
+    op, none = cpu_fused.linears_op(), torch.empty(0)
     torch_t, ours_t = [], []
     for i in range(calls + 3):
         w = weights[i % len(weights)]
-        pair = ((lambda w=w: F.linear(x, w), torch_t), (lambda w=w: op(x, w, none), ours_t))
+        pair = ((lambda w=w: F.linear(x, w), torch_t), (lambda w=w: op(x, [w], [none]), ours_t))
         for fn, acc in pair[:: 1 if i % 2 else -1]:
             t0 = time.perf_counter()
             fn()

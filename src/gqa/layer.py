@@ -19,7 +19,7 @@ from gqa.functional import attention
 from gqa.kernels import gemv
 from gqa.rope import apply_rope, rope_cos_sin, rope_frequencies
 
-__all__ = ["GroupedQueryAttention", "Linear", "RMSNorm", "paged_attention"]
+__all__ = ["GroupedQueryAttention", "Linear", "RMSNorm", "paged_attention", "project"]
 
 _CAUSAL = masks.causal()
 
@@ -30,6 +30,19 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return gemv.linear(x, self.weight, self.bias)
+
+
+def project(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """``[m(x) for m in modules]``, as one fused GEMV call when every module is a plain :class:`Linear`
+    (no hooks, so nothing observing a module is skipped): a decode step's Q, K and V, or gate and up."""
+    from torch.nn.modules import module as torch_module  # the global hook registries: any hook means module calls
+
+    plain = not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks) and all(
+        type(m) is Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in modules
+    )
+    if not plain:
+        return [m(x) for m in modules]
+    return gemv.linears(x, [m.weight for m in modules], [m.bias for m in modules])
 
 
 class RMSNorm(nn.Module):
@@ -127,9 +140,10 @@ class GroupedQueryAttention(nn.Module):
             layer's ``inv_freq``; the model computes them once per call for all layers).
         """
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:

@@ -104,10 +104,41 @@ def test_greedy_tokens_equal_the_torch_path(dtype, monkeypatch):
     model = tiny_gqa(n_kv=2).to(dtype)
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
     calls = []
-    real = cpu_fused.linear_op()
-    monkeypatch.setattr(cpu_fused, "linear_op", lambda: lambda *a: calls.append(1) or real(*a))
+    real = cpu_fused.linears_op()
+    monkeypatch.setattr(cpu_fused, "linears_op", lambda: lambda *a: calls.append(1) or real(*a))
     fast = [gqa.generate(model, p, max_new_tokens=12, eos_token_id=None).tokens for p in (prompts[:1], prompts)]
     assert calls, "the GEMV never ran"
     monkeypatch.setattr(gemv, "MAX_ROWS", {})
     eager = [gqa.generate(model, p, max_new_tokens=12, eos_token_id=None).tokens for p in (prompts[:1], prompts)]
     assert fast == eager
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_several_weights_in_one_call_equal_one_call_each(dtype):
+    torch.manual_seed(3)
+    x = torch.randn(2, 1, 48).to(dtype)
+    ws = [torch.randn(n, 48).to(dtype) for n in (36, 12, 13)]
+    bs = [torch.randn(36).to(dtype), None, torch.randn(13).to(dtype)]
+    fused = gemv.linears(x, ws, bs)
+    assert [o.shape for o in fused] == [(2, 1, 36), (2, 1, 12), (2, 1, 13)]
+    for out, w, b in zip(fused, ws, bs, strict=True):
+        assert torch.equal(out, gemv.linear(x, w, b))  # the same tiles, the same sums
+
+
+@needs_kernel
+def test_project_keeps_hooks_firing():
+    """A hook on one projection (calibration, profiling) makes project call the modules one by one."""
+    from gqa.layer import Linear, project
+
+    mods = (Linear(32, 8), Linear(32, 4))
+    x = torch.randn(1, 1, 32)
+    with torch.no_grad():
+        fused = project(x, mods)
+        seen = []
+        handle = mods[1].register_forward_hook(lambda m, a, out: seen.append(out.shape))
+        one_by_one = project(x, mods)
+        handle.remove()
+    assert seen == [(1, 1, 4)]
+    for a, b in zip(fused, one_by_one, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

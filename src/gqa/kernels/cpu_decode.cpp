@@ -515,69 +515,81 @@ inline void gemv_rows_dpbf16(const at::BFloat16* x, const at::BFloat16* const* w
   for (; m < M; ++m) gemv_tile_dpbf16<1, NR>(x + m * k, w, k, n_out, out + m * n_out);
 }
 
-void gemv_kernel_dpbf16(const at::BFloat16* x, const at::BFloat16* w, int64_t M, int64_t K, int64_t N, float* out) {
-  const int64_t tiles = (N + GEMV_ROWS - 1) / GEMV_ROWS;
-  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (GEMV_ROWS * K * 2));
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * GEMV_ROWS, nr = std::min<int64_t>(GEMV_ROWS, N - n0);
-      const at::BFloat16* rows[GEMV_ROWS];
-      for (int r = 0; r < GEMV_ROWS; ++r) rows[r] = w + (n0 + std::min<int64_t>(r, nr - 1)) * K;
-      if (nr == GEMV_ROWS) {
-        gemv_rows_dpbf16<GEMV_ROWS>(x, rows, M, K, N, out + n0);
-      } else {
-        for (int64_t r = 0; r < nr; ++r) gemv_rows_dpbf16<1>(x, rows + r, M, K, N, out + n0 + r);
-      }
-    }
-  });
-}
 #endif
 
-template <typename T>
-void gemv_kernel(const float* x, const T* w, int64_t M, int64_t K, int64_t N, float* out) {
-  const int64_t tiles = (N + GEMV_ROWS - 1) / GEMV_ROWS;
+// One weight matrix of a fused call: its rows fill output columns col .. col + n - 1.
+struct GemvSegment {
+  const void* w;
+  int64_t n, col;
+};
+
+// Every weight row tile of every segment in one parallel loop (one fork/join for a step's Q, K and V, or
+// its gate and up projections). tile(x, rows, nr, out) computes nr <= GEMV_ROWS output columns of all M rows.
+template <typename T, typename Tile>
+void gemv_segments(const std::vector<GemvSegment>& segs, int64_t K, Tile tile) {
+  std::vector<int64_t> first_tile(segs.size() + 1, 0);
+  for (size_t i = 0; i < segs.size(); ++i) first_tile[i + 1] = first_tile[i] + (segs[i].n + GEMV_ROWS - 1) / GEMV_ROWS;
   // About 64 KiB of weights per task: small enough to balance two threads on a 576 x 576 matrix.
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (GEMV_ROWS * K * static_cast<int64_t>(sizeof(T))));
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, first_tile.back(), grain, [&](int64_t begin, int64_t end) {
+    size_t s = std::upper_bound(first_tile.begin(), first_tile.end(), begin) - first_tile.begin() - 1;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * GEMV_ROWS, nr = std::min<int64_t>(GEMV_ROWS, N - n0);
+      while (t >= first_tile[s + 1]) ++s;
+      const GemvSegment& seg = segs[s];
+      const T* w = static_cast<const T*>(seg.w);
+      const int64_t n0 = (t - first_tile[s]) * GEMV_ROWS, nr = std::min<int64_t>(GEMV_ROWS, seg.n - n0);
       const T* rows[GEMV_ROWS];
       for (int r = 0; r < GEMV_ROWS; ++r) rows[r] = w + (n0 + std::min<int64_t>(r, nr - 1)) * K;
-      if (nr == GEMV_ROWS) {
-        gemv_rows<GEMV_ROWS>(x, rows, M, K, N, out + n0);
-      } else {
-        for (int64_t r = 0; r < nr; ++r) gemv_rows<1>(x, rows + r, M, K, N, out + n0 + r);
-      }
+      tile(rows, nr, seg.col + n0);
     }
   });
 }
 
-// x [M, K] and w [N, K] contiguous, the same dtype (fp32 or bf16); bias [N] of that dtype or empty.
-// Returns [M, N] in that dtype (fp32 sums, rounded once at the end).
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gqa cpu linear: x [M, K], w [N, K]");
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "gqa cpu linear: x and w dtypes differ");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "gqa cpu linear: x and w must be contiguous");
-  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == w.size(0) && bias.scalar_type() == w.scalar_type()),
-              "gqa cpu linear: bias must be empty or [N] of w's dtype");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+// x [M, K] and each w[i] [N_i, K] contiguous, all one dtype (fp32 or bf16); b[i] [N_i] of that dtype or empty.
+// Returns [M, sum N_i] in that dtype: x @ w[0]^T | x @ w[1]^T | ... (fp32 sums, rounded once at the end).
+at::Tensor linears(const at::Tensor& x, std::vector<at::Tensor> w, std::vector<at::Tensor> b) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "gqa cpu linear: x must be a contiguous [M, K]");
+  TORCH_CHECK(!w.empty() && w.size() == b.size(), "gqa cpu linear: one bias (or an empty tensor) per weight");
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<GemvSegment> segs;
+  int64_t n_total = 0;
+  for (size_t i = 0; i < w.size(); ++i) {
+    TORCH_CHECK(w[i].dim() == 2 && w[i].size(1) == K && w[i].is_contiguous(), "gqa cpu linear: w [N, K] contiguous");
+    TORCH_CHECK(w[i].scalar_type() == x.scalar_type(), "gqa cpu linear: x and w dtypes differ");
+    TORCH_CHECK(b[i].numel() == 0 || (b[i].numel() == w[i].size(0) && b[i].scalar_type() == x.scalar_type()),
+                "gqa cpu linear: bias must be empty or [N] of w's dtype");
+    segs.push_back({w[i].data_ptr(), w[i].size(0), n_total});
+    n_total += w[i].size(0);
+  }
+  at::Tensor out = at::empty({M, n_total}, x.options().dtype(at::kFloat));
   if (out.numel() == 0) return out.to(x.scalar_type());
-#if defined(__AVX512BF16__)
-  if (w.scalar_type() == at::kBFloat16) {
-    gemv_kernel_dpbf16(x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), M, K, N, out.data_ptr<float>());
-    if (bias.numel()) out.add_(bias.to(at::kFloat));
-    return out.to(x.scalar_type());
-  }
-#endif
-  at::Tensor xf = x.to(at::kFloat).contiguous();
-  if (w.scalar_type() == at::kFloat) {
-    gemv_kernel<float>(xf.data_ptr<float>(), w.data_ptr<float>(), M, K, N, out.data_ptr<float>());
+  float* o = out.data_ptr<float>();
+  if (x.scalar_type() == at::kFloat) {
+    const float* xf = x.data_ptr<float>();
+    gemv_segments<float>(segs, K, [&](const float* const* rows, int64_t nr, int64_t col) {
+      if (nr == GEMV_ROWS) return gemv_rows<GEMV_ROWS>(xf, rows, M, K, n_total, o + col);
+      for (int64_t r = 0; r < nr; ++r) gemv_rows<1>(xf, rows + r, M, K, n_total, o + col + r);
+    });
   } else {
-    TORCH_CHECK(w.scalar_type() == at::kBFloat16, "gqa cpu linear: fp32 or bf16 weights");
-    gemv_kernel<at::BFloat16>(xf.data_ptr<float>(), w.data_ptr<at::BFloat16>(), M, K, N, out.data_ptr<float>());
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "gqa cpu linear: fp32 or bf16 weights");
+#if defined(__AVX512BF16__)
+    const at::BFloat16* xb = x.data_ptr<at::BFloat16>();
+    gemv_segments<at::BFloat16>(segs, K, [&](const at::BFloat16* const* rows, int64_t nr, int64_t col) {
+      if (nr == GEMV_ROWS) return gemv_rows_dpbf16<GEMV_ROWS>(xb, rows, M, K, n_total, o + col);
+      for (int64_t r = 0; r < nr; ++r) gemv_rows_dpbf16<1>(xb, rows + r, M, K, n_total, o + col + r);
+    });
+#else
+    at::Tensor x32 = x.to(at::kFloat);
+    const float* xf = x32.data_ptr<float>();
+    gemv_segments<at::BFloat16>(segs, K, [&](const at::BFloat16* const* rows, int64_t nr, int64_t col) {
+      if (nr == GEMV_ROWS) return gemv_rows<GEMV_ROWS>(xf, rows, M, K, n_total, o + col);
+      for (int64_t r = 0; r < nr; ++r) gemv_rows<1>(xf, rows + r, M, K, n_total, o + col + r);
+    });
+#endif
   }
-  if (bias.numel()) out.add_(bias.to(at::kFloat));
+  for (size_t i = 0; i < b.size(); ++i) {
+    if (b[i].numel()) out.narrow(1, segs[i].col, segs[i].n).add_(b[i].to(at::kFloat));
+  }
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
@@ -585,5 +597,5 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
 
 TORCH_LIBRARY(gqa_cpu_decode, m) {
   m.def("decode", &decode);
-  m.def("linear", &linear);
+  m.def("linears", &linears);
 }

@@ -35,7 +35,7 @@ import torch
 from gqa.atomic import write_text_atomic
 from gqa.errors import GQAUserError
 
-__all__ = ["available", "status", "fused_decode", "linear_op", "FUSED_DTYPES", "SOURCE"]
+__all__ = ["available", "status", "fused_decode", "linears_op", "FUSED_DTYPES", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 #: Cache dtypes the kernel reads directly (arithmetic is always fp32).
@@ -193,10 +193,10 @@ def _load():
     return _state["op"]
 
 
-def linear_op():
-    """The kernel library's small-batch linear (``x [M, K]``, ``w [N, K]``, ``bias [N]`` or empty, fp32 or
-    bf16), or None where the library is not built (see :func:`status`)."""
-    return None if _load() is None else torch.ops.gqa_cpu_decode.linear
+def linears_op():
+    """The kernel library's small-batch linear layers (``x [M, K]``, weights ``[N_i, K]``, biases ``[N_i]`` or
+    empty, fp32 or bf16 -> ``[M, sum N_i]``), or None where the library is not built (see :func:`status`)."""
+    return None if _load() is None else torch.ops.gqa_cpu_decode.linears
 
 
 def available() -> bool:

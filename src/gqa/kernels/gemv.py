@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from gqa.kernels import cpu_fused
 
-__all__ = ["linear", "uses_kernel", "MAX_ROWS"]
+__all__ = ["linear", "linears", "uses_kernel", "MAX_ROWS"]
 
 #: Rows (batch x tokens) up to which the kernel is measured to beat torch's CPU matmul, per weight dtype.
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 16}
@@ -36,7 +36,7 @@ def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == weight.dtype
         and weight.is_contiguous()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and cpu_fused.linear_op() is not None
+        and cpu_fused.linears_op() is not None
     )
 
 
@@ -44,6 +44,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear``: x ``[..., K]``, weight ``[N, K]``, bias ``[N]`` -> ``[..., N]``, on the kernel where it pays."""
     if not uses_kernel(x, weight):
         return F.linear(x, weight, bias)
-    op = cpu_fused.linear_op()
-    out = op(x.reshape(-1, x.shape[-1]).contiguous(), weight, _NO_BIAS if bias is None else bias)  # (rows, N)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return linears(x, [weight], [bias])[0]
+
+
+def linears(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """``[F.linear(x, w, b) for w, b in zip(weights, biases)]``: x ``[..., K]``, weights ``[N_i, K]``.
+
+    On the kernel (every weight as :func:`uses_kernel` requires) all the products run in one parallel loop
+    (one fork/join for a decode step's Q, K and V instead of three) into one ``[..., sum N_i]`` buffer; the
+    results are column views of it ``[..., N_i]``.
+    """
+    if not all(uses_kernel(x, w) for w in weights):
+        return [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+    op = cpu_fused.linears_op()
+    flat = x.reshape(-1, x.shape[-1]).contiguous()  # (rows, K)
+    out = op(flat, list(weights), [_NO_BIAS if b is None else b for b in biases])  # (rows, sum N_i)
+    out = out.view(*x.shape[:-1], out.shape[-1])
+    return list(out.split([w.shape[0] for w in weights], dim=-1))

@@ -16,7 +16,7 @@ from gqa import masks
 from gqa.cache import ModelCache
 from gqa.errors import GQAUserError
 from gqa.latent import LatentAttention
-from gqa.layer import GroupedQueryAttention, Linear, RMSNorm
+from gqa.layer import GroupedQueryAttention, Linear, RMSNorm, project
 from gqa.model.config import GQAConfig
 from gqa.rope import rope_cos_sin
 
@@ -37,7 +37,8 @@ class GatedMLP(nn.Module):
         self.act = _ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, (self.gate_proj, self.up_proj))  # one GEMV call in a decode step
+        return self.down_proj(self.act(gate) * up)
 
 
 SwiGLU = GatedMLP  # the Llama name of the default (silu) gate
