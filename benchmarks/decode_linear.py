@@ -1,4 +1,4 @@
-"""The decode GEMV (``gqa.kernels.gemv``) against torch's ``F.linear`` on a decode step's weight shapes.
+"""The decode GEMV (``gqa.kernels.cpu_step``) against torch's ``F.linear`` on a decode step's weight shapes.
 
     python benchmarks/decode_linear.py --out benchmarks/results
 
@@ -7,7 +7,7 @@ For each weight shape of SmolLM2-135M (and the fused shapes of one QKV and one g
 call on weights that are not in cache: a set of copies larger than the last-level cache is cycled, as a
 decode step reads its 30 layers' weights once each. Reported: median microseconds, weight bytes read per
 second, the fraction of the read bandwidth measured in the same run, and the ratio torch / ours. The
-thresholds in ``gqa.kernels.gemv.MAX_ROWS`` come from this table.
+thresholds in ``gqa.kernels.cpu_step.MAX_ROWS`` come from this table.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from gqa.cache import PagedKV
 from gqa.cache.dynamic import MappedKV
 from gqa.errors import GQAUserError
 from gqa.functional import attention
-from gqa.kernels import gemv
+from gqa.kernels import cpu_step
 from gqa.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 __all__ = ["GroupedQueryAttention", "Linear", "RMSNorm", "paged_attention", "project"]
@@ -26,10 +26,10 @@ _CAUSAL = masks.causal()
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, state dict and hooks) whose forward runs the decode GEMV kernel of
-    :mod:`gqa.kernels.gemv` for the few rows of a decode step, and ``F.linear`` for everything else."""
+    :mod:`gqa.kernels.cpu_step` for the few rows of a decode step, and ``F.linear`` for everything else."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemv.linear(x, self.weight, self.bias)
+        return cpu_step.linear(x, self.weight, self.bias)
 
 
 def project(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> list[torch.Tensor]:
@@ -42,7 +42,7 @@ def project(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> list[torch.Tenso
     )
     if not plain:
         return [m(x) for m in modules]
-    return gemv.linears(x, [m.weight for m in modules], [m.bias for m in modules])
+    return cpu_step.linears(x, [m.weight for m in modules], [m.bias for m in modules])
 
 
 class RMSNorm(nn.Module):
@@ -56,6 +56,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = cpu_step.rms_norm(x, self.weight, self.eps, self.scale_fp32)  # a decode step's rows on CPU
+        if fused is not None:
+            return fused
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least fp32; float64 stays float64
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.scale_fp32:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from gqa.errors import GQAUserError
+from gqa.kernels import cpu_step
 
 __all__ = ["rope_frequencies", "rope_cos_sin", "apply_rope"]
 
@@ -34,6 +35,9 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, D]; cos/sin [T, D] or [B, T, D]. Computed in fp32 (float64 stays float64), returned in x's dtype."""
+    fused = cpu_step.rope(x, cos, sin)  # a decode step's few tokens on CPU: one call
+    if fused is not None:
+        return fused
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D) broadcast over heads
     xf = x.to(torch.promote_types(x.dtype, torch.float32))

@@ -593,9 +593,100 @@ at::Tensor linears(const at::Tensor& x, std::vector<at::Tensor> w, std::vector<a
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
+// ---- The rest of a decode step's per-token work: RMSNorm and RoPE, one call each instead of 6-10 ops ----
+//
+// Both compute in fp32 and round as the eager torch code does (gqa.layer.RMSNorm, gqa.rope.apply_rope), for
+// the few rows of a decode step (no threads: a row is 1-2 KiB).
+
+inline float to_float(float x) { return x; }
+inline float to_float(at::BFloat16 x) { return static_cast<float>(x); }
+template <typename T>
+inline T from_float(float x) { return static_cast<T>(x); }  // bf16: round to nearest even
+
+template <typename T>
+void rms_norm_rows(const T* x, const T* w, T* out, int64_t M, int64_t D, float eps, bool scale_fp32) {
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xr = x + m * D;
+    T* o = out + m * D;
+    float lanes[LANES] = {};
+    int64_t i = 0;
+    for (; i + LANES <= D; i += LANES)
+      for (int l = 0; l < LANES; ++l) lanes[l] += to_float(xr[i + l]) * to_float(xr[i + l]);
+    float ss = 0.0f;
+    for (int l = 0; l < LANES; ++l) ss += lanes[l];
+    for (; i < D; ++i) ss += to_float(xr[i]) * to_float(xr[i]);
+    const float r = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+    for (int64_t d = 0; d < D; ++d) {
+      const float y = to_float(xr[d]) * r;
+      // scale_fp32 (Gemma): the scale applied in fp32, one rounding; else (Llama): rounded, then scaled.
+      o[d] = scale_fp32 ? from_float<T>(y * to_float(w[d])) : from_float<T>(to_float(w[d]) * to_float(from_float<T>(y)));
+    }
+  }
+}
+
+// x [M, D] contiguous, w [D], both fp32 or both bf16. Returns [M, D] in that dtype.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool scale_fp32) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous(),
+              "gqa cpu rms_norm: x [M, D] and w [D] contiguous");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "gqa cpu rms_norm: x and w dtypes differ");
+  at::Tensor out = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat) {
+    rms_norm_rows<float>(x.data_ptr<float>(), w.data_ptr<float>(), out.data_ptr<float>(), x.size(0), x.size(1),
+                         static_cast<float>(eps), scale_fp32);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "gqa cpu rms_norm: fp32 or bf16");
+    rms_norm_rows<at::BFloat16>(x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(),
+                                x.size(0), x.size(1), static_cast<float>(eps), scale_fp32);
+  }
+  return out;
+}
+
+template <typename T>
+void rope_rows(const at::Tensor& x, const float* cos, const float* sin, bool per_batch, T* out) {
+  const int64_t B = x.size(0), H = x.size(1), T_ = x.size(2), D = x.size(3), half = D / 2;
+  const T* base = static_cast<const T*>(x.data_ptr());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T_; ++t) {
+        const T* xr = base + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
+        const int64_t c0 = ((per_batch ? b * T_ : 0) + t) * D;
+        const float* c = cos + c0;
+        const float* s = sin + c0;
+        T* o = out + ((b * H + h) * T_ + t) * D;
+        for (int64_t i = 0; i < half; ++i) {  // (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): "rotate half"
+          const float x1 = to_float(xr[i]), x2 = to_float(xr[i + half]);
+          o[i] = from_float<T>(x1 * c[i] + (-x2) * s[i]);
+          o[i + half] = from_float<T>(x2 * c[i + half] + x1 * s[i + half]);
+        }
+      }
+}
+
+// x [B, H, T, D] fp32 or bf16 with unit stride in D (any other strides); cos, sin [T, D] or [B, T, D] fp32
+// contiguous. Returns the rotated x, contiguous [B, H, T, D] in x's dtype.
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 2 == 0, "gqa cpu rope: x [B, H, T, D], unit stride in D");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.sizes() == sin.sizes(),
+              "gqa cpu rope: cos and sin contiguous fp32 of one shape");
+  const bool per_batch = cos.dim() == 3;
+  TORCH_CHECK((cos.dim() == 2 || (per_batch && cos.size(0) == x.size(0))) && cos.size(-2) == x.size(2) &&
+                  cos.size(-1) == x.size(3),
+              "gqa cpu rope: cos [T, D] or [B, T, D] matching x");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (x.scalar_type() == at::kFloat) {
+    rope_rows<float>(x, cos.data_ptr<float>(), sin.data_ptr<float>(), per_batch, out.data_ptr<float>());
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "gqa cpu rope: fp32 or bf16");
+    rope_rows<at::BFloat16>(x, cos.data_ptr<float>(), sin.data_ptr<float>(), per_batch, out.data_ptr<at::BFloat16>());
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gqa_cpu_decode, m) {
   m.def("decode", &decode);
   m.def("linears", &linears);
+  m.def("rms_norm", &rms_norm);
+  m.def("rope", &rope);
 }

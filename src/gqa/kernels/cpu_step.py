@@ -1,6 +1,7 @@
-"""Linear layers for the few rows of a decode step: the C++ GEMV of ``cpu_decode.cpp`` on CPU.
+"""A decode step's per-token work on CPU, in the C++ library of ``cpu_decode.cpp``: linear layers (GEMV),
+RMSNorm and RoPE for the few rows of a step.
 
-A decode step is a chain of matrix-vector products, one per weight matrix, and they read nearly every byte
+**Linear layers.** A decode step is a chain of matrix-vector products, one per weight matrix, and they read nearly every byte
 the step reads (SmolLM2-135M: 540 MB of fp32 weights against about 2 MB of KV cache at 512 tokens). torch's
 CPU matmul reads a [1, K] x [K, N] product at 15 GB/s on the 2 EPYC cores the project measures on; the
 kernel streams each weight row once for all the step's input rows with fp32 accumulators in registers and
@@ -9,8 +10,12 @@ bf16 rows are summed by the CPU's bf16 dot-product instruction where it has one 
 widened to fp32 in registers otherwise. Measured per shape in ``benchmarks/decode_linear.py``
 (benchmarks/results/decode-linear-cpu.md).
 
+**RMSNorm and RoPE.** Eagerly each is 6-10 torch ops (casts, a mean, a concatenation of rotated halves) of a
+few microseconds each, 61 norms and 60 rotations a SmolLM2 step; here each is one call, computed in fp32 and
+rounded where the eager code rounds (:class:`gqa.layer.RMSNorm`, :func:`gqa.rope.apply_rope`).
+
 Everything else (gradients, other devices and dtypes, more rows, ``GQA_CPU_KERNEL=torch``, no compiler)
-runs ``torch.nn.functional.linear``: the kernel is only taken where nothing needs its autograd graph.
+runs the torch code: the kernels are only taken where nothing needs an autograd graph.
 """
 
 from __future__ import annotations
@@ -20,11 +25,18 @@ import torch.nn.functional as F
 
 from gqa.kernels import cpu_fused
 
-__all__ = ["linear", "linears", "uses_kernel", "MAX_ROWS"]
+__all__ = ["linear", "linears", "uses_kernel", "rms_norm", "rope", "MAX_ROWS", "MAX_TOKENS"]
 
 #: Rows (batch x tokens) up to which the kernel is measured to beat torch's CPU matmul, per weight dtype.
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 16}
+#: Tokens (batch x new tokens) up to which RMSNorm and RoPE take their one-call kernels (unthreaded).
+MAX_TOKENS = 16
 _NO_BIAS = torch.empty(0)
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _no_graph(*tensors: torch.Tensor) -> bool:
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -35,7 +47,7 @@ def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and rows <= MAX_ROWS.get(weight.dtype, 0)
         and x.dtype == weight.dtype
         and weight.is_contiguous()
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and _no_graph(x, weight)
         and cpu_fused.linears_op() is not None
     )
 
@@ -61,3 +73,40 @@ def linears(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
     out = op(flat, list(weights), [_NO_BIAS if b is None else b for b in biases])  # (rows, sum N_i)
     out = out.view(*x.shape[:-1], out.shape[-1])
     return list(out.split([w.shape[0] for w in weights], dim=-1))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scale_fp32: bool) -> torch.Tensor | None:
+    """:class:`gqa.layer.RMSNorm` of x ``[..., D]`` (weight ``[D]``) in one call, or None where the kernel does
+    not take these inputs (the caller runs the torch code)."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if not (
+        x.device.type == "cpu"
+        and rows <= MAX_TOKENS
+        and x.dtype in _DTYPES
+        and weight.dtype == x.dtype
+        and _no_graph(x, weight)
+        and cpu_fused.linears_op() is not None
+    ):
+        return None
+    flat = x.reshape(-1, x.shape[-1]).contiguous()  # (rows, D)
+    return torch.ops.gqa_cpu_decode.rms_norm(flat, weight.contiguous(), float(eps), bool(scale_fp32)).view(x.shape)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """:func:`gqa.rope.apply_rope` of x ``[B, H, T, D]`` with cos/sin ``[T, D]`` or ``[B, T, D]`` fp32 in one call
+    (contiguous output), or None where the kernel does not take these inputs."""
+    if not (
+        x.device.type == "cpu"
+        and x.dim() == 4
+        and x.shape[0] * x.shape[2] <= MAX_TOKENS
+        and x.dtype in _DTYPES
+        and x.stride(-1) == 1
+        and cos.dtype == torch.float32
+        and cos.shape == sin.shape
+        and cos.shape[-2:] == x.shape[-2:]
+        and (cos.dim() == 2 or (cos.dim() == 3 and cos.shape[0] == x.shape[0]))
+        and _no_graph(x)
+        and cpu_fused.linears_op() is not None
+    ):
+        return None
+    return torch.ops.gqa_cpu_decode.rope(x, cos.contiguous(), sin.contiguous())
