@@ -26,7 +26,9 @@ query's block of ``chunk`` tokens. Tiles outside a window or a chunk are never r
 
 Modules: :mod:`~gqa.kernels.dispatch` (these functions and the routing), :mod:`~gqa.kernels.checks`
 (input checks), :mod:`~gqa.kernels.cpu_fused` (the C++ kernel, built on first use, with its
-fallback), :mod:`~gqa.kernels.cpu` (the torch fallback), :mod:`~gqa.kernels.triton_decode` (CUDA).
+fallback), :mod:`~gqa.kernels.cpu` (the torch fallback), :mod:`~gqa.kernels.triton_decode` (CUDA),
+:mod:`~gqa.kernels.cpu_step` (the rest of a CPU decode step from the same C++ library: linear layers,
+RMSNorm, RoPE; :class:`gqa.layer.Linear`, :class:`gqa.layer.RMSNorm` and :func:`gqa.rope.apply_rope` call it).
 Only ``gqa.functional`` routes ``gqa.attention`` here (:func:`supports`, :func:`attention`).
 """
 
