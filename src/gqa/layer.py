@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module  # the global hook registries (project)
 
 from gqa import kernels, masks
 from gqa.cache import PagedKV
@@ -35,8 +36,6 @@ class Linear(nn.Linear):
 def project(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> list[torch.Tensor]:
     """``[m(x) for m in modules]``, as one fused GEMV call when every module is a plain :class:`Linear`
     (no hooks, so nothing observing a module is skipped): a decode step's Q, K and V, or gate and up."""
-    from torch.nn.modules import module as torch_module  # the global hook registries: any hook means module calls
-
     plain = not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks) and all(
         type(m) is Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in modules
     )

@@ -144,10 +144,11 @@ constexpr int DIM_TILE = 2;
 #endif
 constexpr int ROW_TILE = 4;
 
-// s[r * BLOCK_N + c] = q_r . k_c for NR rows and NK keys: each K chunk and each q chunk is loaded
-// once per tile, NR * NK independent accumulators keep the FMA units busy.
+// s[r * s_stride + c] = q_r . k_c for NR rows and NK rows of k: each k chunk and each q chunk is loaded once
+// per tile, NR * NK independent accumulators keep the FMA units busy. The attention scores (k = keys,
+// s_stride = BLOCK_N) and the decode GEMV (k = weight rows, s_stride = the output's row length) share it.
 template <int NR, int NK, typename T>
-inline void score_tile(const float* __restrict q, const T* const* k, int64_t d, float* s) {
+inline void dot_tile(const float* __restrict q, const T* const* k, int64_t d, float* s, int64_t s_stride) {
   vf16 a[NR][NK] = {};
   int64_t i = 0;
   for (; i + LANES <= d; i += LANES) {
@@ -162,7 +163,7 @@ inline void score_tile(const float* __restrict q, const T* const* k, int64_t d, 
     for (int c = 0; c < NK; ++c) {
       float t = hsum(a[r][c]);
       for (int64_t e = i; e < d; ++e) t += q[r * d + e] * load1(k[c] + e);
-      s[r * BLOCK_N + c] = t;
+      s[r * s_stride + c] = t;
     }
   }
 }
@@ -170,8 +171,8 @@ inline void score_tile(const float* __restrict q, const T* const* k, int64_t d, 
 template <int NR, typename T>
 inline void score_rows(const float* q, const T* const* k, int64_t d, int64_t bn, float* s) {
   int64_t c = 0;
-  for (; c + KEY_TILE <= bn; c += KEY_TILE) score_tile<NR, KEY_TILE>(q, k + c, d, s + c);
-  for (; c < bn; ++c) score_tile<NR, 1>(q, k + c, d, s + c);
+  for (; c + KEY_TILE <= bn; c += KEY_TILE) dot_tile<NR, KEY_TILE>(q, k + c, d, s + c, BLOCK_N);
+  for (; c < bn; ++c) dot_tile<NR, 1>(q, k + c, d, s + c, BLOCK_N);
 }
 
 // acc_r += sum_c p[r, c] * v_c for NR rows: DIM_TILE chunks of each accumulator row stay in registers
@@ -452,37 +453,16 @@ at::Tensor decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 constexpr int GEMV_ROWS = 4;  // weight rows per tile
 constexpr int GEMV_M = 4;     // input rows per tile (GEMV_M * GEMV_ROWS accumulators + GEMV_ROWS weight chunks)
 
-template <int NM, int NR, typename T>
-inline void gemv_tile(const float* __restrict x, const T* const* w, int64_t k, int64_t n_out, float* out) {
-  vf16 a[NM][NR] = {};
-  int64_t i = 0;
-  for (; i + LANES <= k; i += LANES) {
-    vf16 ww[NR];
-    for (int r = 0; r < NR; ++r) ww[r] = load16(w[r] + i);
-    for (int m = 0; m < NM; ++m) {
-      const vf16 xx = loadv(x + m * k + i);
-      for (int r = 0; r < NR; ++r) a[m][r] += xx * ww[r];
-    }
-  }
-  for (int m = 0; m < NM; ++m) {
-    for (int r = 0; r < NR; ++r) {
-      float t = hsum(a[m][r]);
-      for (int64_t e = i; e < k; ++e) t += x[m * k + e] * load1(w[r] + e);
-      out[m * n_out + r] = t;
-    }
-  }
-}
-
 template <int NR, typename T>
 inline void gemv_rows(const float* x, const T* const* w, int64_t M, int64_t k, int64_t n_out, float* out) {
   int64_t m = 0;
-  for (; m + GEMV_M <= M; m += GEMV_M) gemv_tile<GEMV_M, NR>(x + m * k, w, k, n_out, out + m * n_out);
-  for (; m < M; ++m) gemv_tile<1, NR>(x + m * k, w, k, n_out, out + m * n_out);
+  for (; m + GEMV_M <= M; m += GEMV_M) dot_tile<GEMV_M, NR>(x + m * k, w, k, out + m * n_out, n_out);
+  for (; m < M; ++m) dot_tile<1, NR>(x + m * k, w, k, out + m * n_out, n_out);
 }
 
 #if defined(__AVX512BF16__)
 // bf16 x bf16 on the CPU's dot-product instruction: 32 exact products per instruction, summed in fp32 (the
-// widening path above spends two instructions per 16 weights before its FMA and is compute-bound from 4 rows).
+// widening path, dot_tile, spends two instructions per 16 weights before its FMA and is compute-bound from 4 rows).
 template <int NM, int NR>
 inline void gemv_tile_dpbf16(const at::BFloat16* __restrict x, const at::BFloat16* const* w, int64_t k, int64_t n_out,
                              float* out) {

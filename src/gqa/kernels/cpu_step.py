@@ -5,7 +5,8 @@ RMSNorm and RoPE for the few rows of a step.
 the step reads (SmolLM2-135M: 540 MB of fp32 weights against about 2 MB of KV cache at 512 tokens). torch's
 CPU matmul reads a [1, K] x [K, N] product at 15 GB/s on the 2 EPYC cores the project measures on; the
 kernel streams each weight row once for all the step's input rows with fp32 accumulators in registers and
-is faster at every shape and row count measured (1-16 rows: 1.7-6.1x torch in fp32, 1.0-3.1x in bf16).
+measures 1.4-4.1x torch in fp32 at every shape and 1-16 rows, and 1.1-2.8x in bf16 except on the 49152-row LM
+head at 8-16 rows (0.82-0.92x; one call a step against 210 it wins, so bf16 keeps the kernel up to 16 rows).
 bf16 rows are summed by the CPU's bf16 dot-product instruction where it has one (AVX-512 BF16), and
 widened to fp32 in registers otherwise. Measured per shape in ``benchmarks/decode_linear.py``
 (benchmarks/results/decode-linear-cpu.md).
@@ -27,7 +28,7 @@ from gqa.kernels import cpu_fused
 
 __all__ = ["linear", "linears", "uses_kernel", "rms_norm", "rope", "MAX_ROWS", "MAX_TOKENS"]
 
-#: Rows (batch x tokens) up to which the kernel is measured to beat torch's CPU matmul, per weight dtype.
+#: Rows (batch x tokens) up to which the kernel takes a decode step's linear layers, per weight dtype.
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 16}
 #: Tokens (batch x new tokens) up to which RMSNorm and RoPE take their one-call kernels (unthreaded).
 MAX_TOKENS = 16
@@ -48,7 +49,7 @@ def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == weight.dtype
         and weight.is_contiguous()
         and _no_graph(x, weight)
-        and cpu_fused.linears_op() is not None
+        and cpu_fused.available()
     )
 
 
@@ -56,7 +57,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear``: x ``[..., K]``, weight ``[N, K]``, bias ``[N]`` -> ``[..., N]``, on the kernel where it pays."""
     if not uses_kernel(x, weight):
         return F.linear(x, weight, bias)
-    return linears(x, [weight], [bias])[0]
+    return _run_linears(x, [weight], [bias])[0]
 
 
 def linears(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> list[torch.Tensor]:
@@ -68,6 +69,11 @@ def linears(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
     """
     if not all(uses_kernel(x, w) for w in weights):
         return [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+    return _run_linears(x, weights, biases)
+
+
+def _run_linears(x, weights, biases) -> list[torch.Tensor]:
+    """The kernel call behind :func:`linears` (inputs already checked by :func:`uses_kernel`)."""
     op = cpu_fused.linears_op()
     flat = x.reshape(-1, x.shape[-1]).contiguous()  # (rows, K)
     out = op(flat, list(weights), [_NO_BIAS if b is None else b for b in biases])  # (rows, sum N_i)
@@ -85,7 +91,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scale_fp32: bool
         and x.dtype in _DTYPES
         and weight.dtype == x.dtype
         and _no_graph(x, weight)
-        and cpu_fused.linears_op() is not None
+        and cpu_fused.available()
     ):
         return None
     flat = x.reshape(-1, x.shape[-1]).contiguous()  # (rows, D)
@@ -106,7 +112,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
         and cos.shape[-2:] == x.shape[-2:]
         and (cos.dim() == 2 or (cos.dim() == 3 and cos.shape[0] == x.shape[0]))
         and _no_graph(x)
-        and cpu_fused.linears_op() is not None
+        and cpu_fused.available()
     ):
         return None
     return torch.ops.gqa_cpu_decode.rope(x, cos.contiguous(), sin.contiguous())
