@@ -158,6 +158,38 @@ def test_bf16_computes_in_fp32(cpu_path):
     check(out, ref, q, k, v, m, factor=2.0)
 
 
+@pytest.mark.parametrize("d", [16, 48, 128])  # below, across and at multiples of the 32-wide bf16 dot product
+@pytest.mark.parametrize("tq", [1, 3])
+def test_bf16_query_on_bf16_cache_scores_with_bf16_dot_products(d, tq, cpu_path):
+    """A bf16 query on a bf16 cache takes the CPU's bf16 dot products where it has them (unscaled query,
+    exact products, fp32 sums): as close to the fp64 reference as the fp32-query path, contiguous and paged."""
+    torch.manual_seed(d + tq)
+    b, hq, hkv, t_max, page = 2, 9, 3, 700, 64
+    q = torch.randn(b, hq, tq, d, dtype=torch.bfloat16) * 3  # large scores: the scale is applied in fp32
+    k = torch.randn(b, hkv, t_max, d, dtype=torch.bfloat16)
+    v = torch.randn(b, hkv, t_max, d, dtype=torch.bfloat16)
+    lengths = torch.tensor([700, 333], dtype=torch.int32)
+    m = decode_mask(lengths, tq, t_max)
+    ref = gqa.reference_attention(q, k, v, mask=m)
+    out = decode_attention(q, k, v, lengths, causal=True)
+    check(out, ref, q, k, v, m, factor=2.0)
+    # The same values in fp32 (bf16 widens exactly): the widening path's arithmetic, rounded to bf16.
+    widened = decode_attention(q.float(), k.float(), v.float(), lengths, causal=True).to(torch.bfloat16)
+    err = (out.double() - ref).abs().max().item()
+    assert err <= 1.5 * (widened.double() - ref).abs().max().item() + 4 * torch.finfo(torch.bfloat16).eps
+    n_pages = -(-t_max // page)
+    kp = torch.zeros(b * n_pages, hkv, page, d, dtype=torch.bfloat16)
+    vp = torch.zeros_like(kp)
+    for i in range(b):
+        for p in range(n_pages):
+            n = min(page, t_max - p * page)
+            kp[i * n_pages + p, :, :n] = k[i, :, p * page : p * page + n]
+            vp[i * n_pages + p, :, :n] = v[i, :, p * page : p * page + n]
+    table = torch.arange(b * n_pages, dtype=torch.int32).view(b, n_pages)
+    paged = paged_decode_attention(q, kp, vp, table, lengths, causal=True)
+    check(paged, ref, q, k, v, m, factor=2.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
 def test_other_dtypes(dtype, cpu_path):
     """fp16 runs in fp32; fp64 in fp64 (the torch path), so its error is at fp64's level."""

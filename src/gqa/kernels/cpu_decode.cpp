@@ -1,4 +1,5 @@
-// Fused split-KV GQA decode attention for CPU (fp32 and bf16 caches, fp32 arithmetic).
+// Fused split-KV GQA decode attention for CPU (fp32 and bf16 caches, fp32 sums; a bf16 query on a bf16 cache
+// takes the CPU's bf16 dot products for its scores where it has them).
 //
 // One work item = (sequence b, KV head j, KV split s). Its rows are the g query heads of KV head j
 // times the Tq query tokens (row r = i * Tq + t is query head h = j * g + i, the h // g mapping), so
@@ -163,12 +164,59 @@ inline void dot_tile(const float* __restrict q, const T* const* k, int64_t d, fl
   }
 }
 
+#if defined(__AVX512BF16__)
+// dot_tile for bf16 x bf16 on the CPU's dot-product instruction: 32 exact products per instruction, summed in
+// fp32 (the widening path, dot_tile, spends two instructions per 16 elements before its FMA and is
+// compute-bound from 4 rows). Attention scores of a bf16 query and cache, and the bf16 decode GEMV.
+template <int NM, int NR>
+inline void dot_tile_dpbf16(const at::BFloat16* __restrict x, const at::BFloat16* const* w, int64_t k, float* out,
+                            int64_t n_out) {
+  __m512 a[NM][NR];
+  for (int m = 0; m < NM; ++m)
+    for (int r = 0; r < NR; ++r) a[m][r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    __m512bh ww[NR];
+    for (int r = 0; r < NR; ++r) ww[r] = (__m512bh)_mm512_loadu_si512(w[r] + i);
+    for (int m = 0; m < NM; ++m) {
+      const __m512bh xx = (__m512bh)_mm512_loadu_si512(x + m * k + i);
+      for (int r = 0; r < NR; ++r) a[m][r] = _mm512_dpbf16_ps(a[m][r], xx, ww[r]);
+    }
+  }
+  for (int m = 0; m < NM; ++m) {
+    for (int r = 0; r < NR; ++r) {
+      float t = _mm512_reduce_add_ps(a[m][r]);
+      for (int64_t e = i; e < k; ++e) t += static_cast<float>(x[m * k + e]) * static_cast<float>(w[r][e]);
+      out[m * n_out + r] = t;
+    }
+  }
+}
+#endif
+
+// Scores of NR query rows against a block's bn keys, times q_scale (1 for a pre-scaled fp32 query).
 template <int NR, typename T>
-inline void score_rows(const float* q, const T* const* k, int64_t d, int64_t bn, float* s) {
+inline void score_rows(const float* q, const T* const* k, int64_t d, int64_t bn, float q_scale, float* s) {
   int64_t c = 0;
   for (; c + KEY_TILE <= bn; c += KEY_TILE) dot_tile<NR, KEY_TILE>(q, k + c, d, s + c, BLOCK_N);
   for (; c < bn; ++c) dot_tile<NR, 1>(q, k + c, d, s + c, BLOCK_N);
+  if (q_scale != 1.0f)
+    for (int r = 0; r < NR; ++r)
+      for (c = 0; c < bn; ++c) s[r * BLOCK_N + c] *= q_scale;
 }
+
+#if defined(__AVX512BF16__)
+// A bf16 query on a bf16 cache: exact products on the dot-product instruction, the scale applied to the
+// fp32 sums (the query is passed unscaled, so no rounding is added to it).
+template <int NR>
+inline void score_rows(const at::BFloat16* q, const at::BFloat16* const* k, int64_t d, int64_t bn, float q_scale,
+                       float* s) {
+  int64_t c = 0;
+  for (; c + KEY_TILE <= bn; c += KEY_TILE) dot_tile_dpbf16<NR, KEY_TILE>(q, k + c, d, s + c, BLOCK_N);
+  for (; c < bn; ++c) dot_tile_dpbf16<NR, 1>(q, k + c, d, s + c, BLOCK_N);
+  for (int r = 0; r < NR; ++r)
+    for (c = 0; c < bn; ++c) s[r * BLOCK_N + c] *= q_scale;
+}
+#endif
 
 // acc_r += sum_c p[r, c] * v_c for NR rows: DIM_TILE chunks of each accumulator row stay in registers
 // over the block's keys and each V chunk is loaded once for all NR rows. A key some row masks out
@@ -237,9 +285,10 @@ struct Rows {
   }
 };
 
-template <typename T>
+template <typename T, typename TQ>
 void decode_kernel(
-    const float* q,  // [B, Hq, Tq, D] contiguous, pre-scaled by scale * log2(e)
+    const TQ* q,  // [B, Hq, Tq, D] contiguous; scores are q . k * q_scale (scale * log2(e) in all)
+    float q_scale,
     const Rows<T>& K, const Rows<T>& V,
     const int32_t* kv_lens, const int32_t* q_pos0,
     const int32_t* kv_start,  // [B] first real key of each sequence (left padding), or nullptr: 0
@@ -294,7 +343,7 @@ void decode_kernel(
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), NEG_INF);
       std::fill(l.begin(), l.end(), 0.0f);
-      const float* qrows = q + (b * Hq + j * g) * Tq * D;  // rows r = i * Tq + t, contiguous
+      const TQ* qrows = q + (b * Hq + j * g) * Tq * D;  // rows r = i * Tq + t, contiguous
 
       for (int64_t n0 = start; n0 < stop; n0 += BLOCK_N) {
         const int64_t bn = std::min(BLOCK_N, stop - n0);
@@ -311,8 +360,8 @@ void decode_kernel(
         for (int64_t c = 0; c < bn; ++c) krow[c] = K.row(b, j, n0 + c);
         int64_t r0 = 0;
         for (; r0 + ROW_TILE <= R; r0 += ROW_TILE)
-          score_rows<ROW_TILE>(qrows + r0 * D, krow.data(), D, bn, sc.data() + r0 * BLOCK_N);
-        for (; r0 < R; ++r0) score_rows<1>(qrows + r0 * D, krow.data(), D, bn, sc.data() + r0 * BLOCK_N);
+          score_rows<ROW_TILE>(qrows + r0 * D, krow.data(), D, bn, q_scale, sc.data() + r0 * BLOCK_N);
+        for (; r0 < R; ++r0) score_rows<1>(qrows + r0 * D, krow.data(), D, bn, q_scale, sc.data() + r0 * BLOCK_N);
         bool full = true;  // every row sees every key of this block: P @ V needs no per-key check
         for (int64_t r = 0; r < R; ++r) {
           const int64_t t = r % Tq;
@@ -395,14 +444,17 @@ Rows<T> rows_of(const at::Tensor& x, const at::Tensor& table) {
   return r;
 }
 
-// q [B, Hq, Tq, D] fp32 contiguous, pre-scaled by scale * log2(e); k, v [B | num_pages, Hkv, T | page_size, D]
+// q [B, Hq, Tq, D] contiguous: fp32, or bf16 with a bf16 cache (bf16 dot products where the CPU has them);
+// scores are q . k * q_scale, with scale * log2(e) folded into q or q_scale; k, v [B | num_pages, Hkv, T | page_size, D]
 // fp32 or bf16 with unit stride in D; block_table [B, max_pages] int32 contiguous (or empty: contiguous cache);
 // kv_lens, q_pos0 [B] int32; kv_start [B] int32 (keys before it are padding) or empty; window / chunk 0 = none. Returns [B, Hq, Tq, D] fp32.
 at::Tensor decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_table,
                   const at::Tensor& kv_lens, const at::Tensor& q_pos0, const at::Tensor& kv_start, bool causal, int64_t window, int64_t chunk,
-                  int64_t n_splits) {
+                  int64_t n_splits, double q_scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "gqa cpu decode: q, k, v must be 4-D");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous(), "gqa cpu decode: q must be contiguous fp32");
+  TORCH_CHECK(q.is_contiguous() && (q.scalar_type() == at::kFloat ||
+                                    (q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16)),
+              "gqa cpu decode: q must be contiguous fp32, or bf16 with a bf16 cache");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "gqa cpu decode: k and v dtypes differ");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "gqa cpu decode: k and v need unit stride in head_dim");
   TORCH_CHECK(kv_lens.scalar_type() == at::kInt && q_pos0.scalar_type() == at::kInt, "gqa cpu decode: int32 lengths");
@@ -416,22 +468,31 @@ at::Tensor decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && k.size(3) == D && v.sizes() == k.sizes(), "gqa cpu decode: shapes");
   const int64_t R = (Hq / Hkv) * Tq;
-  auto opts = q.options();
+  auto opts = q.options().dtype(at::kFloat);
   at::Tensor part_out = at::empty({B * Hkv * n_splits * R * D}, opts);
   at::Tensor part_lse = at::empty({B * Hkv * n_splits * R}, opts);
   at::Tensor out = at::empty({B, Hq, Tq, D}, opts);
   if (out.numel() == 0) return out;
   const int32_t* start = kv_start.numel() ? kv_start.data_ptr<int32_t>() : nullptr;
-  if (k.scalar_type() == at::kFloat) {
-    decode_kernel<float>(q.data_ptr<float>(), rows_of<float>(k, block_table), rows_of<float>(v, block_table),
-                         kv_lens.data_ptr<int32_t>(), q_pos0.data_ptr<int32_t>(), start, B, Hq, Hkv, Tq, D, causal, window,
-                         chunk, n_splits, part_out.data_ptr<float>(), part_lse.data_ptr<float>());
+  auto run = [&](auto* qp, float qs, auto* cache_type) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(cache_type)>>;
+    decode_kernel<T>(qp, qs, rows_of<T>(k, block_table), rows_of<T>(v, block_table), kv_lens.data_ptr<int32_t>(),
+                     q_pos0.data_ptr<int32_t>(), start, B, Hq, Hkv, Tq, D, causal, window, chunk, n_splits,
+                     part_out.data_ptr<float>(), part_lse.data_ptr<float>());
+  };
+  at::Tensor qf = q;
+  if (q.scalar_type() == at::kBFloat16) {
+#if defined(__AVX512BF16__)
+    run(q.data_ptr<at::BFloat16>(), static_cast<float>(q_scale), static_cast<at::BFloat16*>(nullptr));
+#else  // no bf16 dot products on this CPU: widen the query once and take the fp32-query path
+    qf = q.to(at::kFloat).mul_(q_scale);
+    run(qf.data_ptr<float>(), 1.0f, static_cast<at::BFloat16*>(nullptr));
+#endif
+  } else if (k.scalar_type() == at::kFloat) {
+    run(q.data_ptr<float>(), static_cast<float>(q_scale), static_cast<float*>(nullptr));
   } else {
     TORCH_CHECK(k.scalar_type() == at::kBFloat16, "gqa cpu decode: k and v must be fp32 or bf16");
-    decode_kernel<at::BFloat16>(q.data_ptr<float>(), rows_of<at::BFloat16>(k, block_table),
-                                rows_of<at::BFloat16>(v, block_table), kv_lens.data_ptr<int32_t>(),
-                                q_pos0.data_ptr<int32_t>(), start, B, Hq, Hkv, Tq, D, causal, window, chunk, n_splits,
-                                part_out.data_ptr<float>(), part_lse.data_ptr<float>());
+    run(q.data_ptr<float>(), static_cast<float>(q_scale), static_cast<at::BFloat16*>(nullptr));
   }
   merge_splits(part_out.data_ptr<float>(), part_lse.data_ptr<float>(), out.data_ptr<float>(), B, Hkv, R, D, n_splits);
   return out;
@@ -456,38 +517,12 @@ inline void gemv_rows(const float* x, const T* const* w, int64_t M, int64_t k, i
 }
 
 #if defined(__AVX512BF16__)
-// bf16 x bf16 on the CPU's dot-product instruction: 32 exact products per instruction, summed in fp32 (the
-// widening path, dot_tile, spends two instructions per 16 weights before its FMA and is compute-bound from 4 rows).
-template <int NM, int NR>
-inline void gemv_tile_dpbf16(const at::BFloat16* __restrict x, const at::BFloat16* const* w, int64_t k, int64_t n_out,
-                             float* out) {
-  __m512 a[NM][NR];
-  for (int m = 0; m < NM; ++m)
-    for (int r = 0; r < NR; ++r) a[m][r] = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= k; i += 32) {
-    __m512bh ww[NR];
-    for (int r = 0; r < NR; ++r) ww[r] = (__m512bh)_mm512_loadu_si512(w[r] + i);
-    for (int m = 0; m < NM; ++m) {
-      const __m512bh xx = (__m512bh)_mm512_loadu_si512(x + m * k + i);
-      for (int r = 0; r < NR; ++r) a[m][r] = _mm512_dpbf16_ps(a[m][r], xx, ww[r]);
-    }
-  }
-  for (int m = 0; m < NM; ++m) {
-    for (int r = 0; r < NR; ++r) {
-      float t = _mm512_reduce_add_ps(a[m][r]);
-      for (int64_t e = i; e < k; ++e) t += static_cast<float>(x[m * k + e]) * static_cast<float>(w[r][e]);
-      out[m * n_out + r] = t;
-    }
-  }
-}
-
 template <int NR>
 inline void gemv_rows_dpbf16(const at::BFloat16* x, const at::BFloat16* const* w, int64_t M, int64_t k, int64_t n_out,
                              float* out) {
   int64_t m = 0;
-  for (; m + GEMV_M <= M; m += GEMV_M) gemv_tile_dpbf16<GEMV_M, NR>(x + m * k, w, k, n_out, out + m * n_out);
-  for (; m < M; ++m) gemv_tile_dpbf16<1, NR>(x + m * k, w, k, n_out, out + m * n_out);
+  for (; m + GEMV_M <= M; m += GEMV_M) dot_tile_dpbf16<GEMV_M, NR>(x + m * k, w, k, out + m * n_out, n_out);
+  for (; m < M; ++m) dot_tile_dpbf16<1, NR>(x + m * k, w, k, out + m * n_out, n_out);
 }
 
 #endif

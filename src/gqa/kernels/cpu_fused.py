@@ -250,7 +250,11 @@ def fused_decode(
     if k.dtype not in FUSED_DTYPES or v.dtype != k.dtype:
         raise RuntimeError(f"the fused CPU decode kernel reads fp32 or bf16 caches, got {k.dtype}")
     b, hq, tq, d = q.shape
-    qs = (q.float() * (scale * LOG2E)).contiguous()  # (B, Hq, Tq, D) fp32, scale and log2(e) folded in
+    if q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16:
+        # Unscaled and unrounded: the kernel scales the fp32 scores, so bf16 dot products add no error.
+        qs, q_scale = q.contiguous(), scale * LOG2E
+    else:
+        qs, q_scale = (q.float() * (scale * LOG2E)).contiguous(), 1.0  # (B, Hq, Tq, D) fp32, scale folded in
     k = k if k.stride(3) == 1 else k.contiguous()
     v = v if v.stride(3) == 1 else v.contiguous()
     table = torch.empty(0, 0, dtype=torch.int32) if block_table is None else block_table.to(torch.int32).contiguous()
@@ -266,7 +270,8 @@ def fused_decode(
         num_splits = default_splits(b, k.shape[1], max_keys)
     causal = bool(causal) or window is not None  # a sliding window is causal (gqa.masks.sliding_window)
     try:
-        out = op(qs, k, v, table, kv_lens, q_pos0, start, causal, int(window or 0), int(chunk or 0), int(num_splits))
+        out = op(qs, k, v, table, kv_lens, q_pos0, start, causal, int(window or 0), int(chunk or 0), int(num_splits),
+                 float(q_scale))
     except RuntimeError as e:  # the kernel checks every page id it reads (free there): a bad table is the user's
         found = re.search(r"gqa cpu decode: page id (-?\d+) outside 0\.\.(-?\d+)", str(e))
         if found is None:
