@@ -144,49 +144,30 @@ def test_paged_decode_attention(hq, hkv, page_size, window, cpu_path):
     check(out, ref, q, k, v, m)
 
 
-def test_bf16_computes_in_fp32(cpu_path):
-    torch.manual_seed(0)
-    b, hq, hkv, tq, t_max, d = 2, 8, 2, 4, 1024, 128
-    q = torch.randn(b, hq, tq, d, dtype=torch.bfloat16)
-    k = torch.randn(b, hkv, t_max, d, dtype=torch.bfloat16)
-    v = torch.randn(b, hkv, t_max, d, dtype=torch.bfloat16)
-    lengths = torch.tensor([1024, 800], dtype=torch.int32)
-    m = decode_mask(lengths, tq, t_max)
+@pytest.mark.parametrize("d", [16, 48, 128])  # below, across and at multiples of the 32-wide bf16 dot product
+@pytest.mark.parametrize("tq", [1, 4])
+def test_bf16_computes_in_fp32(d, tq, cpu_path):
+    """bf16 in, bf16 out, fp32 sums: a bf16 query on a bf16 cache takes the CPU's bf16 dot products where it
+    has them (unscaled query, exact products), as close to the fp64 reference as the fp32 path, contiguous
+    and paged."""
+    torch.manual_seed(d + tq)
+    b, hq, hkv, page, max_pages = 2, 9, 3, 64, 12
+    k_pages = torch.randn(b * max_pages, hkv, page, d, dtype=torch.bfloat16)
+    v_pages = torch.randn(b * max_pages, hkv, page, d, dtype=torch.bfloat16)
+    table = torch.randperm(b * max_pages).view(b, max_pages).to(torch.int32)
+    k, v = gather_pages(k_pages, table), gather_pages(v_pages, table)  # (B, Hkv, T, D)
+    q = torch.randn(b, hq, tq, d, dtype=torch.bfloat16) * 3  # large scores: the scale is applied in fp32
+    lengths = torch.tensor([max_pages * page, 333], dtype=torch.int32)
+    m = decode_mask(lengths, tq, k.shape[2])
     ref = gqa.reference_attention(q, k, v, mask=m)
     out = decode_attention(q, k, v, lengths, causal=True)
     assert out.dtype == torch.bfloat16
     check(out, ref, q, k, v, m, factor=2.0)
-
-
-@pytest.mark.parametrize("d", [16, 48, 128])  # below, across and at multiples of the 32-wide bf16 dot product
-@pytest.mark.parametrize("tq", [1, 3])
-def test_bf16_query_on_bf16_cache_scores_with_bf16_dot_products(d, tq, cpu_path):
-    """A bf16 query on a bf16 cache takes the CPU's bf16 dot products where it has them (unscaled query,
-    exact products, fp32 sums): as close to the fp64 reference as the fp32-query path, contiguous and paged."""
-    torch.manual_seed(d + tq)
-    b, hq, hkv, t_max, page = 2, 9, 3, 700, 64
-    q = torch.randn(b, hq, tq, d, dtype=torch.bfloat16) * 3  # large scores: the scale is applied in fp32
-    k = torch.randn(b, hkv, t_max, d, dtype=torch.bfloat16)
-    v = torch.randn(b, hkv, t_max, d, dtype=torch.bfloat16)
-    lengths = torch.tensor([700, 333], dtype=torch.int32)
-    m = decode_mask(lengths, tq, t_max)
-    ref = gqa.reference_attention(q, k, v, mask=m)
-    out = decode_attention(q, k, v, lengths, causal=True)
-    check(out, ref, q, k, v, m, factor=2.0)
-    # The same values in fp32 (bf16 widens exactly): the widening path's arithmetic, rounded to bf16.
+    # The same values in fp32 (bf16 widens exactly): the fp32 path's arithmetic, rounded to bf16.
     widened = decode_attention(q.float(), k.float(), v.float(), lengths, causal=True).to(torch.bfloat16)
     err = (out.double() - ref).abs().max().item()
     assert err <= 1.5 * (widened.double() - ref).abs().max().item() + 4 * torch.finfo(torch.bfloat16).eps
-    n_pages = -(-t_max // page)
-    kp = torch.zeros(b * n_pages, hkv, page, d, dtype=torch.bfloat16)
-    vp = torch.zeros_like(kp)
-    for i in range(b):
-        for p in range(n_pages):
-            n = min(page, t_max - p * page)
-            kp[i * n_pages + p, :, :n] = k[i, :, p * page : p * page + n]
-            vp[i * n_pages + p, :, :n] = v[i, :, p * page : p * page + n]
-    table = torch.arange(b * n_pages, dtype=torch.int32).view(b, n_pages)
-    paged = paged_decode_attention(q, kp, vp, table, lengths, causal=True)
+    paged = paged_decode_attention(q, k_pages, v_pages, table, lengths, causal=True)
     check(paged, ref, q, k, v, m, factor=2.0)
 
 

@@ -480,12 +480,11 @@ at::Tensor decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      q_pos0.data_ptr<int32_t>(), start, B, Hq, Hkv, Tq, D, causal, window, chunk, n_splits,
                      part_out.data_ptr<float>(), part_lse.data_ptr<float>());
   };
-  at::Tensor qf = q;
   if (q.scalar_type() == at::kBFloat16) {
 #if defined(__AVX512BF16__)
     run(q.data_ptr<at::BFloat16>(), static_cast<float>(q_scale), static_cast<at::BFloat16*>(nullptr));
 #else  // no bf16 dot products on this CPU: widen the query once and take the fp32-query path
-    qf = q.to(at::kFloat).mul_(q_scale);
+    const at::Tensor qf = q.to(at::kFloat).mul_(q_scale);
     run(qf.data_ptr<float>(), 1.0f, static_cast<at::BFloat16*>(nullptr));
 #endif
   } else if (k.scalar_type() == at::kFloat) {
