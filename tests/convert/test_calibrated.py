@@ -339,6 +339,26 @@ def test_error_curves_kl_and_layer_measures():
     torch.testing.assert_close(model(ids), fresh(ids), rtol=0, atol=0)
 
 
+def test_distilled_error_curves_measure_layers_after_distillation():
+    """Each curve point is the KL with that one layer reduced *and* distilled: below the merged-only KL
+    (distillation recovers), 0 for the layer's own count, and the model is left as it was."""
+    from gqa.convert.calibrated import distilled_error_curves, error_curves
+
+    model = tiny_model(seed=3)
+    stats = stats_for(model)
+    ids = torch.randint(0, 97, (12, 16), generator=torch.Generator().manual_seed(9))
+    merged = error_curves(model, stats, merge="mean", calib_ids=ids[:4], progress=False)
+    settings = {"steps": 20, "lr": 1e-2, "seed": 0}
+    distilled = distilled_error_curves(model, stats, ids, merge="mean", distill_settings=settings, progress=False)
+    assert [sorted(c) for c in distilled] == [[1, 2, 4]] * 2
+    assert all(c[4] == 0.0 and c[1] > 0 and c[2] > 0 for c in distilled)
+    assert sum(c[1] + c[2] for c in distilled) < 0.9 * sum(c[1] + c[2] for c in merged)
+    fresh = tiny_model(seed=3)
+    torch.testing.assert_close(model(ids), fresh(ids), rtol=0, atol=0)
+    again = distilled_error_curves(model, stats, ids, merge="mean", distill_settings=settings, progress=False)
+    assert again == distilled  # seeded: the same curves
+
+
 def test_expansion_in_the_calibrated_path_replicates_heads_exactly():
     """Per-layer targets above a layer's KV heads replicate them (new head j = old head j // r), with or
     without statistics; the function is unchanged (float64: only summation order differs)."""

@@ -100,6 +100,21 @@ def test_budget_and_decilm_export(source, tmp_path):
     assert json.loads((out / "conversion_report.json").read_text())["kv_heads_after"] == heads
 
 
+def test_budget_spent_by_distilled_curves(source, tmp_path):
+    """--budget-curves distilled: the budget is chosen from errors measured after local distillation (in the
+    report's error curves), then the chosen heads are distilled as usual."""
+    out = tmp_path / "distilled"
+    calib = ["--calib", source / "calib.txt", "--calib-tokens", 2560, "--distill-steps", 5]
+    r = run(source / "model", out, "--kv-budget", 0.5, *calib, "--budget-curves", "distilled")
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "conversion_report.json").read_text())
+    heads = report["kv_heads_after"]
+    assert sum(heads) <= 6 and report["distill"]["steps"] == 5
+    curves = report["error_curves"]
+    assert [sorted(c, key=int) for c in curves] == [["1", "2", "4"]] * 3 and all(c["4"] == 0.0 for c in curves)
+    assert load_hf(out).config.kv_heads_per_layer == heads
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

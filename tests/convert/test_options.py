@@ -59,6 +59,17 @@ BAD = {
     ),
     "distill-lr-zero": ({"kv_heads": 2, "distill": "local", "distill_lr": 0.0, **CALIB}, "--distill-lr must be", True),
     "distill-lr-inf": ({"kv_heads": 2, "distill": "local", "distill_lr": math.inf, **CALIB}, "positive number", True),
+    "budget-curves": ({"kv_budget": 0.5, "budget_curves": "best", **CALIB}, "merged, distilled", True),
+    "budget-curves-no-budget": (
+        {"kv_heads": 2, "budget_curves": "distilled", **CALIB},
+        "--budget-curves distilled chooses KV heads per layer: it needs --kv-budget",
+        True,
+    ),
+    "budget-curves-no-distill": (
+        {"kv_budget": 0.5, "budget_curves": "distilled", "distill": "none", **CALIB},
+        "drop --distill none",
+        True,
+    ),
     "similarity-needs-calib": (
         {"kv_heads": 2, "grouping": "similarity"},
         "--calib TEXT is needed for --grouping",

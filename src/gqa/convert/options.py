@@ -39,6 +39,7 @@ GROUPINGS = ("contiguous", "similarity")
 DISTILL_METHODS = ("local", "none")
 DISTILL_PARAMS = ("kv", "qkvo", "qkvo-mlp")
 DISTILL_INPUTS = ("original", "converted")
+BUDGET_CURVES = ("merged", "distilled")  # --budget-curves: errors after merging, or after local distillation too
 LATENT_EXPORTS = ("gqa", "hf", "gguf")  # hf and gguf: DeepSeek-V2's layout (gqa.formats.deepseek2)
 LATENT_ROPE = ("groups", "shared")  # --latent-rope: rotated key dims per KV group, or one head for all (DeepSeek-V2)
 
@@ -181,6 +182,13 @@ class ConvertOptions:
         "earlier layers) or original (the source model's).",
     )
     distill_lr: float = _option(3e-3, "--distill-lr", "Adam's peak learning rate for --distill.")
+    budget_curves: str = _option(
+        "merged",
+        "--budget-curves",
+        "With --kv-budget: the per-layer errors the budget is spent by: merged (each layer's error after merging) "
+        "or distilled (after local distillation too, so heads go where distillation cannot recover; one more "
+        "distillation pass per head count).",
+    )
     export: str | None = _option(
         None,
         "--export",
@@ -263,6 +271,7 @@ class ConvertOptions:
         _int_option("seq_len", self.seq_len)
         if self.distill is not None:
             self._check_distill()
+        self._check_budget_curves()
         self._check_calibration()
         if self.calib is not None or not self.export_spec.streaming:
             self.check_calibrated_path()
@@ -328,6 +337,19 @@ class ConvertOptions:
         _choice("--distill-inputs", self.distill_inputs, DISTILL_INPUTS)
         if not _number(self.distill_lr) or not 0 < self.distill_lr < math.inf:
             raise GQAUserError(f"--distill-lr must be a positive number, got {self.distill_lr!r}; e.g. 3e-3")
+
+    def _check_budget_curves(self) -> None:
+        _choice("--budget-curves", self.budget_curves, BUDGET_CURVES)
+        if self.budget_curves == "merged":
+            return
+        if self.kv_budget is None or self.kv_latent is not None:
+            raise GQAUserError(
+                "--budget-curves distilled chooses KV heads per layer: it needs --kv-budget F (and no --kv-latent)"
+            )
+        if self.distill is None:
+            raise GQAUserError(
+                "--budget-curves distilled measures layers after local distillation: drop --distill none"
+            )
 
     def _check_calibration(self) -> None:
         needs = [

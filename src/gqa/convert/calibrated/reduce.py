@@ -35,7 +35,7 @@ from gqa.convert.calibrated.stats import LayerStats, run_attention
 from gqa.convert.groups import Groups, contiguous_groups, expansion_groups, kv_head_options, query_order
 from gqa.errors import GQAUserError
 
-__all__ = ["GROUPINGS", "MERGES", "LayerResult", "reduce_layer", "reduce_kv_heads", "error_curves", "layer_error"]
+__all__ = ["GROUPINGS", "MERGES", "LayerResult", "reduce_layer", "reduce_kv_heads", "error_curves", "distilled_error_curves", "layer_error"]
 
 GROUPINGS = ("contiguous", "similarity")
 MERGES = ("mean", "first", "weighted", "lsq", "fit")  # the calibrated subset of gqa.convert.merge.MERGES
@@ -255,12 +255,66 @@ def error_curves(
                 if reference is None:
                     curve[n] = float(res.error)
                     continue
-                model.layers[i].attn = new_attn
-                try:
-                    with torch.no_grad(), upcast_forward(model, compute_dtype):
-                        logp = torch.log_softmax(model(calib_ids).double(), -1)
-                finally:
-                    model.layers[i].attn = attn
-                curve[n] = float((reference.exp() * (reference - logp)).sum(-1).mean())
+                curve[n] = _kl_with_attention(model, i, new_attn, calib_ids, reference, compute_dtype)
         curves.append(curve)
+    return curves
+
+
+def _kl_with_attention(model, i: int, attn, calib_ids, reference, compute_dtype) -> float:
+    """Mean KL(original || model with layer i's attention replaced by ``attn``) per token on ``calib_ids``
+    ``[N, T]``; ``reference`` is the original's float64 log-probabilities ``[N, T, V]``. The model is restored."""
+    original = model.layers[i].attn
+    model.layers[i].attn = attn
+    try:
+        with torch.no_grad(), upcast_forward(model, compute_dtype):
+            logp = torch.log_softmax(model(calib_ids).double(), -1)
+    finally:
+        model.layers[i].attn = original
+    return float((reference.exp() * (reference - logp)).sum(-1).mean())
+
+
+def distilled_error_curves(
+    model,
+    stats: list[LayerStats],
+    calib_ids: torch.Tensor,
+    *,
+    grouping: str = "similarity",
+    align: bool = True,
+    merge: str = "fit",
+    distill_settings: dict | None = None,
+    kl_sequences: int = 4,
+    progress: bool = True,
+    compute_dtype: torch.dtype | None = None,
+) -> list[dict[int, float]]:
+    """As :func:`error_curves` with ``calib_ids``, but each reduced layer is measured *after* local
+    distillation: where distillation recovers a layer, a budget need not spend heads on it.
+
+    For every head count n below a layer's own, all layers are reduced to n and distilled with the
+    original model's inputs (:func:`gqa.convert.calibrated.distill.distill_local` with
+    ``inputs="original"``: each layer's fit is then independent of the others, one pass for all
+    layers); then each distilled layer alone replaces the original's and the mean KL(original || model)
+    per token is measured on the first ``kl_sequences`` calibration sequences.
+    calib_ids: int64 ``[N, T]`` (distillation holds out a slice of them, as in the conversion).
+    distill_settings: keyword arguments of ``distill_local`` (steps, lr, params, seed, ...).
+    Returns ``[{heads: KL}, ...]`` per layer (0 for the layer's own count).
+    """
+    from gqa.convert.calibrated.distill import distill_local
+
+    with torch.no_grad(), upcast_forward(model, compute_dtype):
+        reference = torch.log_softmax(model(calib_ids[:kl_sequences]).double(), -1)  # (N, T, V)
+    own = [layer.attn.n_kv_heads for layer in model.layers]
+    curves: list[dict[int, float]] = [{h: 0.0} for h in own]
+    counts = sorted({n for h in own for n in kv_head_options(h) if n < h})
+    for n in counts:
+        per_layer = [n if n in kv_head_options(h) else h for h in own]
+        student, _ = reduce_kv_heads(model, per_layer, stats, grouping=grouping, align=align, merge=merge,
+                                     progress=False, share_unchanged=True, compute_dtype=compute_dtype)  # fmt: skip
+        settings = {**(distill_settings or {}), "inputs": "original", "progress": progress}
+        distill_local(model, student, calib_ids, **settings)
+        for i, h in enumerate(per_layer):
+            if h != own[i]:
+                curves[i][n] = _kl_with_attention(
+                    model, i, student.layers[i].attn, calib_ids[:kl_sequences], reference, compute_dtype
+                )
+        del student
     return curves

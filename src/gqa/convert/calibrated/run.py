@@ -29,7 +29,7 @@ import torch
 
 from gqa.convert.calibrated.budget import budget_heads, choose_kv_heads
 from gqa.convert.calibrated.placement import upcast_forward
-from gqa.convert.calibrated.reduce import error_curves, reduce_kv_heads
+from gqa.convert.calibrated.reduce import distilled_error_curves, error_curves, reduce_kv_heads
 from gqa.convert.calibrated.stats import calibration_ids, collect_statistics
 from gqa.convert.exports import side_files_folder
 from gqa.convert.groups import check_kv_heads
@@ -149,6 +149,7 @@ def convert_calibrated(
     distill_params: str,
     distill_inputs: str,
     distill_lr: float,
+    budget_curves: str = "merged",
     kv_latent: int | None = None,
     latent_rope_dim: int = 16,
     latent_rope: str = "groups",
@@ -199,16 +200,23 @@ def convert_calibrated(
             stats = collect_statistics(model, ids, attention_sequences=attention_sequences, progress=progress)
     curves = None
     if per_layer is None:
-        curves = error_curves(
-            model,
-            stats,
-            grouping=grouping,
-            align=align,
-            merge=merge,
-            calib_ids=ids[:4],
-            progress=progress,
-            compute_dtype=torch.float32,
-        )
+        if budget_curves == "distilled":
+            settings = {"params": distill_params, "steps": distill_steps, "lr": distill_lr, "seed": seed}
+            curves = distilled_error_curves(
+                model, stats, ids, grouping=grouping, align=align, merge=merge, distill_settings=settings,
+                progress=progress, compute_dtype=torch.float32,
+            )  # fmt: skip
+        else:
+            curves = error_curves(
+                model,
+                stats,
+                grouping=grouping,
+                align=align,
+                merge=merge,
+                calib_ids=ids[:4],
+                progress=progress,
+                compute_dtype=torch.float32,
+            )
         per_layer = choose_kv_heads(curves, max_heads)
     # The new model shares every tensor outside attention with ``model``: nothing below writes into
     # them (distillation trains only the new attention weights, the export reads).
