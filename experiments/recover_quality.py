@@ -124,6 +124,16 @@ RECIPES = {
         "start": "default",
         "train": {"minutes": 10.0, "teacher": True, "autocast": "bf16"},
     },
+    # Lever 2, windows of consecutive layers fitted jointly against the stream leaving the window (each
+    # window takes the steps one layer took: the same steps per fit, half the fits).
+    "window2-8k-25": {
+        "about": "lever 2: --distill-window 2 --calib-tokens 8192 --distill-steps 25",
+        "convert": {"calib_tokens": 8192, "distill_steps": 25, "distill_window": 2},
+    },
+    "window4-8k-25": {
+        "about": "lever 2: --distill-window 4 --calib-tokens 8192 --distill-steps 25",
+        "convert": {"calib_tokens": 8192, "distill_steps": 25, "distill_window": 4},
+    },
     # Lever 3, distillation-aware budgets (--target budget0.5; its baseline is distill-8k-25 at that target):
     # the per-layer errors the budget is spent by are measured after local distillation, not after merging.
     "budget-distilled-8k-25": {

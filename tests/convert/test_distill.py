@@ -160,6 +160,47 @@ def test_converted_inputs_also_close_the_gap():
     assert all(layer.error_after < layer.error_before for layer in block.layers)
 
 
+def final_stream(model, ids) -> torch.Tensor:
+    """The residual stream leaving the last layer (before the final norm): [N, T, d] float64."""
+    seen = []
+    h = model.layers[-1].register_forward_hook(lambda m, a, o: seen.append(o.detach().double()))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        h.remove()
+    return seen[0]
+
+
+def test_a_window_of_layers_is_fitted_to_the_stream_leaving_it():
+    """window=W (issue 22, lever 2): windows [0, W), [W, 2W), ... each fitted jointly to the teacher's stream
+    leaving the window. One window over all layers reports, before training, exactly the energy-weighted
+    error of the final stream measured here from plain forwards; windows of 2 close the gap as layers do."""
+    teacher = teacher_model(n_layers=3).double()
+    student = mean_pooled_student(teacher).double()
+    ids = calib()
+    order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(0))
+    held, train = ids[order][-6:], ids[order][:-6]
+    expected = float((final_stream(student, held) - final_stream(teacher, held)).pow(2).sum(-1).mean())
+    expected /= residual_energy(teacher, train, 0)
+    whole = distill_local(
+        teacher, student, ids, weighting="energy", window=3, steps=1, holdout_fraction=0.25, batch_size=4,
+        progress=False,
+    )  # fmt: skip
+    assert (whole.loss, whole.window, len(whole.layers), whole.layers[0].window) == ("block", 3, 1, 3)
+    assert whole.layers[0].error_before == pytest.approx(expected, rel=1e-5)
+
+    teacher, ids = teacher_model(n_layers=3), calib()
+    student = mean_pooled_student(teacher)
+    before = kl(teacher, student, ids)
+    report = distill_local(teacher, student, ids, window=2, steps=40, lr=1e-2, batch_size=4, progress=False)
+    assert [(layer.layer, layer.window) for layer in report.layers] == [(0, 2), (2, 1)]
+    assert all(layer.error_after < layer.error_before for layer in report.layers)
+    assert kl(teacher, student, ids) < 0.8 * before
+    with pytest.raises(GQAUserError, match="use loss='block'"):
+        distill_local(teacher, mean_pooled_student(teacher), ids, window=2, loss="attention", progress=False)
+
+
 def test_the_mlp_moves_with_the_attention_and_the_teacher_stays_unchanged():
     """params="qkvo-mlp" (issue 22, lever 1): each layer's MLP moves with Q, K, V and O against the residual
     stream leaving the block. An MLP the student shares with the teacher is copied first, never written; the
@@ -266,6 +307,7 @@ def test_teacher_is_not_modified():
         ({"loss": "mse"}, "unknown distill loss"),
         ({"weighting": "tokens"}, "unknown distill weighting"),
         ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"window": 0}, "window must be an integer >= 1"),
         ({"lr": float("nan")}, "lr must be a positive number"),
         ({"lr": -1.0}, "lr must be a positive number"),
         ({"batch_size": 0}, "batch size must be an integer >= 1"),

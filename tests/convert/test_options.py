@@ -51,6 +51,11 @@ BAD = {
         "--distill-steps must be a whole number >= 1",
         True,
     ),
+    "distill-window": (
+        {"kv_heads": 2, "distill": "local", "distill_window": 0, **CALIB},
+        "--distill-window must be a whole number >= 1",
+        True,
+    ),
     "distill-params": ({"kv_heads": 2, "distill": "local", "distill_params": "q", **CALIB}, "kv, qkvo", True),
     "distill-inputs": (
         {"kv_heads": 2, "distill": "local", "distill_inputs": "x", **CALIB},

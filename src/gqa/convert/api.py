@@ -151,6 +151,7 @@ def _convert_calibrated(src: Path, tmp: Path, opts: ConvertOptions) -> Conversio
         distill_params=opts.distill_params,
         distill_inputs=opts.distill_inputs,
         distill_lr=opts.distill_lr,
+        distill_window=opts.distill_window,
         budget_curves=opts.budget_curves,
         kv_latent=opts.kv_latent,
         latent_rope_dim=opts.latent_rope_dim,

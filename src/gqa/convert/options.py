@@ -182,6 +182,12 @@ class ConvertOptions:
         "earlier layers) or original (the source model's).",
     )
     distill_lr: float = _option(3e-3, "--distill-lr", "Adam's peak learning rate for --distill.")
+    distill_window: int = _option(
+        1,
+        "--distill-window",
+        "Consecutive layers --distill fits together, matching the residual stream leaving them (1: each "
+        "layer alone; 2-4: blockwise windows, where a later layer can repair an earlier one's error).",
+    )
     budget_curves: str = _option(
         "merged",
         "--budget-curves",
@@ -333,6 +339,7 @@ class ConvertOptions:
     def _check_distill(self) -> None:
         _choice("--distill", self.distill, DISTILL_METHODS)
         _int_option("--distill-steps", self.distill_steps)
+        _int_option("--distill-window", self.distill_window)
         _choice("--distill-params", self.distill_params, DISTILL_PARAMS)
         _choice("--distill-inputs", self.distill_inputs, DISTILL_INPUTS)
         if not _number(self.distill_lr) or not 0 < self.distill_lr < math.inf:

@@ -18,6 +18,10 @@ What is matched, for layer i (h = residual stream entering the layer, a = attn_n
   ``params="qkvo-mlp"``: then the layer's MLP moves too (the loss is ``"block"``), so the MLP can absorb
   what a reduced attention cannot. Shapes never change; an MLP the student shared with the teacher
   (``reduce_kv_heads(share_unchanged=True)``) is copied first, the teacher is never written.
+* ``window=W`` > 1 fits W consecutive layers jointly (blockwise local distillation, as in Puzzle): the
+  windows ``[0, W), [W, 2W), ...`` each move their layers' parameters together to match the teacher's
+  residual stream leaving the window (the loss is ``"block"`` over the window), so a layer can leave an
+  error that a later layer of its window repairs.
 
 How tokens are weighted (``weighting``):
 
@@ -103,7 +107,7 @@ def min_sequences(holdout_fraction: float = HOLDOUT_FRACTION) -> int:
 class LayerDistillation:
     """One layer: held-out error before and after (in the run's weighting), steps run, seconds."""
 
-    layer: int
+    layer: int  # the first layer of its window
     error_before: float
     error_after: float
     steps: int
@@ -111,6 +115,7 @@ class LayerDistillation:
     seconds: float
     train_error_before: float | None = None
     o_solved: bool = False  # o_proj replaced by its least-squares optimum (``solve_o``)
+    window: int = 1  # layers fitted together: layer .. layer + window - 1
 
 
 @dataclass
@@ -130,6 +135,7 @@ class DistillReport:
     seed: int
     device: str
     solve_o: bool = False
+    window: int = 1
     seconds: float = 0.0
     layers: list[LayerDistillation] = field(default_factory=list)
 
@@ -279,7 +285,7 @@ def _run_block(block, h: torch.Tensor, calls: _CallArgs, chunk: int, *, capture_
 
 
 def _check(
-    teacher, student, calib_ids, params, inputs, loss, weighting, steps, lr, batch_size, holdout_fraction
+    teacher, student, calib_ids, params, inputs, loss, weighting, steps, lr, batch_size, holdout_fraction, window
 ) -> torch.Tensor:
     if weighting not in DISTILL_WEIGHTINGS:
         raise GQAUserError(f"unknown distill weighting {weighting!r}; use one of {', '.join(DISTILL_WEIGHTINGS)}")
@@ -295,6 +301,12 @@ def _check(
         )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise GQAUserError(f"distill steps must be an integer >= 1, got {steps!r}; e.g. 150")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise GQAUserError(f"distill window must be an integer >= 1 (layers fitted together), got {window!r}; e.g. 2")
+    if window > 1 and loss != "block":
+        raise GQAUserError(
+            f"a distill window of {window} layers matches the stream leaving the window: use loss='block'"
+        )
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise GQAUserError(f"distill lr must be a positive number, got {lr!r}; e.g. 3e-3")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -374,6 +386,7 @@ def distill_local(
     seed: int = 0,
     progress: bool = True,
     solve_o: bool = True,
+    window: int = 1,
     device: str | torch.device | None = None,
 ) -> DistillReport:
     """Fit ``student``'s attention layer by layer to ``teacher``'s on calibration text (in place).
@@ -387,7 +400,8 @@ def distill_local(
     inputs: ``"original"`` (the teacher's inputs to each layer) or ``"converted"`` (the student's own
         inputs after its earlier layers were distilled; targets then include the drift, see module doc).
     loss: ``"attention"`` (post-attention residual) or ``"block"`` (the block's output, MLP included);
-        default ``"block"`` for ``params="qkvo-mlp"`` (the only loss it takes), else ``"attention"``.
+        default ``"block"`` for ``params="qkvo-mlp"`` or ``window > 1`` (the only loss they take), else
+        ``"attention"``.
     weighting: ``"token-max"`` (per-token relative error, bounded by the student's own stream),
         ``"token"`` (per-token relative error) or ``"energy"`` (MSE over the mean residual energy), see
         the module doc.
@@ -398,6 +412,8 @@ def distill_local(
     solve_o: after Adam, set o_proj to its exact weighted least-squares optimum given the trained Q, K
         and V (one linear solve per layer), kept only where the held-out error falls. Applies to
         ``params="qkvo"`` with ``loss="attention"`` (with ``"block"`` the MLP makes it nonlinear).
+    window: consecutive layers fitted together against the stream leaving them (see the module doc);
+        each window gets ``steps`` steps and one :class:`LayerDistillation` entry.
     device: where each layer is trained (default: CUDA when available, else CPU). Only the current
         layer's blocks visit the device; both models are left where they were.
     Returns a :class:`DistillReport`. Same arguments and seed give the same student.
@@ -405,8 +421,10 @@ def distill_local(
     from gqa.progress import progress as progress_bar
 
     if loss is None:
-        loss = "block" if params == "qkvo-mlp" else "attention"
-    ids = _check(teacher, student, calib_ids, params, inputs, loss, weighting, steps, lr, batch_size, holdout_fraction)
+        loss = "block" if params == "qkvo-mlp" or window != 1 else "attention"
+    ids = _check(
+        teacher, student, calib_ids, params, inputs, loss, weighting, steps, lr, batch_size, holdout_fraction, window
+    )
     _check_not_shared(teacher, student, params)
     from gqa.units import check_seed, parse_device
 
@@ -422,7 +440,7 @@ def distill_local(
     eval_every = eval_every or max(1, steps // 10)
     report = DistillReport(
         params, inputs, loss, weighting, steps, float(lr), batch, ids.shape[1], n_train, n_hold, seed, str(device),
-        solve_o=solve_o and loss == "attention" and params == "qkvo",
+        solve_o=solve_o and loss == "attention" and params == "qkvo", window=window,
     )
     was_training = (teacher.training, student.training)
     teacher.eval()
@@ -432,9 +450,9 @@ def distill_local(
         calls = _CallArgs(teacher, ids, device)
         h_t = _layer0_inputs(teacher, ids, batch)  # (N, T, d)
         h_s = _layer0_inputs(student, ids, batch) if inputs == "converted" else h_t
-        for i in range(len(teacher.layers)):
+        for i in range(0, len(teacher.layers), window):
             result, h_t, h_s = _distill_layer(
-                i, teacher.layers[i], student.layers[i], h_t, h_s, calls, n_train, batch,
+                i, teacher.layers[i : i + window], student.layers[i : i + window], h_t, h_s, calls, n_train, batch,
                 params=params, inputs=inputs, loss=loss, weighting=weighting, steps=steps, lr=lr, eval_every=eval_every,
                 patience=patience, seed=seed, progress=progress, solve_o=solve_o, progress_bar=progress_bar,
                 n_layers=len(teacher.layers),
@@ -450,18 +468,23 @@ def distill_local(
 
 
 def _distill_layer(
-    i, t_block, s_block, h_t, h_s, calls, n_train, batch, *, params, inputs, loss, weighting, steps, lr,
+    i, t_blocks, s_blocks, h_t, h_s, calls, n_train, batch, *, params, inputs, loss, weighting, steps, lr,
     eval_every, patience, seed, progress, progress_bar, n_layers, solve_o,
 ):  # fmt: skip
-    """Distil one layer; returns (LayerDistillation, teacher stream after it, student stream after it)."""
+    """Distil layers i .. i + len(s_blocks) - 1 together (one, unless a window); returns (LayerDistillation,
+    teacher stream after them, student stream after them)."""
     t0 = time.perf_counter()
     device = calls.device
-    trainable = _trainable(s_block, params)
-    # Both blocks in float32 on the device for this layer (Adam on fp32 masters whatever the checkpoint's
+    s_block = s_blocks[-1]  # the one block of an attention loss (a window takes the block loss)
+    trainable = [p for block in s_blocks for p in _trainable(block, params)]
+    # The blocks in float32 on the device for this layer (Adam on fp32 masters whatever the checkpoint's
     # dtype); on exit every tensor is the original again, the trained values copied into the student's own.
-    with placed(t_block, s_block, device=device, dtype=torch.float32, write_back=trainable):
-        h_t_next, a_t, o_t = _run_block(t_block, h_t, calls, batch, capture_attn=True)
-        if inputs == "converted":
+    with placed(*t_blocks, *s_blocks, device=device, dtype=torch.float32, write_back=trainable):
+        h_t_in = h_t
+        for t_block in t_blocks[:-1]:
+            h_t = _run_block(t_block, h_t, calls, batch, capture_attn=False)[0]
+        h_t_next, a_t, o_t = _run_block(t_blocks[-1], h_t, calls, batch, capture_attn=True)
+        if inputs == "converted" and loss == "attention":
             a_s = _run_block(s_block, h_s, calls, batch, capture_attn=True)[1]
         else:
             a_s = a_t  # same residual stream, same (unchanged) attn_norm
@@ -477,7 +500,9 @@ def _distill_layer(
 
             def forward(x):
                 args, kwargs = calls.block(x.shape[0])
-                return s_block(x, *args, **kwargs)
+                for block in s_blocks:
+                    x = block(x, *args, **kwargs)
+                return x
 
         # Per-token weights [N, T]: 1 / ||teacher's residual stream||^2 at each token ("token"), the larger of
         # that and the student's input stream ("token-max"), or one constant 1 / E||h_i||^2 ("energy"); the
@@ -490,7 +515,7 @@ def _distill_layer(
             weights = 1.0 / norm2.clamp_min(1e-30)
             del stream, norm2
         else:
-            energy = float(h_t[:n_train].double().pow(2).sum(-1).mean())
+            energy = float(h_t_in[:n_train].double().pow(2).sum(-1).mean())
             weights = torch.full(h_t.shape[:2], 1.0 / max(energy, 1e-30))
         del a_t, o_t
 
@@ -519,7 +544,7 @@ def _distill_layer(
         stopped = False
         optimizer = torch.optim.Adam(trainable, lr=lr)
         gen = torch.Generator().manual_seed(derived_seed(seed, i))
-        bar = progress_bar(total=steps, desc=f"distill layer {i + 1}/{n_layers}", unit="step", enabled=progress)
+        bar = progress_bar(total=steps, desc=f"distill layer {i + 1}{f'-{i + len(s_blocks)}' if len(s_blocks) > 1 else ''}/{n_layers}", unit="step", enabled=progress)
         try:
             for step in range(steps):
                 for group in optimizer.param_groups:
@@ -561,7 +586,9 @@ def _distill_layer(
             else:
                 _restore(o_params, saved)
         if inputs == "converted":
-            h_s_next = _run_block(s_block, h_s, calls, batch, capture_attn=False)[0]
+            h_s_next = h_s
+            for block in s_blocks:
+                h_s_next = _run_block(block, h_s_next, calls, batch, capture_attn=False)[0]
         else:
             h_s_next = h_t_next
     result = LayerDistillation(
@@ -573,6 +600,7 @@ def _distill_layer(
         seconds=round(time.perf_counter() - t0, 2),
         train_error_before=train_before,
         o_solved=o_solved,
+        window=len(s_blocks),
     )
     return result, h_t_next, h_s_next
 

@@ -149,6 +149,7 @@ def convert_calibrated(
     distill_params: str,
     distill_inputs: str,
     distill_lr: float,
+    distill_window: int = 1,
     budget_curves: str = "merged",
     kv_latent: int | None = None,
     latent_rope_dim: int = 16,
@@ -259,6 +260,7 @@ def convert_calibrated(
             inputs=distill_inputs,
             steps=distill_steps,
             lr=distill_lr,
+            window=distill_window,
             seed=seed,
             progress=progress,
         ).to_dict()
