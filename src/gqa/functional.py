@@ -78,7 +78,7 @@ def select_backend(
     if tk == 0 or q.shape[0] == 0:
         return "grouped"  # no keys (rows of zeros) or no sequences: nothing for SDPA to do
     mask_ok = mask is None or (_is_plain_causal(mask) and tq == tk) or (_is_plain_causal(mask) and tq == 1)
-    if not mask_ok or d > 256:
+    if not mask_ok or max(d, v.shape[3]) > 256:
         return "grouped"
     if q.is_cuda:
         return "sdpa" if q.dtype in (torch.float16, torch.bfloat16) else "grouped"
@@ -102,8 +102,8 @@ def grouped_attention(
 ):
     """Grouped path: the g query heads of KV head j (heads j*g .. j*g+g-1) become rows of one matmul.
 
-    q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], mask bool broadcastable to [B, Hq, Tq, Tk] or None.
-    Returns out [B, Hq, Tq, D] in q's dtype (and probabilities [B, Hq, Tq, Tk], fp32 or fp64, when asked).
+    q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv], mask bool broadcastable to [B, Hq, Tq, Tk] or None.
+    Returns out [B, Hq, Tq, Dv] in q's dtype (and probabilities [B, Hq, Tq, Tk], fp32 or fp64, when asked).
     Long query blocks are processed in slices so the score buffer stays under ``GROUPED_SCORES_BYTES``.
     """
     b, hq, tq, _ = q.shape
@@ -125,7 +125,7 @@ def grouped_attention(
 def _grouped_block(q, k, v, mask, scale, return_weights):
     """One query block of the grouped path; k/v already in the compute dtype (fp32, or fp64)."""
     b, hq, tq, d = q.shape
-    hkv, tk = k.shape[1], k.shape[2]
+    hkv, tk, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
     # (B, Hkv, g*Tq, D): head h = j*g + i -> row i*Tq + t of KV head j; scaled BEFORE the dot product,
     # in the compute dtype, so no raw q.k overflows (fp16 raw dots pass 65,504 at q = k = 30, D = 128)
@@ -151,8 +151,8 @@ def _grouped_block(q, k, v, mask, scale, return_weights):
     if dead is not None:
         v = v.masked_fill(dead, 0.0)  # (B, Hkv, Tk, D)
     # P @ V in the compute dtype: rounding P to bf16 first tripled the error of SDPA in bf16
-    out = torch.matmul(probs.view(b, hkv, g * tq, tk), v)  # (B, Hkv, g*Tq, D)
-    out = out.view(b, hq, tq, d).to(q.dtype)  # (B, Hq, Tq, D)
+    out = torch.matmul(probs.view(b, hkv, g * tq, tk), v)  # (B, Hkv, g*Tq, Dv)
+    out = out.view(b, hq, tq, dv).to(q.dtype)  # (B, Hq, Tq, Dv)
     if return_weights:
         return out, probs.view(b, hq, tq, tk)
     return out
@@ -186,7 +186,8 @@ def attention(
     Args:
         q: queries ``[B, Hq, Tq, D]``.
         k: keys ``[B, Hkv, Tk, D]`` with Hq divisible by Hkv (g = Hq // Hkv).
-        v: values ``[B, Hkv, Tk, D]``.
+        v: values ``[B, Hkv, Tk, Dv]``, usually Dv = D (a different value width, as in DeepSeek-V2's heads or
+            the absorbed latent attention that reads a prefix of each key as its value, is fine).
         mask: None (attend everywhere), a :mod:`gqa.masks` mask, or a bool tensor broadcastable to
             ``[B, Hq, Tq, Tk]`` (True = attend). Causal masks are aligned **bottom-right**: query i is
             at absolute position ``Tk - Tq + i`` and sees keys ``0 .. Tk - Tq + i``.
@@ -195,7 +196,7 @@ def attention(
         backend: ``"auto"`` (see :func:`select_backend`), ``"sdpa"``, ``"grouped"`` or ``"kernel"``.
 
     Returns:
-        ``[B, Hq, Tq, D]`` in q's dtype, or ``(out, weights)`` when ``return_weights``.
+        ``[B, Hq, Tq, Dv]`` in q's dtype, or ``(out, weights)`` when ``return_weights``.
 
     Head mapping: query head h uses KV head ``h // g``. With Hq = 8 and Hkv = 2 (g = 4), query heads
     0-3 read KV head 0 and heads 4-7 read KV head 1 (the transformers ``repeat_kv`` and FlashAttention
@@ -218,7 +219,7 @@ def attention(
         raise GQAUserError("return_weights=True needs the grouped backend; drop backend= or set backend='grouped'")
     if b == 0 or tq == 0 or tk == 0:  # nothing to attend from or to: zeros (the mask is still checked)
         as_bool_mask(mask, batch=b, n_heads=hq, q_len=tq, k_len=tk, device=q.device)
-        out = q.new_zeros(q.shape)  # (B, Hq, Tq, D); with Tk = 0 every row sees no key, so zeros
+        out = q.new_zeros(b, hq, tq, v.shape[3])  # (B, Hq, Tq, Dv); with Tk = 0 every row sees no key, so zeros
         return (
             (out, out.new_zeros(b, hq, tq, tk, dtype=torch.promote_types(q.dtype, torch.float32)))
             if (return_weights)

@@ -27,6 +27,7 @@ Two ways to compute the same thing (tests hold them equal against a float64 refe
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -60,11 +61,11 @@ def latent_attention(
     or a paged cache's :class:`gqa.cache.PagedKV` of such rows.
     Returns the attention-weighted latents ``[B, Hq, Tq, R]``.
 
-    This is multi-query attention with the row as the one key *and* value: each query is
-    ``[q_lat | q_rope in its group's slot, zeros elsewhere]``, so its score is ``q_lat . c + q_rope .
-    k_rope_group``, and the first R dims of the output are the weighted latents (the rest is discarded).
-    It therefore runs on :func:`gqa.attention`'s kernels as they are (the fused CPU decode kernel, Triton,
-    SDPA) and reads each cache row once: R + Hkv*r values per token.
+    This is multi-query attention with the row as the one key and its first R values (the latent, a view:
+    nothing is copied) as the value: each query is ``[q_lat | q_rope in its group's slot, zeros elsewhere]``,
+    so its score is ``q_lat . c + q_rope . k_rope_group``, and its output the weighted latents. It therefore
+    runs on :func:`gqa.attention`'s kernels as they are (the fused CPU decode kernel, Triton, SDPA; values
+    narrower than keys), reading each cache row once: R + Hkv*r values per token.
     """
     b, hq, tq, rank = q_lat.shape
     paged = isinstance(rows, PagedKV)
@@ -76,10 +77,10 @@ def latent_attention(
         eye = torch.eye(hkv, dtype=q_rope.dtype, device=q_rope.device)
         slots = torch.einsum("bjgtr,jk->bjgtkr", q_rope.reshape(b, hkv, g, tq, -1), eye)  # zeros off the group's slot
         q = torch.cat([q_lat, slots.reshape(b, hq, tq, width - rank)], dim=-1)  # (B, Hq, Tq, R + Hkv*r)
-    if paged:  # pages [num_pages, 1, P, W]: the same one KV head, read in place
-        return attend(q, rows, mask, scale=scale)[..., :rank]
-    kv = rows[:, None]  # (B, 1, Tk, W): one KV head, key = value = the row
-    return attention(q, kv, kv, mask=mask, scale=scale)[..., :rank]
+    if paged:  # pages [num_pages, 1, P, W]: the same one KV head, read in place; values = the latent columns
+        return attend(q, dataclasses.replace(rows, v_pages=rows.k_pages[..., :rank]), mask, scale=scale)
+    k = rows[:, None]  # (B, 1, Tk, W): one KV head, the row as its key
+    return attention(q, k, k[..., :rank], mask=mask, scale=scale)  # (B, Hq, Tq, R)
 
 
 class LatentAttention(nn.Module):

@@ -32,7 +32,7 @@ def reference_attention(
     scale: float | None = None,
     return_weights: bool = False,
 ):
-    """fp64 attention. q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> [B, Hq, Tq, D] float64.
+    """fp64 attention. q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] -> [B, Hq, Tq, Dv] float64.
 
     Causal masks are bottom-right aligned (see :mod:`gqa.masks`); fully masked rows give zeros.
     """

@@ -199,6 +199,21 @@ def test_long_query_blocks_are_sliced(monkeypatch):
     assert_matches_reference(sliced, q, k, v, mask)
 
 
+@pytest.mark.parametrize("backend", ["auto", "grouped", "sdpa", "kernel"])
+@pytest.mark.parametrize("dv", [3, 24])
+def test_values_may_have_their_own_head_dim(backend, dv):
+    """v [B, Hkv, Tk, Dv] with Dv != D (DeepSeek-V2's heads; the absorbed latent attention): out [B, Hq, Tq, Dv]
+    from every backend, against the fp64 reference; q and k must still agree."""
+    q, k, _ = _qkv(8, 2, 3)
+    v = torch.randn(*k.shape[:3], dv)
+    mask = masks.causal() & masks.key_padding(torch.tensor([13, 9]))
+    out = gqa.attention(q, k, v, mask=mask, backend=backend)
+    assert out.shape == (*q.shape[:3], dv)
+    assert_matches_reference(out, q, k, v, mask)
+    with pytest.raises(GQAUserError, match="queries and keys need the same head_dim"):
+        gqa.attention(q, k[..., :-1], v)
+
+
 @pytest.mark.parametrize("scale", [0.0, -0.5, float("nan"), float("inf"), "0.1", True])
 def test_bad_scale_is_a_user_error(scale):
     q, k, v = _qkv(8, 2, 3)

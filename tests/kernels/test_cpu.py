@@ -171,6 +171,38 @@ def test_bf16_computes_in_fp32(d, tq, cpu_path):
     check(paged, ref, q, k, v, m, factor=2.0)
 
 
+@pytest.mark.parametrize(
+    "d,dv,prefix",
+    [(128, 80, True), (96, 64, False), (64, 96, False), (96, 96, False)],
+    ids=["values-a-key-prefix", "narrower-values", "wider-values", "head-dim-96"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tq", [1, 3])
+def test_value_width_other_than_the_key_width(d, dv, prefix, dtype, tq, cpu_path):
+    """Values of width Dv != D (the output's width): separate V tensors, and a view of the keys' first Dv
+    columns (the absorbed latent attention's values), contiguous and paged, against the fp64 reference. Widths
+    80 and 96 are not multiples of the kernel's 64-wide value tiles: their last 16-float chunks take the
+    single-chunk path. Invisible slots hold NaN, so a path that reads one fails."""
+    torch.manual_seed(d + dv + tq)
+    b, hq, hkv, page, max_pages = 2, 9, 3, 32, 10
+    k_pages = torch.randn(b * max_pages, hkv, page, d).to(dtype)
+    v_pages = k_pages[..., :dv] if prefix else torch.randn(b * max_pages, hkv, page, dv).to(dtype)
+    table = torch.randperm(b * max_pages).view(b, max_pages).to(torch.int32)
+    k, v = gather_pages(k_pages, table), gather_pages(v_pages, table)  # (B, Hkv, T, D), (B, Hkv, T, Dv)
+    q = torch.randn(b, hq, tq, d).to(dtype)
+    lengths = torch.tensor([max_pages * page, 201], dtype=torch.int32)
+    m = decode_mask(lengths, tq, k.shape[2])
+    ref = gqa.reference_attention(q, k, v, mask=m)
+    assert ref.shape == (b, hq, tq, dv)
+    k_seen = poison_invisible(k, m)
+    v_seen = k_seen[..., :dv] if prefix else poison_invisible(v, m)
+    out = decode_attention(q, k_seen, v_seen, lengths, causal=True)
+    assert out.shape == (b, hq, tq, dv) and out.dtype == dtype
+    check(out, ref, q, k, v, m)
+    paged = paged_decode_attention(q, k_pages, v_pages, table, lengths, causal=True)
+    check(paged, ref, q, k, v, m)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
 def test_other_dtypes(dtype, cpu_path):
     """fp16 runs in fp32; fp64 in fp64 (the torch path), so its error is at fp64's level."""

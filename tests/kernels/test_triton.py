@@ -186,6 +186,20 @@ def test_head_dims(d):
     check(out, q, k, v, m)
 
 
+@pytest.mark.parametrize("d,dv,prefix", [(128, 80, True), (64, 96, False)], ids=["values-a-key-prefix", "wider-values"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_value_width_other_than_the_key_width(d, dv, prefix, num_splits):
+    """Values of width Dv != D: the output is [B, Hq, Tq, Dv]; values may be a view of the keys' first Dv
+    columns (the absorbed latent attention), with one split and with the merge stage."""
+    q, k, _ = make(2, 9, 3, 2, 70, d, seed=dv + num_splits)
+    v = k[..., :dv] if prefix else torch.randn(2, 3, 70, dv, generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([70, 23])
+    m = decode_mask(lengths, 2, 70)
+    out = run_kernel(*(t.to(DEVICE) for t in (q, k, v)), lengths, num_splits=num_splits)
+    assert out.shape == (2, 9, 2, dv)
+    check(out, q, k, v, m)
+
+
 def test_more_splits_than_tiles_and_rows_over_one_block():
     # MQA with 16 query tokens: 8 x 16 = 128 rows need several row blocks in fp32; 8 splits of a
     # 50-key cache leave most splits empty, which the merge must ignore.

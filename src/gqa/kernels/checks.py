@@ -31,7 +31,8 @@ def check_scale(scale) -> float | None:
 
 
 def check_tensors(q, k, v, kv_name: str = "k") -> None:
-    """4-D floating tensors of one dtype on one device, head_dim >= 1 and matching, Hkv dividing Hq."""
+    """4-D floating tensors of one dtype on one device, head_dim >= 1 (q's and k's the same; v's may differ: its
+    head_dim is the output's), Hkv dividing Hq."""
     for name, t in (("q", q), (kv_name, k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise GQAUserError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -46,11 +47,11 @@ def check_tensors(q, k, v, kv_name: str = "k") -> None:
         raise GQAUserError(f"q, {kv_name}, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype")
     if not (q.device == k.device == v.device):
         raise GQAUserError(f"q, {kv_name}, v are on different devices ({q.device}, {k.device}, {v.device}); move them")
-    if not (q.shape[3] == k.shape[3] == v.shape[3]):
+    if q.shape[3] != k.shape[3]:
         raise GQAUserError(
-            f"head_dim differs: q {q.shape[3]}, {kv_name} {k.shape[3]}, v {v.shape[3]}; they need the same head_dim"
+            f"head_dim differs: q {q.shape[3]}, {kv_name} {k.shape[3]}; queries and keys need the same head_dim"
         )
-    if q.shape[3] == 0:
+    if q.shape[3] == 0 or v.shape[3] == 0:
         raise GQAUserError("head_dim is 0; q, k and v need head_dim >= 1")
     hq, hkv = q.shape[1], k.shape[1]
     if hq == 0 or hkv == 0 or hq % hkv != 0:
@@ -62,7 +63,7 @@ def check_tensors(q, k, v, kv_name: str = "k") -> None:
 def check_decode_inputs(q, k, v, lengths, window, chunk, scale, kv_name: str) -> None:
     """The decode kernels' arguments (shapes of the cache itself are checked by the callers)."""
     check_tensors(q, k, v, kv_name)
-    if k.shape != v.shape:
+    if k.shape[:3] != v.shape[:3]:
         raise GQAUserError(f"{kv_name} {tuple(k.shape)} and v {tuple(v.shape)} differ; pass matching K/V")
     tq = q.shape[2]
     if not 1 <= tq <= MAX_QUERY_TOKENS:

@@ -66,11 +66,13 @@ def split_kv_decode_cpu(
 ) -> torch.Tensor:
     """Decode attention on CPU.
 
-    q ``[B, Hq, Tq, D]``; k/v ``[B, Hkv, T, D]`` (views of a larger cache are fine). ``kv_lens`` ``[B]``:
+    q ``[B, Hq, Tq, D]``; k ``[B, Hkv, T, D]``, v ``[B, Hkv, T, Dv]`` (views of a larger cache are fine; Dv is
+    usually D). ``kv_lens`` ``[B]``:
     keys ``0 .. kv_lens[b]-1`` exist; ``q_pos0`` ``[B]``: absolute position of query token 0 (token t is
     at ``q_pos0[b] + t``). ``causal``/``window``/``chunk`` as in :mod:`gqa.masks`; ``extra_mask`` an
     optional bool tensor broadcastable to ``[B, Hq, Tq, T]`` (True = attend) for anything else.
-    Query head h uses KV head ``h // g``. Rows with no visible key give zeros. Returns q's dtype.
+    Query head h uses KV head ``h // g``. Rows with no visible key give zeros. Returns ``[B, Hq, Tq, Dv]`` in q's
+    dtype.
     """
     causal = causal or window is not None
     ragged = bool((kv_lens != kv_lens[0]).any() or (q_pos0 != q_pos0[0]).any())
@@ -83,32 +85,34 @@ def split_kv_decode_cpu(
                 m = extra_mask[i : i + 1] if extra_mask.shape[0] > 1 else extra_mask
             one = slice(i, i + 1)
             outs.append(_uniform(q[one], k[one], v[one], kv_lens[one], q_pos0[one], scale, causal, window, chunk, m))
-        return torch.cat(outs, dim=0)  # (B, Hq, Tq, D)
+        return torch.cat(outs, dim=0)  # (B, Hq, Tq, Dv)
     return _uniform(q, k, v, kv_lens, q_pos0, scale, causal, window, chunk, extra_mask)
 
 
 def _uniform(q, k, v, kv_lens, q_pos0, scale, causal, window, chunk, extra_mask):
     """The batched path for sequences that share their length and query positions."""
     b, hq, tq, d = q.shape
-    hkv = k.shape[1]
+    hkv, dv = k.shape[1], v.shape[3]
     g = hq // hkv
     lo, hi = _visible_range(kv_lens, q_pos0, tq, causal, window, chunk)
     n = hi - lo
     if n == 0:
-        return torch.zeros_like(q)
-    k_vis, v_vis = k[:, :, lo:hi], v[:, :, lo:hi]  # (B, Hkv, N, D) views
+        return q.new_zeros(b, hq, tq, dv)
+    k_vis, v_vis = k[:, :, lo:hi], v[:, :, lo:hi]  # (B, Hkv, N, D) and (B, Hkv, N, Dv) views
 
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     # (B, Hkv, g*Tq, D): head h = j*g + i -> row i*Tq + t of KV head j; fp32 (fp64), scale folded in
     qg = q.reshape(b, hkv, g * tq, d).to(acc) * scale
     widen = k.dtype != acc
     if widen:  # bf16: widen a few MiB at a time into a reused fp32 buffer (cache-resident)
-        step = min(n, max(256, CONVERT_BYTES // (4 * b * hkv * d)))  # keys per widening step
-        buf = torch.empty(b, hkv, step, d, dtype=acc)
+        width = max(d, dv)  # one buffer for K's and then V's chunks
+        step = min(n, max(256, CONVERT_BYTES // (4 * b * hkv * width)))  # keys per widening step
+        buf = torch.empty(b, hkv, step, width, dtype=acc)
         scores = torch.empty(b, hkv, n, g * tq, dtype=acc)
         for s in range(0, n, step):
             c = min(step, n - s)
-            scores[:, :, s : s + c] = torch.matmul(buf[:, :, :c].copy_(k_vis[:, :, s : s + c]), qg.transpose(-1, -2))
+            k_c = buf[:, :, :c, :d].copy_(k_vis[:, :, s : s + c])
+            scores[:, :, s : s + c] = torch.matmul(k_c, qg.transpose(-1, -2))
     else:
         scores = torch.matmul(k_vis, qg.transpose(-1, -2))  # (B, Hkv, N, g*Tq): S rows split across threads
 
@@ -129,14 +133,14 @@ def _uniform(q, k, v, kv_lens, q_pos0, scale, causal, window, chunk, extra_mask)
     if not widen:
         out = _chunked_pv(probs, v_vis if dead is None else v_vis.masked_fill(dead, 0.0))
     else:
-        out = torch.zeros(b, hkv, g * tq, d, dtype=acc)
+        out = torch.zeros(b, hkv, g * tq, dv, dtype=acc)
         for s in range(0, n, step):
             c = min(step, n - s)
-            v_c = buf[:, :, :c].copy_(v_vis[:, :, s : s + c])
+            v_c = buf[:, :, :c, :dv].copy_(v_vis[:, :, s : s + c])
             if dead is not None:
                 v_c.masked_fill_(dead[:, :, s : s + c], 0.0)
             out += _chunked_pv(probs[:, :, s : s + c], v_c)
-    return out.view(b, hq, tq, d).to(q.dtype)  # (B, Hq, Tq, D)
+    return out.view(b, hq, tq, dv).to(q.dtype)  # (B, Hq, Tq, Dv)
 
 
 def _all_visible(lo, hi, kv_len, q_pos0, tq, causal, window, chunk) -> bool:
@@ -176,7 +180,7 @@ def _masked_softmax(scores, lo, hi, kv_lens, q_pos0, causal, window, chunk, extr
 
 
 def _chunked_pv(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """probs [B, Hkv, N, R] fp32, v [B, Hkv, N, D] fp32 -> P^T V [B, Hkv, R, D]: the N keys are cut into
+    """probs [B, Hkv, N, R] fp32, v [B, Hkv, N, Dv] fp32 -> P^T V [B, Hkv, R, Dv]: the N keys are cut into
     PV_CHUNK-key chunks batched over (B, Hkv, chunk), one reduction per thread, then summed."""
     b, hkv, n, r = probs.shape
     d = v.shape[-1]

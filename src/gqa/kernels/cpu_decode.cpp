@@ -218,40 +218,46 @@ inline void score_rows(const at::BFloat16* q, const at::BFloat16* const* k, int6
 }
 #endif
 
-// acc_r += sum_c p[r, c] * v_c for NR rows: DIM_TILE chunks of each accumulator row stay in registers
-// over the block's keys and each V chunk is loaded once for all NR rows. A key some row masks out
+// acc_r[i .. i + U*16) += sum_c p[r, c] * v_c[i .. i + U*16) for NR rows: U chunks of each accumulator row stay in
+// registers over the block's keys and each V chunk is loaded once for all NR rows. A key some row masks out
 // (p == 0 exactly then) takes the careful path, so 0 * NaN in unused slots never reaches the output.
+template <int NR, int U, typename T>
+inline void pv_chunks(float* acc, const float* p, const T* const* v, int64_t d, int64_t i, int64_t bn, bool full) {
+  vf16 x[NR][U];
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < U; ++u) x[r][u] = loadv(acc + r * d + i + u * LANES);
+  for (int64_t c = 0; c < bn; ++c) {
+    vf16 vv[U];
+    for (int u = 0; u < U; ++u) vv[u] = load16(v[c] + i + u * LANES);
+    bool all = full;
+    if (!all) {
+      all = true;
+      for (int r = 0; r < NR; ++r) all = all && p[r * BLOCK_N + c] != 0.0f;
+    }
+    if (all) {
+      for (int r = 0; r < NR; ++r) {
+        const float w = p[r * BLOCK_N + c];
+        for (int u = 0; u < U; ++u) x[r][u] += w * vv[u];
+      }
+    } else {
+      for (int r = 0; r < NR; ++r) {
+        const float w = p[r * BLOCK_N + c];
+        if (w == 0.0f) continue;
+        for (int u = 0; u < U; ++u) x[r][u] += w * vv[u];
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < U; ++u) storev(acc + r * d + i + u * LANES, x[r][u]);
+}
+
+// acc_r += sum_c p[r, c] * v_c over a value width d: DIM_TILE chunks at a time, then single 16-float chunks
+// (a width such as 80 or 96 is not a multiple of DIM_TILE x 16), then the last d % 16 elements one by one.
 template <int NR, typename T>
 inline void pv_rows(float* acc, const float* p, const T* const* v, int64_t d, int64_t bn, bool full) {
   int64_t i = 0;
-  for (; i + DIM_TILE * LANES <= d; i += DIM_TILE * LANES) {
-    vf16 x[NR][DIM_TILE];
-    for (int r = 0; r < NR; ++r)
-      for (int u = 0; u < DIM_TILE; ++u) x[r][u] = loadv(acc + r * d + i + u * LANES);
-    for (int64_t c = 0; c < bn; ++c) {
-      vf16 vv[DIM_TILE];
-      for (int u = 0; u < DIM_TILE; ++u) vv[u] = load16(v[c] + i + u * LANES);
-      bool all = full;
-      if (!all) {
-        all = true;
-        for (int r = 0; r < NR; ++r) all = all && p[r * BLOCK_N + c] != 0.0f;
-      }
-      if (all) {
-        for (int r = 0; r < NR; ++r) {
-          const float w = p[r * BLOCK_N + c];
-          for (int u = 0; u < DIM_TILE; ++u) x[r][u] += w * vv[u];
-        }
-      } else {
-        for (int r = 0; r < NR; ++r) {
-          const float w = p[r * BLOCK_N + c];
-          if (w == 0.0f) continue;
-          for (int u = 0; u < DIM_TILE; ++u) x[r][u] += w * vv[u];
-        }
-      }
-    }
-    for (int r = 0; r < NR; ++r)
-      for (int u = 0; u < DIM_TILE; ++u) storev(acc + r * d + i + u * LANES, x[r][u]);
-  }
+  for (; i + DIM_TILE * LANES <= d; i += DIM_TILE * LANES) pv_chunks<NR, DIM_TILE>(acc, p, v, d, i, bn, full);
+  for (; i + LANES <= d; i += LANES) pv_chunks<NR, 1>(acc, p, v, d, i, bn, full);
   for (; i < d; ++i) {
     for (int r = 0; r < NR; ++r) {
       float x = acc[r * d + i];
@@ -293,8 +299,9 @@ void decode_kernel(
     const int32_t* kv_lens, const int32_t* q_pos0,
     const int32_t* kv_start,  // [B] first real key of each sequence (left padding), or nullptr: 0
     int64_t B, int64_t Hq, int64_t Hkv, int64_t Tq, int64_t D,
+    int64_t DV,  // value width (D for standard attention; less where the values are a prefix of the keys)
     bool causal, int64_t window, int64_t chunk, int64_t n_splits,
-    float* part_out,  // [B, Hkv, S, R, D]
+    float* part_out,  // [B, Hkv, S, R, DV]
     float* part_lse   // [B, Hkv, S, R], log2 domain
 ) {
   const int64_t g = Hq / Hkv;
@@ -305,14 +312,14 @@ void decode_kernel(
   std::atomic<int64_t> next_item{0};
   const int64_t n_workers = std::min<int64_t>(at::get_num_threads(), n_items);
   at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> acc(R * D), m(R), l(R), sc(R * BLOCK_N);
+    std::vector<float> acc(R * DV), m(R), l(R), sc(R * BLOCK_N);
     std::vector<int64_t> lo_t(Tq), hi_t(Tq);
     std::vector<const T*> krow(BLOCK_N), vrow(BLOCK_N);
     for (int64_t item = next_item.fetch_add(1); item < n_items; item = next_item.fetch_add(1)) {
       const int64_t b = item / (Hkv * n_splits);
       const int64_t j = (item / n_splits) % Hkv;
       const int64_t s = item % n_splits;
-      float* o = part_out + item * R * D;
+      float* o = part_out + item * R * DV;
       float* lse = part_lse + item * R;
 
       // Each query token's visible keys [lo_t, hi_t); the item covers its split of their union.
@@ -352,10 +359,8 @@ void decode_kernel(
         for (int64_t c = n0 + PREFETCH_BLOCKS * BLOCK_N; c < std::min(n0 + (PREFETCH_BLOCKS + 1) * BLOCK_N, stop); ++c) {
           const char* kp = reinterpret_cast<const char*>(K.row(b, j, c));
           const char* vp = reinterpret_cast<const char*>(V.row(b, j, c));
-          for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64) {
-            __builtin_prefetch(kp + off, 0, 1);
-            __builtin_prefetch(vp + off, 0, 1);
-          }
+          for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(kp + off, 0, 1);
+          for (int64_t off = 0; off < DV * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(vp + off, 0, 1);
         }
         for (int64_t c = 0; c < bn; ++c) krow[c] = K.row(b, j, n0 + c);
         int64_t r0 = 0;
@@ -378,8 +383,8 @@ void decode_kernel(
           if (m_new > m[r]) {  // rescale what this row has accumulated so far
             const float alpha = m[r] == NEG_INF ? 0.0f : exp2_neg(m[r] - m_new);
             l[r] *= alpha;
-            float* ar = acc.data() + r * D;
-            for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
+            float* ar = acc.data() + r * DV;
+            for (int64_t d = 0; d < DV; ++d) ar[d] *= alpha;
             m[r] = m_new;
           }
           float ex[BLOCK_N];
@@ -391,20 +396,20 @@ void decode_kernel(
         }
         for (int64_t c = 0; c < bn; ++c) vrow[c] = V.row(b, j, n0 + c);
         for (r0 = 0; r0 + ROW_TILE <= R; r0 += ROW_TILE)
-          pv_rows<ROW_TILE>(acc.data() + r0 * D, sc.data() + r0 * BLOCK_N, vrow.data(), D, bn, full);
-        for (; r0 < R; ++r0) pv_rows<1>(acc.data() + r0 * D, sc.data() + r0 * BLOCK_N, vrow.data(), D, bn, full);
+          pv_rows<ROW_TILE>(acc.data() + r0 * DV, sc.data() + r0 * BLOCK_N, vrow.data(), DV, bn, full);
+        for (; r0 < R; ++r0) pv_rows<1>(acc.data() + r0 * DV, sc.data() + r0 * BLOCK_N, vrow.data(), DV, bn, full);
       }
       for (int64_t r = 0; r < R; ++r) {
         const bool empty = l[r] == 0.0f;
         const float inv = empty ? 0.0f : 1.0f / l[r];
-        for (int64_t d = 0; d < D; ++d) o[r * D + d] = acc[r * D + d] * inv;
+        for (int64_t d = 0; d < DV; ++d) o[r * DV + d] = acc[r * DV + d] * inv;
         lse[r] = empty ? NEG_INF : m[r] + std::log2(l[r]);
       }
     }
   });
 }
 
-// Merge the splits of each (b, j) by log-sum-exp and write out [B, Hq, Tq, D] (fp32).
+// Merge the splits of each (b, j) by log-sum-exp and write out [B, Hq, Tq, D] (fp32; D = the value width).
 void merge_splits(const float* part_out, const float* part_lse, float* out, int64_t B, int64_t Hkv, int64_t R,
                   int64_t D, int64_t n_splits) {
   at::parallel_for(0, B * Hkv * R, 16, [&](int64_t begin, int64_t end) {
@@ -445,9 +450,10 @@ Rows<T> rows_of(const at::Tensor& x, const at::Tensor& table) {
 }
 
 // q [B, Hq, Tq, D] contiguous: fp32, or bf16 with a bf16 cache (bf16 dot products where the CPU has them);
-// scores are q . k * q_scale, with scale * log2(e) folded into q or q_scale; k, v [B | num_pages, Hkv, T | page_size, D]
-// fp32 or bf16 with unit stride in D; block_table [B, max_pages] int32 contiguous (or empty: contiguous cache);
-// kv_lens, q_pos0 [B] int32; kv_start [B] int32 (keys before it are padding) or empty; window / chunk 0 = none. Returns [B, Hq, Tq, D] fp32.
+// scores are q . k * q_scale, with scale * log2(e) folded into q or q_scale; k [B | num_pages, Hkv, T | page_size, D],
+// v the same but [.., DV] (any value width, e.g. a view of k's first DV columns), fp32 or bf16 with unit stride in
+// the last dim; block_table [B, max_pages] int32 contiguous (or empty: contiguous cache); kv_lens, q_pos0 [B]
+// int32; kv_start [B] int32 (keys before it are padding) or empty; window / chunk 0 = none. Returns [B, Hq, Tq, DV] fp32.
 at::Tensor decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_table,
                   const at::Tensor& kv_lens, const at::Tensor& q_pos0, const at::Tensor& kv_start, bool causal, int64_t window, int64_t chunk,
                   int64_t n_splits, double q_scale) {
@@ -466,18 +472,20 @@ at::Tensor decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "gqa cpu decode: block_table must be int32 with unit stride");
   TORCH_CHECK(n_splits >= 1, "gqa cpu decode: n_splits >= 1");
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1);
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && k.size(3) == D && v.sizes() == k.sizes(), "gqa cpu decode: shapes");
-  const int64_t R = (Hq / Hkv) * Tq;
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && k.size(3) == D && v.size(3) >= 1 && v.size(0) == k.size(0) &&
+                  v.size(1) == Hkv && v.size(2) == k.size(2),
+              "gqa cpu decode: shapes");
+  const int64_t R = (Hq / Hkv) * Tq, DV = v.size(3);
   auto opts = q.options().dtype(at::kFloat);
-  at::Tensor part_out = at::empty({B * Hkv * n_splits * R * D}, opts);
+  at::Tensor part_out = at::empty({B * Hkv * n_splits * R * DV}, opts);
   at::Tensor part_lse = at::empty({B * Hkv * n_splits * R}, opts);
-  at::Tensor out = at::empty({B, Hq, Tq, D}, opts);
+  at::Tensor out = at::empty({B, Hq, Tq, DV}, opts);
   if (out.numel() == 0) return out;
   const int32_t* start = kv_start.numel() ? kv_start.data_ptr<int32_t>() : nullptr;
   auto run = [&](auto* qp, float qs, auto* cache_type) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(cache_type)>>;
     decode_kernel<T>(qp, qs, rows_of<T>(k, block_table), rows_of<T>(v, block_table), kv_lens.data_ptr<int32_t>(),
-                     q_pos0.data_ptr<int32_t>(), start, B, Hq, Hkv, Tq, D, causal, window, chunk, n_splits,
+                     q_pos0.data_ptr<int32_t>(), start, B, Hq, Hkv, Tq, D, DV, causal, window, chunk, n_splits,
                      part_out.data_ptr<float>(), part_lse.data_ptr<float>());
   };
   if (q.scalar_type() == at::kBFloat16) {
@@ -493,7 +501,7 @@ at::Tensor decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     TORCH_CHECK(k.scalar_type() == at::kBFloat16, "gqa cpu decode: k and v must be fp32 or bf16");
     run(q.data_ptr<float>(), static_cast<float>(q_scale), static_cast<at::BFloat16*>(nullptr));
   }
-  merge_splits(part_out.data_ptr<float>(), part_lse.data_ptr<float>(), out.data_ptr<float>(), B, Hkv, R, D, n_splits);
+  merge_splits(part_out.data_ptr<float>(), part_lse.data_ptr<float>(), out.data_ptr<float>(), B, Hkv, R, DV, n_splits);
   return out;
 }
 

@@ -237,11 +237,12 @@ def fused_decode(
     """Run the fused kernel (call :func:`available` first).
 
     q ``[B, Hq, Tq, D]``; k/v ``[B, Hkv, T, D]`` (views of a larger cache are fine) or, with
-    ``block_table`` ``[B, max_pages]`` int, pages ``[num_pages, Hkv, page_size, D]``; fp32 or bf16.
+    ``block_table`` ``[B, max_pages]`` int, pages ``[num_pages, Hkv, page_size, D]``; fp32 or bf16. v may have
+    its own width Dv (a view of k's first Dv columns reads each row once), the output's.
     ``kv_lens`` ``[B]``: keys ``0 .. kv_lens[b]-1`` exist; ``q_pos0`` ``[B]``: position of query token 0;
     ``kv_start`` ``[B]`` (optional): keys ``0 .. kv_start[b]-1`` are left padding, never read.
     ``causal``/``window``/``chunk`` as in :mod:`gqa.masks`. Page ids must be valid (checked by the
-    caller, or here: the kernel refuses any id it would read outside the pages, a GQAUserError). Returns ``[B, Hq, Tq, D]`` in q's dtype;
+    caller, or here: the kernel refuses any id it would read outside the pages, a GQAUserError). Returns ``[B, Hq, Tq, Dv]`` in q's dtype;
     rows with no visible key are zeros.
     """
     op = _load()
@@ -280,4 +281,4 @@ def fused_decode(
             f"block_table holds page ids outside 0..{found.group(2)} for pages in use (got {found.group(1)}); "
             "fix the table"
         ) from None
-    return out.to(q.dtype)  # (B, Hq, Tq, D)
+    return out.to(q.dtype)  # (B, Hq, Tq, Dv)

@@ -138,7 +138,8 @@ def _can_run(q, k, v, mask) -> _MaskPlan | None:
         return plan  # any float dtype: fp16 computes in fp32, fp64 in fp64
     if plan.start is not None:  # the Triton kernel takes no left padding: the general path materialises it
         return None
-    if _triton_ready(q.device) and q.dtype in _CUDA_DTYPES and q.shape[3] <= TRITON_MAX_HEAD_DIM and not plan.rest:
+    width = max(q.shape[3], v.shape[3])
+    if _triton_ready(q.device) and q.dtype in _CUDA_DTYPES and width <= TRITON_MAX_HEAD_DIM and not plan.rest:
         return plan
     return None
 
@@ -153,7 +154,8 @@ def cpu_path(dtype: torch.dtype, mask=None) -> str:
 def attention(q, k, v, *, mask=None, scale=None):
     """``gqa.attention`` semantics through the decode kernels.
 
-    q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``; query token t sits at ``Tk - Tq + t`` (bottom-right).
+    q ``[B, Hq, Tq, D]``, k ``[B, Hkv, Tk, D]``, v ``[B, Hkv, Tk, Dv]``; query token t sits at ``Tk - Tq + t``
+    (bottom-right).
     Query head h uses KV head ``h // g``. Runs for 1 <= Tq <= min(16, Tk) without autograd: on CUDA
     (Triton) for fp16/bf16/fp32, head_dim <= 256 and masks made of causal, sliding-window, chunked and
     key-padding-lengths parts; on CPU for any float dtype and any mask (the fused kernel for fp32/bf16
@@ -224,7 +226,8 @@ def decode_attention(
 
     Args:
         q: ``[B, Hq, Tq, D]``, 1 <= Tq <= 16; token t of sequence b is at position ``lengths[b] - Tq + t``.
-        k, v: ``[B, Hkv, T_max, D]`` (Hq divisible by Hkv); slots ``>= lengths[b]`` are never read.
+        k, v: ``[B, Hkv, T_max, D]`` (Hq divisible by Hkv); slots ``>= lengths[b]`` are never read. v may have
+            its own width Dv (e.g. a view of k's first Dv columns), which is then the output's.
         lengths: ``[B]`` int tokens per sequence, new tokens included (default: ``T_max`` for all).
         scale: softmax scale, default ``1 / sqrt(D)``; a finite number > 0.
         causal: each query sees keys up to its own position (bottom-right). Default False, as in
@@ -234,7 +237,7 @@ def decode_attention(
         num_splits: KV splits per (sequence, KV head) (default: enough to occupy the GPU / every CPU thread).
 
     Returns:
-        ``[B, Hq, Tq, D]`` in q's dtype. Query head h uses KV head ``h // g``; K/V are never repeated.
+        ``[B, Hq, Tq, Dv]`` in q's dtype. Query head h uses KV head ``h // g``; K/V are never repeated.
         B = 0 gives an empty result; head_dim 0 is an error.
     """
     if lengths is None and isinstance(k, torch.Tensor) and k.dim() == 4:
@@ -265,7 +268,7 @@ def paged_decode_attention(
 
     Args:
         q: ``[B, Hq, Tq, D]``, 1 <= Tq <= 16; token t of sequence b is at position ``lengths[b] - Tq + t``.
-        k_pages, v_pages: ``[num_pages, Hkv, page_size, D]``.
+        k_pages, v_pages: ``[num_pages, Hkv, page_size, D]`` (v_pages may have its own width Dv).
         block_table: ``[B, max_pages_per_seq]`` int32 page ids; key n of sequence b is in page
             ``block_table[b, n // page_size]`` at slot ``n % page_size``. Entries past a sequence's
             last page are never read.
@@ -278,7 +281,7 @@ def paged_decode_attention(
             kernel checks each id as it reads it, and the torch fallback checks the table first.
 
     Returns:
-        ``[B, Hq, Tq, D]`` in q's dtype. Query head h uses KV head ``h // g``.
+        ``[B, Hq, Tq, Dv]`` in q's dtype. Query head h uses KV head ``h // g``.
     """
     check_decode_inputs(q, k_pages, v_pages, lengths, window, chunk, scale, "k_pages")
     # On CPU the fused kernel checks each page id as it reads it (free); the torch fallback gathers pages
@@ -312,15 +315,16 @@ def gather_pages(pages: torch.Tensor, block_table: torch.Tensor, n_pages: int | 
 
 def _run(q, k, v, lengths, block_table, scale, causal, window, chunk, num_splits):
     if q.shape[0] == 0:
-        return q.new_empty(q.shape)  # (0, Hq, Tq, D)
+        return q.new_empty(*q.shape[:3], v.shape[3])  # (0, Hq, Tq, Dv)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else check_scale(scale)
     kv_lens = lengths.to(device=q.device, dtype=torch.int32)
     q_pos0 = kv_lens - q.shape[2]
     if q.device.type == "cuda":
-        if q.dtype not in _CUDA_DTYPES or q.shape[3] > TRITON_MAX_HEAD_DIM or not _triton_ready(q.device):
+        width = max(q.shape[3], v.shape[3])
+        if q.dtype not in _CUDA_DTYPES or width > TRITON_MAX_HEAD_DIM or not _triton_ready(q.device):
             raise GQAUserError(
                 f"the Triton decode kernel needs fp16/bf16/fp32, head_dim <= {TRITON_MAX_HEAD_DIM} and triton "
-                f"installed (got {q.dtype}, head_dim {q.shape[3]}); use gqa.attention"
+                f"installed (got {q.dtype}, head_dim {width}); use gqa.attention"
             )
         from gqa.kernels.triton_decode import split_kv_decode
 

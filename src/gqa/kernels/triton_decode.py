@@ -9,8 +9,9 @@ or a chunk are never visited. Stage 2 merges the splits by their log-sum-exp; wi
 stage 1 writes the output directly.
 
 Keys may be contiguous (``[B, Hkv, T_max, D]``, a view of a static cache is fine) or paged
-(``[num_pages, Hkv, page_size, D]`` with a ``[B, max_pages]`` int32 block table). Every tensor is
-addressed through its strides, so nothing is copied.
+(``[num_pages, Hkv, page_size, D]`` with a ``[B, max_pages]`` int32 block table). Values have the same
+layout with their own width Dv (usually D; a prefix view of the keys is fine). Every tensor is addressed
+through its strides, so nothing is copied.
 
 Importing this module decorates the kernels; with ``TRITON_INTERPRET=1`` set beforehand they run in
 Triton's CPU interpreter (how CI tests them), on CPU tensors.
@@ -68,10 +69,12 @@ def _split_kv_stage1(
     page_size,
     rows_padded,
     HEAD_DIM: tl.constexpr,
+    VALUE_DIM: tl.constexpr,
     N_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_CHUNK: tl.constexpr,
@@ -91,6 +94,8 @@ def _split_kv_stage1(
     tok = rows % q_len
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
+    vdims = tl.arange(0, BLOCK_DV)
+    vdim_ok = vdims < VALUE_DIM
 
     kv_len = tl.load(KvLens + b)
     q_pos0 = tl.load(QPos0 + b)  # absolute position of query token 0 (>= 0)
@@ -119,7 +124,7 @@ def _split_kv_stage1(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     for start_n in range(start, end, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
@@ -132,9 +137,8 @@ def _split_kv_stage1(
         else:
             k_base = K + b.to(tl.int64) * stride_kb + j * stride_kh + keys.to(tl.int64) * stride_kt
             v_base = V + b.to(tl.int64) * stride_vb + j * stride_vh + keys.to(tl.int64) * stride_vt
-        kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_base[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base[:, None] + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :], other=0.0)  # (N, D)
+        v = tl.load(v_base[:, None] + vdims[None, :], mask=key_ok[:, None] & vdim_ok[None, :], other=0.0)  # (N, Dv)
         if UPCAST_DOT:
             k = k.to(tl.float32)
 
@@ -163,13 +167,13 @@ def _split_kv_stage1(
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # rows with no visible key give zeros
     if N_SPLITS == 1:
-        o_ptrs = Out + b * stride_ob + head[:, None] * stride_oh + tok[:, None] * stride_ot + dims[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+        o_ptrs = Out + b * stride_ob + head[:, None] * stride_oh + tok[:, None] * stride_ot + vdims[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & vdim_ok[None, :])
     else:
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         bh = b * n_kv_heads + j
-        part_rows = (bh * N_SPLITS + split) * rows_padded + rows  # PartialOut (B*Hkv, splits, rows_padded, D)
-        tl.store(PartialOut + part_rows[:, None] * BLOCK_D + dims[None, :], out)
+        part_rows = (bh * N_SPLITS + split) * rows_padded + rows  # PartialOut (B*Hkv, splits, rows_padded, Dv)
+        tl.store(PartialOut + part_rows[:, None] * BLOCK_DV + vdims[None, :], out)
         tl.store(PartialLse + part_rows, lse)
 
 
@@ -186,28 +190,28 @@ def _split_kv_stage2(
     q_len,
     group,
     rows_padded,
-    HEAD_DIM: tl.constexpr,
+    VALUE_DIM: tl.constexpr,
     N_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = pid // n_row_blocks
     b = bh // n_kv_heads
     j = bh % n_kv_heads
     rows = (pid % n_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
+    dims = tl.arange(0, BLOCK_DV)
 
     lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for s in range(N_SPLITS):
         lse_max = tl.maximum(lse_max, tl.load(PartialLse + (bh * N_SPLITS + s) * rows_padded + rows))
     lse_safe = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for s in range(N_SPLITS):
         part_rows = (bh * N_SPLITS + s) * rows_padded + rows
         w = tl.exp2(tl.load(PartialLse + part_rows) - lse_safe)  # 0 for a split that saw no key
-        acc += w[:, None] * tl.load(PartialOut + part_rows[:, None] * BLOCK_D + dims[None, :])
+        acc += w[:, None] * tl.load(PartialOut + part_rows[:, None] * BLOCK_DV + dims[None, :])
         total += w
     out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
 
@@ -215,7 +219,7 @@ def _split_kv_stage2(
     head = j * group + rows // q_len
     tok = rows % q_len
     o_ptrs = Out + b * stride_ob + head[:, None] * stride_oh + tok[:, None] * stride_ot + dims[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (dims < VALUE_DIM)[None, :])
 
 
 def _built_for_interpreter() -> bool:
@@ -229,7 +233,8 @@ _INTERPRETED = _built_for_interpreter()
 
 def _block_sizes(rows: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D): rows padded to a power of two >= 16 (tl.dot's minimum), capped so the
-    fp32 accumulator fits in registers; key tiles of 64 (32 for head_dim 256)."""
+    fp32 accumulator fits in registers; key tiles of 64 (32 for head_dim 256). ``head_dim``: the wider of
+    the key and value widths."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     cap = 128 if block_d <= 128 else 64
     if dtype == torch.float32:
@@ -267,13 +272,13 @@ def split_kv_decode(
 ) -> torch.Tensor:
     """Launch the kernel. Inputs are validated by :mod:`gqa.kernels`; this only launches.
 
-    q ``[B, Hq, Tq, D]``; k/v ``[B, Hkv, T_max, D]`` (contiguous cache, ``block_table`` None) or
-    ``[num_pages, Hkv, page_size, D]`` with ``block_table`` ``[B, max_pages]`` int32. ``kv_lens`` ``[B]``
-    int32: keys ``0 .. kv_lens[b]-1`` exist. ``q_pos0`` ``[B]`` int32: absolute position of query token 0.
-    Query head h uses KV head ``h // g``. Returns ``[B, Hq, Tq, D]`` in q's dtype.
+    q ``[B, Hq, Tq, D]``; k ``[B, Hkv, T_max, D]`` (contiguous cache, ``block_table`` None) or
+    ``[num_pages, Hkv, page_size, D]`` with ``block_table`` ``[B, max_pages]`` int32; v the same with its own
+    width Dv. ``kv_lens`` ``[B]`` int32: keys ``0 .. kv_lens[b]-1`` exist. ``q_pos0`` ``[B]`` int32: absolute
+    position of query token 0. Query head h uses KV head ``h // g``. Returns ``[B, Hq, Tq, Dv]`` in q's dtype.
     """
     b, hq, tq, d = q.shape
-    hkv = k.shape[1]
+    hkv, dv = k.shape[1], v.shape[3]
     group = hq // hkv
     paged = block_table is not None
     for name, t in (("k", k), ("v", v)):
@@ -281,10 +286,11 @@ def split_kv_decode(
             raise ValueError(f"{name} must have a contiguous last (head_dim) dim; call .contiguous() on it")
     if q.stride(3) != 1:
         q = q.contiguous()
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = torch.empty(b, hq, tq, dv, device=q.device, dtype=q.dtype)
 
     rows = group * tq
-    block_m, block_n, block_d = _block_sizes(rows, d, q.dtype)
+    block_m, block_n, _ = _block_sizes(rows, max(d, dv), q.dtype)
+    block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
     n_row_blocks = triton.cdiv(rows, block_m)
     rows_padded = n_row_blocks * block_m
     if max_visible is None:
@@ -292,7 +298,7 @@ def split_kv_decode(
     if num_splits is None:
         num_splits = _default_splits(q.device, b * hkv * n_row_blocks, max_visible, block_n)
     if num_splits > 1:
-        partial_out = torch.empty(b * hkv, num_splits, rows_padded, block_d, device=q.device, dtype=torch.float32)
+        partial_out = torch.empty(b * hkv, num_splits, rows_padded, block_dv, device=q.device, dtype=torch.float32)
         partial_lse = torch.empty(b * hkv, num_splits, rows_padded, device=q.device, dtype=torch.float32)
     else:
         partial_out = partial_lse = out  # unused
@@ -339,10 +345,12 @@ def split_kv_decode(
         k.shape[2] if paged else 1,
         rows_padded,
         HEAD_DIM=d,
+        VALUE_DIM=dv,
         N_SPLITS=num_splits,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
         CAUSAL=causal or window is not None,
         HAS_WINDOW=window is not None,
         HAS_CHUNK=chunk is not None,
@@ -351,7 +359,7 @@ def split_kv_decode(
         # after loading (values identical; the products are then exact instead of tensor-core rounded).
         UPCAST_DOT=interpreted and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if fp32 else None,  # fp32 stays fp32 (no tf32 rounding)
-        num_warps=4 if block_m * block_d <= 64 * 128 else 8,
+        num_warps=4 if block_m * max(block_d, block_dv) <= 64 * 128 else 8,
         num_stages=2,
     )
     if num_splits > 1:
@@ -367,10 +375,10 @@ def split_kv_decode(
             tq,
             group,
             rows_padded,
-            HEAD_DIM=d,
+            VALUE_DIM=dv,
             N_SPLITS=num_splits,
             BLOCK_M=block_m,
-            BLOCK_D=block_d,
+            BLOCK_DV=block_dv,
             num_warps=4,
         )
     return out
