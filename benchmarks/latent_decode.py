@@ -6,7 +6,8 @@ step is exactly what decoding at that context costs: the model's forward on one 
 Variants at the same cache values per token and layer:
 
 * ``gqa-3kv`` (the original: 384 values), ``gqa-1kv`` (128 values: 2 x 64);
-* ``latent-R-r`` (R + 3 r values; 80 + 3 x 16 = 128).
+* ``latent-R-r`` (R + 3 r values: each KV group keeps r rotated dims; 80 + 3 x 16 = 128);
+* ``latent-R-r-shared`` (R + r values: one rotated key head for all heads, DeepSeek-V2's layout; 96 + 32 = 128).
 
 Steps are timed interleaved (one step of each variant in turn, ``--repeats`` rounds, median and spread).
 Results: ``benchmarks/results/latent-decode.md`` / ``.json`` with provenance.
@@ -37,8 +38,9 @@ def build(name: str, context: int, batch: int, dtype: torch.dtype):
     if name.startswith("gqa-"):
         cfg = GQAConfig(**SMOLLM2, n_kv_heads=int(name[4:-2]))
     else:
-        _, rank, rope = name.split("-")
-        cfg = GQAConfig(**SMOLLM2, n_kv_heads=3, latent_rank=int(rank), latent_rope_dim=int(rope))
+        _, rank, rope, *shared = name.split("-")
+        groups = 1 if shared == ["shared"] else 3
+        cfg = GQAConfig(**SMOLLM2, n_kv_heads=groups, latent_rank=int(rank), latent_rope_dim=int(rope))
     model = GQAForCausalLM(cfg).to(dtype).eval()
     cache = model.make_cache(batch, context + 1)
     for layer in cache.layers:
@@ -69,7 +71,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--variants", default="gqa-3kv,gqa-1kv,latent-80-16")
+    ap.add_argument("--variants", default="gqa-3kv,gqa-1kv,latent-80-16,latent-96-32-shared")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     load_before = load_average()
