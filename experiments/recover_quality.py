@@ -139,6 +139,7 @@ RECIPES = {
     "budget-distilled-8k-25": {
         "about": "lever 3: --budget-curves distilled --calib-tokens 8192 --distill-steps 25 (use --target budget0.5)",
         "convert": {"calib_tokens": 8192, "distill_steps": 25, "budget_curves": "distilled"},
+        "target": "budget0.5",  # the only kind of target it takes (the default unless --target says otherwise)
     },
     # Lever 6, what the calibration text covers: one narrow domain (Shakespeare's verse) against the same
     # tokens half verse, half the built-in english:calib (prose and code), both measured on english:eval.
@@ -296,7 +297,7 @@ def run_recipe(args) -> None:
     from gqa.train.uptrain import uptrain, uptrain_defaults
 
     recipe = RECIPES[args.recipe]
-    target = args.target or "kv1"
+    target = args.target or recipe.get("target", "kv1")
     load_start, load0 = os.getloadavg(), load_average()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -27,7 +27,9 @@ def test_recipes_are_convert_options_or_continue_a_recipe():
         if "start" in recipe:
             assert recipe["start"] in rq.RECIPES and "convert" not in recipe, name
         else:  # validated exactly as the run would build them
-            ConvertOptions(kv_heads=1, **{"calib": "english:calib", **recipe["convert"]})
+            target = recipe.get("target", "kv1")
+            goal = {"kv_heads": int(target[2:])} if target.startswith("kv") else {"kv_budget": float(target[6:])}
+            ConvertOptions(**goal, **{"calib": "english:calib", **recipe["convert"]})
         if "train" in recipe:
             assert recipe["train"]["minutes"] <= 10 and isinstance(recipe["train"]["teacher"], bool), name
 
