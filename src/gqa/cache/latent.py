@@ -1,5 +1,6 @@
 """Static cache of a latent layer (:class:`gqa.latent.LatentAttention`): one row per token, ``[B, T_max, R +
-Hkv*r]`` = [the latent shared by all heads | each KV group's rotated keys], filled in place (one row per token
+Hkv*r]`` = [the latent shared by all heads | each KV group's rotated keys] (QK-norm layers add one key scale
+per query head), filled in place (one row per token
 is what the absorbed attention reads as a single key/value head, see :func:`gqa.latent.latent_attention`)."""
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ class LatentKVCache:
     """
 
     def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, rank: int, rope_dim: int, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):  # fmt: skip
+                 key_scales: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):  # fmt: skip
         check_sizes("LatentKVCache", batch_size=batch_size, n_kv_heads=n_kv_heads, max_seq_len=max_seq_len, rank=rank)
         if not isinstance(rope_dim, int) or rope_dim < 0:
             raise GQAUserError(f"LatentKVCache rope_dim must be an integer >= 0, got {rope_dim!r}")
         self.rank, self.n_kv_heads, self.rope_dim = rank, n_kv_heads, rope_dim
-        self.rows = torch.zeros(batch_size, max_seq_len, rank + n_kv_heads * rope_dim, dtype=dtype, device=device)
+        if not isinstance(key_scales, int) or key_scales < 0:
+            raise GQAUserError(f"LatentKVCache key_scales must be an integer >= 0, got {key_scales!r}")
+        width = rank + n_kv_heads * rope_dim + key_scales
+        self.rows = torch.zeros(batch_size, max_seq_len, width, dtype=dtype, device=device)
         self.length = 0
 
     @property
@@ -42,7 +46,7 @@ class LatentKVCache:
         return self.rows.nbytes
 
     def bytes_per_token(self) -> int:
-        """Bytes one token of one sequence takes: (R + Hkv x r) x element size."""
+        """Bytes one token of one sequence takes: (R + Hkv x r [+ key scales]) x element size."""
         return self.rows.shape[2] * element_size(self.rows.dtype)
 
     def positions(self, t: int, device=None) -> torch.Tensor:

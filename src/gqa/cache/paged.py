@@ -108,6 +108,8 @@ class PagedKVCache:
         """A pool for a :class:`gqa.GQAForCausalLM` in the model's dtype and device."""
         p = next(model.parameters())
         cfg = model.config
+        if getattr(cfg, "latent_rank", None) is not None and cfg.qk_norm:
+            raise GQAUserError("paged caches do not take QK-norm latent layers yet; use the static cache (model.make_cache)")
         return cls(
             cfg.kv_heads_per_layer,
             cfg.resolved_head_dim,

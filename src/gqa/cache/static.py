@@ -197,7 +197,9 @@ class ModelCache:
         for i, hkv in enumerate(config.kv_heads_per_layer):
             window, d = config.layer_window(i), config.resolved_head_dim
             if ranks is not None:
-                layers.append(LatentKVCache(batch_size, hkv, max_seq_len, ranks[i], config.latent_rope_dim, dtype=dtype, device=device))
+                scales = config.n_heads if config.qk_norm else 0  # QK-norm latents keep each head's key scale
+                layers.append(LatentKVCache(batch_size, hkv, max_seq_len, ranks[i], config.latent_rope_dim,
+                                            key_scales=scales, dtype=dtype, device=device))  # fmt: skip
             elif window is not None and window < max_seq_len:
                 layers.append(RingKVCache(batch_size, hkv, window, d, max_seq_len=max_seq_len, dtype=dtype, device=device))
             else:

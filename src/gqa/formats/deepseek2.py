@@ -70,6 +70,15 @@ def check_deepseek2(model, dtype: torch.dtype | None = None) -> None:
         raise GQAUserError(
             "DeepSeek-V2's layout holds latent models; this one has KV heads: export it as hf, decilm or gguf"
         )
+    for bad, what in (
+        (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias, "biases"),
+        (cfg.hidden_act != "silu", f"a {cfg.hidden_act} MLP"),
+        (cfg.sandwich_norm or cfg.embed_scale is not None, "Gemma's norms"),
+        (cfg.qk_norm, "QK-norm (a key norm over the whole head)"),
+        (cfg.sliding_window is not None, "sliding-window layers"),
+    ):
+        if bad:
+            raise GQAUserError(f"DeepSeek-V2 files cannot hold {what}; export this latent model with --export gqa")
     if set(cfg.kv_heads_per_layer) != {1}:
         raise GQAUserError(
             f"DeepSeek-V2 files have one rotated key head shared by all heads, this model has one per KV group; {fix}"
@@ -78,13 +87,6 @@ def check_deepseek2(model, dtype: torch.dtype | None = None) -> None:
         raise GQAUserError(
             f"DeepSeek-V2 files take one latent rank (kv_lora_rank) for every layer, this model's differ; {fix}"
         )
-    for bad, what in (
-        (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias, "biases"),
-        (cfg.hidden_act != "silu", f"a {cfg.hidden_act} MLP"),
-        (cfg.sandwich_norm or cfg.embed_scale is not None, "Gemma's norms"),
-    ):
-        if bad:
-            raise GQAUserError(f"DeepSeek-V2 files cannot hold {what}; export this latent model with --export gqa")
     r, d = cfg.latent_rope_dim, cfg.resolved_head_dim
     if not 2 <= r < d:
         raise GQAUserError(

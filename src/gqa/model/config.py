@@ -165,10 +165,6 @@ class GQAConfig:
         if rope is None or rope % 2:
             raise GQAUserError(f"latent_rope_dim={self.latent_rope_dim!r} must be an even number from 0 to head_dim={d}")
         self.latent_rope_dim = rope
-        if self.qk_norm:
-            raise GQAUserError("latent layers have no per-head key norm: QK-norm models (Qwen3, OLMo2, Gemma) cannot take latent_rank yet")
-        if self.sliding_window is not None:
-            raise GQAUserError("latent layers take full causal attention; sliding-window models are not supported yet")
 
     @property
     def latent_ranks(self) -> list[int] | None:
@@ -178,11 +174,13 @@ class GQAConfig:
         return list(self.latent_rank) if isinstance(self.latent_rank, list) else [self.latent_rank] * self.n_layers
 
     def kv_values_per_token(self) -> list[int]:
-        """Cache values one token takes in each layer: 2 x Hkv x D (GQA) or R + Hkv x latent_rope_dim (latent)."""
+        """Cache values one token takes in each layer: 2 x Hkv x D (GQA) or R + Hkv x latent_rope_dim (latent; with
+        QK-norm also one key scale per query head, see :mod:`gqa.latent`)."""
         ranks, d = self.latent_ranks, self.resolved_head_dim
         if ranks is None:
             return [2 * h * d for h in self.kv_heads_per_layer]
-        return [r + h * self.latent_rope_dim for r, h in zip(ranks, self.kv_heads_per_layer, strict=True)]
+        scales = self.n_heads if self.qk_norm else 0
+        return [r + h * self.latent_rope_dim + scales for r, h in zip(ranks, self.kv_heads_per_layer, strict=True)]
 
     def _check_layer_kinds(self) -> None:
         if self.hidden_act not in ACTIVATIONS:

@@ -100,10 +100,10 @@ def load_checkpoint_model(path: str | Path, *, dtype: torch.dtype = torch.float3
         config = GQAConfig.from_dict(cfg)
     except (TypeError, ValueError) as e:
         raise GQAUserError(f"{path} holds a bad model config ({first_line(e)}); restore the checkpoint") from None
-    model = GQAForCausalLM(config)  # config sizes are validated (bounded) by GQAConfig
+    model = GQAForCausalLM(config).to(dtype)  # sizes validated (bounded) by GQAConfig; weights copied in at dtype
     _check_state(model.state_dict(), weights, str(path))
     model.load_state_dict(weights, strict=True)
-    return model.to(dtype).eval()
+    return model.eval()
 
 
 def _check_state(own: dict, loaded: dict, where: str) -> None:

@@ -33,6 +33,11 @@ exact. The rotated dims of each group go into ``k_rope_proj``; query heads are p
    head's measured attention mass per offset (``offset_weights``). A high-frequency pair averages out
    (a, b ~ 0: its unrotated score would be noise), a low-frequency one stays (a ~ 1). Without offset
    weights the rotation is dropped (a = 1, b = 0).
+5. **QK-norm** (Gemma-3, Qwen3): the latent factorises the keys *before* their norm, and the layer keeps the
+   norm (:mod:`gqa.latent`: each head's RMS scale stored per token, the per-dim scales permuted with the dims).
+   Step 1 scores each pair after the norm (its energy times the norm's scale squared, over the head's mean
+   energy). Step 4 is skipped (the rotation is dropped): a rotation folded into the query before its norm
+   would change the norm. At full rank the conversion is exact.
 """
 
 from __future__ import annotations
@@ -75,14 +80,12 @@ def max_latent_rank(head_dim: int, n_kv_heads: int, rope_dim: int) -> int:
     return n_kv_heads * (2 * head_dim - rope_dim)
 
 
-def check_latent_target(cfg, rank: int, rope_dim: int) -> None:
+def check_latent_target(cfg, rank: int, rope_dim: int, *, shared: bool = False) -> None:
     """A one-line error, before any calibration, when ``cfg`` (a :class:`gqa.GQAConfig`) cannot take a
-    rank-``rank`` latent with ``rope_dim`` rotated dims per group."""
+    rank-``rank`` latent with ``rope_dim`` rotated dims per group (``shared``: one shared rotated head)."""
     d = cfg.resolved_head_dim
-    if cfg.qk_norm or cfg.sliding_window is not None:
-        raise GQAUserError(
-            "--kv-latent does not take QK-norm or sliding-window models yet (Qwen3, OLMo2, Gemma, Mistral); use --kv-heads"
-        )
+    if shared and cfg.qk_norm:
+        raise GQAUserError("--latent-rope shared does not take QK-norm models (its files have no key norm); use --latent-rope groups")
     if rope_dim > d:
         raise GQAUserError(
             f"--latent-rope-dim {rope_dim} is more than the head's {d} dims; use an even number up to {d}"
@@ -111,9 +114,18 @@ def rope_pair_scores(attn, moment: torch.Tensor) -> torch.Tensor:
     of the query pair times the key pair (see the module doc)."""
     hq, hkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
     half, g = d // 2, hq // hkv
-    q = _row_energy(_aug(attn.q_proj), moment).view(hq, 2, half).sum(1).sqrt()  # (Hq, D/2): dims i and i + D/2
-    k = _row_energy(_aug(attn.k_proj), moment).view(hkv, 2, half).sum(1).sqrt()  # (Hkv, D/2)
+    q = _pair_norms(_row_energy(_aug(attn.q_proj), moment).view(hq, d), attn.q_norm)  # (Hq, D/2)
+    k = _pair_norms(_row_energy(_aug(attn.k_proj), moment).view(hkv, d), attn.k_norm)  # (Hkv, D/2)
     return q.view(hkv, g, half).sum(1) * k
+
+
+def _pair_norms(energy: torch.Tensor, norm) -> torch.Tensor:
+    """RMS norm of each pair (dims i and i + D/2) from per-dim energies ``[H, D]``; after a per-head RMSNorm
+    (``norm``, or None) a dim's energy is its share of the head's mean energy times the norm's scale squared."""
+    if norm is not None:
+        energy = energy / energy.mean(-1, keepdim=True).clamp_min(1e-300) * norm.weight.detach().double() ** 2
+    h, d = energy.shape
+    return energy.view(h, 2, d // 2).sum(1).sqrt()
 
 
 def _dims(pairs: list[int], half: int) -> tuple[list[int], list[int]]:
@@ -215,8 +227,9 @@ def latent_from_attention(
     from gqa.latent import LatentAttention
 
     hq, hkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    if attn.q_norm is not None:
-        raise GQAUserError("QK-norm attention (Qwen3, OLMo2, Gemma) cannot become a latent layer yet; use --kv-heads")
+    qk_norm = attn.q_norm is not None
+    if qk_norm and shared_rope is not False:
+        raise GQAUserError("--latent-rope shared does not take QK-norm models (its files have no key norm); use --latent-rope groups")
     if attn.rope_theta is None:
         raise GQAUserError("a latent conversion needs a RoPE model; this attention has no RoPE")
     top = max_latent_rank(d, hkv, rope_dim)
@@ -237,6 +250,7 @@ def latent_from_attention(
     new = LatentAttention(
         attn.d_model, hq, rope_heads, d, rank, rope_dim, rope_theta=attn.rope_theta,
         qkv_bias=attn.q_proj.bias is not None, o_bias=attn.o_proj.bias is not None, scale=attn.scale,
+        qk_norm=qk_norm, norm_scale_fp32=qk_norm and attn.q_norm.scale_fp32, norm_eps=attn.q_norm.eps if qk_norm else 1e-6,
     )  # fmt: skip
     if attn.q_proj.weight.dtype == torch.float64:  # float64 sources (tests, references) stay exact
         new = new.double()
@@ -247,7 +261,7 @@ def latent_from_attention(
     else:
         q_rope = torch.stack([wq[h, rope_dims[h // g]] for h in range(hq)])  # (Hq, r, d+1)
         k_rope = torch.cat([wk[j, rope_dims[j]] for j in range(hkv)])  # (Hkv*r, d+1)
-    if offset_weights is not None:
+    if offset_weights is not None and not qk_norm:  # QK-norm: dropped (module doc, step 5)
         wq = _expected_rotation(wq, pairs, g, offset_weights, attn.rope_theta)
     q_nope = torch.stack([wq[h, nope_dims[h // g]] for h in range(hq)])  # (Hq, D-r, d+1)
     _set(new.q_proj, torch.cat([q_nope, q_rope], dim=1).reshape(hq * d, -1))
@@ -262,6 +276,10 @@ def latent_from_attention(
     if attn.o_proj.bias is not None:
         new.o_proj.bias.copy_(attn.o_proj.bias.detach().double())
     new.rope_pairs.copy_(torch.tensor(pairs[:rope_heads], dtype=torch.long).view(rope_heads, rope_dim // 2))
+    if qk_norm:  # each head's norm scales in its [nope | rope] order
+        order = [nope_dims[j] + rope_dims[j] for j in range(hkv)]
+        new.q_norm_weight.copy_(torch.stack([attn.q_norm.weight.detach()[order[h // g]] for h in range(hq)]))
+        new.k_norm_weight.copy_(torch.stack([attn.k_norm.weight.detach()[order[j]] for j in range(hkv)]))
     return new, LatentFit(
         layer, rank, rope_dim, pairs[:rope_heads], round(kept, 6), round(energy_kept, 6), round(merge_kept, 6)
     )

@@ -185,7 +185,7 @@ def convert_calibrated(
     if kv_latent is not None:
         from gqa.convert.calibrated.latent import check_latent_target
 
-        check_latent_target(cfg, kv_latent, latent_rope_dim)  # before minutes of calibration
+        check_latent_target(cfg, kv_latent, latent_rope_dim, shared=latent_rope == "shared")  # before minutes of calibration
         per_layer = list(before)  # a latent layer keeps its KV groups (for their rotated keys)
     max_heads = budget_heads(kv_budget, before) if kv_budget is not None and kv_latent is None else None
     align = calib is not None
