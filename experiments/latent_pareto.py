@@ -259,13 +259,13 @@ def write_report(model: str, rows: list[dict]) -> None:
         f"original's. Values: cache values per token and layer (the original holds {MODELS[model]['values']}: {MODELS[model]['shape']}).",
         f"Written by `experiments/latent_pareto.py --model {model}` (one row per run, appended; `--report` rebuilds this file).",
         "",
-        "| point | unrotated pairs | local distillation | end-to-end min | values / token / layer | KV fraction | perplexity | ratio | top-1 agreement | KL | convert + distil s |",
+        "| point | unrotated pairs | local distillation | end-to-end min (steps) | values / token / layer | KV fraction | perplexity | ratio | top-1 agreement | KL | convert + distil s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in points:
         secs = r["convert_seconds"] + ((r.get("local_distillation") or {}).get("seconds") or 0)
         lines.append(
-            f"| {r['point']} | {(r.get('conversion') or {}).get('unrotated_pairs', '-')} | {'yes' if r['distill'] else 'no'} | {_e2e(r) or '-'} | {r['values_per_token']:.0f} | {r['kv_fraction']:.3f} | "
+            f"| {r['point']} | {(r.get('conversion') or {}).get('unrotated_pairs', '-')} | {'yes' if r['distill'] else 'no'} | {_e2e_cell(r)} | {r['values_per_token']:.0f} | {r['kv_fraction']:.3f} | "
             f"{r['perplexity']:.3f} | {r['ratio']:.3f} | {r['top1_agreement']:.3f} | {r['kl_to_original']:.3f} | {secs:.0f} |"
         )
     orig = [r for r in rows if r["point"] == "original"]
@@ -278,6 +278,13 @@ def write_report(model: str, rows: list[dict]) -> None:
     stem = MODELS[model]["stem"]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines).rstrip() + "\n")
     _plot(points, RESULTS / f"{stem}.png", model)
+
+
+def _e2e_cell(row: dict) -> str:
+    """The end-to-end column: minutes and the steps they bought (a time budget buys fewer under load)."""
+    if not _e2e(row):
+        return "-"
+    return f"{_e2e(row):g} ({row['end_to_end']['steps']})"
 
 
 def _e2e(row: dict) -> float:
