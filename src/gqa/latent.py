@@ -139,6 +139,7 @@ class LatentAttention(nn.Module):
         qkv_bias: biases on the query, latent and rotated-key projections.
         o_bias: bias on the output projection.
         latent_norm: an RMSNorm over the latent before the up-projections (DeepSeek-V2 has one).
+        latent_norm_eps: its epsilon (default ``norm_eps``).
         qk_norm: the original's per-head query and key RMSNorm (Gemma-3, Qwen3; see the module doc).
         norm_scale_fp32: those norms scale in fp32 before casting back (Gemma, see :class:`gqa.layer.RMSNorm`).
         scale: softmax scale (default D ** -0.5).
@@ -162,6 +163,7 @@ class LatentAttention(nn.Module):
         qkv_bias: bool = False,
         o_bias: bool = False,
         latent_norm: bool = False,
+        latent_norm_eps: float | None = None,
         qk_norm: bool = False,
         norm_scale_fp32: bool = False,
         norm_eps: float = 1e-6,
@@ -184,7 +186,8 @@ class LatentAttention(nn.Module):
             self.k_up = Linear(rank, n_heads * self.nope_dim, bias=False)
             self.v_up = Linear(rank, n_heads * head_dim, bias=False)
             self.o_proj = Linear(n_heads * head_dim, d_model, bias=o_bias)
-        self.latent_norm = RMSNorm(rank, norm_eps) if latent_norm else None
+        eps = norm_eps if latent_norm_eps is None else latent_norm_eps
+        self.latent_norm = RMSNorm(rank, eps) if latent_norm else None
         self.qk_norm, self.norm_eps, self.norm_scale_fp32 = qk_norm, norm_eps, norm_scale_fp32
         self.q_norm_weight = nn.Parameter(torch.ones(n_heads, head_dim)) if qk_norm else None
         self.k_norm_weight = nn.Parameter(torch.ones(n_kv_heads, head_dim)) if qk_norm else None

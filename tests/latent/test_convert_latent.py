@@ -115,6 +115,26 @@ def test_shared_rope_latent_exports_as_deepseek_v2_that_transformers_runs(tmp_pa
     with torch.no_grad():
         want, got = ours.float()(ids), hf(ids).logits
     torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)
+    # gqa reads the DeepSeek-V2 folder back (latent layers, the file's latent norm) and writes it again
+    back = load_model(tmp_path / "hf")
+    assert back.config.latent_norm and back.config.kv_values_per_token() == [24 + 4] * 4
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), got, atol=1e-5 * got.abs().max().item(), rtol=0)
+        cache = back.make_cache(2, 20)
+        steps = torch.cat([back(ids[:, :12], cache=cache)] + [back(ids[:, i : i + 1], cache=cache) for i in range(12, 20)], 1)
+        torch.testing.assert_close(steps, got, atol=1e-5 * got.abs().max().item(), rtol=0)
+    from gqa.formats.transformers import save_hf
+
+    save_hf(back, tmp_path / "again")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, got, atol=1e-5 * got.abs().max().item(), rtol=0)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for key, value, needle in [("q_lora_rank", 8, "q_lora_rank"), ("first_k_dense_replace", 0, "experts"),
+                               ("v_head_dim", 8, "v_head_dim"), ("kv_lora_rank", 20, "shape")]:  # fmt: skip
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(GQAUserError, match=needle):
+            load_model(tmp_path / "hf")
 
 
 def test_a_budget_spends_the_latent_ranks_where_the_measured_error_is(tmp_path):

@@ -33,6 +33,13 @@ Tensor layout per layer (gqa -> transformers -> GGUF):
 
 Every other tensor is a Llama block's. The softmax scale of both engines is ``1 / sqrt(D)``; a model with
 another scale has the difference folded into its queries.
+
+**Reading a folder back** (:func:`load_deepseek_v2`, what :func:`gqa.model.load_model` calls for
+``model_type: deepseek_v2``) inverts the table for the files this layout can hold in gqa's latent layer:
+dense MLPs only (no experts), queries in one projection (``q_lora_rank: null``), ``v_head_dim`` equal to
+``qk_nope_head_dim + qk_rope_head_dim``, plain RoPE (no YaRN), no biases. The file's rotated frequencies
+``base ** (-2 i / r)`` are the first r / 2 pairs of a D-dim head at ``theta = base ** (D / r)``; the latent
+norm keeps transformers' epsilon (1e-6). Anything else is a one-line error naming the field.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ __all__ = [
     "hf_config",
     "hf_tensors",
     "save_deepseek_v2",
+    "load_deepseek_v2",
     "gguf_tensors",
     "write_gguf_fields",
 ]
@@ -212,10 +220,11 @@ def save_deepseek_v2(
     from gqa.units import dtype_name
 
     check_deepseek2(model, dtype)
-    if model.config.latent_norm and model.config.norm_eps != HF_LATENT_NORM_EPS:
+    eps = latent_norm_eps(model.config)
+    if model.config.latent_norm and eps != HF_LATENT_NORM_EPS:
         raise GQAUserError(
             f"transformers' DeepSeek-V2 fixes the latent norm's epsilon at {HF_LATENT_NORM_EPS}, this model's is "
-            f"{model.config.norm_eps}; export it with --export gguf or gqa"
+            f"{eps}; export it with --export gguf or gqa"
         )
     out_dtype = dtype or next(model.parameters()).dtype
     folder = Path(folder)
@@ -227,6 +236,117 @@ def save_deepseek_v2(
         if side_files_from is not None:
             copy_side_files(side_files_from, tmp)
     return folder
+
+
+def latent_norm_eps(cfg) -> float:
+    """The latent norm's epsilon of a :class:`gqa.GQAConfig` (its own, or the model's)."""
+    return cfg.norm_eps if cfg.latent_norm_eps is None else cfg.latent_norm_eps
+
+
+def _deinterleave(w: torch.Tensor, r: int) -> torch.Tensor:
+    """Inverse of :func:`_interleave`: interleaved pairs (2i, 2i + 1) -> halves (i, i + r/2), rows of [r, ..]."""
+    return w.reshape(r // 2, 2, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
+
+
+def _read_config(cfg: dict, where: str):
+    """The :class:`gqa.GQAConfig` of a DeepSeek-V2 ``config.json`` (module doc: what gqa reads back)."""
+    from gqa.families.llama import rope_theta
+    from gqa.model.config import GQAConfig
+
+    def need(key, ok, fix):
+        if not ok(cfg.get(key)):
+            raise GQAUserError(f"{where}: {key}={cfg.get(key)!r}; gqa reads DeepSeek-V2 folders with {fix}")
+
+    n_layers = cfg.get("num_hidden_layers")
+    need("num_hidden_layers", lambda v: isinstance(v, int) and v > 0, "a positive layer count")
+    need("first_k_dense_replace", lambda v: isinstance(v, int) and v >= n_layers, f"every layer dense (first_k_dense_replace >= {n_layers}; experts are not read)")
+    need("q_lora_rank", lambda v: v is None, "queries in one projection (q_lora_rank null)")
+    need("attention_bias", lambda v: not v, "no attention biases")
+    need("hidden_act", lambda v: v in (None, "silu"), "a SwiGLU MLP (hidden_act silu)")
+    for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank"):
+        need(key, lambda v: isinstance(v, int) and v > 0, "positive head sizes and rank")
+    nope, r = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"]
+    need("qk_rope_head_dim", lambda v: v % 2 == 0, "an even number of rotated dims")
+    need("v_head_dim", lambda v: v == nope + r, f"values as wide as keys (v_head_dim = {nope + r}: gqa's latent layer has one head width)")
+    base = rope_theta(cfg)  # refuses scaled RoPE (YaRN) in one line
+    d = nope + r
+    return GQAConfig(
+        vocab_size=cfg.get("vocab_size"), d_model=cfg.get("hidden_size"), n_layers=n_layers,
+        n_heads=cfg.get("num_attention_heads"), n_kv_heads=1, head_dim=d, ffn_dim=cfg.get("intermediate_size"),
+        max_seq_len=cfg.get("max_position_embeddings", 4096), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(base) ** (d / r), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        latent_rank=cfg["kv_lora_rank"], latent_rope_dim=r, latent_norm=True, latent_norm_eps=HF_LATENT_NORM_EPS,
+        bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"), pad_token_id=cfg.get("pad_token_id"),
+    )  # fmt: skip
+
+
+def _state_from_tensors(config, get) -> dict[str, torch.Tensor]:
+    """gqa's state dict from a DeepSeek-V2 folder's tensors (``get(name)``; module doc's table, inverted)."""
+    from gqa.families.llama import weight_map
+
+    state = {ours: get(theirs) for ours, theirs in weight_map(config).items() if ".self_attn." not in theirs}
+    h, d, r, rank = config.n_heads, config.resolved_head_dim, config.latent_rope_dim, config.latent_ranks[0]
+    for i in range(config.n_layers):
+        hf, ours = f"model.layers.{i}.self_attn.", f"layers.{i}.attn."
+        q = get(hf + "q_proj.weight").view(h, d, -1)
+        q = torch.cat([q[:, : d - r], torch.stack([_deinterleave(q[j, d - r :], r) for j in range(h)])], dim=1)
+        kv_a = get(hf + "kv_a_proj_with_mqa.weight")
+        kv_b = get(hf + "kv_b_proj.weight").view(h, 2 * d - r, rank)
+        state |= {
+            ours + "q_proj.weight": q.reshape(h * d, -1),
+            ours + "kv_down.weight": kv_a[:rank],
+            ours + "k_rope_proj.weight": _deinterleave(kv_a[rank:], r),
+            ours + "latent_norm.weight": get(hf + "kv_a_layernorm.weight"),
+            ours + "k_up.weight": kv_b[:, : d - r].reshape(h * (d - r), rank),
+            ours + "v_up.weight": kv_b[:, d - r :].reshape(h * d, rank),
+            ours + "o_proj.weight": get(hf + "o_proj.weight"),
+            ours + "rope_pairs": torch.arange(r // 2).view(1, r // 2),  # the head's first pairs (module doc)
+        }
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    return state
+
+
+def load_deepseek_v2(folder: str | Path, *, dtype: torch.dtype | None = None):
+    """A :class:`gqa.GQAForCausalLM` with latent layers from a DeepSeek-V2 transformers folder (what
+    :func:`save_deepseek_v2` writes, or any the module doc says gqa reads); float32 unless ``dtype`` says.
+    Every tensor is checked for presence and shape, and nothing may be left over."""
+    from gqa.formats.transformers.safetensors import read_folder, read_tensor
+    from gqa.model.decoder import GQAForCausalLM
+    from gqa.model.files import read_json_object
+
+    folder = Path(folder)
+    config = _read_config(read_json_object(folder / "config.json"), str(folder / "config.json"))
+    model = GQAForCausalLM(config).to(dtype or torch.float32)
+    own = model.state_dict()
+    infos = {i.name: i for shard in read_folder(folder) for i in shard}
+    handles: dict = {}
+    used: set[str] = set()
+
+    def get(name: str) -> torch.Tensor:
+        if name not in infos:
+            raise GQAUserError(f"{folder} has no tensor {name}; the folder is incomplete or not DeepSeek-V2's layout")
+        if infos[name].file not in handles:
+            handles[infos[name].file] = open(infos[name].file, "rb")
+        used.add(name)
+        return read_tensor(infos[name], handles[infos[name].file]).to(next(model.parameters()).dtype)
+
+    try:
+        state = _state_from_tensors(config, get)
+    except RuntimeError as e:  # a view of the wrong size: a tensor's shape does not match config.json
+        raise GQAUserError(f"{folder}: a tensor's shape does not match config.json ({str(e).splitlines()[0]})") from None
+    finally:
+        for f in handles.values():
+            f.close()
+    ignored = {"lm_head.weight"} if config.tie_embeddings else set()  # a tied head may be stored too
+    extra = sorted(set(infos) - used - ignored)
+    if extra:
+        raise GQAUserError(f"{folder} holds {len(extra)} tensors gqa does not read (first: {extra[0]}); experts and other layouts are not read")
+    for name, t in state.items():
+        if tuple(t.shape) != tuple(own[name].shape):
+            raise GQAUserError(f"{folder}: {name} has shape {tuple(t.shape)}, config.json implies {tuple(own[name].shape)}")
+    model.load_state_dict(state, strict=True)
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -117,6 +117,7 @@ class GQAConfig:
     latent_rank: int | list[int] | None = None
     latent_rope_dim: int | None = None  # rotated dims per KV group (even, <= head_dim); required with latent_rank
     latent_norm: bool = False  # RMSNorm over the latent before the up-projections (DeepSeek-V2's kv_a_layernorm)
+    latent_norm_eps: float | None = None  # that norm's epsilon; None = norm_eps (transformers' DeepSeek-V2: 1e-6)
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
@@ -150,8 +151,8 @@ class GQAConfig:
 
     def _check_latent(self) -> None:
         if self.latent_rank is None:
-            if self.latent_rope_dim is not None or self.latent_norm:
-                raise GQAUserError("latent_rope_dim / latent_norm are set but latent_rank is not; set latent_rank or drop them")
+            if self.latent_rope_dim is not None or self.latent_norm or self.latent_norm_eps is not None:
+                raise GQAUserError("latent_rope_dim / latent_norm(_eps) are set but latent_rank is not; set latent_rank or drop them")
             return
         ranks = self.latent_rank if isinstance(self.latent_rank, (list, tuple)) else [self.latent_rank] * self.n_layers
         if len(ranks) != self.n_layers:

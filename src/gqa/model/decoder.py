@@ -89,6 +89,7 @@ def _latent_attention(config: GQAConfig, n_kv_heads: int, layer: int) -> LatentA
         qkv_bias=config.qkv_bias,
         o_bias=config.o_bias,
         latent_norm=config.latent_norm,
+        latent_norm_eps=config.latent_norm_eps,
         qk_norm=config.qk_norm,
         norm_scale_fp32=config.norm_scale_fp32,
         norm_eps=config.norm_eps,

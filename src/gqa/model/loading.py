@@ -132,7 +132,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, prefer_g
     """A causal LM from ``path``.
 
     * a transformers folder (config.json + safetensors): a :class:`gqa.GQAForCausalLM` when gqa runs its
-      family (``gqa.families.names(runs=True)``) and ``prefer_gqa``, else ``AutoModelForCausalLM``
+      family (``gqa.families.names(runs=True)``, or a dense DeepSeek-V2 folder: latent layers, see
+      :func:`gqa.formats.deepseek2.load_deepseek_v2`) and ``prefer_gqa``, else ``AutoModelForCausalLM``
       (its own code only: ``trust_remote_code=False``);
     * a gqa training checkpoint (``checkpoint.pt``, or a folder of an unfinished run holding one);
     * a ``.gguf`` file (needs the ``gguf`` package): ``deci`` files (per-layer KV heads, as
@@ -159,6 +160,10 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, prefer_g
 
         if prefer_gqa and cfg.get("model_type") in families.names(runs=True):
             return load_hf(path, dtype=dtype)
+        if prefer_gqa and cfg.get("model_type") == "deepseek_v2":  # latent layers (gqa.latent); dense ones only
+            from gqa.formats.deepseek2 import load_deepseek_v2
+
+            return load_deepseek_v2(path, dtype=dtype)
         if cfg.get("model_type") == decilm.MODEL_TYPE and "block_configs" in cfg:
             # DeciLM / Nemotron-NAS (per-layer KV heads, gqa's --export decilm): transformers has no class
             # for it without the model folder's own code, which gqa never runs; gqa's reader has.
