@@ -129,6 +129,12 @@ def test_shared_rope_latent_exports_as_deepseek_v2_that_transformers_runs(tmp_pa
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, got, atol=1e-5 * got.abs().max().item(), rtol=0)
+    from gqa.formats.gguf import export_gguf
+
+    assert back.config.norm_eps != back.config.latent_norm_eps  # 1e-5 in the source, 1e-6 for transformers' latent norm
+    with pytest.raises(GQAUserError, match="llama.cpp's deepseek2 normalises the latent"):
+        export_gguf(back, tmp_path / "back.gguf")
+    assert not (tmp_path / "back.gguf").exists()
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     for key, value, needle in [("q_lora_rank", 8, "q_lora_rank"), ("first_k_dense_replace", 0, "experts"),
                                ("v_head_dim", 8, "v_head_dim"), ("kv_lora_rank", 20, "shape")]:  # fmt: skip

@@ -286,6 +286,11 @@ def export_gguf(
         from gqa.formats import deepseek2
 
         deepseek2.check_deepseek2(model)
+        if config.latent_norm and deepseek2.latent_norm_eps(config) != config.norm_eps:
+            raise GQAUserError(
+                f"llama.cpp's deepseek2 normalises the latent with the model's epsilon ({config.norm_eps}), this "
+                f"model's latent norm uses {deepseek2.latent_norm_eps(config)}; export it with --export hf or gqa"
+            )
         arch, tensors = "deepseek2", lambda: deepseek2.gguf_tensors(model)
     else:
         extra = _check_exportable(config)
