@@ -264,7 +264,13 @@ def test_qk_norm_latent_caches_a_key_scale_per_head_and_decodes_as_it_runs_uncac
     assert new.config.kv_values_per_token() == [10 + 2 * 4 + 8, 14 + 2 * 4 + 8]
     cache = new.make_cache(ids.shape[0], ids.shape[1], dtype=torch.float64)
     assert cache.bytes_per_token() == 8 * sum(new.config.kv_values_per_token())
-    parts = [new(ids[:, :9], cache=cache)] + [new(ids[:, i : i + 1], cache=cache) for i in range(9, 16)]
+    from gqa.cache import RingLatentKVCache
+
+    assert isinstance(cache[0], RingLatentKVCache) and not isinstance(cache[1], RingLatentKVCache)
+    assert cache[0].rows.shape[1] == 5 and cache[1].rows.shape[1] == ids.shape[1]  # the sliding layer holds its window
+    assert sum(c.nbytes for c in cache.layers) == 6 * new.config.kv_bytes(ids.shape[1], torch.float64)
+    parts = [new(ids[:, :9], cache=cache), new(ids[:, 9:12], cache=cache)]  # a chunk after the ring is full
+    parts += [new(ids[:, i : i + 1], cache=cache) for i in range(12, 16)]
     torch.testing.assert_close(torch.cat(parts, 1), new(ids[:, :16]), atol=1e-10, rtol=1e-10)
     with pytest.raises(GQAUserError, match="paged caches do not take QK-norm"):
         PagedKVCache.for_model(new, num_pages=8, page_size=4)

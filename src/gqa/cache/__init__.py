@@ -27,11 +27,12 @@ forward) are the two.
 A layer cache records the new tokens as held when it is written (``KVCache.length``; a paged batch
 advances its sequences at its first layer's write), so one forward is one step, with no commit call.
 The cache holds Hkv heads per layer (never Hq); per-layer KV heads give per-layer sizes. A latent layer
-(:class:`gqa.latent.LatentAttention`) has its own layer cache, :class:`LatentKVCache` (``update_latent``).
+(:class:`gqa.latent.LatentAttention`) has its own layer cache, :class:`LatentKVCache` (``update_rows``; a ring of
+rows, :class:`RingLatentKVCache`, on a sliding-window layer).
 """
 
-from gqa.cache.latent import LatentKVCache
+from gqa.cache.latent import LatentKVCache, RingLatentKVCache
 from gqa.cache.paged import OutOfPages, PageAllocator, PagedBatch, PagedKV, PagedKVCache
 from gqa.cache.static import KVCache, ModelCache, RingKVCache
 
-__all__ = ["LatentKVCache", "KVCache", "RingKVCache", "ModelCache", "PagedKVCache", "PagedBatch", "PagedKV", "PageAllocator", "OutOfPages"]
+__all__ = ["LatentKVCache", "RingLatentKVCache", "KVCache", "RingKVCache", "ModelCache", "PagedKVCache", "PagedBatch", "PagedKV", "PageAllocator", "OutOfPages"]

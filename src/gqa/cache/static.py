@@ -109,6 +109,36 @@ class KVCache:
         self.length = 0
 
 
+def ring_visible_positions(length: int, window: int, t: int, device) -> torch.Tensor:
+    """Sequence positions ``[Tk]`` of what :func:`ring_write` returns for ``t`` new tokens after ``length``."""
+    n, w = length, window
+    if t == 1 and n >= w:  # the full ring after the write: slot s holds the newest position = s mod w
+        s = torch.arange(w, device=device)
+        return n - (n - s) % w
+    old = min(n, w - 1) if t > 1 else n
+    return torch.arange(n - old, n + t, device=device)
+
+
+def ring_write(rings: list[torch.Tensor], news: list[torch.Tensor], *, dim: int, length: int, window: int):
+    """Write T new tokens (``news``, token axis ``dim``) into ring buffers of ``window`` slots holding
+    ``length`` tokens so far (the token at position q in slot q % window); returns what the new queries
+    attend over, one tensor per ring: for one token the ring itself (the held slots, in ring order), for
+    several the last window - 1 held tokens then the new ones, in position order (see :class:`RingKVCache`)."""
+    n, t, w = length, news[0].shape[dim], window
+    device = rings[0].device
+    if t == 1:
+        for ring, new in zip(rings, news, strict=True):
+            ring.narrow(dim, n % w, 1).copy_(new)
+        return [ring.narrow(dim, 0, min(n + 1, w)) for ring in rings]
+    old = torch.arange(n - min(n, w - 1), n, device=device) % w  # slots of the visible held tokens
+    seen = [torch.cat([ring.index_select(dim, old), new], dim=dim) for ring, new in zip(rings, news, strict=True)]
+    keep = min(t, w)
+    slots = torch.arange(n + t - keep, n + t, device=device) % w
+    for ring, new in zip(rings, news, strict=True):
+        ring.index_copy_(dim, slots, new.narrow(dim, new.shape[dim] - keep, keep))
+    return seen
+
+
 class RingKVCache:
     """A sliding-window layer's cache: ring buffers ``k``, ``v`` ``[B, Hkv, window, D]``, so its memory is
     bounded by the window however long the sequence grows (Gemma-3's sliding layers: 512 tokens).
@@ -138,13 +168,7 @@ class RingKVCache:
 
     def visible_slots(self, t: int, device=None) -> torch.Tensor:
         """Sequence positions ``[Tk]`` of the keys :meth:`update` will return for ``t`` new tokens."""
-        device = device if device is not None else self.k.device
-        n, w = self.length, self.window
-        if t == 1 and n >= w:  # the full ring after the write: slot s holds the newest position = s mod w
-            s = torch.arange(w, device=device)
-            return n - (n - s) % w
-        old = min(n, w - 1) if t > 1 else n
-        return torch.arange(n - old, n + t, device=device)
+        return ring_visible_positions(self.length, self.window, t, device if device is not None else self.k.device)
 
     def update(self, k_new: torch.Tensor, v_new: torch.Tensor):
         """Append ``k_new``/``v_new`` ``[B, Hkv, T, D]``; returns ``(k, v)`` ``[B, Hkv, Tk, D]`` as the class says."""
@@ -155,23 +179,26 @@ class RingKVCache:
                 f"positions {n}..{n + t - 1} are beyond the cache's {self.max_seq_len} tokens; "
                 "allocate a larger max_seq_len or shorten the sequence"
             )
-        if t == 1:
-            slot = n % w
-            self.k[:, :, slot : slot + 1], self.v[:, :, slot : slot + 1] = k_new, v_new
-            self.length = n + 1
-            held = min(self.length, w)
-            return self.k[:, :, :held], self.v[:, :, :held]
-        old = torch.arange(n - min(n, w - 1), n, device=self.k.device) % w  # slots of the visible held keys
-        k = torch.cat([self.k.index_select(2, old), k_new], dim=2)  # (B, Hkv, old + T, D) in position order
-        v = torch.cat([self.v.index_select(2, old), v_new], dim=2)
-        keep = min(t, w)
-        slots = torch.arange(n + t - keep, n + t, device=self.k.device) % w
-        self.k[:, :, slots], self.v[:, :, slots] = k_new[:, :, -keep:], v_new[:, :, -keep:]
+        k, v = ring_write([self.k, self.v], [k_new, v_new], dim=2, length=n, window=w)
         self.length = n + t
         return k, v
 
     def reset(self) -> None:
         self.length = 0
+
+
+def _latent_cache(config, i: int, batch_size: int, max_seq_len: int, *, dtype, device):
+    """Latent layer ``i``'s cache: rows of R + Hkv x r values (+ one key scale per query head with QK-norm),
+    in a ring bounded by the window on a sliding layer."""
+    from gqa.cache.latent import LatentKVCache, RingLatentKVCache
+
+    window = config.layer_window(i)
+    sizes = (batch_size, config.kv_heads_per_layer[i])
+    kw = dict(key_scales=config.n_heads if config.qk_norm else 0, dtype=dtype, device=device)
+    rank, rope = config.latent_ranks[i], config.latent_rope_dim
+    if window is not None and window < max_seq_len:
+        return RingLatentKVCache(*sizes, window, rank, rope, max_seq_len=max_seq_len, **kw)
+    return LatentKVCache(*sizes, max_seq_len, rank, rope, **kw)
 
 
 class ModelCache:
@@ -190,16 +217,12 @@ class ModelCache:
         """Allocate a cache for a :class:`gqa.model.GQAConfig` model: a :class:`gqa.cache.LatentKVCache` per
         layer of a latent model, else a :class:`RingKVCache` for each sliding-window layer whose window is
         shorter than ``max_seq_len`` and a :class:`KVCache` otherwise."""
-        from gqa.cache.latent import LatentKVCache
-
         layers: list = []
         ranks = getattr(config, "latent_ranks", None)
         for i, hkv in enumerate(config.kv_heads_per_layer):
             window, d = config.layer_window(i), config.resolved_head_dim
             if ranks is not None:
-                scales = config.n_heads if config.qk_norm else 0  # QK-norm latents keep each head's key scale
-                layers.append(LatentKVCache(batch_size, hkv, max_seq_len, ranks[i], config.latent_rope_dim,
-                                            key_scales=scales, dtype=dtype, device=device))  # fmt: skip
+                layers.append(_latent_cache(config, i, batch_size, max_seq_len, dtype=dtype, device=device))
             elif window is not None and window < max_seq_len:
                 layers.append(RingKVCache(batch_size, hkv, window, d, max_seq_len=max_seq_len, dtype=dtype, device=device))
             else:
