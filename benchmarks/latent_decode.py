@@ -9,10 +9,15 @@ Variants at the same cache values per token and layer:
 * ``latent-R-r`` (R + 3 r values: each KV group keeps r rotated dims; 80 + 3 x 16 = 128);
 * ``latent-R-r-shared`` (R + r values: one rotated key head for all heads, DeepSeek-V2's layout; 96 + 32 = 128).
 
+``--shape gemma3``: Gemma-3-270M's shape instead (18 layers, 4 query heads and 1 KV head of 256, QK-norm, 5
+sliding layers of 512 tokens to 1 global, vocabulary 262,144): ``gqa-1kv`` is the original (512 values),
+``latent-R-r`` keeps the QK-norm (R + r + 4 values: each query head's key scale), sliding layers in rings.
+
 Steps are timed interleaved (one step of each variant in turn, ``--repeats`` rounds, median and spread).
 Results: ``benchmarks/results/latent-decode.md`` / ``.json`` with provenance.
 
     python benchmarks/latent_decode.py --context 8192 --batch 4 --threads 2
+    python benchmarks/latent_decode.py --shape gemma3 --variants gqa-1kv,latent-92-32,latent-44-16
 """
 
 from __future__ import annotations
@@ -29,18 +34,24 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results"
 SMOLLM2 = dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, ffn_dim=1536, rope_theta=100000.0,
                tie_embeddings=True, max_seq_len=16384)  # fmt: skip
+GEMMA3 = dict(vocab_size=262144, d_model=640, n_layers=18, n_heads=4, head_dim=256, ffn_dim=2048, rope_theta=1e6,
+              rope_local_theta=1e4, sliding_window=512, layer_types=(["sliding"] * 5 + ["global"]) * 3, qk_norm=True,
+              hidden_act="gelu_tanh", sandwich_norm=True, embed_scale=640**0.5, norm_scale_fp32=True,
+              attn_scale=256**-0.5, norm_eps=1e-6, tie_embeddings=True, max_seq_len=32768)  # fmt: skip
+SHAPES = {"smollm2": SMOLLM2, "gemma3": GEMMA3}
 
 
-def build(name: str, context: int, batch: int, dtype: torch.dtype):
+def build(name: str, context: int, batch: int, dtype: torch.dtype, shape: str = "smollm2"):
     """(model, cache filled to ``context`` tokens) for a variant name."""
     from gqa.model import GQAConfig, GQAForCausalLM
 
+    base = SHAPES[shape]
     if name.startswith("gqa-"):
-        cfg = GQAConfig(**SMOLLM2, n_kv_heads=int(name[4:-2]))
+        cfg = GQAConfig(**base, n_kv_heads=int(name[4:-2]))
     else:
         _, rank, rope, *shared = name.split("-")
-        groups = 1 if shared == ["shared"] else 3
-        cfg = GQAConfig(**SMOLLM2, n_kv_heads=groups, latent_rank=int(rank), latent_rope_dim=int(rope))
+        groups = 1 if shared == ["shared"] or shape == "gemma3" else 3
+        cfg = GQAConfig(**base, n_kv_heads=groups, latent_rank=int(rank), latent_rope_dim=int(rope))
     model = GQAForCausalLM(cfg).to(dtype).eval()
     cache = model.make_cache(batch, context + 1)
     for layer in cache.layers:
@@ -73,13 +84,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--variants", default="gqa-3kv,gqa-1kv,latent-80-16,latent-96-32-shared")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--shape", default="smollm2", choices=sorted(SHAPES), help="the model shape (module doc)")
     args = ap.parse_args()
     load_before = load_average()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     names = args.variants.split(",")
-    built = {n: build(n, args.context, args.batch, dtype) for n in names}
+    built = {n: build(n, args.context, args.batch, dtype, args.shape) for n in names}
     for n in names:  # warm up
         step(*built[n], args.context, args.batch)
     times = {n: [] for n in names}
@@ -93,6 +105,7 @@ def main() -> None:
         rows.append({
             "variant": n,
             "values_per_token_layer": sum(model.config.kv_values_per_token()) / model.config.n_layers,
+            "kv_bytes_per_sequence": model.config.kv_bytes(args.context, dtype),
             "kv_bytes_held": cache.nbytes,
             "step_ms_median": round(1e3 * med, 2),
             "step_ms_min": round(1e3 * min(times[n]), 2),
@@ -104,20 +117,22 @@ def main() -> None:
         r["speed_vs_gqa_1kv"] = round(r["tok_per_s"] / ref["tok_per_s"], 3)
     prov = provenance(dtype=args.dtype, load_before=load_before, context=args.context, batch=args.batch)
     OUT.mkdir(parents=True, exist_ok=True)
-    stem = OUT / f"latent-decode-{args.dtype}-ctx{args.context}-b{args.batch}"
+    prefix = "latent-decode" if args.shape == "smollm2" else f"latent-decode-{args.shape}"
+    stem = OUT / f"{prefix}-{args.dtype}-ctx{args.context}-b{args.batch}"
     stem.with_suffix(".json").write_text(json.dumps({"rows": rows, "provenance": prov}, indent=1) + "\n")
     lines = [
         f"# Decode step at {args.context:,} context, batch {args.batch}: latent cache vs GQA ({args.dtype}, {args.threads} threads)",
         "",
-        "SmolLM2-135M's shape with random weights; caches filled to the context; one new token per sequence per step,",
+        f"{'SmolLM2-135M' if args.shape == 'smollm2' else 'Gemma-3-270M'}'s shape with random weights; caches filled to the context "
+        "(sliding layers: their window); one new token per sequence per step,",
         f"variants interleaved, {args.repeats} rounds. Written by `benchmarks/latent_decode.py`.",
         "",
-        "| variant | values / token / layer | cache bytes held | step ms (median) | min | max | tok/s | vs gqa-1kv |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | values / token / layer | KV bytes / sequence | cache bytes held | step ms (median) | min | max | tok/s | vs gqa-1kv |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {r['values_per_token_layer']:.0f} | {r['kv_bytes_held']:,} | {r['step_ms_median']} | "
+            f"| {r['variant']} | {r['values_per_token_layer']:.0f} | {r['kv_bytes_per_sequence']:,} | {r['kv_bytes_held']:,} | {r['step_ms_median']} | "
             f"{r['step_ms_min']} | {r['step_ms_max']} | {r['tok_per_s']} | {r['speed_vs_gqa_1kv']} |"
         )
     lines += ["", "## Provenance", "", provenance_markdown(prov)]
