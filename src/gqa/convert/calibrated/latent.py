@@ -75,6 +75,13 @@ class LatentFit:
     )
 
 
+#: Why a QK-norm model cannot take one shared rotated head (DeepSeek-V2's files have no key norm).
+NO_SHARED_QK_NORM = (
+    "--latent-rope shared (DeepSeek-V2's layout, what --export hf / gguf write) has no key norm for QK-norm "
+    "models; use --latent-rope groups with --export gqa"
+)
+
+
 def max_latent_rank(head_dim: int, n_kv_heads: int, rope_dim: int) -> int:
     """The largest useful rank: every unrotated K dim and every V dim of every group."""
     return n_kv_heads * (2 * head_dim - rope_dim)
@@ -85,7 +92,7 @@ def check_latent_target(cfg, rank: int, rope_dim: int, *, shared: bool = False) 
     rank-``rank`` latent with ``rope_dim`` rotated dims per group (``shared``: one shared rotated head)."""
     d = cfg.resolved_head_dim
     if shared and cfg.qk_norm:
-        raise GQAUserError("--latent-rope shared does not take QK-norm models (its files have no key norm); use --latent-rope groups")
+        raise GQAUserError(NO_SHARED_QK_NORM)
     if rope_dim > d:
         raise GQAUserError(
             f"--latent-rope-dim {rope_dim} is more than the head's {d} dims; use an even number up to {d}"
@@ -229,7 +236,7 @@ def latent_from_attention(
     hq, hkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
     qk_norm = attn.q_norm is not None
     if qk_norm and shared_rope is not False:
-        raise GQAUserError("--latent-rope shared does not take QK-norm models (its files have no key norm); use --latent-rope groups")
+        raise GQAUserError(NO_SHARED_QK_NORM)
     if attn.rope_theta is None:
         raise GQAUserError("a latent conversion needs a RoPE model; this attention has no RoPE")
     top = max_latent_rank(d, hkv, rope_dim)
