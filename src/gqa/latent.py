@@ -35,8 +35,9 @@ are stored with the per-dim scale (``k_norm_weight`` ``[Hkv, D]``) applied and t
 
 A row is then ``[latent | rotated keys of each group | s of each query head]``: R + Hkv * rope_dim + Hq
 values. A conversion's expected rotation of the unrotated query pairs is applied after the query norm
-(``q_nope_phase``: one complex factor per head and pair). The absorbed form scales each head's logits by its s (plain torch: the fused kernels have no
-per-key scale), so it still reads only the rows; at full rank the conversion is exact.
+(``q_nope_phase``: one complex factor per head and pair). The absorbed form scales each head's logits by
+its s (plain torch: the fused kernels have no per-key scale), so it still reads only the rows; at full rank
+the conversion is exact.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import torch
 from torch import nn
 
 from gqa import masks
-from gqa.cache.paged import PagedKV
+from gqa.cache.paged import NO_PAGED_QK_NORM, PagedKV
 from gqa.errors import GQAUserError
 from gqa.functional import attention
 from gqa.layer import Linear, RMSNorm, attend
@@ -108,7 +109,7 @@ def _scaled_latent_attention(q, rows, key_scales, rank, mask, scale) -> torch.Te
     key_scales ``[B, Hq, Tk]``), weighting the latents ``rows[..., :R]``: ``[B, Hq, Tq, R]``. Computed in at
     least fp32; queries that see no key return zeros, as :func:`gqa.attention`."""
     if isinstance(rows, PagedKV):
-        raise GQAUserError("paged caches do not take QK-norm latent layers yet; use the static cache (model.make_cache)")
+        raise GQAUserError(NO_PAGED_QK_NORM)
     b, hq, tq, _ = q.shape
     tk = rows.shape[1]
     work = torch.promote_types(q.dtype, torch.float32)
@@ -330,7 +331,7 @@ class LatentAttention(nn.Module):
             gamma = self.k_norm_weight[:, :n].repeat_interleave(self.group_size, dim=0)  # (Hq, D-r)
             q_nope = q_nope * gamma[:, None].to(q_nope.dtype)
         if isinstance(rows, PagedKV) and self.qk_norm:
-            raise GQAUserError("paged caches do not take QK-norm latent layers yet; use the static cache (model.make_cache)")
+            raise GQAUserError(NO_PAGED_QK_NORM)
         keys, scales = self._split_rows(rows) if not isinstance(rows, PagedKV) else (rows, None)
         q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, self.k_up.weight.view(h, n, r))  # (B, Hq, T, R)
         o_lat = latent_attention(q_lat, q_rope, keys, mask=mask, scale=self.scale, key_scales=scales)

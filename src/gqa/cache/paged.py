@@ -30,6 +30,9 @@ from gqa.units import kv_bytes_per_token
 
 __all__ = ["PageAllocator", "PagedKVCache", "PagedBatch", "PagedKV", "OutOfPages"]
 
+#: Why a paged pool refuses a latent layer with QK-norm (its absorbed form scales logits per key, in torch).
+NO_PAGED_QK_NORM = "paged caches do not take QK-norm latent layers yet; use the static cache (model.make_cache)"
+
 
 class OutOfPages(RuntimeError):
     """Raised when an allocation needs more free pages than the pool has; nothing was allocated."""
@@ -109,7 +112,7 @@ class PagedKVCache:
         p = next(model.parameters())
         cfg = model.config
         if getattr(cfg, "latent_rank", None) is not None and cfg.qk_norm:
-            raise GQAUserError("paged caches do not take QK-norm latent layers yet; use the static cache (model.make_cache)")
+            raise GQAUserError(NO_PAGED_QK_NORM)
         return cls(
             cfg.kv_heads_per_layer,
             cfg.resolved_head_dim,
