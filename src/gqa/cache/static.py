@@ -135,7 +135,7 @@ def ring_write(rings: list[torch.Tensor], news: list[torch.Tensor], *, dim: int,
     keep = min(t, w)
     slots = torch.arange(n + t - keep, n + t, device=device) % w
     for ring, new in zip(rings, news, strict=True):
-        ring.index_copy_(dim, slots, new.narrow(dim, new.shape[dim] - keep, keep))
+        ring.index_copy_(dim, slots, new.narrow(dim, new.shape[dim] - keep, keep).to(ring.dtype))
     return seen
 
 
