@@ -91,10 +91,9 @@ def texts(tokenizer, calib_tokens: int, eval_tokens: int):
 
 def _unrotated_pairs(teacher, stats) -> str:
     """How the layers' unrotated pairs were treated (convert/calibrated/latent.py, steps 4 and 5)."""
-    expected = all(st.offset_weights is not None for st in stats)
     if teacher.config.qk_norm:
-        return "expected rotation after the QK-norm" if expected else "rotation dropped"
-    return "expected rotation" if expected else "rotation dropped"
+        return "rotation dropped (QK-norm)"
+    return "expected rotation" if all(st.offset_weights is not None for st in stats) else "rotation dropped"
 
 
 def convert(teacher, stats, point: str, calib_ids=None):

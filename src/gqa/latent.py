@@ -34,10 +34,8 @@ are stored with the per-dim scale (``k_norm_weight`` ``[Hkv, D]``) applied and t
     s_{h,s} * (q_nope_h . (gamma_nope * W_uk_h c_s)  +  q_rope_h . k_rope_{h // g, s})
 
 A row is then ``[latent | rotated keys of each group | s of each query head]``: R + Hkv * rope_dim + Hq
-values. A conversion's expected rotation of the unrotated query pairs is applied after the query norm
-(``q_nope_phase``: one complex factor per head and pair). The absorbed form scales each head's logits by
-its s (plain torch: the fused kernels have no per-key scale), so it still reads only the rows; at full rank
-the conversion is exact.
+values. The absorbed form scales each head's logits by its s (plain torch: the fused kernels have no
+per-key scale), so it still reads only the rows; at full rank the conversion is exact.
 """
 
 from __future__ import annotations
@@ -149,8 +147,7 @@ class LatentAttention(nn.Module):
     Parameters: ``q_proj`` [Hq*D, d] (each head ``[nope | rope]``), ``kv_down`` [R, d], ``k_rope_proj``
     [Hkv*rope_dim, d], ``k_up`` [Hq*(D-rope_dim), R], ``v_up`` [Hq*D, R], ``o_proj`` [d, Hq*D]; buffer
     ``rope_pairs`` (long ``[Hkv, rope_dim/2]``, saved with the weights); with ``qk_norm`` also
-    ``q_norm_weight`` [Hq, D] and ``k_norm_weight`` [Hkv, D], each head's in its ``[nope | rope]`` order, and
-    buffer ``q_nope_phase`` [Hq, (D - rope_dim)/2, 2] (a conversion's expected rotation of unrotated pairs).
+    ``q_norm_weight`` [Hq, D] and ``k_norm_weight`` [Hkv, D], each head's in its ``[nope | rope]`` order.
     """
 
     def __init__(
@@ -194,11 +191,6 @@ class LatentAttention(nn.Module):
         self.qk_norm, self.norm_eps, self.norm_scale_fp32 = qk_norm, norm_eps, norm_scale_fp32
         self.q_norm_weight = nn.Parameter(torch.ones(n_heads, head_dim)) if qk_norm else None
         self.k_norm_weight = nn.Parameter(torch.ones(n_kv_heads, head_dim)) if qk_norm else None
-        # QK-norm: a fixed complex factor (a, b) on each unrotated query pair after the norm (the expected
-        # rotation of a conversion, which could not be folded into the weights before the norm); (1, 0) = none.
-        phase = torch.zeros(n_heads, self.nope_dim // 2, 2)
-        phase[..., 0] = 1.0
-        self.register_buffer("q_nope_phase", phase if qk_norm else None, persistent=qk_norm)
         self.scale = head_dim**-0.5 if scale is None else scale
         self.rope_theta = rope_theta
         # Default: every group keeps the rope_dim / 2 highest frequencies; a conversion sets its own.
@@ -239,8 +231,6 @@ class LatentAttention(nn.Module):
         if self.qk_norm:
             q = self._scaled(q, _head_rms_scale(q, self.norm_eps), self.q_norm_weight)
         q_nope, q_rope = q[..., : self.nope_dim], q[..., self.nope_dim :]
-        if self.qk_norm:
-            q_nope = self._phase(q_nope)
         latent = self.kv_down(x)  # (B, T, R)
         if self.latent_norm is not None:
             latent = self.latent_norm(latent)
@@ -262,14 +252,6 @@ class LatentAttention(nn.Module):
             parts.append(scales.transpose(1, 2).to(latent.dtype))
         rows = torch.cat(parts, dim=-1)  # (B, T, R + Hkv*r [+ Hq])
         return q_nope, q_rope, rows
-
-    def _phase(self, q_nope: torch.Tensor) -> torch.Tensor:
-        """Pair k of each head's unrotated dims (dims k and k + (D-r)/2) times ``a + ib`` of ``q_nope_phase``:
-        q_nope ``[B, Hq, T, D-r]`` -> the same shape."""
-        half = self.nope_dim // 2
-        a, b = (self.q_nope_phase[..., i].to(q_nope.dtype)[:, None] for i in (0, 1))  # (Hq, 1, (D-r)/2)
-        x1, x2 = q_nope[..., :half], q_nope[..., half:]
-        return torch.cat([a * x1 - b * x2, b * x1 + a * x2], dim=-1)
 
     def _key_scales(self, latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
         """1 / RMS of every head's whole pre-norm key ``[W_uk_h c ; k_rope_group]``: latent ``[B, T, R]``,

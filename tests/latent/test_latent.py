@@ -411,34 +411,3 @@ def test_ragged_batch_generates_what_each_prompt_does_alone():
     both = generate(model, prompts, max_new_tokens=6, eos_token_id=None).tokens
     alone = [generate(model, [p], max_new_tokens=6, eos_token_id=None).tokens[0] for p in prompts]
     assert both == alone
-
-
-def test_qk_norm_unrotated_pairs_take_the_expected_rotation_after_the_norm():
-    """As above for a QK-norm source: the expected rotation is applied to the normed query (q_nope_phase),
-    so at full rank the unrotated dims score a query and a key Δ apart as the original's normed, rotated
-    dims did."""
-    from gqa.rope import apply_rope, rope_cos_sin
-
-    model = _source("qk-norm")
-    attn, d, delta, t = model.layers[0].attn, model.config.resolved_head_dim, 3, 10
-    _, stats = _calibrated(model)
-    offsets = torch.zeros(8, 24, dtype=torch.float64)
-    offsets[:, delta] = 1.0
-    new, fit = latent_from_attention(attn, stats[0].input_moment, max_latent_rank(d, 2, 2), 2, offset_weights=offsets)
-    x = torch.randn(1, t, model.config.d_model, dtype=torch.float64)
-    cos, sin = rope_cos_sin(torch.arange(t), attn.inv_freq)
-    q = apply_rope(attn.q_norm(attn.q_proj(x).view(1, t, 8, d)).transpose(1, 2), cos, sin)
-    k = apply_rope(attn.k_norm(attn.k_proj(x).view(1, t, 2, d)).transpose(1, 2), cos, sin)
-    q_nope, _, rows = new.project(x, torch.arange(t))
-    keys, scales = new._split_rows(rows)
-    k_nope = new.k_up(keys[..., : new.rank]).view(1, t, 8, d - 2).transpose(1, 2)  # before the key norm
-    gamma = new.k_norm_weight[:, : d - 2].repeat_interleave(4, dim=0)[None, :, None]
-    k_nope = k_nope * scales[..., None] * gamma
-    for h in range(8):
-        pair = fit.rope_pairs[h // 4][0]
-        nope = [i for i in range(d) if i not in (pair, pair + d // 2)]
-        for m in range(delta, t):
-            want = (q[0, h, m, nope] * k[0, h // 4, m - delta, nope]).sum()
-            got = (q_nope[0, h, m] * k_nope[0, h, m - delta]).sum()
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)  # gqa's RoPE angles are fp32
-    assert not torch.equal(new.q_nope_phase[..., 0], torch.ones_like(new.q_nope_phase[..., 0]))

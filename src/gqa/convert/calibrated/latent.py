@@ -36,9 +36,10 @@ exact. The rotated dims of each group go into ``k_rope_proj``; query heads are p
 5. **QK-norm** (Gemma-3, Qwen3): the latent factorises the keys *before* their norm, and the layer keeps the
    norm (:mod:`gqa.latent`: each head's RMS scale stored per token, the per-dim scales permuted with the dims).
    Step 1 scores each pair after the norm (its energy times the norm's scale squared, over the head's mean
-   energy). Step 4's expected rotation cannot be folded into the query weights before the norm (it would
-   change the norm), so the layer applies it after the norm (``q_nope_phase``). At full rank the conversion
-   is exact.
+   energy). Step 4 is skipped (the rotation is dropped): a rotation folded into the query before its norm
+   would change the norm, and applied after the norm instead it measured worse on Gemma-3-270M (x5.27
+   against x3.32 at 1/4 of the bytes, ``docs/results/latent-pareto-gemma3.md``). At full rank the
+   conversion is exact.
 """
 
 from __future__ import annotations
@@ -269,7 +270,7 @@ def latent_from_attention(
     else:
         q_rope = torch.stack([wq[h, rope_dims[h // g]] for h in range(hq)])  # (Hq, r, d+1)
         k_rope = torch.cat([wk[j, rope_dims[j]] for j in range(hkv)])  # (Hkv*r, d+1)
-    if offset_weights is not None and not qk_norm:  # QK-norm: after the norm instead (step 5)
+    if offset_weights is not None and not qk_norm:  # QK-norm: dropped (module doc, step 5)
         wq = _expected_rotation(wq, pairs, g, offset_weights, attn.rope_theta)
     q_nope = torch.stack([wq[h, nope_dims[h // g]] for h in range(hq)])  # (Hq, D-r, d+1)
     _set(new.q_proj, torch.cat([q_nope, q_rope], dim=1).reshape(hq * d, -1))
@@ -288,34 +289,23 @@ def latent_from_attention(
         order = [nope_dims[j] + rope_dims[j] for j in range(hkv)]
         new.q_norm_weight.copy_(torch.stack([attn.q_norm.weight.detach()[order[h // g]] for h in range(hq)]))
         new.k_norm_weight.copy_(torch.stack([attn.k_norm.weight.detach()[order[j]] for j in range(hkv)]))
-        if offset_weights is not None and nope:  # the expected rotation, after the query norm (step 5)
-            a, b = _expected_phase(offset_weights, d, attn.rope_theta)  # (Hq, D/2) by original pair
-            unrotated = [sorted(set(range(half)) - set(pairs[h // g])) for h in range(hq)]  # each head's pairs
-            phase = torch.stack([torch.stack([a[h, unrotated[h]], b[h, unrotated[h]]], dim=-1) for h in range(hq)])
-            new.q_nope_phase.copy_(phase)  # (Hq, (D-r)/2, 2)
     return new, LatentFit(
         layer, rank, rope_dim, pairs[:rope_heads], round(kept, 6), round(energy_kept, 6), round(merge_kept, 6)
     )
 
 
-def _expected_phase(offset_weights, d: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a, b)`` ``[Hq, D/2]``: E[cos], E[sin] of each pair's RoPE angle over each head's attention offsets
-    (module doc, step 4)."""
+def _expected_rotation(wq: torch.Tensor, pairs: list[list[int]], g: int, offset_weights, theta: float) -> torch.Tensor:
+    """Query rows ``[Hq, D, d+1]`` with each unrotated pair replaced by E[R(theta Δ)] times it (module doc, step 3)."""
     from gqa.rope import rope_frequencies
 
+    hq, d, _ = wq.shape
+    half = d // 2
     w = offset_weights.double()
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-300)  # (Hq, T) a distribution over offsets per head
     angle = (
         torch.arange(w.shape[1], dtype=torch.float64)[:, None] * rope_frequencies(d, theta).double()[None]
     )  # (T, D/2)
-    return w @ angle.cos(), w @ angle.sin()
-
-
-def _expected_rotation(wq: torch.Tensor, pairs: list[list[int]], g: int, offset_weights, theta: float) -> torch.Tensor:
-    """Query rows ``[Hq, D, d+1]`` with each unrotated pair replaced by E[R(theta Δ)] times it (module doc, step 4)."""
-    hq, d, _ = wq.shape
-    half = d // 2
-    a, b = _expected_phase(offset_weights, d, theta)  # (Hq, D/2)
+    a, b = w @ angle.cos(), w @ angle.sin()  # (Hq, D/2)
     out = wq.clone()
     for h in range(hq):
         for i in set(range(half)) - set(pairs[h // g]):
