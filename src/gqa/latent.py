@@ -206,10 +206,10 @@ class LatentAttention(nn.Module):
         """Cache values one token takes in this layer: R + Hkv * rope_dim (+ Hq key scales with QK-norm)."""
         return self.rank + self.n_kv_heads * self.rope_dim + (self.n_heads if self.qk_norm else 0)
 
-    def _scaled(self, x: torch.Tensor, s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _scaled(self, x: torch.Tensor, s: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
         """``x * s * weight`` as :class:`gqa.layer.RMSNorm` rounds it: x ``[B, H, T, n]``, s ``[B, H, T]``
-        (fp32), weight ``[H, n]``."""
-        xf = x.to(s.dtype) * s[..., None]
+        (fp32; None: 1), weight ``[H, n]``."""
+        xf = x.to(torch.promote_types(x.dtype, torch.float32)) if s is None else x.to(s.dtype) * s[..., None]
         if self.norm_scale_fp32:
             return (xf * weight[:, None].to(xf.dtype)).to(x.dtype)
         return weight[:, None] * xf.to(x.dtype)
@@ -237,9 +237,8 @@ class LatentAttention(nn.Module):
         k_rope = self.k_rope_proj(x).view(b, t, self.n_kv_heads, self.rope_dim).transpose(1, 2)  # (B, Hkv, T, r)
         scales = None
         if self.qk_norm:
-            scales = self._key_scales(latent, k_rope)  # (B, Hq, T) fp32
-            ones = torch.ones_like(scales[:, : self.n_kv_heads])
-            k_rope = self._scaled(k_rope, ones, self.k_norm_weight[:, self.nope_dim :])
+            scales = self._key_scales(latent, k_rope)  # (B, Hq, T) fp32, computed before k_rope is scaled
+            k_rope = self._scaled(k_rope, None, self.k_norm_weight[:, self.nope_dim :])
         if self.rope_dim:
             cos, sin = self.rope_tables(positions)
             if cos.dim() == 3:
@@ -314,7 +313,7 @@ class LatentAttention(nn.Module):
             q_nope = q_nope * gamma[:, None].to(q_nope.dtype)
         if isinstance(rows, PagedKV) and self.qk_norm:
             raise GQAUserError(NO_PAGED_QK_NORM)
-        keys, scales = self._split_rows(rows) if not isinstance(rows, PagedKV) else (rows, None)
+        keys, scales = self._split_rows(rows)
         q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, self.k_up.weight.view(h, n, r))  # (B, Hq, T, R)
         o_lat = latent_attention(q_lat, q_rope, keys, mask=mask, scale=self.scale, key_scales=scales)
         return torch.einsum("bhtr,hdr->bhtd", o_lat, self.v_up.weight.view(h, d, r))  # (B, Hq, T, D)
